@@ -1,0 +1,8 @@
+"""nanogpt: train, distill, evaluate, benchmark and publish small GPT language models.
+
+from nanogpt.config import preset
+from nanogpt.model import NanoGPTLMHeadModel
+model = NanoGPTLMHeadModel(preset("card"))
+"""
+
+__version__ = "0.1.0"

@@ -1,0 +1,94 @@
+"""`nanogpt <command>`: a thin dispatcher over each command's `main(argv) -> int`.
+
+Command modules are imported only when their command runs, so `nanogpt --help` is instant and an
+optional backend (transformers, MLX) is needed only by the commands that use it. A `UserError` prints
+as one line on stderr with exit code 2; `--debug` (anywhere on the line) shows the traceback instead.
+
+    nanogpt info --preset card
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from nanogpt.errors import UserError
+
+# command -> (module holding `main(argv)`, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("nanogpt.demo", "the main job: prepare the builtin corpus, train, evaluate, export, sample"),
+    "prepare": (
+        "nanogpt.prepare",
+        "turn a corpus (builtin, text, JSONL, Parquet, HF dataset) into token shards",
+    ),
+    "train": ("nanogpt.train", "train a model (CPU, CUDA, torchrun DDP); resumable"),
+    "eval": ("nanogpt.evaluate", "held-out perplexity and bits per byte of a checkpoint"),
+    "sample": ("nanogpt.generate", "generate text from a checkpoint (KV cache, streaming)"),
+    "export": ("nanogpt.export.hf", "write a Hugging Face folder (remote-code or native GPT-2)"),
+    "info": ("nanogpt.cli", "print a config's network, parameter counts and weight memory"),
+}
+
+
+def info_main(argv: list[str] | None = None) -> int:
+    from nanogpt.config import PRESETS, resolve_model_config
+    from nanogpt.model import NanoGPTLMHeadModel
+
+    p = argparse.ArgumentParser(prog="nanogpt info", description=COMMANDS["info"][1])
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--preset", choices=list(PRESETS), help="a named model config (default: card)")
+    src.add_argument("--config", help="a JSON config file (model keys, or the card's mixed block)")
+    src.add_argument("--model", help="a checkpoint or run folder")
+    args = p.parse_args(argv)
+    if args.model:
+        from nanogpt.checkpoint import load_config_of
+
+        cfg = load_config_of(args.model)
+    else:
+        cfg = resolve_model_config(args.preset, args.config)
+    model = NanoGPTLMHeadModel(cfg)
+    total, unique = model.num_params(unique=False), model.num_params(unique=True)
+    mib = 1024**2
+    print(model)
+    print(f"config: {cfg.to_dict()}")
+    print(f"parameters: {total:,} counting the tied embedding twice (the card's figure), {unique:,} unique")
+    print(f"weights fp32: {total * 4 / mib:.1f} MiB ({unique * 4 / mib:.1f} MiB unique)")
+    print(f"weights fp16: {total * 2 / mib:.1f} MiB ({unique * 2 / mib:.1f} MiB unique)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    if not argv or argv[0] in ("-h", "--help"):
+        width = max(map(len, COMMANDS))
+        lines = [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
+        print("usage: nanogpt [--debug] <command> [options]\n\ncommands:\n" + "\n".join(lines))
+        print("\n`nanogpt <command> --help` shows a command's options.")
+        return 0 if argv else 2
+    if argv[0] in ("-V", "--version"):
+        from nanogpt import __version__
+
+        print(__version__)
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"nanogpt: unknown command {name!r}; commands: {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    try:
+        module = importlib.import_module(COMMANDS[name][0])
+        entry = info_main if name == "info" else module.main
+        return int(entry(rest) or 0)
+    except UserError as e:
+        if debug:
+            raise
+        print(f"nanogpt {name}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"nanogpt {name}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,185 @@
+"""The one configuration that every part of nanogpt shares.
+
+`ModelConfig` describes the network (read by the PyTorch model, the MLX model and both exporters);
+`TrainConfig` describes a training run. Both are plain dataclasses, serialised as JSON, and this module
+imports no torch so that any tool can read a config cheaply.
+
+    model_cfg, train_cfg = load_config("card.json")   # the card's mixed JSON block loads as is
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+from nanogpt.errors import UserError
+
+NORM_POSITIONS = ("pre", "post")
+ACTIVATIONS = ("gelu", "gelu_tanh")  # exact erf GELU (the card, BERT) or GPT-2's tanh approximation
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shape of the network. Defaults are the model card's exact model (the `card` preset)."""
+
+    vocab_size: int = 50257
+    d_model: int = 384
+    n_layers: int = 8
+    n_heads: int = 8
+    d_ff: int = 1536
+    context_length: int = 512
+    dropout: float = 0.1
+    bias: bool = True  # biases in every Linear and LayerNorm except lm_head
+    tie_embeddings: bool = True  # lm_head.weight is transformer.token_embedding.weight
+    ln_eps: float = 1e-5
+    norm_position: str = "pre"  # "pre": x + f(ln(x)) as in GPT-2; "post": ln(x + f(x)) as in BERT
+    activation: str = "gelu"
+
+    def __post_init__(self) -> None:
+        if self.d_model % self.n_heads:
+            raise UserError(
+                f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}; pick n_heads that divides it"
+            )
+        if self.norm_position not in NORM_POSITIONS:
+            raise UserError(f"norm_position={self.norm_position!r} is unknown; use one of {NORM_POSITIONS}")
+        if self.activation not in ACTIVATIONS:
+            raise UserError(f"activation={self.activation!r} is unknown; use one of {ACTIVATIONS}")
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "context_length"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"{name}={getattr(self, name)} must be positive")
+        if not 0.0 <= self.dropout < 1.0:
+            raise UserError(f"dropout={self.dropout} must be in [0, 1)")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        _check_keys(d, _names(cls), "model config")
+        return cls(**d)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> ModelConfig:
+        return cls.from_dict(_read_json(path))
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training run. Defaults are the card's base-pretraining recipe (20K iters, 12 x 512, AdamW 3e-4)."""
+
+    batch_size: int = 12  # sequences per micro-batch per process
+    grad_accum_steps: int = 1  # micro-batches per optimizer step
+    learning_rate: float = 3e-4
+    min_lr: float = 3e-5  # cosine decays to this floor
+    warmup_iters: int = 500
+    lr_decay_iters: int | None = None  # None: decay over max_iters
+    max_iters: int = 20000
+    max_tokens: int | None = None  # stop after this many training tokens (all processes)
+    max_time: float | None = None  # stop after this many seconds of training
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # 0 disables clipping
+    eval_interval: int = 500
+    eval_iters: int = 50
+    log_interval: int = 10
+    seed: int = 1337
+    dtype: str = "fp32"  # fp32 | bf16 (autocast)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    compile: bool = False  # torch.compile the model (CUDA)
+    # knowledge distillation (the card's second stage)
+    distill_alpha: float = 0.5  # weight of the hard (data) loss; 1 - alpha goes to the soft (teacher) loss
+    distill_temperature: float = 1.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        _check_keys(d, _names(cls), "training config")
+        return cls(**d)
+
+
+# Presets. `card` is the card's exact model; `small` and `tiny` are sized so that the CPU demo learns
+# visibly in minutes on 2 cores (the 50,257-row embedding dominates their cost).
+PRESETS: dict[str, ModelConfig] = {
+    "card": ModelConfig(),
+    "small": ModelConfig(d_model=256, n_layers=4, n_heads=4, d_ff=1024, context_length=256, dropout=0.0),
+    "tiny": ModelConfig(d_model=128, n_layers=2, n_heads=4, d_ff=512, context_length=128, dropout=0.0),
+}
+
+
+def preset(name: str) -> ModelConfig:
+    if name not in PRESETS:
+        raise UserError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
+def resolve_model_config(preset_name: str | None = None, config: str | Path | None = None) -> ModelConfig:
+    """The model config from `--config FILE` (model keys, or the card's mixed block) or `--preset NAME`."""
+    if config is not None:
+        return load_config(config)[0]
+    return preset(preset_name or "card")
+
+
+def load_config(path: str | Path) -> tuple[ModelConfig, TrainConfig]:
+    """Load a JSON file holding model keys, training keys, or both mixed (as the card's block does)."""
+    d = _read_json(path)
+    model_keys, train_keys = _names(ModelConfig), _names(TrainConfig)
+    # the card's "learning_rate"/"batch_size" are training keys; everything else must be known somewhere
+    _check_keys(d, model_keys | train_keys, f"config {path}")
+    model = ModelConfig(**{k: v for k, v in d.items() if k in model_keys})
+    train = TrainConfig(**{k: v for k, v in d.items() if k in train_keys})
+    return model, train
+
+
+def override(cfg: Any, **changes: Any) -> Any:
+    """Return `cfg` with the non-None `changes` applied (CLI flags left unset are None)."""
+    changes = {k: v for k, v in changes.items() if v is not None}
+    _check_keys(changes, _names(type(cfg)), type(cfg).__name__)
+    return replace(cfg, **changes)
+
+
+def _names(cls: type) -> set[str]:
+    return {f.name for f in fields(cls)}
+
+
+def _check_keys(d: dict[str, Any], known: set[str], what: str) -> None:
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise UserError(f"unknown key {unknown[0]!r} in {what}; known keys: {', '.join(sorted(known))}")
+
+
+def _read_json(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"config file {p} not found; pass the path of a JSON config")
+    try:
+        d = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(
+            f"config file {p} is not valid JSON ({e.msg} at line {e.lineno}); fix or regenerate it"
+        ) from None
+    if not isinstance(d, dict):
+        raise UserError(f"config file {p} must hold a JSON object")
+    return d
+
+
+__all__ = [
+    "ModelConfig",
+    "TrainConfig",
+    "PRESETS",
+    "preset",
+    "resolve_model_config",
+    "load_config",
+    "override",
+]

@@ -1,0 +1,46 @@
+"""Where code runs and in what precision: device resolution and autocast, one place for every command.
+
+dev = resolve_device("auto")          # cuda if available, else mps, else cpu; never an error
+with autocast(dev, "bf16"): logits = model(x)
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from nanogpt.errors import UserError
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {name!r} asked for but no CUDA GPU is available; use --device cpu or auto")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"device {name!r} asked for but MPS is not available; use --device cpu or auto")
+    return dev
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise UserError(f"unknown dtype {name!r}; use one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def autocast(device: torch.device, dtype: str) -> contextlib.AbstractContextManager:
+    """Mixed precision for bf16/fp16 (weights stay fp32); a no-op for fp32."""
+    if dtype == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch_dtype(dtype))

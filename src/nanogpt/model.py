@@ -1,0 +1,167 @@
+"""The GPT network of the model card, in PyTorch: nothing but the network.
+
+Module names and shapes are exactly those the card prints (`transformer.token_embedding`,
+`transformer.blocks.N.attn.qkv_proj`, ...), so `print(NanoGPTLMHeadModel(preset("card")))` reproduces
+the card's tree. Reading order: LayerNorm/Linear -> attention -> feed-forward -> block -> model.
+
+Pre-LN (the default) is the GPT-2 block: x = x + f(ln(x)), with a final LayerNorm. The card calls
+Post-LN "standard GPT-2", which is wrong: GPT-2 is Pre-LN, and that is why this model can be exported
+as a native GPT-2 checkpoint. Post-LN, x = ln(x + f(x)) (the original Transformer, BERT), is
+available through `norm_position="post"` for comparisons.
+
+    model = NanoGPTLMHeadModel(preset("card"))
+    logits = model(idx)  # idx (B, T) int64 -> logits (B, T, vocab_size)
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nanogpt.config import ModelConfig
+from nanogpt.kv_cache import KVCache
+
+
+class Linear(nn.Linear):
+    """nn.Linear that prints as the card does: `Linear(384, 1152)`."""
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}, {self.out_features}"
+
+
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm that prints as the card does: `LayerNorm((384,), eps=1e-05)`."""
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.normalized_shape)}, eps={self.eps}"
+
+
+class NanoGPTAttention(nn.Module):
+    """Causal multi-head self-attention with one fused QKV projection."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads, self.head_dim, self.dropout = cfg.n_heads, cfg.head_dim, cfg.dropout
+        self.qkv_proj = Linear(cfg.d_model, 3 * cfg.d_model, bias=cfg.bias)
+        self.out_proj = Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.qkv_proj(x).split(C, dim=2)
+        # (B, T, C) -> (B, nh, T, hs)
+        q, k, v = (t.view(B, T, self.n_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))
+        past = 0
+        if cache is not None:
+            past = cache.pos
+            k, v = cache.update(layer, k, v)  # (B, nh, past + T, hs)
+        dropout = self.dropout if self.training else 0.0
+        if past == 0:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
+        elif T == 1:  # one new token sees every cached position: no mask needed
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
+        else:  # a chunk after a cached prefix: query i sees keys 0 .. past + i
+            mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, nh, T, hs) -> (B, T, C)
+        return F.dropout(self.out_proj(y), self.dropout, self.training)
+
+
+class FeedForward(nn.Module):
+    """Position-wise MLP: d_model -> d_ff -> d_model with GELU."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.fc1 = Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias)
+        self.fc2 = Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
+        self.approximate = "tanh" if cfg.activation == "gelu_tanh" else "none"
+        self.dropout = cfg.dropout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.gelu(self.fc1(x), approximate=self.approximate)
+        return F.dropout(self.fc2(h), self.dropout, self.training)
+
+
+class NanoGPTBlock(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.pre_ln = cfg.norm_position == "pre"
+        self.ln1 = LayerNorm(cfg.d_model, eps=cfg.ln_eps, bias=cfg.bias)
+        self.attn = NanoGPTAttention(cfg)
+        self.ln2 = LayerNorm(cfg.d_model, eps=cfg.ln_eps, bias=cfg.bias)
+        self.ff = FeedForward(cfg)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        if self.pre_ln:
+            x = x + self.attn(self.ln1(x), cache, layer)
+            return x + self.ff(self.ln2(x))
+        x = self.ln1(x + self.attn(x, cache, layer))
+        return self.ln2(x + self.ff(x))
+
+
+class NanoGPTModel(nn.Module):
+    """Embeddings, the blocks and the final LayerNorm: token ids (B, T) -> hidden states (B, T, d_model)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.dropout = cfg.dropout
+        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.position_embedding = nn.Embedding(cfg.context_length, cfg.d_model)
+        self.blocks = nn.ModuleList(NanoGPTBlock(cfg) for _ in range(cfg.n_layers))
+        # Kept in Post-LN mode too (there it re-normalises the last block's output) so that both
+        # variants share one parameter layout and one checkpoint format.
+        self.ln_f = LayerNorm(cfg.d_model, eps=cfg.ln_eps, bias=cfg.bias)
+
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        T = idx.size(1)
+        start = cache.pos if cache is not None else 0
+        if start + T > self.position_embedding.num_embeddings:
+            raise ValueError(
+                f"sequence of {start + T} tokens is longer than the context ({self.position_embedding.num_embeddings})"
+            )
+        pos = torch.arange(start, start + T, device=idx.device)
+        x = self.token_embedding(idx) + self.position_embedding(pos)  # (B, T, C)
+        x = F.dropout(x, self.dropout, self.training)
+        for i, block in enumerate(self.blocks):
+            x = block(x, cache, i)
+        if cache is not None:
+            cache.advance(T)
+        return self.ln_f(x)
+
+
+class NanoGPTLMHeadModel(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.transformer = NanoGPTModel(cfg)
+        self.lm_head = Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.transformer.token_embedding.weight
+        self.apply(self._init_weights)
+        # GPT-2: residual projections scaled by 1/sqrt(2 * n_layers) so the residual stream's
+        # variance does not grow with depth (two residual additions per block).
+        for name, p in self.named_parameters():
+            if name.endswith(("attn.out_proj.weight", "ff.fc2.weight")):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layers))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """idx (B, T) int64 -> logits (B, T, vocab_size). With `cache`, idx holds only the new tokens."""
+        return self.lm_head(self.transformer(idx, cache))
+
+    def num_params(self, unique: bool = True) -> int:
+        """Parameter count. unique=False counts a tied matrix twice, as the card's 52,990,464 does."""
+        n = sum(p.numel() for p in self.parameters())  # parameters() yields a shared tensor once
+        if not unique and self.config.tie_embeddings:
+            n += self.lm_head.weight.numel()
+        return n
