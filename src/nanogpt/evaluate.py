@@ -1,0 +1,325 @@
+"""Held-out perplexity and bits per byte of a checkpoint, by the sliding-window method.
+
+A fixed-context model cannot see a whole corpus at once, so it is scored window by window (the method of
+Hugging Face's perplexity guide). A window feeds `context` tokens to the model and predicts the next
+token at each position, exactly as training does (x = tokens[i:i+C], y = tokens[i+1:i+C+1]). Windows
+start every `stride` tokens; each one scores only the targets the previous window did not, so every
+token from position 1 on is scored exactly once. With stride = context the windows are independent
+chunks (the training loss's view, fast); a smaller stride gives every scored token at least
+`context - stride` tokens of history (a tighter, lower estimate on a trained model, slower).
+
+Bits per byte divides the total NLL (in bits) by the UTF-8 bytes the scored tokens decode to, so it
+compares models with different tokenizers; perplexity is per GPT-2 token.
+
+    nanogpt eval --model runs/demo --data data/builtin --split val --stride 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from nanogpt.checkpoint import load_model, unwrap
+from nanogpt.data import TokenData
+from nanogpt.device import autocast, resolve_device, torch_dtype
+from nanogpt.errors import UserError
+from nanogpt.tokenizer import get_tokenizer
+
+HEAD_ROWS = 2048  # positions per lm_head chunk: caps the fp32 logits at 2048 x 50257 x 4 B = 412 MB
+
+
+@dataclass(frozen=True)
+class Window:
+    """One model input: tokens[start : start + length]; its targets are tokens[start + 1 : start + length + 1].
+
+    Only the last `scored` targets count: the earlier ones were scored by the previous window.
+    """
+
+    start: int
+    length: int
+    scored: int
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    tokens_scored: int
+    mean_nll: float  # nats per token
+    perplexity: float  # exp(mean_nll)
+    bits_per_byte: float  # total NLL in bits / UTF-8 bytes of the scored tokens
+    n_bytes: int
+    context: int
+    stride: int
+    seconds: float  # scoring only (not loading)
+    tokens_per_s: float
+
+
+def iter_windows(n_tokens: int, context: int, stride: int) -> Iterator[Window]:
+    """The windows that score targets 1 .. n_tokens - 1 exactly once (needs 1 <= stride <= context)."""
+    if not 1 <= stride <= context:
+        raise ValueError(f"need 1 <= stride <= context, got stride={stride}, context={context}")
+    last = 0  # index of the last target scored so far (token 0 is never a target)
+    start = 0
+    while last < n_tokens - 1:
+        end = min(start + context, n_tokens - 1)  # inputs [start, end), last target index `end`
+        # start <= last always holds (stride <= context), so scored <= length
+        yield Window(start, end - start, end - last)
+        last = end
+        start += stride
+
+
+def perplexity(mean_nll: float) -> float:
+    return math.exp(mean_nll)
+
+
+def bits_per_byte(total_nll: float, n_bytes: int) -> float:
+    """Total NLL in nats -> bits, per UTF-8 byte of the scored text."""
+    return total_nll / math.log(2) / n_bytes
+
+
+def count_bytes(tokens: torch.Tensor | np.ndarray | list[int]) -> int:
+    """UTF-8 bytes that the token ids decode to (special tokens count as their text, e.g. 13 for EOT)."""
+    ids = tokens.tolist() if hasattr(tokens, "tolist") else list(tokens)
+    return len(get_tokenizer().decode_bytes(ids))
+
+
+def _batch(
+    tokens: torch.Tensor, windows: list[Window], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Inputs (B, L) right-padded with token 0, targets (B, L) and a (B, L) mask of the scored targets.
+
+    Right padding is harmless: causal attention keeps later (pad) positions out of earlier ones.
+    """
+    L = max(w.length for w in windows)
+    x = torch.zeros(len(windows), L, dtype=torch.long)
+    y = torch.zeros(len(windows), L, dtype=torch.long)
+    mask = torch.zeros(len(windows), L, dtype=torch.bool)
+    for i, w in enumerate(windows):
+        x[i, : w.length] = tokens[w.start : w.start + w.length]
+        y[i, : w.length] = tokens[w.start + 1 : w.start + w.length + 1]
+        mask[i, w.length - w.scored : w.length] = True
+    return x.to(device), y.to(device), mask.to(device)
+
+
+def sliding_window_nll(
+    model: torch.nn.Module,
+    tokens: torch.Tensor,
+    *,
+    context: int | None = None,
+    stride: int | None = None,
+    batch_size: int = 8,
+    device: str | torch.device | None = None,
+    dtype: str = "fp32",
+    progress: bool = False,
+) -> EvalResult:
+    """Score every token of `tokens` (N,) from position 1 on, once, with up to `context` tokens of history.
+
+    `context` defaults to the model's context_length and `stride` to `context` (non-overlapping windows);
+    `device` defaults to where the model's weights are (a given one moves the model there). The model
+    runs in eval mode, its previous mode restored after.
+    """
+    net = unwrap(model)
+    cfg = net.config
+    tokens = torch.as_tensor(tokens, dtype=torch.long).flatten().cpu()
+    context = cfg.context_length if context is None else context
+    stride = context if stride is None else stride
+    check_settings(len(tokens), context, stride, batch_size, cfg.context_length)
+    torch_dtype(dtype)  # a clear error for an unknown dtype before any work
+    if int(tokens.max()) >= cfg.vocab_size or int(tokens.min()) < 0:
+        raise UserError(
+            f"token id {int(tokens.max())} is outside the model's vocabulary ({cfg.vocab_size}); "
+            "evaluate data made with the model's tokenizer"
+        )
+    dev = torch.device(device) if device is not None else next(net.parameters()).device
+    net.to(dev)
+
+    windows = list(iter_windows(len(tokens), context, stride))
+    total_nll = 0.0  # accumulated in Python float64
+    was_training = net.training
+    net.eval()
+    t0 = time.perf_counter()
+    # disable=None: a bar only when asked for and stderr is a terminal
+    bar = tqdm(total=len(tokens) - 1, unit="tok", disable=True if not progress else None, leave=False)
+    try:
+        with torch.inference_mode(), autocast(dev, dtype):
+            for b in range(0, len(windows), batch_size):
+                chunk = windows[b : b + batch_size]
+                x, y, mask = _batch(tokens, chunk, dev)
+                h = net.transformer(x)  # (B, L, d_model)
+                # logits only where a target is scored: with stride < context this skips most of the
+                # 50,257-wide head, the largest matmul of the card's model
+                h, y = h[mask], y[mask]  # (M, d_model), (M,)
+                for r in range(0, len(y), HEAD_ROWS):
+                    logits = net.lm_head(h[r : r + HEAD_ROWS]).float()  # (m, V), fp32 log-softmax
+                    total_nll += F.cross_entropy(logits, y[r : r + HEAD_ROWS], reduction="sum").item()
+                bar.update(sum(w.scored for w in chunk))
+    finally:
+        bar.close()
+        net.train(was_training)
+    seconds = time.perf_counter() - t0
+
+    n = len(tokens) - 1
+    n_bytes = count_bytes(tokens[1:])
+    mean = total_nll / n
+    return EvalResult(
+        tokens_scored=n,
+        mean_nll=mean,
+        perplexity=perplexity(mean),
+        bits_per_byte=bits_per_byte(total_nll, n_bytes),
+        n_bytes=n_bytes,
+        context=context,
+        stride=stride,
+        seconds=seconds,
+        tokens_per_s=n / seconds if seconds > 0 else float("inf"),
+    )
+
+
+def check_settings(n_tokens: int, context: int, stride: int, batch_size: int, model_context: int) -> None:
+    """One-line errors for settings the sliding window cannot use."""
+    if context <= 0 or context > model_context:
+        raise UserError(
+            f"--context {context} is outside 1..{model_context} (the model's context_length); "
+            "pass a smaller --context or leave it unset"
+        )
+    if stride <= 0 or stride > context:
+        raise UserError(
+            f"--stride {stride} must be in 1..{context} (the context); a larger stride would skip tokens"
+        )
+    if batch_size <= 0:
+        raise UserError(f"--batch-size {batch_size} must be at least 1")
+    if n_tokens < 2:
+        raise UserError(
+            f"only {n_tokens} token(s) to evaluate; perplexity needs at least 2 (give more text or raise --max-tokens)"
+        )
+
+
+# ---- inputs ----------------------------------------------------------------------------------------
+
+
+def split_tokens(data_dir: str | Path, split: str = "val", max_tokens: int | None = None) -> torch.Tensor:
+    """A prepared data folder's split, its shards concatenated (at most `max_tokens`), as int64 (N,)."""
+    parts, total = [], 0
+    for shard in TokenData(data_dir).split(split):
+        take = len(shard) if max_tokens is None else min(len(shard), max_tokens - total)
+        parts.append(np.asarray(shard[:take], dtype=np.int64))
+        total += take
+        if max_tokens is not None and total >= max_tokens:
+            break
+    return torch.from_numpy(np.concatenate(parts)) if parts else torch.zeros(0, dtype=torch.long)
+
+
+def read_documents(path: str | Path, text_field: str = "text") -> list[str]:
+    """A `.jsonl` file's `text_field` values (one document per line), or any other file as one document."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"text file {p} not found; pass an existing .txt or .jsonl file to --text")
+    try:
+        raw = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UserError(
+            f"{p} is not UTF-8 text; convert it to UTF-8 or prepare it with `nanogpt prepare`"
+        ) from None
+    if p.suffix.lower() not in (".jsonl", ".ndjson"):
+        return [raw]
+    docs = []
+    for i, line in enumerate(raw.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{p} line {i} is not valid JSON ({e.msg}); fix the line or remove it") from None
+        if not isinstance(obj, dict) or not isinstance(obj.get(text_field), str):
+            raise UserError(
+                f"{p} line {i} has no string field {text_field!r}; name the right one with --text-field"
+            )
+        docs.append(obj[text_field])
+    return docs
+
+
+def text_tokens(path: str | Path, text_field: str = "text", max_tokens: int | None = None) -> torch.Tensor:
+    """Tokens of a text/JSONL file, documents joined with `<|endoftext|>`, as int64 (N,)."""
+    docs = [d for d in read_documents(path, text_field) if d]
+    if not any(d.strip() for d in docs):
+        raise UserError(f"{path} holds no text to evaluate; pass a file with some text in it")
+    tok = get_tokenizer()
+    ids: list[int] = []
+    for i, doc_ids in enumerate(tok.encode_batch(docs)):
+        if i:
+            ids.append(tok.eot_id)
+        ids.extend(doc_ids)
+        if max_tokens is not None and len(ids) >= max_tokens:
+            break
+    return torch.tensor(ids[:max_tokens] if max_tokens is not None else ids, dtype=torch.long)
+
+
+# ---- command ---------------------------------------------------------------------------------------
+
+
+def format_result(r: EvalResult) -> str:
+    return "\n".join(
+        [
+            f"tokens scored: {r.tokens_scored:,} (context {r.context}, stride {r.stride}, {r.n_bytes:,} bytes)",
+            f"mean NLL:      {r.mean_nll:.4f} nats/token",
+            f"perplexity:    {r.perplexity:.2f}",
+            f"bits per byte: {r.bits_per_byte:.4f}",
+            f"speed:         {r.tokens_per_s:,.0f} tokens/s ({r.seconds:.1f} s)",
+        ]
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="nanogpt eval", description="Held-out perplexity and bits per byte of a checkpoint."
+    )
+    p.add_argument("--model", required=True, help="a checkpoint or run folder")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--data", help="a prepared data folder (`nanogpt prepare`)")
+    src.add_argument("--text", help="a UTF-8 text file, or a .jsonl file of documents")
+    p.add_argument("--split", default="val", help="split of --data to score (default: val)")
+    p.add_argument("--text-field", default="text", help="JSONL field holding the text (default: text)")
+    p.add_argument("--max-tokens", type=int, help="score at most this many tokens from the start")
+    p.add_argument("--context", type=int, help="window length (default: the model's context_length)")
+    p.add_argument(
+        "--stride", type=int, help="window step; smaller = more history per token (default: context)"
+    )
+    p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default: 8)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
+    p.add_argument("--dtype", default="fp32", help="fp32 | bf16 | fp16 (autocast; log-softmax stays fp32)")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    args = p.parse_args(argv)
+
+    if args.max_tokens is not None and args.max_tokens < 2:
+        raise UserError(f"--max-tokens {args.max_tokens} is too small; perplexity needs at least 2 tokens")
+    torch_dtype(args.dtype)
+    dev = resolve_device(args.device)
+    if args.data:
+        tokens = split_tokens(args.data, args.split, args.max_tokens)
+    else:
+        tokens = text_tokens(args.text, args.text_field, args.max_tokens)
+    model = load_model(args.model, dev)
+    result = sliding_window_nll(
+        model,
+        tokens,
+        context=args.context,
+        stride=args.stride,
+        batch_size=args.batch_size,
+        device=dev,
+        dtype=args.dtype,
+        progress=not args.json,
+    )
+    print(json.dumps(asdict(result)) if args.json else format_result(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

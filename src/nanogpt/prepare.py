@@ -1,0 +1,435 @@
+"""`nanogpt prepare`: a corpus (builtin, text, JSONL, Parquet, Hugging Face dataset) -> a prepared data folder.
+
+Documents stream from the source, are tokenized in batches on every core and are written straight to
+token shards (data.py's format), each followed by `<|endoftext|>`: the corpus is never held in memory.
+
+Train/val split, held out by document, in one pass: documents are taken in consecutive blocks of
+k = round(1 / val_fraction) (k >= 2, so the val share is 1/k); in each block the document at position
+`hash(seed, block) % k` goes to val, the others to train. Val is thus spread evenly over the stream,
+needs no document count up front, and nothing is buffered. The first block's val document is its second,
+so every corpus of >= 2 documents has one. The builtin corpus (42 works, k = 20) gets 2 or 3.
+
+Shards are `{split}_{i:05d}.bin` of exactly `shard_tokens` tokens (the last of each split smaller; a
+document may continue in the next shard). Whenever a shard fills, both splits' open shards are closed and
+`prepare.state.json` records the documents done: an interrupted run (no `meta.json`, which is written
+last) resumes from there on the same command, re-reading the source but not re-tokenizing what is done.
+
+    nanogpt prepare --source hf:HuggingFaceFW/fineweb-edu:sample-10BT --max-tokens 10M --out data/fineweb
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import itertools
+import json
+import os
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from nanogpt.data import META, ShardWriter, TokenData, read_header, write_meta
+from nanogpt.errors import UserError
+from nanogpt.sources import (
+    BUILTIN,
+    default_out_dir,
+    describe,
+    iter_documents,
+    resolve_source,
+    source_fingerprint,
+)
+from nanogpt.tokenizer import get_tokenizer
+
+SPLITS = ("train", "val")
+STATE = "prepare.state.json"  # progress of an unfinished run; removed once meta.json is written
+BATCH_CHARS = 4_000_000  # characters per tokenizer batch: bounds memory, keeps every core busy
+BATCH_DOCS = 4096
+
+
+def batched(
+    docs: Iterable[str], max_chars: int | None = None, max_docs: int | None = None
+) -> Iterator[list[str]]:
+    """Tokenizer batches of at most `max_docs` documents / about `max_chars` characters (module defaults)."""
+    max_chars, max_docs = max_chars or BATCH_CHARS, max_docs or BATCH_DOCS
+    batch: list[str] = []
+    chars = 0
+    for d in docs:
+        batch.append(d)
+        chars += len(d)
+        if chars >= max_chars or len(batch) >= max_docs:
+            yield batch
+            batch, chars = [], 0
+    if batch:
+        yield batch
+
+
+# ---- the train/val split -----------------------------------------------------------------------------
+
+
+def val_every(val_fraction: float) -> int:
+    """k: one document in each block of k goes to val."""
+    return max(2, round(1 / val_fraction))
+
+
+def val_position(seed: int, block: int, k: int) -> int:
+    """Where block `block`'s val document sits: a stable hash, the same on every machine.
+
+    The first block's is always its second document: any corpus of >= 2 documents holds one out, and a
+    single document goes to train.
+    """
+    digest = hashlib.blake2b(f"{seed}:{block}".encode(), digest_size=8).digest()
+    return 1 if block == 0 else int.from_bytes(digest, "little") % k
+
+
+def is_val(seed: int, index: int, k: int) -> bool:
+    """Whether document number `index` (0-based, in stream order) is held out for val."""
+    return index % k == val_position(seed, index // k, k)
+
+
+# ---- writing -----------------------------------------------------------------------------------------
+
+
+class _SplitShards:
+    """One split's shards `{split}_{i:05d}.bin`; one is open at a time, opened on first write."""
+
+    def __init__(self, folder: Path, split: str, vocab_size: int, done: dict[str, Any]) -> None:
+        self.folder, self.split, self.vocab_size = folder, split, vocab_size
+        self.shards: list[str] = list(done.get("shards", []))
+        self.tokens = int(done.get("tokens", 0))
+        self.documents = int(done.get("documents", 0))
+        self._w: ShardWriter | None = None
+
+    def write(self, tokens: np.ndarray) -> None:
+        if self._w is None:
+            self._w = ShardWriter(self.folder / f"{self.split}_{len(self.shards):05d}.bin", self.vocab_size)
+        self._w.write(tokens)
+        self.tokens += tokens.size
+
+    @property
+    def open_tokens(self) -> int:
+        return self._w.n_tokens if self._w else 0
+
+    def close(self) -> None:
+        if self._w is not None:
+            self.shards.append(self._w.close().name)
+            self._w = None
+
+    def abort(self) -> None:
+        if self._w is not None:
+            self._w.abort()
+            self._w = None
+
+    def record(self) -> dict[str, Any]:
+        return {"shards": list(self.shards), "tokens": self.tokens, "documents": self.documents}
+
+
+class _Progress:
+    """Both splits' shards and how far into the document stream they reach; `save()` makes it resumable."""
+
+    def __init__(self, out: Path, settings: dict[str, Any], state: dict[str, Any] | None, vocab: int) -> None:
+        state = state or {}
+        self.out, self.settings = out, settings
+        self.splits = {s: _SplitShards(out, s, vocab, state.get("splits", {}).get(s, {})) for s in SPLITS}
+        self.documents = int(state.get("documents_done", 0))  # documents written whole
+        self.offset = int(state.get("offset", 0))  # tokens of the next document already written
+        self.truncated = bool(state.get("truncated", False))
+        self.finished = bool(state.get("finished", False))
+
+    @property
+    def tokens(self) -> int:
+        return sum(w.tokens for w in self.splits.values())
+
+    def add(self, doc: np.ndarray, split: str, shard_tokens: int) -> None:
+        """Write document `doc` (n,) from `self.offset` on; a full shard ends mid-document and is saved."""
+        w = self.splits[split]
+        if self.offset == 0:
+            w.documents += 1
+        while True:
+            take = min(doc.size - self.offset, shard_tokens - w.open_tokens)
+            w.write(doc[self.offset : self.offset + take])
+            self.offset += take
+            if self.offset == doc.size:
+                self.documents, self.offset = self.documents + 1, 0
+            if w.open_tokens >= shard_tokens:
+                self.save()
+            if self.offset == 0:
+                return
+
+    def save(self, finished: bool = False) -> None:
+        """Close both splits' open shards, then record them: every listed shard is complete on disk."""
+        for w in self.splits.values():
+            w.close()
+        self.finished = finished
+        state = {"settings": self.settings, "documents_done": self.documents, "offset": self.offset}
+        state |= {"truncated": self.truncated, "finished": finished, "splits": self.records()}
+        tmp = self.out / (STATE + ".tmp")
+        tmp.write_text(json.dumps(state, indent=2) + "\n")
+        os.replace(tmp, self.out / STATE)
+
+    def abort(self) -> None:
+        for w in self.splits.values():
+            w.abort()  # the shards the state file lists stay; the half-written ones go
+
+    def records(self) -> dict[str, dict[str, Any]]:
+        return {s: w.record() for s, w in self.splits.items()}
+
+
+def tokenized(docs: Iterable[str]) -> Iterator[np.ndarray]:
+    """Each document's tokens then `<|endoftext|>`, as (n + 1,) uint16 arrays, tokenized in parallel batches."""
+    tok = get_tokenizer()
+    for batch in batched(docs):
+        for ids in tok.encode_batch(batch):
+            doc = np.empty(len(ids) + 1, dtype=np.uint16)
+            doc[:-1], doc[-1] = ids, tok.eot_id
+            yield doc
+
+
+def _clean(folder: Path) -> None:
+    """Remove everything a previous run of prepare may have left (and nothing else)."""
+    for pattern in ("train_*.bin*", "val_*.bin*", META, META + ".tmp", STATE, STATE + ".tmp"):
+        for p in folder.glob(pattern):
+            p.unlink()
+
+
+def _resumable(folder: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
+    """The saved progress of an unfinished run with the same settings whose listed shards are intact."""
+    try:
+        state = json.loads((folder / STATE).read_text())
+        if state.get("settings") != settings:
+            return None
+        for rec in state["splits"].values():
+            if sum(read_header(folder / s).n_tokens for s in rec["shards"]) != rec["tokens"]:
+                return None
+    except (OSError, json.JSONDecodeError, UserError, KeyError, TypeError, AttributeError):
+        return None
+    listed = {s for rec in state["splits"].values() for s in rec["shards"]}
+    for p in [*folder.glob("train_*.bin*"), *folder.glob("val_*.bin*")]:
+        if p.name not in listed:  # a .tmp of the interrupted shard, or a shard closed after the last save
+            p.unlink()
+    return state
+
+
+def _settings_of(folder: Path) -> dict[str, Any]:
+    try:
+        settings = json.loads((folder / META).read_text())["source"]["settings"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError):
+        return {}
+    return settings if isinstance(settings, dict) else {}
+
+
+@dataclass(frozen=True)
+class PrepareResult:
+    out_dir: Path
+    status: str  # prepared | resumed | unchanged
+    documents: dict[str, int]  # per split
+    tokens: dict[str, int]  # per split, `<|endoftext|>` separators included
+    shards: dict[str, list[str]]
+    truncated: bool  # --max-tokens stopped the stream
+    seconds: float
+    tokens_per_second: float  # tokens tokenized and written by this call, per second
+
+    def summary(self) -> str:
+        d, t = self.documents, self.tokens
+        n_shards = sum(len(s) for s in self.shards.values())
+        head = (
+            f"{self.out_dir}: {d['train'] + d['val']:,} documents ({d['train']:,} train, {d['val']:,} val), "
+        )
+        head += f"{t['train']:,} train + {t['val']:,} val tokens in {n_shards} shards"
+        if self.status == "unchanged":
+            return f"{head}; already prepared with these settings, nothing to do (--force rebuilds it)"
+        cap = " (capped by --max-tokens)" if self.truncated else ""
+        return f"{head}{cap}; {self.status} in {self.seconds:.1f} s ({self.tokens_per_second:,.0f} tokens/s)"
+
+
+def _result(out: Path, status: str, seconds: float = 0.0, new_tokens: int = 0) -> PrepareResult:
+    meta = TokenData(out).meta
+    splits = meta["splits"]
+    return PrepareResult(
+        out_dir=out,
+        status=status,
+        documents={s: splits[s]["documents"] for s in SPLITS},
+        tokens={s: splits[s]["tokens"] for s in SPLITS},
+        shards={s: list(splits[s]["shards"]) for s in SPLITS},
+        truncated=bool(meta["source"].get("truncated")),
+        seconds=seconds,
+        tokens_per_second=new_tokens / seconds if seconds > 0 else 0.0,
+    )
+
+
+def prepare(
+    source: str = BUILTIN,
+    out_dir: str | Path | None = None,
+    *,
+    text_field: str = "text",
+    split: str = "train",
+    val_fraction: float = 0.05,
+    seed: int = 1337,
+    max_tokens: int | None = None,
+    shard_tokens: int = 100_000_000,
+    errors: str = "strict",
+    force: bool = False,
+    verbose: bool = True,
+) -> PrepareResult:
+    """Tokenize `source` into the data folder `out_dir` (default data/<name>); see the module docstring."""
+    if not 0 < val_fraction <= 0.5:
+        raise UserError(f"--val-fraction {val_fraction} is out of range; use a value in (0, 0.5], e.g. 0.05")
+    if shard_tokens < 1 or (max_tokens is not None and max_tokens < 1):
+        raise UserError("--shard-tokens and --max-tokens must be positive token counts, e.g. 100M and 10M")
+    if errors not in ("strict", "replace"):
+        raise UserError(f"--errors {errors!r} is not supported; use strict or replace")
+    say = (lambda msg: print(msg, file=sys.stderr)) if verbose else (lambda msg: None)
+    src = resolve_source(source)
+    out = Path(out_dir) if out_dir is not None else default_out_dir(src)
+    if out.is_file():
+        raise UserError(f"--out {out} is a file; pass a folder for the data")
+    settings = {
+        "source": str(Path(src.spec)) if src.files else src.spec,
+        "fingerprint": source_fingerprint(src),
+        "text_field": text_field,
+        "split": split,
+        "val_fraction": val_fraction,
+        "seed": seed,
+        "max_tokens": max_tokens,
+        "shard_tokens": shard_tokens,
+        "errors": errors,
+    }
+    if (out / META).is_file() and not force:
+        old = _settings_of(out)
+        if old == settings:
+            return _result(out, "unchanged")
+        diff = ", ".join(k for k in settings if old.get(k) != settings[k])
+        raise UserError(
+            f"{out} already holds data prepared with other settings (differing: {diff}); "
+            "pass --force to rebuild it or choose another --out"
+        )
+
+    out.mkdir(parents=True, exist_ok=True)
+    state = None if force else _resumable(out, settings)
+    if state is not None:
+        say(f"{out}: resuming an unfinished preparation after {state['documents_done']:,} documents")
+    elif any(out.glob("*.bin*")) or (out / STATE).exists() or (out / META).exists():
+        say(f"{out}: discarding an earlier unfinished or different preparation, starting over")
+        _clean(out)
+    k = val_every(val_fraction)
+    progress = _Progress(out, settings, state, get_tokenizer().vocab_size)
+    start, t0 = progress.tokens, time.perf_counter()
+    if not progress.finished:
+        docs = iter_documents(src, text_field, errors=errors, split=split)
+        room = None if max_tokens is None else max_tokens - start
+        bar = tqdm(total=max_tokens, initial=start, unit="tok", unit_scale=True, desc="tokenizing",
+                   file=sys.stderr, disable=not verbose, dynamic_ncols=True)  # fmt: skip
+        try:
+            for doc in tokenized(itertools.islice(docs, progress.documents, None)):
+                if room is not None and doc.size - progress.offset >= room:
+                    doc, progress.truncated = doc[: progress.offset + room], True
+                room = None if room is None else room - (doc.size - progress.offset)
+                bar.update(doc.size - progress.offset)
+                progress.add(doc, "val" if is_val(seed, progress.documents, k) else "train", shard_tokens)
+                if progress.truncated:
+                    break
+            progress.save(finished=True)
+        except BaseException:
+            progress.abort()
+            if not any(out.iterdir()):  # failed before anything was saved: leave no empty folder behind
+                out.rmdir()
+            raise
+        finally:
+            bar.close()
+            docs.close()
+    seconds = time.perf_counter() - t0
+
+    if progress.tokens == 0:
+        _clean(out)
+        if not any(out.iterdir()):
+            out.rmdir()
+        raise UserError(f"source {source} holds no documents (no non-empty text); check it and --text-field")
+    if progress.splits["val"].documents == 0:
+        say(f"warning: {source} gave a single document, so the val split is empty; give >= 2 to hold one out")
+    records = progress.records()
+    info = {"source": src.spec, "description": describe(src, split), "settings": settings, "val_every": k}
+    info["documents"] = {s: r["documents"] for s, r in records.items()}
+    info["tokens"] = {s: r["tokens"] for s, r in records.items()}
+    info["truncated"] = progress.truncated
+    write_meta(out, records, info)
+    (out / STATE).unlink(missing_ok=True)
+    return _result(out, "resumed" if state else "prepared", seconds, progress.tokens - start)
+
+
+# ---- command line ------------------------------------------------------------------------------------
+
+
+def parse_count(text: str) -> int:
+    """A positive token count written as 100000, 100_000, 10M, 1.5K or 1e7."""
+    s = text.strip().lower().replace("_", "").replace(",", "")
+    scale = {"k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9}.get(s[-1:], 1)
+    if scale != 1:
+        s = s[:-1]
+    try:
+        value = float(s) * scale
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a token count such as 10M or 500000") from None
+    if value < 1 or value != int(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole token count")
+    return int(value)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="nanogpt prepare",
+        description="Turn a corpus into a prepared data folder of token shards (train/val held out by document).",
+    )
+    p.add_argument(
+        "--source",
+        default=BUILTIN,
+        help="'builtin' (default, offline), a .txt/.jsonl/.jsonl.gz/.parquet file or a folder of them, "
+        "or hf:NAME[:CONFIG] (e.g. hf:HuggingFaceFW/fineweb-edu:sample-10BT)",
+    )
+    p.add_argument("--out", help="output folder (default: data/<source name>)")
+    p.add_argument(
+        "--text-field", default="text", help="the JSONL field / Parquet column / dataset column with text"
+    )
+    p.add_argument("--split", default="train", help="the split of an hf: dataset to read (default: train)")
+    p.add_argument("--val-fraction", type=float, default=0.05, help="share of documents held out for val")
+    p.add_argument("--seed", type=int, default=1337, help="seed of the train/val assignment")
+    p.add_argument("--max-tokens", type=parse_count, help="stop after this many tokens in all (e.g. 10M)")
+    p.add_argument(
+        "--shard-tokens", type=parse_count, default=100_000_000, help="tokens per shard (default 100M)"
+    )
+    p.add_argument(
+        "--errors",
+        choices=["strict", "replace"],
+        default="strict",
+        help="invalid UTF-8 in text/JSONL files: stop with an error, or replace the bad bytes",
+    )
+    p.add_argument("--force", action="store_true", help="rebuild the folder even if it is already prepared")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or notes on stderr")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    result = prepare(
+        args.source,
+        args.out,
+        text_field=args.text_field,
+        split=args.split,
+        val_fraction=args.val_fraction,
+        seed=args.seed,
+        max_tokens=args.max_tokens,
+        shard_tokens=args.shard_tokens,
+        errors=args.errors,
+        force=args.force,
+        verbose=not args.quiet,
+    )
+    print(result.summary())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
