@@ -15,18 +15,31 @@ import sys
 
 from nanogpt.errors import UserError
 
-# command -> (module holding `main(argv)`, one-line help)
-COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("nanogpt.demo", "the main job: prepare the builtin corpus, train, evaluate, export, sample"),
+# command -> (module, function taking argv, one-line help)
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "demo": (
+        "nanogpt.demo",
+        "main",
+        "the main job: prepare the builtin corpus, train, evaluate, export, sample",
+    ),
     "prepare": (
         "nanogpt.prepare",
+        "main",
         "turn a corpus (builtin, text, JSONL, Parquet, HF dataset) into token shards",
     ),
-    "train": ("nanogpt.train", "train a model (CPU, CUDA, torchrun DDP); resumable"),
-    "eval": ("nanogpt.evaluate", "held-out perplexity and bits per byte of a checkpoint"),
-    "sample": ("nanogpt.generate", "generate text from a checkpoint (KV cache, streaming)"),
-    "export": ("nanogpt.export.hf", "write a Hugging Face folder (remote-code or native GPT-2)"),
-    "info": ("nanogpt.cli", "print a config's network, parameter counts and weight memory"),
+    "train": ("nanogpt.train", "main", "train a model (CPU, CUDA, torchrun DDP); resumable"),
+    "eval": ("nanogpt.evaluate", "main", "held-out perplexity and bits per byte of a checkpoint"),
+    "sample": ("nanogpt.generate", "main", "generate text from a checkpoint (KV cache, streaming)"),
+    "distill": ("nanogpt.distill", "main", "knowledge distillation from a local or API teacher"),
+    "serve": ("nanogpt.serve", "main", "an OpenAI-compatible HTTP server for a checkpoint (127.0.0.1)"),
+    "export": ("nanogpt.export.hf", "main", "write a Hugging Face folder (remote-code or native GPT-2)"),
+    "import": (
+        "nanogpt.export.hf",
+        "import_main",
+        "a GPT-2-format or remote-code HF folder -> a nanogpt checkpoint",
+    ),
+    "bench": ("nanogpt.bench", "main", "the card's benchmark table, measured (optionally vs HF GPT-2)"),
+    "info": ("nanogpt.cli", "info_main", "print a config's network, parameter counts and weight memory"),
 }
 
 
@@ -34,7 +47,7 @@ def info_main(argv: list[str] | None = None) -> int:
     from nanogpt.config import PRESETS, resolve_model_config
     from nanogpt.model import NanoGPTLMHeadModel
 
-    p = argparse.ArgumentParser(prog="nanogpt info", description=COMMANDS["info"][1])
+    p = argparse.ArgumentParser(prog="nanogpt info", description=COMMANDS["info"][2])
     src = p.add_mutually_exclusive_group()
     src.add_argument("--preset", choices=list(PRESETS), help="a named model config (default: card)")
     src.add_argument("--config", help="a JSON config file (model keys, or the card's mixed block)")
@@ -63,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = [a for a in argv if a != "--debug"]
     if not argv or argv[0] in ("-h", "--help"):
         width = max(map(len, COMMANDS))
-        lines = [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
+        lines = [f"  {name:<{width}}  {help_}" for name, (_, _, help_) in COMMANDS.items()]
         print("usage: nanogpt [--debug] <command> [options]\n\ncommands:\n" + "\n".join(lines))
         print("\n`nanogpt <command> --help` shows a command's options.")
         return 0 if argv else 2
@@ -77,9 +90,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"nanogpt: unknown command {name!r}; commands: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
     try:
-        module = importlib.import_module(COMMANDS[name][0])
-        entry = info_main if name == "info" else module.main
-        return int(entry(rest) or 0)
+        module_name, function, _ = COMMANDS[name]
+        return int(getattr(importlib.import_module(module_name), function)(rest) or 0)
     except UserError as e:
         if debug:
             raise

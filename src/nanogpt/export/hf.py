@@ -1,0 +1,423 @@
+"""Hugging Face export and import: `nanogpt export` and `nanogpt import`.
+
+Two export formats:
+- `remote-code` (default): the card's format, loaded with `trust_remote_code=True`. The folder carries
+  `configuration_nanogpt.py` / `modeling_nanogpt.py` (copied from `templates/`, torch + transformers
+  only); weights keep nanogpt's own tensor names.
+- `gpt2`: a stock `GPT2LMHeadModel`, loadable without remote code. The card's Pre-LN block *is* the
+  GPT-2 block, so only names change and Conv1D weights are transposed; what GPT-2 cannot express
+  (Post-LN, no biases, an untied head) is refused. `GPT2_FIELDS` is the one map between config names.
+
+Both write the GPT-2 tokenizer (built offline from our BPE files), `generation_config.json`, a README
+model card with measured numbers, and a marker file so a later export may overwrite the folder.
+Tied weights are stored once (the token embedding), as transformers itself saves them.
+
+    nanogpt export --model runs/demo --out exports/demo [--format remote-code|gpt2]
+    nanogpt import --hf exports/demo --out runs/imported
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from nanogpt import __version__
+from nanogpt.checkpoint import (
+    CONFIG,
+    WEIGHTS,
+    atomic_dir,
+    load_model,
+    load_state_into,
+    model_state,
+    resolve_checkpoint,
+    save_model,
+    write_json,
+)
+from nanogpt.config import ModelConfig
+from nanogpt.errors import UserError
+from nanogpt.export.model_card import ParamCounts, read_run_facts, render_model_card
+from nanogpt.model import NanoGPTLMHeadModel
+from nanogpt.tokenizer import EOT_ID, EOT_TOKEN, bpe_files
+
+FORMATS = ("remote-code", "gpt2")
+MARKER = "nanogpt_export.json"  # its presence marks a folder nanogpt wrote (safe to overwrite)
+TEMPLATES = Path(__file__).parent / "templates"
+TEMPLATE_FILES = ("configuration_nanogpt.py", "modeling_nanogpt.py")
+AUTO_MAP = {
+    "AutoConfig": "configuration_nanogpt.NanoGPTConfig",
+    "AutoModelForCausalLM": "modeling_nanogpt.NanoGPTLMHeadModel",
+}
+
+# ModelConfig field -> the GPT2Config field(s) holding the same value. The one map between the names.
+GPT2_FIELDS: dict[str, tuple[str, ...]] = {
+    "vocab_size": ("vocab_size",),
+    "context_length": ("n_positions", "n_ctx"),
+    "d_model": ("n_embd",),
+    "n_layers": ("n_layer",),
+    "n_heads": ("n_head",),
+    "d_ff": ("n_inner",),
+    "dropout": ("resid_pdrop", "embd_pdrop", "attn_pdrop"),
+    "ln_eps": ("layer_norm_epsilon",),
+    "activation": ("activation_function",),  # value translated by GPT2_ACTIVATIONS
+    "tie_embeddings": ("tie_word_embeddings",),
+}
+# our activation -> GPT-2's name; import also reads GPT-2's other spellings of the tanh GELU
+GPT2_ACTIVATIONS = {"gelu": "gelu", "gelu_tanh": "gelu_new"}
+GPT2_ACTIVATIONS_IN = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
+# what every GPT-2 is; a ModelConfig differing here cannot be written as GPT-2
+GPT2_FIXED = {"norm_position": "pre", "bias": True, "tie_embeddings": True}
+# GPT-2 options with no nanogpt equivalent, and the value nanogpt's network implies
+GPT2_IMPLIED = {
+    "scale_attn_weights": True,
+    "scale_attn_by_inverse_layer_idx": False,
+    "add_cross_attention": False,
+}
+# nanogpt block module -> (GPT-2 module, is a Conv1D whose weight GPT-2 stores transposed)
+GPT2_BLOCK_MODULES = {
+    "ln1": ("ln_1", False),
+    "attn.qkv_proj": ("attn.c_attn", True),
+    "attn.out_proj": ("attn.c_proj", True),
+    "ln2": ("ln_2", False),
+    "ff.fc1": ("mlp.c_fc", True),
+    "ff.fc2": ("mlp.c_proj", True),
+}
+GPT2_TOP = {
+    "transformer.token_embedding.weight": "transformer.wte.weight",
+    "transformer.position_embedding.weight": "transformer.wpe.weight",
+    "transformer.ln_f.weight": "transformer.ln_f.weight",
+    "transformer.ln_f.bias": "transformer.ln_f.bias",
+    "lm_head.weight": "lm_head.weight",
+}
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    out: Path
+    format: str
+    counts: ParamCounts
+    files: list[str]
+
+
+# ---------------------------------------------------------------- GPT-2 names and configs
+
+
+def gpt2_name(key: str) -> tuple[str, bool]:
+    """nanogpt tensor name -> (GPT-2 tensor name, whether GPT-2 stores it transposed)."""
+    m = re.fullmatch(r"transformer\.blocks\.(\d+)\.(.+)\.(weight|bias)", key)
+    if m:
+        module, conv1d = GPT2_BLOCK_MODULES[m[2]]
+        return f"transformer.h.{m[1]}.{module}.{m[3]}", conv1d and m[3] == "weight"
+    return GPT2_TOP[key], False
+
+
+def check_gpt2_expressible(cfg: ModelConfig) -> None:
+    """Raise a one-line UserError if GPT2LMHeadModel cannot hold this network exactly."""
+    for name, value in GPT2_FIXED.items():
+        if getattr(cfg, name) != value:
+            raise UserError(
+                f"a stock GPT-2 needs {name}={value!r} but this model has {getattr(cfg, name)!r}; "
+                "export it with --format remote-code"
+            )
+
+
+def gpt2_config(cfg: ModelConfig) -> dict:
+    """The config.json of a native GPT2LMHeadModel export."""
+    check_gpt2_expressible(cfg)
+    d: dict = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}
+    for ours, theirs in GPT2_FIELDS.items():
+        value = getattr(cfg, ours)
+        for name in theirs:
+            d[name] = GPT2_ACTIVATIONS[value] if ours == "activation" else value
+    d.update(GPT2_IMPLIED)
+    d.update(
+        reorder_and_upcast_attn=False,
+        initializer_range=0.02,
+        bos_token_id=EOT_ID,
+        eos_token_id=EOT_ID,
+        use_cache=True,
+        dtype="float32",
+    )
+    return d
+
+
+def config_from_gpt2(d: dict) -> ModelConfig:
+    """A ModelConfig from a GPT-2 config.json, refusing GPT-2 options nanogpt's network does not have."""
+    for name, value in GPT2_IMPLIED.items():
+        if d.get(name, value) != value:
+            raise UserError(f"GPT-2 config has {name}={d[name]!r}, which nanogpt's network does not support")
+    act = d.get("activation_function", "gelu_new")
+    if act not in GPT2_ACTIVATIONS_IN:
+        raise UserError(
+            f"GPT-2 config has activation_function={act!r}; nanogpt supports {', '.join(GPT2_ACTIVATIONS_IN)}"
+        )
+    kw: dict = {}
+    for ours, theirs in GPT2_FIELDS.items():
+        if theirs[0] in d:
+            kw[ours] = d[theirs[0]]
+    kw["activation"] = GPT2_ACTIVATIONS_IN[act]
+    if kw.get("d_ff") is None:  # GPT-2's n_inner=None means 4 * n_embd
+        kw["d_ff"] = 4 * d.get("n_embd", 768)
+    kw.setdefault("tie_embeddings", True)
+    return ModelConfig(norm_position="pre", bias=True, **kw)
+
+
+def to_gpt2_state(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """nanogpt tensors -> GPT2LMHeadModel tensors (renamed; Linear weights transposed to Conv1D)."""
+    out = {}
+    for k, v in sd.items():
+        name, transpose = gpt2_name(k)
+        out[name] = v.t().contiguous() if transpose else v
+    return out
+
+
+def from_gpt2_state(sd: dict[str, torch.Tensor], cfg: ModelConfig, source: Path) -> dict[str, torch.Tensor]:
+    """GPT-2 tensors (with or without the `transformer.` prefix) -> nanogpt tensors for `cfg`."""
+    # stock checkpoints (openai-community/gpt2) name the base model's tensors without the prefix
+    sd = {(k if k.startswith(("transformer.", "lm_head.")) else f"transformer.{k}"): v for k, v in sd.items()}
+    with torch.device("meta"):
+        keys = list(NanoGPTLMHeadModel(cfg).state_dict())
+    out = {}
+    for k in keys:
+        name, transpose = gpt2_name(k)
+        if name not in sd:
+            if k == "lm_head.weight" and cfg.tie_embeddings:
+                continue
+            raise UserError(f"{source} is missing the tensor {name!r}; the GPT-2 checkpoint is incomplete")
+        out[k] = sd[name].t().contiguous() if transpose else sd[name]
+    return out
+
+
+# ---------------------------------------------------------------- the files of an export
+
+
+def remote_code_config(cfg: ModelConfig) -> dict:
+    d = {"architectures": ["NanoGPTLMHeadModel"], "model_type": "nanogpt", "auto_map": AUTO_MAP}
+    d.update(cfg.to_dict())
+    d.update(
+        tie_word_embeddings=cfg.tie_embeddings,
+        bos_token_id=EOT_ID,
+        eos_token_id=EOT_ID,
+        use_cache=True,
+        dtype="float32",
+    )
+    return d
+
+
+def write_tokenizer(folder: Path, context_length: int) -> None:
+    """GPT-2's byte-level BPE as tokenizer.json (+ vocab.json, merges.txt, configs), built offline."""
+    try:
+        from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+    except ImportError:
+        raise UserError(
+            "export needs the `tokenizers` package; install it with `pip install nanogpt[hf]`"
+        ) from None
+    encoder, merges = bpe_files()
+    tok = Tokenizer(models.BPE.from_file(str(encoder), str(merges)))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    tok.add_special_tokens([AddedToken(EOT_TOKEN, special=True)])
+    tok.save(str(folder / "tokenizer.json"))
+    shutil.copyfile(encoder, folder / "vocab.json")
+    shutil.copyfile(merges, folder / "merges.txt")
+    special = {"bos_token": EOT_TOKEN, "eos_token": EOT_TOKEN, "unk_token": EOT_TOKEN}
+    write_json(folder / "special_tokens_map.json", special)
+    write_json(
+        folder / "tokenizer_config.json",
+        {
+            "tokenizer_class": "GPT2Tokenizer",
+            **special,
+            "add_prefix_space": False,
+            "add_bos_token": False,
+            "clean_up_tokenization_spaces": False,
+            "errors": "replace",
+            "model_max_length": context_length,
+            "added_tokens_decoder": {
+                str(EOT_ID): {
+                    "content": EOT_TOKEN,
+                    "lstrip": False,
+                    "normalized": True,
+                    "rstrip": False,
+                    "single_word": False,
+                    "special": True,
+                }
+            },
+        },
+    )
+
+
+def generation_config() -> dict:
+    return {"bos_token_id": EOT_ID, "eos_token_id": EOT_ID, "pad_token_id": EOT_ID}
+
+
+def check_out_dir(out: Path, force: bool) -> None:
+    """Refuse to replace a non-empty folder nanogpt did not write, unless --force."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out} is a file; pass a folder to --out")
+    if out.is_dir() and any(out.iterdir()) and not (out / MARKER).is_file() and not force:
+        raise UserError(
+            f"{out} exists and is not a nanogpt export; pick another --out or pass --force to replace it"
+        )
+
+
+def export(
+    model_path: str | Path, out: str | Path, fmt: str = "remote-code", force: bool = False
+) -> ExportResult:
+    """Write checkpoint `model_path` (run or checkpoint folder) as a Hugging Face folder `out`."""
+    if fmt not in FORMATS:
+        raise UserError(f"unknown export format {fmt!r}; use one of {', '.join(FORMATS)}")
+    out = Path(out)
+    folder = resolve_checkpoint(model_path)
+    cfg = ModelConfig.load(folder / CONFIG)
+    if fmt == "gpt2":
+        check_gpt2_expressible(cfg)
+    check_out_dir(out, force)
+    model = load_model(folder)  # names a missing or mis-shaped tensor
+    counts = ParamCounts(model.num_params(unique=False), model.num_params(unique=True))
+    sd = model_state(model)  # the tied head is dropped: stored once, as transformers does
+    facts = read_run_facts(folder)
+    with atomic_dir(out) as tmp:
+        if fmt == "remote-code":
+            write_json(tmp / CONFIG, remote_code_config(cfg))
+            save_file(sd, str(tmp / WEIGHTS), metadata={"format": "pt"})
+            for name in TEMPLATE_FILES:
+                shutil.copyfile(TEMPLATES / name, tmp / name)
+        else:
+            write_json(tmp / CONFIG, gpt2_config(cfg))
+            save_file(to_gpt2_state(sd), str(tmp / WEIGHTS), metadata={"format": "pt"})
+        write_json(tmp / "generation_config.json", generation_config())
+        write_tokenizer(tmp, cfg.context_length)
+        (tmp / "README.md").write_text(render_model_card(cfg, facts, counts, fmt, str(out)))
+        write_json(tmp / MARKER, {"nanogpt_version": __version__, "format": fmt, "source": str(folder)})
+        files = sorted(p.name for p in tmp.iterdir())
+    return ExportResult(out=out, format=fmt, counts=counts, files=files)
+
+
+# ---------------------------------------------------------------- import
+
+
+def load_hf_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """model.safetensors, else pytorch_model.bin (tensors only: weights_only=True, never a pickle)."""
+    st, pt = folder / "model.safetensors", folder / "pytorch_model.bin"
+    if st.is_file():
+        try:
+            return load_file(str(st))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise UserError(f"{st} is corrupt or truncated ({e}); download or export it again") from None
+    if pt.is_file():
+        try:
+            return torch.load(pt, map_location="cpu", weights_only=True)
+        except Exception as e:  # the unpickler raises many types for a bad or unsafe file
+            raise UserError(
+                f"{pt} cannot be read as plain tensors ({type(e).__name__}); use a safetensors copy"
+            ) from None
+    if (folder / "model.safetensors.index.json").is_file():
+        raise UserError(f"{folder} holds a sharded checkpoint; merge it into one model.safetensors first")
+    raise UserError(
+        f"{folder} has no model.safetensors or pytorch_model.bin; pass a Hugging Face model folder"
+    )
+
+
+def import_hf(hf_dir: str | Path, out: str | Path) -> Path:
+    """A GPT-2 or nanogpt (remote-code) Hugging Face folder -> a nanogpt checkpoint folder `out`."""
+    src = Path(hf_dir)
+    conf_path = src / CONFIG
+    if not conf_path.is_file():
+        raise UserError(f"{conf_path} not found; pass a Hugging Face model folder to --hf")
+    try:
+        conf = json.loads(conf_path.read_text())
+    except ValueError:
+        raise UserError(f"{conf_path} is not valid JSON; download or export it again") from None
+    kind = conf.get("model_type")
+    if kind == "gpt2":
+        cfg = config_from_gpt2(conf)
+        sd = from_gpt2_state(load_hf_weights(src), cfg, src)
+    elif kind == "nanogpt":
+        cfg = ModelConfig.from_dict({k: v for k, v in conf.items() if k in ModelConfig.__dataclass_fields__})
+        sd = load_hf_weights(src)
+    else:
+        raise UserError(
+            f"{src} holds a {kind!r} model; nanogpt imports GPT-2 (model_type 'gpt2') or its own exports only"
+        )
+    model = NanoGPTLMHeadModel(cfg)
+    load_state_into(model, sd, src / WEIGHTS)
+    return save_model(out, model)
+
+
+# ---------------------------------------------------------------- hub
+
+
+def hub_token() -> str:
+    token = os.environ.get("HF_TOKEN")
+    if not token:
+        raise UserError(
+            "--push-to-hub needs a Hugging Face write token in the HF_TOKEN environment variable; "
+            "create one at https://huggingface.co/settings/tokens"
+        )
+    return token
+
+
+def push_to_hub(folder: Path, repo: str, token: str) -> str:
+    """Upload an export folder to the Hub repo `repo` (created if missing); returns the repo URL."""
+    try:
+        from huggingface_hub import HfApi
+    except ImportError:
+        raise UserError(
+            "--push-to-hub needs huggingface_hub; install it with `pip install nanogpt[hf]`"
+        ) from None
+    api = HfApi(token=token)
+    url = api.create_repo(repo, exist_ok=True)
+    api.upload_folder(
+        repo_id=repo, folder_path=str(folder), commit_message=f"Upload nanogpt {__version__} export"
+    )
+    return str(url)
+
+
+# ---------------------------------------------------------------- commands
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="nanogpt export", description="write a Hugging Face folder from a checkpoint"
+    )
+    p.add_argument("--model", required=True, help="a run folder or checkpoint folder")
+    p.add_argument("--out", required=True, help="the folder to write")
+    p.add_argument(
+        "--format", choices=FORMATS, default="remote-code", help="remote-code (default) or gpt2 (native)"
+    )
+    p.add_argument("--force", action="store_true", help="replace --out even if nanogpt did not write it")
+    p.add_argument(
+        "--push-to-hub", metavar="REPO", help="also upload the folder to this Hub repo (token: HF_TOKEN)"
+    )
+    args = p.parse_args(argv)
+    token = hub_token() if args.push_to_hub else None  # fail before the work, not after
+    res = export(args.model, args.out, args.format, args.force)
+    print(
+        f"wrote {res.out} ({res.format}): {res.counts.total:,} parameters "
+        f"({res.counts.unique:,} unique), files: {', '.join(res.files)}"
+    )
+    if args.push_to_hub and token:
+        print(f"pushed to {push_to_hub(res.out, args.push_to_hub, token)}")
+    return 0
+
+
+def import_main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="nanogpt import",
+        description="turn a Hugging Face GPT-2 or nanogpt folder into a nanogpt checkpoint",
+    )
+    p.add_argument("--hf", required=True, help="a Hugging Face model folder (GPT-2 or a nanogpt export)")
+    p.add_argument("--out", required=True, help="the checkpoint folder to write")
+    args = p.parse_args(argv)
+    out = import_hf(args.hf, args.out)
+    print(f"wrote {out}")
+    return 0

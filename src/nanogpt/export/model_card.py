@@ -1,0 +1,261 @@
+"""The exported folder's README.md: the model card's layout, with numbers measured for this checkpoint.
+
+Parameter counts come from the model itself; training facts (data, tokens seen, iterations, held-out
+loss) come from the run folder's `log.jsonl` and `last/state.json` when they exist. A fact we cannot
+read is left out, never guessed.
+
+    facts = read_run_facts(Path("runs/demo/best"))
+    text = render_model_card(cfg, facts, ParamCounts(52_990_464, 33_691_776), "gpt2", "exports/demo")
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from nanogpt.config import ModelConfig
+
+WIDGET_PROMPTS = [
+    ("Once upon a time", "Story Beginning"),
+    ("The capital of France is", "Factual Question"),
+    ("In the field of machine learning,", "Technical Topic"),
+]
+
+
+@dataclass(frozen=True)
+class ParamCounts:
+    total: int  # the tied embedding counted twice, as the card's 52,990,464 does
+    unique: int
+
+
+@dataclass(frozen=True)
+class RunFacts:
+    """What the run folder says about training; None where it says nothing."""
+
+    data: str | None = None  # a short description of the training data
+    dataset_id: str | None = None  # a Hugging Face dataset id, for the YAML `datasets` list
+    tokens_seen: int | None = None
+    iterations: int | None = None
+    val_loss: float | None = None
+    val_ppl: float | None = None
+    val_step: int | None = None
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return d if isinstance(d, dict) else None
+
+
+def _first(d: dict[str, Any], *keys: str) -> Any:
+    for k in keys:
+        if d.get(k) is not None:
+            return d[k]
+    return None
+
+
+def read_log(path: Path) -> list[dict[str, Any]]:
+    """The JSON objects of a log.jsonl, skipping lines that do not parse (a run killed mid-write)."""
+    rows = []
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
+def find_run_dir(checkpoint: Path) -> Path | None:
+    """The run folder of a checkpoint (RUN/best -> RUN), or None for a bare checkpoint folder."""
+    for d in (checkpoint, checkpoint.parent):
+        if (d / "log.jsonl").is_file() or (d / "last" / "state.json").is_file():
+            return d
+    return None
+
+
+def _data_facts(data_dir: Any) -> tuple[str | None, str | None]:
+    if not isinstance(data_dir, str):
+        return None, None
+    meta = _read_json(Path(data_dir) / "meta.json")
+    if meta is None:
+        return None, None
+    src = meta.get("source") if isinstance(meta.get("source"), dict) else {}
+    settings = src.get("settings") if isinstance(src.get("settings"), dict) else {}
+    spec = settings.get("source")  # `nanogpt prepare --source`: "builtin", a path, or "hf:ORG/NAME[:CONFIG]"
+    dataset_id = _first(src, "dataset", "hf_dataset", "repo_id")
+    if dataset_id is None and isinstance(spec, str) and spec.startswith("hf:"):
+        dataset_id = spec.split(":")[1]
+    name = dataset_id or spec or _first(src, "name", "path", "kind")
+    tokens = (meta.get("splits") or {}).get("train", {}).get("tokens")
+    desc = str(name) if name is not None else None
+    if desc is not None and isinstance(tokens, int):
+        desc += f" ({tokens:,} training tokens after GPT-2 BPE)"
+    return desc, (str(dataset_id) if dataset_id else None)
+
+
+def read_run_facts(checkpoint: Path) -> RunFacts:
+    """Training facts for a checkpoint folder from its run's log.jsonl and last/state.json, if present."""
+    run = find_run_dir(checkpoint)
+    if run is None:
+        return RunFacts()
+    state = _read_json(run / "last" / "state.json") or {}
+    evals = [r for r in read_log(run / "log.jsonl") if isinstance(r.get("val_loss"), (int, float))]
+    if checkpoint.name == "best" and evals:  # best/ holds the weights of the lowest val loss
+        ev = min(evals, key=lambda r: r["val_loss"])
+    else:
+        ev = evals[-1] if evals else {}
+    val_loss = ev.get("val_loss")
+    val_ppl = ev.get("val_ppl", math.exp(val_loss) if val_loss is not None else None)
+    data, dataset_id = _data_facts(_first(state, "data_dir", "data", "data_path"))
+    tokens = _first(state, "tokens_seen", "tokens")
+    step = _first(state, "step", "iter", "iterations")
+    return RunFacts(
+        data=data,
+        dataset_id=dataset_id,
+        tokens_seen=tokens if isinstance(tokens, int) else None,
+        iterations=step if isinstance(step, int) else None,
+        val_loss=float(val_loss) if val_loss is not None else None,
+        val_ppl=float(val_ppl) if val_ppl is not None else None,
+        val_step=ev.get("step"),
+    )
+
+
+def _front_matter(facts: RunFacts) -> str:
+    lines = ["---", "language:", "- en", "license: mit", "tags:"]
+    lines += [f"- {t}" for t in ("text-generation", "pytorch", "gpt", "transformers", "pre-ln", "causal-lm")]
+    if facts.dataset_id:
+        lines += ["datasets:", f"- {facts.dataset_id}"]
+    lines += ["library_name: transformers", "pipeline_tag: text-generation", "metrics:", "- perplexity"]
+    lines.append("widget:")
+    for text, title in WIDGET_PROMPTS:
+        lines += [f'- text: "{text}"', f'  example_title: "{title}"']
+    return "\n".join(lines + ["---"])
+
+
+def _usage(folder: str, fmt: str, max_length: int) -> str:
+    remote = fmt == "remote-code"
+    comment = "requires trust_remote_code for custom architecture" if remote else "a stock GPT2LMHeadModel"
+    trust = ",\n    trust_remote_code=True\n" if remote else "\n"
+    return f"""```python
+from transformers import AutoTokenizer, AutoModelForCausalLM
+
+# Load model and tokenizer ({comment})
+tokenizer = AutoTokenizer.from_pretrained("{folder}")
+model = AutoModelForCausalLM.from_pretrained(
+    "{folder}"{trust})
+
+# Generate text
+prompt = "Once upon a time"
+inputs = tokenizer(prompt, return_tensors="pt")
+outputs = model.generate(
+    **inputs,
+    max_length={max_length},
+    temperature=0.8,
+    top_k=50,
+    do_sample=True,
+    pad_token_id=tokenizer.eos_token_id
+)
+
+text = tokenizer.decode(outputs[0], skip_special_tokens=True)
+print(text)
+```"""
+
+
+def render_model_card(cfg: ModelConfig, facts: RunFacts, counts: ParamCounts, fmt: str, folder: str) -> str:
+    """README.md text for an export in `fmt` ("remote-code" | "gpt2") found at `folder`."""
+    millions = counts.total / 1e6
+    short = "Pre-LN" if cfg.norm_position == "pre" else "Post-LN"
+    norm = f"{short[:-2]}LayerNorm ({short})"
+    act = "exact GELU (erf)" if cfg.activation == "gelu" else "GELU, tanh approximation (GPT-2's)"
+    tie = "tied to the token embedding" if cfg.tie_embeddings else "untied"
+    out = [_front_matter(facts), "", f"# NanoGPT {millions:.0f}M - {short} Transformer", ""]
+    out.append(
+        "A GPT language model trained with the nanogpt PyTorch toolkit, "
+        + (
+            "exported as a Hugging Face folder loaded with `trust_remote_code=True`."
+            if fmt == "remote-code"
+            else "exported as a stock `GPT2LMHeadModel` (no remote code needed)."
+        )
+    )
+    out += [
+        "",
+        "## Model Details",
+        "",
+        "### Architecture",
+        "- **Model Type:** GPT (Decoder-only Transformer)",
+    ]
+    out.append(
+        f"- **Parameters:** {counts.total:,} counting the tied embedding twice, {counts.unique:,} unique"
+        if cfg.tie_embeddings
+        else f"- **Parameters:** {counts.unique:,}"
+    )
+    out += [
+        f"- **Architecture Pattern:** {norm}",
+        f"- **Layers:** {cfg.n_layers} transformer blocks",
+        f"- **Hidden Size:** {cfg.d_model}",
+        f"- **Attention Heads:** {cfg.n_heads}",
+        f"- **Feedforward Dimension:** {cfg.d_ff}, {act}",
+        f"- **Context Length:** {cfg.context_length} tokens",
+        f"- **Vocabulary Size:** {cfg.vocab_size:,} (GPT-2 tokenizer)",
+        f"- **Output head:** {tie}; biases {'on' if cfg.bias else 'off'}; LayerNorm eps {cfg.ln_eps:g}",
+        "",
+        'Notes on the original card: its "43M unique with weight tying" is wrong (the card\'s exact '
+        "configuration has 33,691,776 unique parameters: tying removes 50,257 x 384 = 19,298,688 from "
+        "52,990,464), and standard GPT-2 is itself Pre-LN (`x = x + attn(ln(x))`), not Post-LN, which is why "
+        "a Pre-LN nanogpt model can also be exported as a native GPT-2 checkpoint.",
+    ]
+    training = []
+    if facts.data:
+        training.append(f"- **Dataset:** {facts.data}")
+    if facts.tokens_seen is not None:
+        training.append(f"- **Training tokens seen:** {facts.tokens_seen:,}")
+    if facts.iterations is not None:
+        training.append(f"- **Iterations:** {facts.iterations:,}")
+    if facts.val_loss is not None:
+        at = f" at step {facts.val_step:,}" if isinstance(facts.val_step, int) else ""
+        training.append(f"- **Held-out validation loss{at}:** {facts.val_loss:.4f}")
+        if facts.val_ppl is not None:
+            training.append(f"- **Held-out validation perplexity{at}:** {facts.val_ppl:.2f}")
+    if training:
+        out += ["", "### Training", "", *training]
+    out += [
+        "",
+        "## Usage",
+        "",
+        "### Basic Text Generation",
+        "",
+        _usage(folder, fmt, min(100, cfg.context_length)),
+    ]
+    if fmt == "remote-code":
+        out += [
+            "",
+            "With transformers 5, `AutoTokenizer.from_pretrained` on a folder with custom code first asks "
+            "whether to run it (the tokenizer itself is a stock GPT-2 tokenizer, so either answer works); "
+            "pass `trust_remote_code=True` to it as well to skip the question.",
+        ]
+    out += [
+        "",
+        "## Limitations",
+        "",
+        f"- **Context length:** limited to {cfg.context_length} tokens",
+        f"- **Size:** {millions:.1f}M parameters is small compared to modern LLMs",
+        "- **No instruction tuning:** a base language model, not instruction-tuned",
+        "- **Reliability:** outputs may be wrong or biased; validate them before any use that matters",
+        "",
+        "## License",
+        "",
+        "MIT License.",
+        "",
+    ]
+    return "\n".join(out)
