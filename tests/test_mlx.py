@@ -34,9 +34,9 @@ from nanogpt.mlx.train import (  # noqa: E402
     train_mlx,
 )
 from nanogpt.model import NanoGPTLMHeadModel as TorchGPT  # noqa: E402
+from nanogpt.optim import backward_micro_batches, cross_entropy_loss, lr_at, optimizer_step, param_groups  # noqa: E402
+from nanogpt.optim import make_optimizer as torch_optimizer  # noqa: E402
 from nanogpt.plot import read_log  # noqa: E402
-from nanogpt.train import backward_micro_batches, cross_entropy_loss, lr_at, optimizer_step, param_groups  # noqa: E402
-from nanogpt.train import make_optimizer as torch_optimizer  # noqa: E402
 
 
 def torch_and_mlx(cfg: ModelConfig, tmp_path, seed: int = 0):

@@ -1,5 +1,8 @@
 """Checkpoints: a folder with `config.json` (the ModelConfig) and `model.safetensors`.
 
+A training checkpoint (`RUN/last/`) adds `state.safetensors` (optimizer moments, RNG states as uint8
+tensors) and `state.json` (step, counters, data sampler state, configs): see `save_train_state`.
+
 No pickles: weights go through safetensors only. A tied `lm_head.weight` is stored once (as
 `transformer.token_embedding.weight`) and re-tied on load; the same tensor names serve the MLX backend.
 Folders are written atomically: everything goes to `<dst>.tmp`, then replaces `<dst>` by renames, and
@@ -14,10 +17,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import shutil
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
@@ -94,11 +101,13 @@ def resolve_checkpoint(path: str | Path) -> Path:
         raise UserError(
             f"checkpoint {p} not found; pass a run folder or a checkpoint folder holding {CONFIG} and {WEIGHTS}"
         )
-    if (recover_dir(p) / CONFIG).is_file():
+    if (recover_dir(p) / WEIGHTS).is_file():
         return recover_dir(p)
     for sub in ("best", "last"):
         if (recover_dir(p / sub) / CONFIG).is_file():
             return recover_dir(p / sub)
+    if (recover_dir(p) / CONFIG).is_file():  # config without weights: load_weights names what is missing
+        return recover_dir(p)
     raise UserError(
         f"{p} holds no checkpoint ({CONFIG} + {WEIGHTS}, or best/ or last/ with them); train one with `nanogpt train`"
     )
@@ -150,3 +159,141 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> NanoGPTL
 
 def write_json(path: Path, obj: object) -> None:
     path.write_text(json.dumps(obj, indent=2) + "\n")
+
+
+# --- training state: optimizer moments, RNG states, counters (no pickles) ----------------------------
+
+STATE_TENSORS = "state.safetensors"
+STATE_JSON = "state.json"
+_OPT_PREFIX = "optimizer."
+_IMPL_KEYS = ("foreach", "fused", "capturable", "differentiable")
+
+
+@dataclass
+class TrainState:
+    """What `load_train_state` read: the JSON scalars (`info`) and the extra tensors saved beside them."""
+
+    info: dict[str, Any]
+    tensors: dict[str, torch.Tensor]
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Split an optimizer's state_dict into safetensors-ready tensors and JSON-ready scalars.
+
+    Tensors are named `optimizer.<param index>.<key>` (AdamW: step, exp_avg, exp_avg_sq), kept exact
+    (fp32 moments stay fp32); hyper-parameters and any non-tensor state go to the JSON side.
+    """
+    sd = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for idx, per_param in sd["state"].items():
+        for key, value in per_param.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{_OPT_PREFIX}{idx}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars.setdefault(str(idx), {})[key] = value
+    groups = [{k: list(v) if isinstance(v, tuple) else v for k, v in g.items()} for g in sd["param_groups"]]
+    return tensors, {"param_groups": groups, "scalars": scalars}
+
+
+def load_optimizer_tensors(
+    optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any]
+) -> None:
+    """Inverse of `optimizer_tensors`: rebuild the state_dict and load it (torch moves it to each param)."""
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in tensors.items():
+        if name.startswith(_OPT_PREFIX):
+            idx, key = name[len(_OPT_PREFIX) :].split(".", 1)
+            state.setdefault(int(idx), {})[key] = value
+    for idx, extra in meta.get("scalars", {}).items():
+        state.setdefault(int(idx), {}).update(extra)
+    # JSON has no tuples; AdamW's betas (and any other tuple hyper-parameter) were tuples
+    groups = [{k: tuple(v) if k == "betas" else v for k, v in g.items()} for g in meta["param_groups"]]
+    # the implementation (fused on CUDA, foreach, ...) belongs to this device, not to the saved run
+    for saved, current in zip(groups, optimizer.param_groups, strict=True):
+        saved.update({k: current[k] for k in _IMPL_KEYS if k in current})
+    try:
+        optimizer.load_state_dict({"state": state, "param_groups": groups})
+    except (ValueError, KeyError) as e:
+        raise UserError(
+            f"optimizer state does not fit this model ({e}); resume with the run's own config"
+        ) from None
+
+
+def save_train_state(
+    folder: Path, optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], info: dict[str, Any]
+) -> None:
+    """Write `state.safetensors` (optimizer moments + `tensors`, e.g. RNG states as uint8) and `state.json`."""
+    opt_tensors, opt_meta = optimizer_tensors(optimizer)
+    clash = set(opt_tensors) & set(tensors)
+    if clash:
+        raise ValueError(f"tensor name {sorted(clash)[0]!r} is reserved for the optimizer state")
+    all_tensors = {**opt_tensors, **{k: v.detach().cpu().contiguous() for k, v in tensors.items()}}
+    save_file(all_tensors, str(folder / STATE_TENSORS), metadata={"format": "pt", "library": "nanogpt"})
+    write_json(folder / STATE_JSON, {**info, "optimizer": opt_meta})
+
+
+def load_train_state(folder: Path, optimizer: torch.optim.Optimizer | None = None) -> TrainState:
+    """Read a checkpoint's training state; with `optimizer`, load its moments and step counts into it."""
+    tfile, jfile = folder / STATE_TENSORS, folder / STATE_JSON
+    if not (tfile.is_file() and jfile.is_file()):
+        raise UserError(
+            f"{folder} holds no training state ({STATE_TENSORS} + {STATE_JSON}); it cannot be resumed, "
+            "start a new run (use --init-from to reuse its weights)"
+        )
+    try:
+        tensors = load_file(str(tfile))
+        info = json.loads(jfile.read_text())
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(
+            f"training state in {folder} is corrupt ({e}); resume from another checkpoint"
+        ) from None
+    opt_meta = info.pop("optimizer", None)
+    if optimizer is not None:
+        if opt_meta is None:
+            raise UserError(f"{jfile} has no optimizer section; the checkpoint is incomplete")
+        load_optimizer_tensors(optimizer, tensors, opt_meta)
+    extra = {k: v for k, v in tensors.items() if not k.startswith(_OPT_PREFIX)}
+    return TrainState(info=info, tensors=extra)
+
+
+def rng_state(device: torch.device) -> dict[str, Any]:
+    """This process's RNG states: python and numpy (JSON-able), torch CPU and CUDA (uint8 tensors)."""
+    py_version, py_internal, py_gauss = random.getstate()
+    np_state = np.random.get_state()  # legacy global RNG: (name, keys, pos, has_gauss, cached)
+    state: dict[str, Any] = {
+        "python_rng": [py_version, list(py_internal), py_gauss],
+        "numpy_rng": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+        "torch_rng": torch.get_rng_state(),
+    }
+    if device.type == "cuda":
+        state["cuda_rng"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    """Inverse of `rng_state`."""
+    version, internal, gauss = state["python_rng"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, *rest = state["numpy_rng"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), *rest))
+    torch.set_rng_state(state["torch_rng"])
+    if device.type == "cuda" and "cuda_rng" in state:
+        torch.cuda.set_rng_state(state["cuda_rng"], device)
+
+
+def split_rank_states(states: list[dict[str, Any]]) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
+    """Per-process state dicts -> tensors named `rank<r>.<key>` (for safetensors) + the JSON-able rest."""
+    tensors = {
+        f"rank{r}.{k}": v for r, s in enumerate(states) for k, v in s.items() if isinstance(v, torch.Tensor)
+    }
+    plain = [{k: v for k, v in s.items() if not isinstance(v, torch.Tensor)} for s in states]
+    return tensors, plain
+
+
+def join_rank_state(
+    plain: list[dict[str, Any]], tensors: dict[str, torch.Tensor], rank: int
+) -> dict[str, Any]:
+    """Inverse of `split_rank_states` for one process."""
+    prefix = f"rank{rank}."
+    return {**plain[rank], **{k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}}

@@ -78,7 +78,7 @@ def iter_windows(n_tokens: int, context: int, stride: int) -> Iterator[Window]:
 
 
 def perplexity(mean_nll: float) -> float:
-    return math.exp(mean_nll)
+    return math.exp(min(mean_nll, 700.0))  # exp overflows a float past ~709
 
 
 def bits_per_byte(total_nll: float, n_bytes: int) -> float:

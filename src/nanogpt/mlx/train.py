@@ -43,6 +43,7 @@ from nanogpt.checkpoint import (
 from nanogpt.config import ModelConfig, TrainConfig
 from nanogpt.data import BatchSampler, TokenData
 from nanogpt.errors import UserError
+from nanogpt.evaluate import perplexity
 from nanogpt.mlx.checkpoint import (
     load_mlx_state_into,
     load_mlx_weights,
@@ -50,16 +51,9 @@ from nanogpt.mlx.checkpoint import (
     write_mlx_model_files,
 )
 from nanogpt.mlx.model import NanoGPTLMHeadModel
+from nanogpt.optim import default_peak_flops, flops_per_token, lr_at
 from nanogpt.plot import LOG, PLOT, append_log, plot_log, read_log, truncate_log
-from nanogpt.train import (
-    EVAL_SEED,
-    TrainResult,
-    default_peak_flops,
-    first_difference,
-    flops_per_token,
-    lr_at,
-    perplexity,
-)
+from nanogpt.train import EVAL_SEED, TrainResult, first_difference
 
 MLXLossFn = Callable[[nn.Module, mx.array, mx.array], mx.array]
 OPT_PREFIX = "mlx_optimizer."

@@ -1,0 +1,151 @@
+"""The optimisation math shared by every trainer: schedule, AdamW groups, one step, FLOPs.
+
+Pure functions, unit-tested on their own; `train.py` (PyTorch), `mlx/train.py` (its mirror) and
+`distill.py` build their loops from them.
+
+    opt = make_optimizer(model, cfg, device)
+    loss = backward_micro_batches(model, batches, cross_entropy_loss, device)
+    optimizer_step(model, opt, lr_at(step, cfg), cfg.grad_clip)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nanogpt.config import ModelConfig, TrainConfig
+from nanogpt.device import autocast
+
+LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate for optimizer update number `step` (1-based; step 0 is the start, lr 0).
+
+    Linear warmup 0 -> learning_rate over warmup_iters, cosine decay to min_lr at
+    `lr_decay_iters or max_iters`, then flat at min_lr.
+    """
+    decay_end = cfg.lr_decay_iters or cfg.max_iters
+    if step < cfg.warmup_iters:
+        return cfg.learning_rate * step / cfg.warmup_iters
+    if step >= decay_end:
+        return cfg.min_lr
+    ratio = (step - cfg.warmup_iters) / (decay_end - cfg.warmup_iters)
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.learning_rate - cfg.min_lr)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: weight decay on the Linear weight matrices only (qkv_proj, out_proj, fc1, fc2).
+
+    No decay on biases and LayerNorm (decay would only pull shifts/scales away from their useful values),
+    nor on the embeddings: the token table (which is also the tied lm_head) and the position table.
+    Decay shrinks every row at every step, but the input side of a token's row is trained only when
+    that token occurs, so rare-token rows drift towards zero. nanoGPT decays every >= 2-D tensor, tied
+    table included; we follow minGPT (and GPT-2 practice as commonly reproduced) and exclude them.
+    An untied lm_head is a Linear weight and is decayed. Every parameter appears exactly once.
+    """
+    embedding_ids = {
+        id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters(recurse=False)
+    }
+    decay_ids = {
+        id(m.weight)
+        for m in model.modules()
+        if isinstance(m, nn.Linear) and m.weight.dim() >= 2 and id(m.weight) not in embedding_ids
+    }
+    params = list(model.parameters())  # a tied tensor is yielded once
+    decay = [p for p in params if id(p) in decay_ids]
+    no_decay = [p for p in params if id(p) not in decay_ids]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW over `param_groups`; the fused kernel on CUDA, torch's default implementation elsewhere."""
+    extra = {"fused": True} if device.type == "cuda" else {}
+    return torch.optim.AdamW(
+        param_groups(model, cfg.weight_decay), lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), **extra
+    )
+
+
+def flops_per_token(cfg: ModelConfig, n_params: int) -> float:
+    """Training FLOPs per token, forward + backward: 6N for the weights + 12·L·T·d for attention.
+
+    N excludes the position table (a lookup, no matmul) but counts the tied token table once: it is
+    the lm_head matmul. This is the usual PaLM-appendix estimate, not a measured count.
+    """
+    n = n_params - cfg.context_length * cfg.d_model
+    return 6.0 * n + 12.0 * cfg.n_layers * cfg.context_length * cfg.d_model
+
+
+def default_peak_flops(device: torch.device, dtype: str) -> float:
+    """A rough dense peak FLOP/s for MFU when `--peak-flops` is not given (an estimate, not a spec sheet)."""
+    low = dtype in ("bf16", "fp16")
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, (half, tf32) in {
+            "H100": (989e12, 494e12),
+            "H200": (989e12, 494e12),
+            "A100": (312e12, 156e12),
+        }.items():
+            if key in name:
+                return half if low else tf32
+        return 100e12 if low else 50e12
+    if device.type == "mps":
+        return 7e12  # Apple M2 Pro class GPU
+    # CPU: ~3 GHz x 2 FMA units x 8 fp32 lanes x 2 FLOPs = ~96 GFLOP/s per core (AVX2)
+    return torch.get_num_threads() * 96e9
+
+
+def cross_entropy_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The default `loss_fn`: next-token cross-entropy, computed in fp32 whatever the autocast dtype."""
+    logits = model(x)  # (B, T, V)
+    return F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1))  # y: a (B, T) view
+
+
+def backward_micro_batches(
+    model: nn.Module,
+    batches: list[tuple[torch.Tensor, torch.Tensor]],
+    loss_fn: LossFn,
+    device: torch.device,
+    dtype: str = "fp32",
+) -> torch.Tensor:
+    """Accumulate gradients over micro-batches (each loss scaled by 1/len) and return the mean loss.
+
+    Under DDP the gradient all-reduce runs only on the last micro-batch (`no_sync` on the others).
+    """
+    total = torch.zeros((), device=device)
+    for i, (x, y) in enumerate(batches):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        last = i == len(batches) - 1
+        sync = model.no_sync() if hasattr(model, "no_sync") and not last else contextlib.nullcontext()
+        with sync:
+            with autocast(device, dtype):
+                loss = loss_fn(model, x, y)
+            (loss / len(batches)).backward()
+        total += loss.detach().float()
+    return total / len(batches)
+
+
+def optimizer_step(
+    model: nn.Module, optimizer: torch.optim.Optimizer, lr: float, grad_clip: float
+) -> float | None:
+    """Clip (unless grad_clip is 0), set the lr, step, zero the grads; returns the pre-clip grad norm.
+
+    A non-finite gradient norm raises FloatingPointError before the weights are touched.
+    """
+    norm = None
+    if grad_clip > 0:
+        norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip))
+        if not math.isfinite(norm):
+            optimizer.zero_grad(set_to_none=True)
+            raise FloatingPointError(f"gradient norm is {norm}")
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return norm

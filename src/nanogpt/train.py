@@ -1,0 +1,631 @@
+"""The trainer: AdamW with a warmup + cosine schedule, accumulation, held-out eval, exact resume, DDP.
+
+One loop serves every setting: CPU (fp32 by default), one GPU (bf16 autocast, TF32, fused AdamW,
+optional torch.compile) and many GPUs through `torchrun` (DistributedDataParallel, one data stream per
+rank, rank 0 alone logs, evaluates and writes checkpoints). A run folder holds:
+
+    RUN/config.json  train_config.json  log.jsonl  loss.png
+    RUN/last/   config.json  model.safetensors  state.safetensors  state.json   (resume point)
+    RUN/best/   config.json  model.safetensors                                  (lowest val loss)
+
+`--resume` restores weights, AdamW moments and step counts, the torch/python/numpy RNGs and the data
+sampler, so a killed CPU run continues with bit-identical losses. Distillation reuses this loop through
+the `loss_fn(model, x, y) -> loss` hook (default: cross-entropy on the data).
+
+    nanogpt train --data data/builtin --out runs/tiny --preset tiny --max-iters 2000
+
+Many processes (gloo on CPU, nccl on CUDA); one node, then two nodes of 8 GPUs each:
+
+    torchrun --standalone --nproc-per-node 8 -m nanogpt.cli train --data D --out RUN --preset card
+    torchrun --nnodes 2 --nproc-per-node 8 --node-rank 0 --rdzv-id demo --rdzv-backend c10d \\
+        --rdzv-endpoint HOST:29500 -m nanogpt.cli train --data D --out RUN --preset card  # node-rank 1 too
+
+Under DDP `--batch-size` is per process; `max_tokens` counts every process's tokens. Resuming a
+multi-node run needs the run folder on a shared file system (every rank reads its optimizer state).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from nanogpt.checkpoint import (
+    STATE_JSON,
+    atomic_dir,
+    join_rank_state,
+    load_config_of,
+    load_state_into,
+    load_train_state,
+    load_weights,
+    recover_dir,
+    resolve_checkpoint,
+    rng_state,
+    save_model,
+    save_train_state,
+    set_rng_state,
+    split_rank_states,
+    write_json,
+    write_model_files,
+)
+from nanogpt.config import PRESETS, ModelConfig, TrainConfig, override, preset
+from nanogpt.data import BatchSampler, TokenData
+from nanogpt.device import DTYPES, autocast
+from nanogpt.distributed import DistInfo, all_gather, setup_distributed
+from nanogpt.errors import UserError
+from nanogpt.evaluate import perplexity
+from nanogpt.model import NanoGPTLMHeadModel
+from nanogpt.optim import (
+    LossFn,
+    backward_micro_batches,
+    cross_entropy_loss,
+    default_peak_flops,
+    flops_per_token,
+    lr_at,
+    make_optimizer,
+    optimizer_step,
+)
+from nanogpt.plot import LOG, PLOT, append_log, plot_log, plot_run, read_log, truncate_log
+
+EVAL_SEED = 0  # one fixed stream of val windows for every run and seed: val losses are comparable
+KILL_ENV = "NANOGPT_TEST_KILL"  # test hook: "step:N" or "checkpoint:N" SIGKILLs the process there
+
+
+@torch.no_grad()
+def estimate_loss(
+    model: nn.Module,
+    shards: list[np.ndarray],
+    *,
+    batch_size: int,
+    block_size: int,
+    iters: int,
+    device: torch.device,
+    dtype: str = "fp32",
+    seed: int = EVAL_SEED,
+) -> float:
+    """Mean cross-entropy over `iters` batches from a freshly seeded sampler: the same windows every call."""
+    sampler = BatchSampler(shards, batch_size, block_size, seed)  # its own stream: training data untouched
+    was_training = model.training
+    model.eval()
+    total = 0.0
+    for _ in range(iters):
+        x, y = sampler.next()
+        with autocast(device, dtype):
+            total += float(cross_entropy_loss(model, x.to(device), y.to(device)))
+    model.train(was_training)
+    return total / iters
+
+
+def _maybe_kill(point: str, step: int) -> None:
+    """Test hook: a real SIGKILL at a chosen point, to prove that a kill never costs more than a resume."""
+    if os.environ.get(KILL_ENV) == f"{point}:{step}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+# --- the run ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainResult:
+    """What a call to `train` achieved (rank 0's view under DDP)."""
+
+    steps: int  # optimizer steps completed, in total
+    tokens: int  # training tokens seen by all processes, in total
+    seconds: float  # wall time of this call
+    tokens_per_s: float  # training throughput of this call, all processes, evals excluded
+    first_val_loss: float | None
+    first_val_ppl: float | None
+    last_val_loss: float | None
+    last_val_ppl: float | None
+    best_val_loss: float | None
+    best_val_ppl: float | None
+    run_dir: Path
+
+
+@dataclass
+class Counters:
+    """The scalars that `last/state.json` carries from one session of a run to the next."""
+
+    step: int = 0  # optimizer steps completed
+    elapsed: float = 0.0  # wall seconds over all sessions (what max_time limits)
+    first_val_loss: float | None = None
+    last_val_loss: float | None = None
+    best_val_loss: float | None = None
+
+
+def first_difference(a: dict[str, Any], b: dict[str, Any]) -> str | None:
+    """The first key (in a's order, then b's) whose value differs between two config dicts."""
+    for key in [*a, *(k for k in b if k not in a)]:
+        if a.get(key) != b.get(key):
+            return key
+    return None
+
+
+def _check_run_folder(run: Path, model_cfg: ModelConfig, resume: bool, main: bool) -> Path | None:
+    """Validate the run folder; on resume return the checkpoint folder to continue from."""
+    if not resume:
+        if main and run.exists() and any(run.iterdir()):
+            raise UserError(
+                f"run folder {run} already exists; pass --resume to continue it or choose another --out"
+            )
+        return None
+    if not (run / "config.json").is_file():
+        raise UserError(f"{run}/config.json not found: nothing to resume; drop --resume to start a new run")
+    saved = ModelConfig.load(run / "config.json").to_dict()
+    key = first_difference(saved, model_cfg.to_dict())
+    if key is not None:
+        raise UserError(
+            f"--resume: model config differs from {run}/config.json at {key!r} (run has {saved.get(key)!r}, "
+            f"requested {model_cfg.to_dict().get(key)!r}); resume with the run's config or start a new --out"
+        )
+    src = recover_dir(run / "last")
+    if not (src / STATE_JSON).is_file():
+        raise UserError(
+            f"{run}/last holds no checkpoint (killed before the first one?); delete {run} and start again"
+        )
+    return src
+
+
+def _validate(cfg: TrainConfig) -> None:
+    for name in ("batch_size", "grad_accum_steps", "eval_interval", "eval_iters", "log_interval"):
+        if getattr(cfg, name) <= 0:
+            raise UserError(f"{name}={getattr(cfg, name)} must be positive")
+    if cfg.max_iters < 0 or cfg.warmup_iters < 0:
+        raise UserError("max_iters and warmup_iters must be >= 0")
+    if cfg.dtype not in DTYPES:
+        raise UserError(f"unknown dtype {cfg.dtype!r}; use one of {', '.join(DTYPES)}")
+
+
+def _oom_error(cfg: TrainConfig, device: torch.device, step: int) -> UserError:
+    return UserError(
+        f"out of memory at step {step} on {device} with --batch-size {cfg.batch_size}; use a smaller "
+        "--batch-size with more --grad-accum-steps (same tokens per step) or --dtype bf16"
+    )
+
+
+def _is_oom(e: BaseException) -> bool:
+    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e)
+
+
+@dataclass
+class _Session:
+    """What one call to `train` works with; its methods are the loop's three jobs: step, eval, save."""
+
+    model_cfg: ModelConfig
+    cfg: TrainConfig
+    run: Path
+    data_dir: Path
+    info: DistInfo
+    device: torch.device
+    model: NanoGPTLMHeadModel  # the bare network: what checkpoints store
+    fwd: nn.Module  # the network to call: `model`, or torch.compile(model)
+    net: nn.Module  # what training calls: `fwd`, or DDP(fwd)
+    optimizer: torch.optim.Optimizer
+    sampler: BatchSampler
+    val_shards: list[np.ndarray]
+    loss_fn: LossFn
+    counters: Counters
+
+    @property
+    def tokens_per_step(self) -> int:
+        c = self.cfg
+        return c.batch_size * self.model_cfg.context_length * c.grad_accum_steps * self.info.world_size
+
+    def train_step(self, lr: float, t_start: float, elapsed0: float) -> tuple[float, float | None, bool]:
+        """One optimizer update: (mean loss over all ranks, grad norm, whether max_time is reached)."""
+        c, step = self.cfg, self.counters.step + 1
+        batches = [self.sampler.next() for _ in range(c.grad_accum_steps)]
+        try:
+            loss_t = backward_micro_batches(self.net, batches, self.loss_fn, self.device, c.dtype)
+            self.counters.elapsed = elapsed0 + time.perf_counter() - t_start
+            time_up = c.max_time is not None and self.counters.elapsed >= c.max_time
+            if self.info.enabled:  # one small collective: the mean loss, and "has any rank run out of time"
+                import torch.distributed as dist
+
+                packed = torch.stack([loss_t, torch.tensor(float(time_up), device=self.device)])
+                dist.all_reduce(packed)
+                loss_t, time_up = packed[0] / self.info.world_size, bool(packed[1] > 0)
+            loss = float(loss_t)
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"loss is {loss}")
+            grad_norm = optimizer_step(self.model, self.optimizer, lr, c.grad_clip)
+        except FloatingPointError as e:
+            raise UserError(
+                f"{e} at step {step}; stopped, {self.run}/last is left untouched: lower --learning-rate or check the data"
+            ) from None
+        except RuntimeError as e:
+            raise (_oom_error(c, self.device, step) if _is_oom(e) else e) from None
+        self.counters.step = step
+        return loss, grad_norm, time_up
+
+    def evaluate(self) -> float:
+        """Held-out loss (rank 0 only); records it in the counters, refuses a non-finite one."""
+        c, step = self.cfg, self.counters.step
+        try:
+            val = estimate_loss(
+                self.fwd,
+                self.val_shards,
+                batch_size=c.batch_size,
+                iters=c.eval_iters,
+                block_size=self.model_cfg.context_length,
+                device=self.device,
+                dtype=c.dtype,
+            )
+        except RuntimeError as e:
+            raise (_oom_error(c, self.device, step) if _is_oom(e) else e) from None
+        if not math.isfinite(val):
+            raise UserError(
+                f"val loss is {val} at step {step}; {self.run}/last is left untouched: lower --learning-rate"
+            )
+        if self.counters.first_val_loss is None:
+            self.counters.first_val_loss = val
+        self.counters.last_val_loss = val
+        return val
+
+    def save(self, val: float | None) -> None:
+        """best/ (if `val` improved), then last/ with the full training state; every rank must call it."""
+        ranks = all_gather(self.info, {"sampler": self.sampler.state(), **rng_state(self.device)})
+        if not self.info.main:
+            return
+        best = self.counters.best_val_loss
+        if val is not None and (best is None or val < best):
+            self.counters.best_val_loss = val
+            save_model(self.run / "best", self.model)  # before last/: a kill in between replays to here
+        tensors, plain = split_rank_states(ranks)
+        step = self.counters.step
+        info = {
+            **asdict(self.counters),
+            "tokens": step * self.tokens_per_step,
+            "world_size": self.info.world_size,
+            "ranks": plain,
+            "train_config": self.cfg.to_dict(),
+            "data_dir": str(self.data_dir.resolve()),
+        }
+        with atomic_dir(self.run / "last") as tmp:
+            write_model_files(tmp, self.model)
+            save_train_state(tmp, self.optimizer, tensors, info)
+            _maybe_kill("checkpoint", step)
+
+
+def _open_session(
+    model_cfg: ModelConfig,
+    cfg: TrainConfig,
+    data_dir: Path,
+    run: Path,
+    info: DistInfo,
+    device: torch.device,
+    resume: bool,
+    init_from: str | None,
+    loss_fn: LossFn,
+) -> _Session:
+    """Check the run folder and data, build model/optimizer/sampler, restore them on resume."""
+    src = _check_run_folder(run, model_cfg, resume, info.main)
+    data = TokenData(data_dir)
+    if model_cfg.vocab_size < data.meta["vocab_size"]:
+        raise UserError(
+            f"vocab_size={model_cfg.vocab_size} is smaller than the data's {data.meta['vocab_size']}"
+        )
+    train_shards, val_shards = data.split("train"), data.split("val")
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")  # TF32 matmuls: fp32 storage, tensor-core speed
+
+    torch.manual_seed(cfg.seed + info.rank)  # init (DDP broadcasts rank 0's weights) and this rank's dropout
+    model = NanoGPTLMHeadModel(model_cfg)
+    if init_from and not resume:
+        folder = resolve_checkpoint(init_from)
+        load_state_into(model, load_weights(folder), folder)
+    model.to(device)
+    optimizer = make_optimizer(model, cfg, device)
+    sampler = BatchSampler(train_shards, cfg.batch_size, model_cfg.context_length, cfg.seed, info.rank)
+    counters = Counters()
+    if src is not None:
+        load_state_into(model, load_weights(src, device), src)
+        state = load_train_state(src, optimizer)
+        for group in optimizer.param_groups:  # flags given on resume win over the saved hyper-parameters
+            decay = cfg.weight_decay if group["weight_decay"] else 0.0
+            group.update(betas=(cfg.beta1, cfg.beta2), weight_decay=decay)
+        counters = Counters(**{f.name: state.info[f.name] for f in fields(Counters)})
+        ranks = state.info["ranks"]
+        if info.rank < len(ranks):
+            rank_state = join_rank_state(ranks, state.tensors, info.rank)
+            sampler.load_state(rank_state["sampler"])
+            set_rng_state(rank_state, device)
+        if len(ranks) != info.world_size and info.main:
+            print(
+                f"warning: resuming a {len(ranks)}-process run on {info.world_size}: the data order differs",
+                file=sys.stderr,
+            )
+        if info.main:
+            truncate_log(run / LOG, counters.step)  # lines past the checkpoint will be written again
+
+    fwd: nn.Module = torch.compile(model) if cfg.compile else model
+    net = fwd
+    if info.enabled:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(fwd, device_ids=[device.index] if device.type == "cuda" else None)
+    if info.main:
+        run.mkdir(parents=True, exist_ok=True)
+        model_cfg.save(run / "config.json")
+        write_json(run / "train_config.json", cfg.to_dict())
+    return _Session(
+        model_cfg,
+        cfg,
+        run,
+        data_dir,
+        info,
+        device,
+        model,
+        fwd,
+        net,
+        optimizer,
+        sampler,
+        val_shards,
+        loss_fn,
+        counters,
+    )
+
+
+def train(
+    model_cfg: ModelConfig,
+    train_cfg: TrainConfig,
+    data_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    resume: bool = False,
+    init_from: str | None = None,
+    progress: bool = True,
+    loss_fn: LossFn | None = None,
+    peak_flops: float | None = None,
+) -> TrainResult:
+    """Train `model_cfg` on `data_dir` into the run folder `out_dir` (layout in the module docstring).
+
+    `init_from` starts from a checkpoint's weights (fine-tuning, distillation); ignored on resume.
+    `loss_fn(model, x, y) -> loss` replaces the training loss (evaluation stays plain cross-entropy).
+    `peak_flops` (per device) is the MFU denominator; default: `default_peak_flops`.
+    """
+    _validate(train_cfg)
+    info, device = setup_distributed(train_cfg.device)
+    try:
+        s = _open_session(
+            model_cfg,
+            train_cfg,
+            Path(data_dir),
+            Path(out_dir),
+            info,
+            device,
+            resume,
+            init_from,
+            loss_fn or cross_entropy_loss,
+        )
+        return _loop(
+            s, progress, (peak_flops or default_peak_flops(device, train_cfg.dtype)) * info.world_size
+        )
+    finally:
+        if info.enabled:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+
+def _loop(s: _Session, progress: bool, peak: float) -> TrainResult:
+    """Evaluate, step, log, checkpoint until max_iters / max_tokens / max_time."""
+    from tqdm import tqdm
+
+    c, k, main, log = s.cfg, s.counters, s.info.main, s.run / LOG
+    fpt = flops_per_token(s.model_cfg, s.model.num_params(unique=True))
+    tps_total = (
+        c.max_iters if not c.max_tokens else min(c.max_iters, math.ceil(c.max_tokens / s.tokens_per_step))
+    )
+    bar = tqdm(
+        total=tps_total,
+        initial=k.step,
+        desc="train",
+        file=sys.stderr,
+        dynamic_ncols=True,
+        disable=not (progress and main),
+    )
+
+    def evaluate() -> float:
+        val = s.evaluate()
+        if progress:
+            bar.write(f"step {k.step}: val loss {val:.4f}, ppl {perplexity(val):.2f}")
+        return val
+
+    t_start, elapsed0 = time.perf_counter(), k.elapsed
+    train_seconds, trained_tokens = 0.0, 0
+    if k.step == 0 and main and k.first_val_loss is None:  # a new run: where it starts from
+        val = evaluate()
+        append_log(log, {"step": 0, "tokens": 0, "val_loss": val, "val_ppl": perplexity(val)})
+    t_log, tokens_log = time.perf_counter(), k.step * s.tokens_per_step
+    stop = k.step >= c.max_iters or (c.max_tokens is not None and k.step * s.tokens_per_step >= c.max_tokens)
+    s.fwd.train()
+    while not stop:
+        t0 = time.perf_counter()
+        lr = lr_at(k.step + 1, c)
+        loss, grad_norm, time_up = s.train_step(lr, t_start, elapsed0)
+        train_seconds += time.perf_counter() - t0
+        trained_tokens += s.tokens_per_step
+        step, tokens = k.step, k.step * s.tokens_per_step
+        stop = step >= c.max_iters or time_up or (c.max_tokens is not None and tokens >= c.max_tokens)
+        is_eval = step % c.eval_interval == 0 or stop
+        bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", refresh=False)
+        bar.update(1)
+        record: dict[str, Any] = {}
+        if main and (step % c.log_interval == 0 or is_eval):
+            now = time.perf_counter()
+            tps = (tokens - tokens_log) / max(now - t_log, 1e-9)
+            record = {
+                "step": step,
+                "loss": loss,
+                "lr": lr,
+                "tokens": tokens,
+                "tokens_per_s": round(tps, 1),
+                "mfu": round(fpt * tps / peak, 5),
+                "grad_norm": grad_norm,
+                "elapsed": round(k.elapsed, 3),
+            }
+            t_log, tokens_log = now, tokens
+        if is_eval:
+            val = evaluate() if main else None
+            if val is not None:
+                record.update(val_loss=val, val_ppl=perplexity(val))
+        if record:
+            append_log(log, record)
+        if is_eval:
+            s.save(val)
+            t_log = time.perf_counter()  # throughput excludes eval and checkpoint time
+        _maybe_kill("step", step)
+    bar.close()
+
+    if main and log.is_file():
+        plot_log(read_log(log), s.run / PLOT, title=s.run.name)
+    ppl = {n: None if v is None else perplexity(v) for n, v in asdict(k).items() if n.endswith("val_loss")}
+    return TrainResult(
+        steps=k.step,
+        tokens=k.step * s.tokens_per_step,
+        seconds=time.perf_counter() - t_start,
+        tokens_per_s=trained_tokens / train_seconds if train_seconds else 0.0,
+        first_val_loss=k.first_val_loss,
+        first_val_ppl=ppl["first_val_loss"],
+        last_val_loss=k.last_val_loss,
+        last_val_ppl=ppl["last_val_loss"],
+        best_val_loss=k.best_val_loss,
+        best_val_ppl=ppl["best_val_loss"],
+        run_dir=s.run,
+    )
+
+
+# --- the command -----------------------------------------------------------------------------------------
+
+
+def _number(kind: type) -> Callable[[str], Any]:
+    """An argparse type accepting 1e6 / 1_000_000 for ints too."""
+
+    def parse(s: str) -> Any:
+        v = float(s.replace("_", ""))
+        if kind is int:
+            if v != int(v):
+                raise argparse.ArgumentTypeError(f"{s!r} is not a whole number")
+            return int(v)
+        return v
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="nanogpt train",
+        description="Train a model into a run folder (resumable; torchrun for many processes). "
+        "Unset flags keep the config's values; TrainConfig defaults are the card's recipe.",
+    )
+    p.add_argument(
+        "--data", help="prepared data folder (`nanogpt prepare`); on --resume defaults to the run's"
+    )
+    p.add_argument("--out", help="run folder to create (or continue with --resume)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument(
+        "--preset", choices=list(PRESETS), help="model preset (default: card, or the run's on --resume)"
+    )
+    src.add_argument("--config", help="JSON config: model keys, training keys, or both (the card's block)")
+    p.add_argument("--dropout", type=float, help="model dropout (a model config key)")
+    p.add_argument("--resume", action="store_true", help="continue RUN from RUN/last/")
+    p.add_argument("--init-from", metavar="CKPT", help="start from this checkpoint's weights (fine-tuning)")
+    p.add_argument("--plot", metavar="RUN", help="only regenerate RUN/loss.png from RUN/log.jsonl")
+    p.add_argument("--peak-flops", type=float, help="peak FLOP/s per device for the MFU estimate")
+    p.add_argument("--threads", type=int, help="torch CPU threads (fix it for bit-identical resumes)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g = p.add_argument_group("training config (TrainConfig fields)")
+    defaults = TrainConfig()
+    for f in fields(TrainConfig):
+        flag, default = "--" + f.name.replace("_", "-"), getattr(defaults, f.name)
+        if f.type == "bool":
+            g.add_argument(
+                flag, action=argparse.BooleanOptionalAction, default=None, help=f"default {default}"
+            )
+        else:
+            kind = {"int": int, "float": float}.get(str(f.type).split(" |")[0], str)
+            conv = _number(kind) if kind in (int, float) else str
+            g.add_argument(
+                flag, type=conv, default=None, metavar=kind.__name__.upper(), help=f"default {default}"
+            )
+    return p
+
+
+def resolve_configs(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig]:
+    """Model and training configs from, in order: preset/config/the run's/init-from's, then flags.
+
+    On --resume training settings start from the run's train_config.json, then a --config file's
+    training keys, then flags.
+    """
+    run = Path(args.out)
+    file_keys: dict[str, Any] = {}
+    if args.config:
+        from nanogpt.config import load_config
+
+        model_cfg, train_cfg = load_config(args.config)
+        file_keys = json.loads(Path(args.config).read_text())
+    elif args.preset:
+        model_cfg, train_cfg = preset(args.preset), TrainConfig()
+    elif args.resume and (run / "config.json").is_file():
+        model_cfg, train_cfg = ModelConfig.load(run / "config.json"), TrainConfig()
+    elif args.init_from:
+        model_cfg, train_cfg = load_config_of(args.init_from), TrainConfig()
+    else:
+        model_cfg, train_cfg = preset("card"), TrainConfig()
+    if args.resume and (run / "train_config.json").is_file():
+        saved = TrainConfig.from_dict(json.loads((run / "train_config.json").read_text()))
+        names = {f.name for f in fields(TrainConfig)}
+        train_cfg = override(saved, **{k: v for k, v in file_keys.items() if k in names})
+    model_cfg = override(model_cfg, dropout=args.dropout)
+    train_cfg = override(train_cfg, **{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
+    return model_cfg, train_cfg
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.plot:
+        print(plot_run(args.plot))
+        return 0
+    if not args.out:
+        raise UserError("--out RUN is required: the run folder to write (or --plot RUN to only draw a log)")
+    model_cfg, train_cfg = resolve_configs(args)
+    data = args.data
+    if data is None and args.resume:
+        state = recover_dir(Path(args.out) / "last") / STATE_JSON
+        data = json.loads(state.read_text()).get("data_dir") if state.is_file() else None
+    if data is None:
+        raise UserError("--data DIR is required: a folder made by `nanogpt prepare`")
+    result = train(
+        model_cfg,
+        train_cfg,
+        data,
+        args.out,
+        resume=args.resume,
+        init_from=args.init_from,
+        progress=not args.no_progress,
+        peak_flops=args.peak_flops,
+    )
+    if int(os.environ.get("RANK", 0)) == 0:
+        best = f"{result.best_val_loss:.4f}" if result.best_val_loss is not None else "n/a"
+        print(
+            f"{result.run_dir}: {result.steps} steps, {result.tokens:,} tokens, "
+            f"{result.tokens_per_s:,.0f} tokens/s, best val loss {best}"
+        )
+    return 0
