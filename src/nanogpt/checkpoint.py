@@ -248,6 +248,8 @@ def load_train_state(folder: Path, optimizer: torch.optim.Optimizer | None = Non
         raise UserError(
             f"training state in {folder} is corrupt ({e}); resume from another checkpoint"
         ) from None
+    if info.get("backend") == "mlx":
+        raise UserError(f"{folder} was written by the MLX trainer; resume it with --backend mlx")
     opt_meta = info.pop("optimizer", None)
     if optimizer is not None:
         if opt_meta is None:

@@ -527,6 +527,26 @@ def _number(kind: type) -> Callable[[str], Any]:
     return parse
 
 
+def add_train_config_flags(p: argparse.ArgumentParser, skip_prefix: str | None = None) -> None:
+    """One flag per TrainConfig field (`--max-iters`, ...), default None so unset flags keep the config's."""
+    g = p.add_argument_group("training config (TrainConfig fields)")
+    defaults = TrainConfig()
+    for f in fields(TrainConfig):
+        if skip_prefix and f.name.startswith(skip_prefix):
+            continue
+        flag, default = "--" + f.name.replace("_", "-"), getattr(defaults, f.name)
+        if f.type == "bool":
+            g.add_argument(
+                flag, action=argparse.BooleanOptionalAction, default=None, help=f"default {default}"
+            )
+        else:
+            kind = {"int": int, "float": float}.get(str(f.type).split(" |")[0], str)
+            conv = _number(kind) if kind in (int, float) else str
+            g.add_argument(
+                flag, type=conv, default=None, metavar=kind.__name__.upper(), help=f"default {default}"
+            )
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="nanogpt train",
@@ -549,20 +569,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--peak-flops", type=float, help="peak FLOP/s per device for the MFU estimate")
     p.add_argument("--threads", type=int, help="torch CPU threads (fix it for bit-identical resumes)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    g = p.add_argument_group("training config (TrainConfig fields)")
-    defaults = TrainConfig()
-    for f in fields(TrainConfig):
-        flag, default = "--" + f.name.replace("_", "-"), getattr(defaults, f.name)
-        if f.type == "bool":
-            g.add_argument(
-                flag, action=argparse.BooleanOptionalAction, default=None, help=f"default {default}"
-            )
-        else:
-            kind = {"int": int, "float": float}.get(str(f.type).split(" |")[0], str)
-            conv = _number(kind) if kind in (int, float) else str
-            g.add_argument(
-                flag, type=conv, default=None, metavar=kind.__name__.upper(), help=f"default {default}"
-            )
+    p.add_argument(
+        "--backend", choices=("torch", "mlx"), default="torch", help="PyTorch (default) or Apple MLX (fp32)"
+    )
+    add_train_config_flags(p)
     return p
 
 
@@ -612,7 +622,10 @@ def main(argv: list[str] | None = None) -> int:
         data = json.loads(state.read_text()).get("data_dir") if state.is_file() else None
     if data is None:
         raise UserError("--data DIR is required: a folder made by `nanogpt prepare`")
-    result = train(
+    trainer = train
+    if args.backend == "mlx":
+        from nanogpt.mlx.train import train_mlx as trainer  # raises a one-line error without MLX
+    result = trainer(
         model_cfg,
         train_cfg,
         data,

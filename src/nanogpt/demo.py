@@ -1,0 +1,188 @@
+"""The main job, end to end on a fresh machine with no network: `nanogpt demo`.
+
+Prepares the builtin Shakespeare corpus, trains a CPU-sized model for a bounded time (progress bar),
+measures held-out perplexity before and after training with the sliding-window evaluator, writes
+`loss.png`, exports a Hugging Face folder and loads it back through `transformers` (when installed),
+and prints samples for the card's three widget prompts. Figures land in `RUN/demo.json`.
+
+    nanogpt demo --minutes 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nanogpt.config import PRESETS, TrainConfig, preset
+from nanogpt.errors import UserError
+
+WIDGET_PROMPTS = ("Once upon a time", "The capital of France is", "In the field of machine learning,")
+
+
+@dataclass
+class DemoResult:
+    run_dir: Path
+    preset: str
+    steps: int
+    tokens: int
+    train_tokens_per_s: float
+    init_val_ppl: float
+    final_val_ppl: float
+    final_val_bpb: float
+    val_tokens_scored: int
+    samples: dict[str, str] = field(default_factory=dict)
+    export_dir: Path | None = None
+    hf_sample: str | None = None
+
+
+def seconds_per_iter(model_cfg: Any, cfg: TrainConfig, repeats: int = 2) -> float:
+    """Time a few real training steps at the demo's shapes to size the run to its time budget."""
+    import torch.nn.functional as F
+
+    from nanogpt.model import NanoGPTLMHeadModel
+
+    torch.manual_seed(cfg.seed)
+    model = NanoGPTLMHeadModel(model_cfg).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate)
+    x = torch.randint(0, model_cfg.vocab_size, (cfg.batch_size, model_cfg.context_length))
+    times = []
+    for _ in range(repeats + 1):  # the first step warms up allocators and kernels
+        t = time.perf_counter()
+        for _ in range(cfg.grad_accum_steps):
+            F.cross_entropy(model(x).flatten(0, 1), x.flatten()).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t)
+    return min(times[1:])
+
+
+def demo_train_config(s_per_iter: float, minutes: float, seed: int) -> TrainConfig:
+    """A recipe for the small presets: fixed batch, as many iterations as fit the budget, evals included."""
+    budget = minutes * 60
+    eval_cost = 0.35  # evals take about this fraction of the step time at eval_iters=20 every ~1/10 of the run
+    iters = max(20, int(budget / (s_per_iter * (1 + eval_cost))))
+    return TrainConfig(
+        batch_size=16,
+        learning_rate=2e-3,  # small models tolerate (and need) a higher rate than the card's 3e-4
+        min_lr=2e-4,
+        warmup_iters=max(10, iters // 20),
+        max_iters=iters,
+        max_time=budget,  # a hard stop if the machine is slower than the calibration said
+        weight_decay=0.1,
+        eval_interval=max(10, iters // 10),
+        eval_iters=20,
+        log_interval=5,
+        seed=seed,
+    )
+
+
+def run_demo(
+    out: Path, data_dir: Path, preset_name: str, minutes: float, seed: int, export: bool, progress: bool = True
+) -> DemoResult:
+    from nanogpt.checkpoint import load_model
+    from nanogpt.evaluate import sliding_window_nll, split_tokens
+    from nanogpt.generate import generate
+    from nanogpt.model import NanoGPTLMHeadModel
+    from nanogpt.prepare import prepare
+    from nanogpt.tokenizer import get_tokenizer
+    from nanogpt.train import train
+
+    say = print if progress else (lambda *a, **k: None)
+    say("== 1/5 prepare the builtin corpus (Shakespeare, offline)")
+    prep = prepare("builtin", data_dir, verbose=progress)
+    say(prep.summary())
+
+    model_cfg = preset(preset_name)
+    base = TrainConfig(batch_size=16, seed=seed)
+    spi = seconds_per_iter(model_cfg, base)
+    cfg = demo_train_config(spi, minutes, seed)
+    say(f"== 2/5 train preset {preset_name!r} for ~{minutes:g} min: {spi:.2f} s/iter measured -> {cfg.max_iters} iterations")
+    if out.exists():
+        if not (out / "train_config.json").is_file():
+            raise UserError(f"{out} exists and is not a nanogpt run folder; pass another --out")
+        shutil.rmtree(out)  # a demo always starts from scratch
+    res = train(model_cfg, cfg, data_dir, out, progress=progress)
+
+    say("== 3/5 held-out perplexity (sliding window over the val split)")
+    val = split_tokens(data_dir, "val", max_tokens=40_000)
+    torch.manual_seed(seed)
+    init = sliding_window_nll(NanoGPTLMHeadModel(model_cfg), val, batch_size=8)
+    model = load_model(out)  # best/ (lowest val loss)
+    final = sliding_window_nll(model, val, batch_size=8)
+    say(f"val perplexity: {init.perplexity:,.1f} at initialisation -> {final.perplexity:,.1f} after training "
+        f"({final.bits_per_byte:.3f} bits/byte, {final.tokens_scored:,} tokens)")
+
+    say("== 4/5 samples (temperature 0.8, top-k 50)")
+    tok = get_tokenizer()
+    samples = {}
+    for prompt in WIDGET_PROMPTS:
+        ids = list(generate(model, tok.encode(prompt), 60, temperature=0.8, top_k=50, seed=seed))
+        samples[prompt] = prompt + tok.decode(ids)
+        say(f"--- {samples[prompt]}\n")
+
+    result = DemoResult(
+        run_dir=out, preset=preset_name, steps=res.steps, tokens=res.tokens, train_tokens_per_s=res.tokens_per_s,
+        init_val_ppl=init.perplexity, final_val_ppl=final.perplexity, final_val_bpb=final.bits_per_byte,
+        val_tokens_scored=final.tokens_scored, samples=samples,
+    )
+    if export:
+        say("== 5/5 export to Hugging Face format and load it back with transformers")
+        result.export_dir, result.hf_sample = export_and_reload(out, seed)
+        if result.hf_sample is not None:
+            say(f"transformers generate(): {result.hf_sample}")
+    (out / "demo.json").write_text(json.dumps(asdict(result), indent=2, default=str) + "\n")
+    return result
+
+
+def export_and_reload(run: Path, seed: int) -> tuple[Path | None, str | None]:
+    """Export the run (remote-code format) and, if transformers is installed, run the card's snippet on it."""
+    try:
+        from nanogpt.export.hf import export
+    except ImportError as e:
+        print(f"(export skipped: {e})")
+        return None, None
+    dst = run / "hf"
+    export(run, dst, fmt="remote-code", force=True)
+    try:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+    except ImportError:
+        print(f"exported to {dst}; install transformers (pip install 'nanogpt[hf]') to load it back")
+        return dst, None
+    tokenizer = AutoTokenizer.from_pretrained(dst, trust_remote_code=True)  # our own export: no prompt
+    model = AutoModelForCausalLM.from_pretrained(dst, trust_remote_code=True)
+    torch.manual_seed(seed)
+    inputs = tokenizer(WIDGET_PROMPTS[0], return_tensors="pt")
+    outputs = model.generate(
+        **inputs, max_length=40, temperature=0.8, top_k=50, do_sample=True, pad_token_id=tokenizer.eos_token_id
+    )
+    return dst, tokenizer.decode(outputs[0], skip_special_tokens=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="nanogpt demo", description=__doc__.split("\n\n")[0])
+    p.add_argument("--minutes", type=float, default=8.0, help="training time budget (default 8; the whole demo ~10)")
+    p.add_argument("--preset", default="tiny", choices=[k for k in PRESETS if k != "card"], help="model size")
+    p.add_argument("--out", type=Path, default=Path("runs/demo"), help="run folder (replaced if it is a run folder)")
+    p.add_argument("--data", type=Path, default=Path("data/builtin"), help="where the builtin corpus is prepared")
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--no-export", action="store_true", help="skip the Hugging Face export")
+    args = p.parse_args(argv)
+    if args.minutes <= 0:
+        raise UserError(f"--minutes {args.minutes} must be positive")
+    t = time.perf_counter()
+    r = run_demo(args.out, args.data, args.preset, args.minutes, args.seed, export=not args.no_export)
+    print(
+        f"\ndemo done in {(time.perf_counter() - t) / 60:.1f} min: {r.steps} steps, {r.tokens:,} tokens at "
+        f"{r.train_tokens_per_s:,.0f} tokens/s; held-out perplexity {r.init_val_ppl:,.0f} -> {r.final_val_ppl:,.1f}; "
+        f"run folder {r.run_dir} (loss.png, demo.json)",
+        file=sys.stderr,
+    )
+    return 0

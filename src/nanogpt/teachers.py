@@ -1,0 +1,491 @@
+"""Remote teachers behind OpenAI-compatible APIs, with retries and an on-disk answer cache.
+
+Two kinds, because what an API returns decides what can be distilled:
+
+- token level (`TopKDistillLoss`): a /v1/completions server for a model with *our* GPT-2 tokenizer that
+  scores a prompt (`echo=true, max_tokens=0, logprobs=k`) and returns the top-k alternatives at every
+  prompt position: `nanogpt serve`, vLLM or llama.cpp serving GPT-2. Each training window is sent as a
+  token-id prompt; the returned tokens ("token_id:N" or token strings) are mapped back to our ids, and a
+  string that is not exactly one of our tokens means the teacher uses another tokenizer: refused. The
+  soft loss is `distill.sparse_kl` (top-k + a rest-of-mass bucket).
+- sequence level (`build_chat_data` + `MixedDataLoss`): any /v1/chat/completions endpoint, any tokenizer
+  (the card's GPT-OSS-20B on Groq returns no logprobs). The teacher continues prompts drawn from the
+  training split; prompts, replies and the model name are stored in `replies.jsonl`, the texts become a
+  token shard, and the student learns them with the hard loss, mixed with the original data.
+
+Every answer is stored in SQLite (keyed by a hash of the request) the moment it arrives, so a resumed or
+restarted run never pays for a request twice. Failures (unreachable API, HTTP errors, garbage JSON, no
+logprobs, another tokenizer) raise `TeacherError`, a one-line `UserError`, or are counted and skipped
+with `skip_bad`. The API key is read from an env var and never logged.
+
+    client = ApiClient(ApiConfig("http://127.0.0.1:8000/v1", "gpt2"), AnswerCache("cache.sqlite"))
+"""
+
+from __future__ import annotations
+
+import email.utils
+import hashlib
+import json
+import os
+import sqlite3
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nanogpt.distill import LossParts, record_parts, sparse_kl
+from nanogpt.errors import UserError
+from nanogpt.tokenizer import EOT_ID, Tokenizer, get_tokenizer
+
+T_ = TypeVar("T_")
+RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
+MAX_WAIT_S = 60.0  # a Retry-After longer than this is capped
+OTHER_TOKENIZER = "teacher uses another tokenizer"
+
+
+class TeacherError(UserError):
+    """A teacher answer could not be had or used (one line; `--skip-bad` counts and skips it instead)."""
+
+
+# --- the answer cache ----------------------------------------------------------------------------------------
+
+
+def request_key(path: str, body: dict[str, Any]) -> str:
+    """A stable hash of one request (endpoint path + JSON body, keys sorted); the base URL is not part of it."""
+    return hashlib.sha256(json.dumps({"path": path, "body": body}, sort_keys=True).encode()).hexdigest()
+
+
+class AnswerCache:
+    """SQLite table key -> (request, response JSON); every `put` is committed at once."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(str(self.path), check_same_thread=False)
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS answers (key TEXT PRIMARY KEY, request TEXT, response TEXT, created REAL)"
+        )
+        self._db.commit()
+        self.hits = self.misses = 0
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        with self._lock:
+            row = self._db.execute("SELECT response FROM answers WHERE key = ?", (key,)).fetchone()
+            self.hits, self.misses = self.hits + (row is not None), self.misses + (row is None)
+        return None if row is None else json.loads(row[0])
+
+    def put(self, key: str, request: dict[str, Any], response: dict[str, Any]) -> None:
+        with self._lock:
+            self._db.execute(
+                "INSERT OR REPLACE INTO answers VALUES (?, ?, ?, ?)",
+                (key, json.dumps(request), json.dumps(response), time.time()),
+            )
+            self._db.commit()
+
+    def __len__(self) -> int:
+        with self._lock:
+            return int(self._db.execute("SELECT COUNT(*) FROM answers").fetchone()[0])
+
+
+# --- the client ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ApiConfig:
+    base_url: str  # e.g. http://127.0.0.1:8000/v1 or https://api.groq.com/openai/v1
+    model: str
+    api_key_env: str = "OPENAI_API_KEY"  # the key is read from this env var; absent -> no auth header
+    concurrency: int = 4
+    timeout: float = 60.0  # seconds per request
+    retries: int = 5  # after the first try
+    backoff: float = 1.0  # first wait; doubles each retry (Retry-After wins when given)
+
+
+def retry_after_seconds(value: str | None) -> float | None:
+    """Seconds from a Retry-After header: a number of seconds or an HTTP date (None if absent/unparsable)."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def backoff_delays(cfg: ApiConfig) -> list[float]:
+    """The waits between tries when no Retry-After is given: backoff, 2x, 4x ... (one per retry)."""
+    return [min(cfg.backoff * 2**i, MAX_WAIT_S) for i in range(cfg.retries)]
+
+
+class ApiClient:
+    """POSTs JSON to an OpenAI-compatible API through the cache, with retries and a concurrency bound."""
+
+    def __init__(
+        self, cfg: ApiConfig, cache: AnswerCache | None = None, sleep: Callable[[float], None] = time.sleep
+    ):
+        self.cfg, self.cache, self._sleep = cfg, cache, sleep
+        self.sent = 0  # requests that reached the network (cache misses, counting retries)
+        self.skipped = 0
+
+    def _headers(self) -> dict[str, str]:
+        headers = {"Content-Type": "application/json", "User-Agent": "nanogpt-distill"}
+        key = os.environ.get(self.cfg.api_key_env)
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        return headers
+
+    def post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        """The JSON answer to `body` at base_url + path: from the cache, else fetched and cached."""
+        key = request_key(path, body)
+        if self.cache is not None and (hit := self.cache.get(key)) is not None:
+            return hit
+        answer = self._fetch(path, body)
+        if self.cache is not None:
+            self.cache.put(key, body, answer)
+        return answer
+
+    def _fetch(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        url = self.cfg.base_url + path
+        data = json.dumps(body).encode()
+        delays = backoff_delays(self.cfg)
+        reason = ""
+        for attempt in range(self.cfg.retries + 1):
+            wait: float | None = None
+            req = urllib.request.Request(url, data=data, headers=self._headers(), method="POST")
+            self.sent += 1
+            try:
+                with urllib.request.urlopen(req, timeout=self.cfg.timeout) as r:
+                    raw = r.read()
+            except urllib.error.HTTPError as e:
+                detail = _error_detail(e)
+                if e.code not in RETRY_STATUS:
+                    raise TeacherError(f"teacher API {url} answered HTTP {e.code}: {detail}") from None
+                reason, wait = f"HTTP {e.code}: {detail}", retry_after_seconds(e.headers.get("Retry-After"))
+            except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as e:
+                reason = str(getattr(e, "reason", e)) or type(e).__name__
+            else:
+                try:
+                    answer = json.loads(raw)
+                except (json.JSONDecodeError, UnicodeDecodeError):
+                    raise TeacherError(
+                        f"teacher API {url} returned garbage, not JSON: {raw[:80]!r}"
+                    ) from None
+                if not isinstance(answer, dict):
+                    raise TeacherError(f"teacher API {url} returned JSON that is not an object")
+                return answer
+            if attempt < self.cfg.retries:
+                self._sleep(min(wait if wait is not None else delays[attempt], MAX_WAIT_S))
+        raise TeacherError(
+            f"teacher API {url} failed after {self.cfg.retries + 1} tries ({reason}); check it is up, then "
+            "rerun with --resume (answers already received are cached)"
+        )
+
+    def map(self, fn: Callable[[T_], Any], items: Sequence[T_], skip_bad: bool = False) -> list[Any]:
+        """fn over items, `concurrency` at a time, in order; with skip_bad a TeacherError gives None."""
+
+        def one(item: T_) -> Any:
+            try:
+                return fn(item)
+            except TeacherError as e:
+                if not skip_bad:
+                    raise
+                self.skipped += 1
+                print(
+                    f"nanogpt distill: skipped a teacher answer ({self.skipped} so far): {e}", file=sys.stderr
+                )
+                return None
+
+        if self.cfg.concurrency <= 1 or len(items) <= 1:
+            return [one(i) for i in items]
+        with ThreadPoolExecutor(max_workers=self.cfg.concurrency) as pool:
+            return list(pool.map(one, items))
+
+
+def _error_detail(e: urllib.error.HTTPError) -> str:
+    try:
+        body = json.loads(e.read() or b"{}")
+        msg = (
+            body.get("error", {}).get("message") if isinstance(body.get("error"), dict) else body.get("error")
+        )
+        return str(msg or body)[:200]
+    except (json.JSONDecodeError, AttributeError, OSError):
+        return e.reason if isinstance(e.reason, str) else "no detail"
+
+
+# --- token level: top-k logprobs of a prompt --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TopK:
+    """A window's teacher targets: for each position t, the top-k next tokens (T, k) and log-probs."""
+
+    ids: torch.Tensor  # (T, k) int64, padding 0 where valid is False
+    logprobs: torch.Tensor  # (T, k) float32
+    valid: torch.Tensor  # (T, k) bool
+
+
+def token_id_of(s: str, tok: Tokenizer) -> int | None:
+    """Our id of a returned token: "token_id:N", or a string that is exactly one GPT-2 token.
+
+    None for a string that cannot be mapped faithfully (a partial UTF-8 byte shown as U+FFFD); raises
+    TeacherError when the string is not one of our tokens (the teacher uses another tokenizer).
+    """
+    if s.startswith("token_id:"):
+        try:
+            return int(s[len("token_id:") :])
+        except ValueError:
+            raise TeacherError(f"teacher returned a malformed token {s!r}") from None
+    if "\ufffd" in s:
+        return None
+    ids = tok.encode(s) if s != "<|endoftext|>" else [EOT_ID]
+    if len(ids) != 1 or tok.decode(ids) != s:
+        raise TeacherError(
+            f"{OTHER_TOKENIZER}: its token {s!r} is not one GPT-2 token; use a chat: teacher instead"
+        )
+    return ids[0]
+
+
+def parse_topk(answer: dict[str, Any], window: Sequence[int], k: int, tok: Tokenizer) -> TopK:
+    """Targets for positions 0..len(window)-2 from a completions answer scoring `window` (echo, max_tokens=0).
+
+    `top_logprobs[i]` holds the alternatives for prompt token i given tokens < i (None for i = 0), so the
+    student's position t (predicting window[t+1]) takes entry t+1.
+    """
+    try:
+        lp = answer["choices"][0]["logprobs"]
+        tokens, tops = lp["tokens"], lp["top_logprobs"]
+    except (KeyError, IndexError, TypeError):
+        raise TeacherError(
+            "teacher reply has no prompt logprobs; it must support echo=true, max_tokens=0, logprobs=k"
+        ) from None
+    n = len(window)
+    if not isinstance(tokens, list) or not isinstance(tops, list) or len(tokens) < n or len(tops) < n:
+        raise TeacherError(
+            f"{OTHER_TOKENIZER} or ignored the prompt: it echoed {len(tokens or [])} tokens for {n}"
+        )
+    for i in range(n):  # the echo must be our prompt, token for token
+        got = token_id_of(str(tokens[i]), tok)
+        if got is not None and got != window[i]:
+            raise TeacherError(f"{OTHER_TOKENIZER}: prompt token {i} came back as {tokens[i]!r}")
+    ids = torch.zeros(n - 1, k, dtype=torch.long)
+    lps = torch.zeros(n - 1, k)
+    valid = torch.zeros(n - 1, k, dtype=torch.bool)
+    for t in range(n - 1):
+        entry = tops[t + 1]
+        if not isinstance(entry, dict) or not entry:
+            raise TeacherError(f"teacher reply lacks top logprobs at prompt position {t + 1}")
+        best = sorted(entry.items(), key=lambda kv: -float(kv[1]))[:k]
+        for j, (s, logprob) in enumerate(best):
+            i = token_id_of(str(s), tok)
+            if i is None or not float(logprob) <= 0.0:
+                continue  # unmappable or nonsense: its mass falls into the rest bucket
+            ids[t, j], lps[t, j], valid[t, j] = i, float(logprob), True
+    return TopK(ids, lps, valid)
+
+
+class TopKDistillLoss:
+    """The trainer's loss_fn for a token-level API teacher: alpha*CE + (1-alpha)*sparse top-k KL."""
+
+    def __init__(
+        self,
+        client: ApiClient,
+        k: int = 20,
+        alpha: float = 0.5,
+        T: float = 1.0,
+        *,
+        skip_bad: bool = False,
+        log_path: Path | None = None,
+    ) -> None:
+        if k < 1:
+            raise UserError(f"--top-k {k} must be >= 1")
+        self.client, self.k, self.alpha, self.T, self.skip_bad = client, k, alpha, T, skip_bad
+        self.log_path, self.history = log_path, []
+        self.tok = get_tokenizer()
+
+    @property
+    def skipped(self) -> int:
+        return self.client.skipped
+
+    def request(self, window: list[int]) -> dict[str, Any]:
+        return {
+            "model": self.client.cfg.model,
+            "prompt": window,
+            "max_tokens": 0,
+            "echo": True,
+            "logprobs": self.k,
+            "temperature": 1.0,
+            "return_tokens_as_token_ids": True,  # vLLM's and nanogpt serve's exact-id extension
+        }
+
+    def teacher_topk(self, windows: list[list[int]]) -> list[TopK | None]:
+        def one(w: list[int]) -> TopK:
+            return parse_topk(self.client.post("/completions", self.request(w)), w, self.k, self.tok)
+
+        return self.client.map(one, windows, skip_bad=self.skip_bad)
+
+    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        logits = model(x).float()  # (B, T, V)
+        windows = torch.cat([x, y[:, -1:]], dim=1).tolist()  # the whole (T+1)-token window per row
+        answers = self.teacher_topk(windows)
+        B, T = x.shape
+        ids = torch.zeros(B, T, self.k, dtype=torch.long)
+        lps, valid = torch.zeros(B, T, self.k), torch.zeros(B, T, self.k, dtype=torch.bool)
+        rows = torch.zeros(B, T, dtype=torch.bool)
+        for b, a in enumerate(answers):
+            if a is not None:
+                ids[b], lps[b], valid[b], rows[b] = a.ids, a.logprobs, a.valid, True
+        dev = logits.device
+        hard = F.cross_entropy(logits.view(-1, logits.size(-1)), y.reshape(-1))
+        soft = sparse_kl(logits, ids.to(dev), lps.to(dev), self.T, valid.to(dev), rows.to(dev))
+        parts = LossParts(self.alpha * hard + (1 - self.alpha) * soft, hard, soft)
+        record_parts(self, parts, skipped=self.client.skipped)
+        return parts.total
+
+
+# --- sequence level: a chat teacher writes text -------------------------------------------------------------
+
+CHAT_INSTRUCTION = "Continue the following text. Reply with the continuation only, no preamble.\n\n"
+
+
+def draw_prompts(shards: list[np.ndarray], n: int, prompt_tokens: int, seed: int) -> list[list[int]]:
+    """`n` prompts of up to `prompt_tokens` tokens from the corpus, each within one document."""
+    rng = np.random.default_rng([seed, 7])
+    usable = [s for s in shards if len(s) > prompt_tokens]
+    if not usable:
+        raise UserError(f"the training split is shorter than --prompt-tokens {prompt_tokens}")
+    out: list[list[int]] = []
+    tries = 0
+    while len(out) < n and tries < 20 * n:
+        tries += 1
+        s = usable[int(rng.integers(len(usable)))]
+        off = int(rng.integers(0, len(s) - prompt_tokens))
+        ids = [int(t) for t in s[off : off + prompt_tokens]]
+        if EOT_ID in ids:  # keep the part after the last document boundary
+            ids = ids[len(ids) - ids[::-1].index(EOT_ID) :]
+        if len(ids) >= max(4, prompt_tokens // 4):
+            out.append(ids)
+    return out
+
+
+def build_chat_data(
+    client: ApiClient,
+    data_dir: str | Path,
+    out: str | Path,
+    *,
+    n_prompts: int = 256,
+    prompt_tokens: int = 64,
+    reply_tokens: int = 256,
+    seed: int = 1337,
+    skip_bad: bool = False,
+) -> Path:
+    """Ask the chat teacher to continue corpus prompts; write replies.jsonl and a one-split data folder.
+
+    Each answer is cached as it arrives; calling again (a resumed run) re-reads the cache for free.
+    """
+    from nanogpt.data import ShardWriter, TokenData, write_meta
+
+    tok = get_tokenizer()
+    prompts = draw_prompts(TokenData(data_dir).split("train"), n_prompts, prompt_tokens, seed)
+    texts = [tok.decode(p) for p in prompts]
+
+    def body(i: int) -> dict[str, Any]:
+        return {
+            "model": client.cfg.model,
+            "messages": [{"role": "user", "content": CHAT_INSTRUCTION + texts[i]}],
+            "max_tokens": reply_tokens,
+            "temperature": 0.7,
+            "seed": seed + i,
+        }
+
+    def ask(i: int) -> str:
+        answer = client.post("/chat/completions", body(i))
+        try:
+            reply = answer["choices"][0]["message"]["content"]
+        except (KeyError, IndexError, TypeError):
+            raise TeacherError("chat teacher reply has no choices[0].message.content") from None
+        if not isinstance(reply, str) or not reply.strip():
+            raise TeacherError("chat teacher gave an empty reply (a reasoning model out of max_tokens?)")
+        return reply
+
+    replies = client.map(ask, list(range(len(prompts))), skip_bad=skip_bad)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    writer = ShardWriter(out / "train_00000.bin", vocab_size=tok.vocab_size)
+    docs = 0
+    with open(out / "replies.jsonl", "w") as f:
+        for i, reply in enumerate(replies):
+            if reply is None:
+                continue
+            f.write(
+                json.dumps({"i": i, "model": client.cfg.model, "prompt": texts[i], "reply": reply}) + "\n"
+            )
+            writer.write(prompts[i] + tok.encode(reply) + [EOT_ID])
+            docs += 1
+    writer.close()
+    if docs == 0:
+        raise TeacherError("the chat teacher gave no usable reply; check the model name and the API")
+    split = {"shards": ["train_00000.bin"], "tokens": writer.n_tokens, "documents": docs}
+    write_meta(
+        out,
+        {"train": split},
+        {"kind": "chat-teacher", "model": client.cfg.model, "base_url": client.cfg.base_url},
+    )
+    return out
+
+
+class MixedDataLoss:
+    """alpha * CE on the data batch + (1 - alpha) * CE on an equal batch of teacher-written text.
+
+    The teacher batch is drawn with a seed hashed from the data batch, so it is a pure function of the
+    trainer's (exactly resumed) sampler: a resumed run sees the same teacher windows.
+    """
+
+    def __init__(
+        self, data_dir: str | Path, context_length: int, alpha: float = 0.5, log_path: Path | None = None
+    ):
+        from nanogpt.data import TokenData
+
+        self.shards = [s for s in TokenData(data_dir).split("train") if len(s) > context_length]
+        if not self.shards:
+            raise UserError(
+                f"the teacher's text in {data_dir} is shorter than one window of {context_length + 1} tokens; "
+                "ask for more --prompts or --reply-tokens"
+            )
+        self.ctx, self.alpha, self.log_path, self.history = context_length, alpha, log_path, []
+
+    def teacher_batch(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        seed = int.from_bytes(hashlib.sha256(x.cpu().numpy().tobytes()).digest()[:8], "little")
+        rng = np.random.default_rng(seed)
+        rows = []
+        for _ in range(x.size(0)):
+            s = self.shards[int(rng.integers(len(self.shards)))]
+            off = int(rng.integers(0, len(s) - self.ctx))
+            rows.append(np.asarray(s[off : off + self.ctx + 1], dtype=np.int64))
+        batch = torch.from_numpy(np.stack(rows)).to(x.device)
+        return batch[:, :-1], batch[:, 1:]
+
+    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        xt, yt = self.teacher_batch(x)
+        logits = model(torch.cat([x, xt[:, : x.size(1)]])).float()  # one forward for both halves
+        B, V = x.size(0), logits.size(-1)
+        hard = F.cross_entropy(logits[:B].reshape(-1, V), y.reshape(-1))
+        soft = F.cross_entropy(logits[B:].reshape(-1, V), yt[:, : x.size(1)].reshape(-1))
+        parts = LossParts(self.alpha * hard + (1 - self.alpha) * soft, hard, soft)
+        record_parts(self, parts)
+        return parts.total
