@@ -7,6 +7,7 @@ checked at the tiny config and, for logits, at the card's exact config.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -232,3 +233,71 @@ def test_train_mlx_refuses_bad_input(tiny_cfg, small_data, tmp_path):
     (tmp_path / "y" / "log.jsonl").write_text("")
     with pytest.raises(UserError, match="--resume"):
         train_mlx(tiny_cfg, TrainConfig(), small_data, tmp_path / "y", progress=False)
+
+
+def test_cli_backends_train_eval_sample_and_export(small_data, tmp_path, capsys):
+    """`--backend mlx` through the real CLI: train, then eval/sample in both backends, then the card's
+    transformers snippet on an export of the MLX-trained run."""
+    from nanogpt.cli import main
+
+    run = tmp_path / "mlx_run"
+    cfg = ModelConfig(d_model=32, n_layers=2, n_heads=4, d_ff=128, context_length=32, dropout=0.0)
+    cfg.save(tmp_path / "model.json")
+    flags = [
+        "--max-iters",
+        "4",
+        "--batch-size",
+        "2",
+        "--eval-interval",
+        "2",
+        "--eval-iters",
+        "2",
+        "--warmup-iters",
+        "1",
+    ]
+    args = ["train", "--backend", "mlx", "--config", str(tmp_path / "model.json"), "--data", str(small_data)]
+    assert main([*args, "--out", str(run), "--no-progress", *flags]) == 0
+    capsys.readouterr()
+
+    # the same checkpoint scored by both backends
+    evals = {}
+    for backend in ("torch", "mlx"):
+        base = ["eval", "--model", str(run), "--data", str(small_data), "--max-tokens", "400", "--json"]
+        assert main([*base, "--backend", backend]) == 0
+        evals[backend] = json.loads(capsys.readouterr().out)
+    assert evals["torch"]["tokens_scored"] == evals["mlx"]["tokens_scored"] == 399
+    assert abs(evals["torch"]["mean_nll"] - evals["mlx"]["mean_nll"]) < 1e-4
+
+    assert (
+        main(
+            ["sample", "--backend", "mlx", "--model", str(run), "--prompt", "Hello", "--max-new-tokens", "5"]
+        )
+        == 0
+    )
+    assert capsys.readouterr().out.startswith("Hello")
+
+    # an MLX resume point is refused by the PyTorch trainer with the fix in the message
+    assert main(["train", "--out", str(run), "--resume", "--max-iters", "6", "--no-progress"]) == 2
+    assert "--backend mlx" in capsys.readouterr().err
+
+    pytest.importorskip("transformers")
+    assert main(["export", "--model", str(run), "--out", str(tmp_path / "hf")]) == 0
+    snippet = (
+        "from transformers import AutoTokenizer, AutoModelForCausalLM\n"
+        f"tokenizer = AutoTokenizer.from_pretrained({str(tmp_path / 'hf')!r}, trust_remote_code=True)\n"
+        f"model = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'hf')!r}, trust_remote_code=True)\n"
+        "inputs = tokenizer('Once upon a time', return_tensors='pt')\n"
+        "outputs = model.generate(**inputs, max_length=12, temperature=0.8, top_k=50, do_sample=True,"
+        " pad_token_id=tokenizer.eos_token_id)\n"
+        "print(tokenizer.decode(outputs[0], skip_special_tokens=True))\n"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", snippet],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        stdin=subprocess.DEVNULL,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.startswith("Once upon a time")

@@ -20,7 +20,7 @@ import argparse
 import json
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from nanogpt.checkpoint import load_model, unwrap
+from nanogpt.config import ModelConfig
 from nanogpt.data import TokenData
 from nanogpt.device import autocast, resolve_device, torch_dtype
 from nanogpt.errors import UserError
@@ -92,9 +93,7 @@ def count_bytes(tokens: torch.Tensor | np.ndarray | list[int]) -> int:
     return len(get_tokenizer().decode_bytes(ids))
 
 
-def _batch(
-    tokens: torch.Tensor, windows: list[Window], device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _batch(tokens: torch.Tensor, windows: list[Window]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Inputs (B, L) right-padded with token 0, targets (B, L) and a (B, L) mask of the scored targets.
 
     Right padding is harmless: causal attention keeps later (pad) positions out of earlier ones.
@@ -107,7 +106,65 @@ def _batch(
         x[i, : w.length] = tokens[w.start : w.start + w.length]
         y[i, : w.length] = tokens[w.start + 1 : w.start + w.length + 1]
         mask[i, w.length - w.scored : w.length] = True
-    return x.to(device), y.to(device), mask.to(device)
+    return x, y, mask
+
+
+ScoreFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], float]
+
+
+def score_windows(
+    tokens: torch.Tensor,
+    score: ScoreFn,
+    *,
+    context: int,
+    stride: int,
+    batch_size: int,
+    progress: bool = False,
+) -> EvalResult:
+    """The sliding-window method for any backend: `score(x, y, mask)` returns the summed NLL (nats) of the
+    masked targets of one batch of windows ((B, L) int64 tensors on the CPU, mask bool)."""
+    windows = list(iter_windows(len(tokens), context, stride))
+    total_nll = 0.0  # accumulated in Python float64
+    t0 = time.perf_counter()
+    # disable=None: a bar only when asked for and stderr is a terminal
+    bar = tqdm(total=len(tokens) - 1, unit="tok", disable=True if not progress else None, leave=False)
+    try:
+        for b in range(0, len(windows), batch_size):
+            chunk = windows[b : b + batch_size]
+            total_nll += score(*_batch(tokens, chunk))
+            bar.update(sum(w.scored for w in chunk))
+    finally:
+        bar.close()
+    seconds = time.perf_counter() - t0
+
+    n = len(tokens) - 1
+    n_bytes = count_bytes(tokens[1:])
+    mean = total_nll / n
+    return EvalResult(
+        tokens_scored=n,
+        mean_nll=mean,
+        perplexity=perplexity(mean),
+        bits_per_byte=bits_per_byte(total_nll, n_bytes),
+        n_bytes=n_bytes,
+        context=context,
+        stride=stride,
+        seconds=seconds,
+        tokens_per_s=n / seconds if seconds > 0 else float("inf"),
+    )
+
+
+def check_tokens(
+    tokens: torch.Tensor | np.ndarray, cfg: ModelConfig, context: int, stride: int, batch_size: int
+) -> torch.Tensor:
+    """Flatten `tokens` to a CPU int64 tensor and refuse settings or ids the model cannot score."""
+    tokens = torch.as_tensor(tokens, dtype=torch.long).flatten().cpu()
+    check_settings(len(tokens), context, stride, batch_size, cfg.context_length)
+    if int(tokens.max()) >= cfg.vocab_size or int(tokens.min()) < 0:
+        raise UserError(
+            f"token id {int(tokens.max())} is outside the model's vocabulary ({cfg.vocab_size}); "
+            "evaluate data made with the model's tokenizer"
+        )
+    return tokens
 
 
 def sliding_window_nll(
@@ -129,57 +186,61 @@ def sliding_window_nll(
     """
     net = unwrap(model)
     cfg = net.config
-    tokens = torch.as_tensor(tokens, dtype=torch.long).flatten().cpu()
     context = cfg.context_length if context is None else context
     stride = context if stride is None else stride
-    check_settings(len(tokens), context, stride, batch_size, cfg.context_length)
+    tokens = check_tokens(tokens, cfg, context, stride, batch_size)
     torch_dtype(dtype)  # a clear error for an unknown dtype before any work
-    if int(tokens.max()) >= cfg.vocab_size or int(tokens.min()) < 0:
-        raise UserError(
-            f"token id {int(tokens.max())} is outside the model's vocabulary ({cfg.vocab_size}); "
-            "evaluate data made with the model's tokenizer"
-        )
     dev = torch.device(device) if device is not None else next(net.parameters()).device
     net.to(dev)
 
-    windows = list(iter_windows(len(tokens), context, stride))
-    total_nll = 0.0  # accumulated in Python float64
+    def score(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> float:
+        x, y, mask = x.to(dev), y.to(dev), mask.to(dev)
+        with torch.inference_mode(), autocast(dev, dtype):
+            h = net.transformer(x)  # (B, L, d_model)
+            # logits only where a target is scored: with stride < context this skips most of the
+            # 50,257-wide head, the largest matmul of the card's model
+            h, y = h[mask], y[mask]  # (M, d_model), (M,)
+            nll = 0.0
+            for r in range(0, len(y), HEAD_ROWS):
+                logits = net.lm_head(h[r : r + HEAD_ROWS]).float()  # (m, V), fp32 log-softmax
+                nll += F.cross_entropy(logits, y[r : r + HEAD_ROWS], reduction="sum").item()
+        return nll
+
     was_training = net.training
     net.eval()
-    t0 = time.perf_counter()
-    # disable=None: a bar only when asked for and stderr is a terminal
-    bar = tqdm(total=len(tokens) - 1, unit="tok", disable=True if not progress else None, leave=False)
     try:
-        with torch.inference_mode(), autocast(dev, dtype):
-            for b in range(0, len(windows), batch_size):
-                chunk = windows[b : b + batch_size]
-                x, y, mask = _batch(tokens, chunk, dev)
-                h = net.transformer(x)  # (B, L, d_model)
-                # logits only where a target is scored: with stride < context this skips most of the
-                # 50,257-wide head, the largest matmul of the card's model
-                h, y = h[mask], y[mask]  # (M, d_model), (M,)
-                for r in range(0, len(y), HEAD_ROWS):
-                    logits = net.lm_head(h[r : r + HEAD_ROWS]).float()  # (m, V), fp32 log-softmax
-                    total_nll += F.cross_entropy(logits, y[r : r + HEAD_ROWS], reduction="sum").item()
-                bar.update(sum(w.scored for w in chunk))
+        return score_windows(
+            tokens, score, context=context, stride=stride, batch_size=batch_size, progress=progress
+        )
     finally:
-        bar.close()
         net.train(was_training)
-    seconds = time.perf_counter() - t0
 
-    n = len(tokens) - 1
-    n_bytes = count_bytes(tokens[1:])
-    mean = total_nll / n
-    return EvalResult(
-        tokens_scored=n,
-        mean_nll=mean,
-        perplexity=perplexity(mean),
-        bits_per_byte=bits_per_byte(total_nll, n_bytes),
-        n_bytes=n_bytes,
-        context=context,
-        stride=stride,
-        seconds=seconds,
-        tokens_per_s=n / seconds if seconds > 0 else float("inf"),
+
+def sliding_window_nll_mlx(
+    model: object,
+    tokens: torch.Tensor,
+    *,
+    context: int | None = None,
+    stride: int | None = None,
+    batch_size: int = 8,
+    progress: bool = False,
+) -> EvalResult:
+    """The same measurement for an MLX model (`nanogpt.mlx`), fp32."""
+    import mlx.core as mx
+
+    from nanogpt.mlx.train import token_nll
+
+    cfg = model.config  # type: ignore[attr-defined]
+    context = cfg.context_length if context is None else context
+    stride = context if stride is None else stride
+    tokens = check_tokens(tokens, cfg, context, stride, batch_size)
+
+    def score(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> float:
+        nll = token_nll(model, mx.array(x.numpy()), mx.array(y.numpy()))  # (B, L) fp32
+        return float((nll * mx.array(mask.numpy())).sum().item())
+
+    return score_windows(
+        tokens, score, context=context, stride=stride, batch_size=batch_size, progress=progress
     )
 
 
@@ -296,6 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
     p.add_argument("--dtype", default="fp32", help="fp32 | bf16 | fp16 (autocast; log-softmax stays fp32)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    p.add_argument("--backend", choices=("torch", "mlx"), default="torch", help="PyTorch or Apple MLX (fp32)")
     args = p.parse_args(argv)
 
     if args.max_tokens is not None and args.max_tokens < 2:
@@ -306,17 +368,20 @@ def main(argv: list[str] | None = None) -> int:
         tokens = split_tokens(args.data, args.split, args.max_tokens)
     else:
         tokens = text_tokens(args.text, args.text_field, args.max_tokens)
-    model = load_model(args.model, dev)
-    result = sliding_window_nll(
-        model,
-        tokens,
-        context=args.context,
-        stride=args.stride,
-        batch_size=args.batch_size,
-        device=dev,
-        dtype=args.dtype,
-        progress=not args.json,
-    )
+    window = {
+        "context": args.context,
+        "stride": args.stride,
+        "batch_size": args.batch_size,
+        "progress": not args.json,
+    }
+    if args.backend == "mlx":
+        from nanogpt.mlx import load_mlx_model
+
+        result = sliding_window_nll_mlx(load_mlx_model(args.model), tokens, **window)
+    else:
+        result = sliding_window_nll(
+            load_model(args.model, dev), tokens, device=dev, dtype=args.dtype, **window
+        )
     print(json.dumps(asdict(result)) if args.json else format_result(result))
     return 0
 

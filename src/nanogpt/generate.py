@@ -372,7 +372,57 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
     p.add_argument("--dtype", default="fp32", choices=list(DTYPES), help="autocast precision")
+    p.add_argument("--backend", choices=("torch", "mlx"), default="torch", help="PyTorch or Apple MLX (fp32)")
     return p
+
+
+def _mlx_token_streams(
+    args: argparse.Namespace, prompt_ids: list[int], top_k: int | None
+) -> Iterator[Iterator[int]]:
+    """One MLX token generator per sample (seed + i: MLX draws from keys, not a stateful generator)."""
+    from nanogpt.mlx import load_mlx_model
+    from nanogpt.mlx.generate import generate as mlx_generate
+
+    if args.model is None:
+        raise UserError("--backend mlx needs --model (a checkpoint); --preset random init is PyTorch only")
+    model = load_mlx_model(args.model)
+    for i in range(args.num_samples):
+        yield mlx_generate(
+            model,
+            prompt_ids,
+            args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=top_k,
+            top_p=args.top_p,
+            seed=args.seed + i,
+            crop=args.crop,
+        )
+
+
+def _torch_token_streams(
+    args: argparse.Namespace, prompt_ids: list[int], top_k: int | None, vocab_size: int
+) -> Iterator[Iterator[int]]:
+    device = resolve_device(args.device)
+    model = load_sampling_model(args.model, args.preset, device, args.seed)
+    if model.config.vocab_size != vocab_size:
+        raise UserError(
+            f"the model's vocab_size is {model.config.vocab_size}, the GPT-2 tokenizer has {vocab_size}; "
+            "sample from a model trained with that tokenizer"
+        )
+    # one generator for the whole run: samples differ from each other, the run repeats with its seed
+    generator = make_generator(args.seed, device)
+    for _ in range(args.num_samples):
+        yield generate(  # checks the prompt against the context now, before anything is printed
+            model,
+            prompt_ids,
+            args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=top_k,
+            top_p=args.top_p,
+            generator=generator,
+            crop=args.crop,
+            dtype=args.dtype,
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -381,30 +431,14 @@ def main(argv: list[str] | None = None) -> int:
     check_sampling(args.temperature, top_k, args.top_p)
     if args.num_samples < 1:
         raise UserError(f"--num-samples {args.num_samples} must be at least 1")
-    device = resolve_device(args.device)
-    model = load_sampling_model(args.model, args.preset, device, args.seed)
     tok = get_tokenizer()
-    if model.config.vocab_size != tok.vocab_size:
-        raise UserError(
-            f"the model's vocab_size is {model.config.vocab_size}, the GPT-2 tokenizer has {tok.vocab_size}; "
-            "sample from a model trained with that tokenizer"
-        )
-    # one generator for the whole run: samples differ from each other, the run repeats with its seed
-    generator = make_generator(args.seed, device)
     prompt_ids = encode_prompt(tok, args.prompt)
+    if args.backend == "mlx":
+        streams = _mlx_token_streams(args, prompt_ids, top_k)
+    else:
+        streams = _torch_token_streams(args, prompt_ids, top_k, tok.vocab_size)
     try:
-        for i in range(args.num_samples):
-            tokens = generate(  # checks the prompt against the context now, before anything is printed
-                model,
-                prompt_ids,
-                args.max_new_tokens,
-                temperature=args.temperature,
-                top_k=top_k,
-                top_p=args.top_p,
-                generator=generator,
-                crop=args.crop,
-                dtype=args.dtype,
-            )
+        for i, tokens in enumerate(streams):
             if i:
                 sys.stdout.write("\n" + "-" * 40 + "\n")
             stats = write_stream(sys.stdout, args.prompt, tokens, tok)
