@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import builtin_works
+from tests.conftest import builtin_works
 
 from nanogpt import cli, sources
 from nanogpt import prepare as prep

@@ -1,0 +1,155 @@
+"""nanogpt bench: the pure math, then real runs on a tiny config (no timing assertions)."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+
+from nanogpt import bench
+from nanogpt.bench import (
+    NEW_TOKENS,
+    Row,
+    Stat,
+    activation_estimate,
+    decode_bytes_per_token,
+    forward_flops_per_token,
+    rate_row,
+    run_bench,
+    time_row,
+)
+from nanogpt.checkpoint import save_model
+from nanogpt.errors import UserError
+from nanogpt.model import NanoGPTLMHeadModel
+from nanogpt.train import flops_per_token
+
+# every row a run writes; with --peers each but the analytic estimate also has a peer value
+KEYS = {
+    "params_total", "params_unique", "weights_fp32_mib", "weights_fp16_mib",
+    "train_tokens_per_s", "train_batches_per_s", "forward_tokens_per_s", "forward_batches_per_s",
+    "decode_tokens_per_s", "latency_per_100_tokens_s", "ttft_s", "eval_tokens_per_s",
+    "activation_mib", "activation_estimate_mib", "mfu_train", "mfu_forward", "decode_bandwidth_fraction",
+}  # fmt: skip
+
+
+# --- pure functions -----------------------------------------------------------------------------------
+
+
+def test_forward_flops_are_a_third_of_the_training_estimate(tiny_cfg):
+    n = NanoGPTLMHeadModel(tiny_cfg).num_params()
+    fwd = forward_flops_per_token(tiny_cfg, n, tiny_cfg.context_length)
+    assert fwd * 3 == pytest.approx(flops_per_token(tiny_cfg, n))
+    # attention grows with the sequence, the weight term does not
+    assert forward_flops_per_token(tiny_cfg, n, 32) < fwd
+
+
+def test_activation_estimate_is_linear_in_tokens_and_counts_the_logits(tiny_cfg):
+    one = activation_estimate(tiny_cfg, 1, 16)
+    assert activation_estimate(tiny_cfg, 4, 16) == 4 * one == activation_estimate(tiny_cfg, 2, 32)
+    # logits, their log-softmax and their gradient: 3 x V fp32 per token at least
+    assert one > 16 * 3 * tiny_cfg.vocab_size * 4
+    assert activation_estimate(replace(tiny_cfg, dropout=0.1), 1, 16) > one  # dropout masks
+
+
+def test_decode_bytes_count_weights_once_and_grow_with_the_cache(tiny_cfg):
+    n = NanoGPTLMHeadModel(tiny_cfg).num_params()
+    b0 = decode_bytes_per_token(n, tiny_cfg, 0)
+    assert b0 == (n - tiny_cfg.context_length * tiny_cfg.d_model) * 4
+    assert decode_bytes_per_token(n, tiny_cfg, 10) - b0 == 2 * tiny_cfg.n_layers * 10 * tiny_cfg.d_model * 4
+
+
+def test_rows_rates_latencies_and_ratio():
+    ours, peer = Stat.of([2.0, 1.0, 4.0]), Stat.of([4.0, 4.0, 4.0])
+    r = rate_row("x", "x", 100, "tokens/s", ours, peer)
+    assert (r.value, r.lo, r.hi) == (50.0, 25.0, 100.0)  # median 2 s; slowest 4 s, fastest 1 s
+    assert r.peer == 25.0 and r.ratio == 2.0
+    t = time_row("t", "t", ours, peer)
+    assert (t.value, t.lo, t.hi, t.ratio, t.higher_is_better) == (2.0, 1.0, 4.0, 0.5, False)
+    assert Row("n", "n", 3.0, "params").ratio is None
+    assert ours.scaled(2).median == 4.0
+
+
+# --- real runs on a tiny config -----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory):
+    """One `nanogpt bench --peers` on a saved tiny checkpoint, 1 repeat: its JSON and output folder."""
+    pytest.importorskip("transformers")
+    from nanogpt.config import ModelConfig
+
+    cfg = ModelConfig(d_model=32, n_layers=2, n_heads=4, d_ff=128, context_length=64, dropout=0.0)
+    tmp = tmp_path_factory.mktemp("bench")
+    torch.manual_seed(0)
+    save_model(tmp / "ckpt", NanoGPTLMHeadModel(cfg))
+    out = tmp / "out"
+    argv = ["--model", str(tmp / "ckpt"), "--peers", "--repeats", "1", "--batch", "2", "--seq", "32"]
+    assert bench.main([*argv, "--out", str(out), "--device", "cpu"]) == 0
+    return json.loads((out / "bench.json").read_text()), out
+
+
+def test_cli_writes_json_markdown_and_png(cli_run):
+    data, out = cli_run
+    assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (out / "bench.md").read_text()
+    assert md.startswith("| Metric | Value | HF GPT2LMHeadModel | Ours / peer |")
+    assert "Training throughput: forward + backward + AdamW step, batch 2 x 32" in md
+    assert data["settings"]["batch"] == 2 and data["settings"]["seq"] == 32
+    assert data["settings"]["new_tokens"] == 64 - 8  # prompt + new tokens fit the context
+    assert data["machine"]["cores"] >= 1 and "torch" in data["machine"]["versions"]
+    assert len(data["load_average"]["start"]) == 3
+
+
+def test_every_row_positive_with_a_peer_ratio(cli_run):
+    data, _ = cli_run
+    rows = {r["key"]: r for r in data["rows"]}
+    assert set(rows) == KEYS
+    for key, r in rows.items():
+        assert r["value"] > 0 and math.isfinite(r["value"]), key
+        if key != "activation_estimate_mib":
+            assert r["peer"] > 0, key
+            assert r["ratio"] == pytest.approx(r["value"] / r["peer"]), key
+    # same shapes: HF's model has exactly our parameter count
+    assert rows["params_unique"]["ratio"] == 1.0 and rows["params_total"]["ratio"] == 1.0
+    assert rows["train_tokens_per_s"]["value"] == pytest.approx(64 * rows["train_batches_per_s"]["value"])
+    assert rows["latency_per_100_tokens_s"]["value"] == pytest.approx(
+        NEW_TOKENS / rows["decode_tokens_per_s"]["value"]
+    )
+    assert data["roofline"]["peak_gflops"] > 0 and data["roofline"]["copy_gb_s"] > 0
+
+
+def test_activation_memory_is_measured_near_the_estimate(cli_run):
+    """The RSS measurement sees the logits: within a factor of 3 of the estimate (it is ~75 MiB here)."""
+    data, _ = cli_run
+    rows = {r["key"]: r for r in data["rows"]}
+    assert "VmHWM" in data["activation"]["ours"]["method"]
+    ratio = rows["activation_mib"]["value"] / rows["activation_estimate_mib"]["value"]
+    assert 1 / 3 < ratio < 3
+
+
+def test_run_bench_without_peers_and_bf16(tiny_cfg):
+    torch.manual_seed(0)
+    res = run_bench(NanoGPTLMHeadModel(tiny_cfg), batch=1, seq=16, dtype="bf16", repeats=1, warmup=0)
+    assert {r.key for r in res.rows} == KEYS
+    assert all(r.value > 0 and r.peer is None and r.ratio is None for r in res.rows)
+    assert res.roofline["dtype"] == "bf16" and res.settings["dtype"] == "bf16"
+
+
+def test_bad_settings_are_one_line_errors(tiny_cfg):
+    model = NanoGPTLMHeadModel(tiny_cfg)
+    with pytest.raises(UserError, match="--seq 65"):
+        run_bench(model, seq=65)
+    with pytest.raises(UserError, match="fp32 only"):
+        run_bench(model, seq=16, backend="mlx", dtype="bf16")
+
+
+def test_mlx_backend_rows(tiny_cfg):
+    pytest.importorskip("mlx.core")
+    torch.manual_seed(0)
+    res = run_bench(NanoGPTLMHeadModel(tiny_cfg), batch=1, seq=16, repeats=1, warmup=0, backend="mlx")
+    assert {r.key for r in res.rows} == KEYS
+    assert all(r.value > 0 for r in res.rows)
+    assert res.roofline["backend"] == "mlx" and "MLX" in res.activation["ours"]["method"]
