@@ -1,0 +1,226 @@
+"""How `nanogpt bench` measures: timing statistics, the estimates, the machine's own roofline.
+
+Pure math for the estimates (forward FLOPs, activation bytes, decode bytes per token) sits beside the
+timing helpers and the matmul/copy ceilings measured on the machine itself.
+
+    stats = timed([fn], repeats=3, warmup=1, device=torch.device("cpu"))
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nanogpt.config import ModelConfig
+from nanogpt.device import torch_dtype
+
+MIB = 1024**2
+PROMPT_TOKENS = 8  # the decode row's prompt
+NEW_TOKENS = 100  # the decode row's new tokens (the card's "per 100 tokens")
+PEER_NAME = "HF GPT2LMHeadModel"
+
+
+# --- statistics and the pure math ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Stat:
+    """Seconds per run over the timed repeats."""
+
+    median: float
+    min: float
+    max: float
+    samples: list[float]
+
+    @classmethod
+    def of(cls, samples: list[float]) -> Stat:
+        return cls(statistics.median(samples), min(samples), max(samples), list(samples))
+
+    def scaled(self, f: float) -> Stat:
+        return Stat.of([t * f for t in self.samples])
+
+
+@dataclass
+class Row:
+    """One line of the table. `value` is ours; `lo`/`hi` its spread (min..max of the repeats) if timed."""
+
+    key: str
+    metric: str  # what exactly is timed or counted
+    value: float
+    unit: str
+    lo: float | None = None
+    hi: float | None = None
+    peer: float | None = None
+    peer_lo: float | None = None
+    peer_hi: float | None = None
+    higher_is_better: bool = True
+
+    @property
+    def ratio(self) -> float | None:
+        """ours / peer (> 1 means ours is larger: faster for rates, slower for latencies)."""
+        return self.value / self.peer if self.peer else None
+
+
+def rate_row(key: str, metric: str, work: float, unit: str, ours: Stat, peer: Stat | None = None) -> Row:
+    """A throughput row: `work` units per run, from seconds per run (median; spread from max/min time)."""
+    row = Row(key, metric, work / ours.median, unit, work / ours.max, work / ours.min)
+    if peer is not None:
+        row.peer, row.peer_lo, row.peer_hi = work / peer.median, work / peer.max, work / peer.min
+    return row
+
+
+def time_row(key: str, metric: str, ours: Stat, peer: Stat | None = None) -> Row:
+    """A latency row in seconds (lower is better)."""
+    row = Row(key, metric, ours.median, "s", ours.min, ours.max, higher_is_better=False)
+    if peer is not None:
+        row.peer, row.peer_lo, row.peer_hi = peer.median, peer.min, peer.max
+    return row
+
+
+def forward_flops_per_token(cfg: ModelConfig, n_unique: int, seq: int) -> float:
+    """Forward FLOPs per token at sequence length `seq`: 2N for the weights + 4·L·seq·d for attention.
+
+    N is the unique parameter count less the position table (a lookup, no matmul); the tied token table
+    is counted once, as the lm_head matmul. A third of `train.flops_per_token` (the PaLM estimate) at
+    seq = context_length; training is 3x this (backward = 2x forward).
+    """
+    n = n_unique - cfg.context_length * cfg.d_model
+    return 2.0 * n + 4.0 * cfg.n_layers * seq * cfg.d_model
+
+
+def activation_estimate(cfg: ModelConfig, batch: int, seq: int, bytes_per_el: int = 4) -> int:
+    """Analytic bytes saved for backward by one training forward at (batch, seq), plus the logits' gradient.
+
+    Per layer and token: ln1 in/out (2d), q/k/v (3d), attention output and its contiguous copy (2d),
+    ln2 in/out (2d), fc1 output and GELU output (2·d_ff). Head: ln_f in/out (2d), the logits, their fp32
+    log-softmax and the logits' gradient (3·V fp32). With dropout > 0: a 1-byte mask for each of the 3
+    dropouts per layer, and attention leaves the fused kernel (PyTorch's CPU flash kernel has no dropout):
+    the math path keeps each layer's (B, nh, T, T) softmax, its dropped copy and the mask (4 + 4 + 1 bytes).
+    """
+    tokens = batch * seq
+    per_layer = (9 * cfg.d_model + 2 * cfg.d_ff) * bytes_per_el
+    attention = 0
+    if cfg.dropout > 0:
+        per_layer += 3 * cfg.d_model
+        attention = cfg.n_layers * batch * cfg.n_heads * seq * seq * (2 * bytes_per_el + 1)
+    head = 2 * cfg.d_model * bytes_per_el + 3 * cfg.vocab_size * 4
+    return tokens * (cfg.n_layers * per_layer + head) + attention
+
+
+def decode_bytes_per_token(n_unique: int, cfg: ModelConfig, context: int, bytes_per_el: int = 4) -> float:
+    """Bytes one decode step must read: every weight once (the tied table as the lm_head) + the KV cache.
+
+    `context` is the mean number of cached positions; the position table is read one row at a time.
+    """
+    weights = (n_unique - cfg.context_length * cfg.d_model) * bytes_per_el
+    kv = 2 * cfg.n_layers * context * cfg.d_model * bytes_per_el
+    return float(weights + kv)
+
+
+# --- the machine and its own roofline -----------------------------------------------------------------
+
+
+def machine_info(device: torch.device) -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    versions = {"python": platform.python_version(), "torch": torch.__version__}
+    for name in ("numpy", "transformers", "mlx"):
+        try:
+            from importlib.metadata import version
+
+            versions[name] = version(name)
+        except Exception:  # noqa: BLE001 - not installed is fine
+            pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "device": str(device),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "platform": platform.platform(),
+        "versions": versions,
+    }
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fns: list[Callable[[], Any]], repeats: int, warmup: int, device: torch.device) -> list[Stat]:
+    """Time each fn: `warmup` untimed runs, then `repeats` runs, the fns alternating run by run."""
+    for _ in range(warmup):
+        for fn in fns:
+            fn()
+            _sync(device)
+    samples: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, s in zip(fns, samples, strict=True):
+            _sync(device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            s.append(time.perf_counter() - t0)
+    return [Stat.of(s) for s in samples]
+
+
+def measure_roofline(
+    cfg: ModelConfig,
+    batch: int,
+    seq: int,
+    dtype: str,
+    device: torch.device,
+    repeats: int,
+    backend: str = "torch",
+) -> dict[str, Any]:
+    """This machine's own ceilings: matmul GFLOP/s at the model's shapes (in `backend`) and copy GB/s.
+
+    Each is the fastest of the repeats (a ceiling, so the least disturbed run), not the median.
+    """
+    m, d = batch * seq, cfg.d_model
+    shapes = {  # name -> (M, K, N): (M, K) x (K, N)
+        "qkv (BT,d)x(d,3d)": (m, d, 3 * d),
+        "fc1 (BT,d)x(d,d_ff)": (m, d, cfg.d_ff),
+        "fc2 (BT,d_ff)x(d_ff,d)": (m, cfg.d_ff, d),
+        "lm_head (BT,d)x(d,V)": (m, d, cfg.vocab_size),
+    }
+    g = torch.Generator().manual_seed(0)
+    gflops = {}
+    for name, (mm, k, n) in shapes.items():
+        a, b = torch.randn(mm, k, generator=g), torch.randn(k, n, generator=g)
+        if backend == "mlx":
+            import mlx.core as mx
+
+            a, b = mx.array(a.numpy()), mx.array(b.numpy())
+            fn: Callable[[], Any] = lambda a=a, b=b: mx.eval(a @ b)  # noqa: E731
+        else:
+            a, b = a.to(device, torch_dtype(dtype)), b.to(device, torch_dtype(dtype))
+            fn = lambda a=a, b=b: a @ b  # noqa: E731
+        (stat,) = timed([fn], repeats, 1, device)
+        gflops[name] = 2.0 * mm * k * n / stat.min / 1e9  # a ceiling: the fastest run
+    n_bytes = 256 * MIB
+    src = torch.ones(n_bytes // 4, device=device)
+    dst = torch.empty_like(src)
+    (copy,) = timed([lambda: dst.copy_(src)], repeats, 1, device)
+    return {
+        "backend": backend,
+        "dtype": dtype,
+        "matmul_gflops": gflops,
+        "peak_gflops": max(gflops.values()),
+        "copy_gb_s": 2 * n_bytes / copy.min / 1e9,  # read + write, torch copy_
+        "copy_bytes": n_bytes,
+    }
