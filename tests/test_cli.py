@@ -46,5 +46,7 @@ def test_unknown_command_and_help(capsys):
 
 
 def test_console_script_runs_in_a_fresh_process():
-    r = subprocess.run([sys.executable, "-m", "nanogpt.cli", "info", "--preset", "tiny"], capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "nanogpt.cli", "info", "--preset", "tiny"], capture_output=True, text=True
+    )
     assert r.returncode == 0 and "6,846,080 unique" in r.stdout

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tests.conftest import builtin_works
 
 from nanogpt import cli, sources
 from nanogpt import prepare as prep
@@ -18,6 +17,7 @@ from nanogpt.errors import UserError
 from nanogpt.prepare import STATE, is_val, parse_count, prepare, val_every
 from nanogpt.sources import hf_documents, iter_documents
 from nanogpt.tokenizer import get_tokenizer
+from tests.conftest import builtin_works
 
 EOT = 50256
 

@@ -67,7 +67,9 @@ def seconds_per_iter(model_cfg: Any, cfg: TrainConfig, repeats: int = 2) -> floa
 def demo_train_config(s_per_iter: float, minutes: float, seed: int) -> TrainConfig:
     """A recipe for the small presets: fixed batch, as many iterations as fit the budget, evals included."""
     budget = minutes * 60
-    eval_cost = 0.35  # evals take about this fraction of the step time at eval_iters=20 every ~1/10 of the run
+    eval_cost = (
+        0.35  # evals take about this fraction of the step time at eval_iters=20 every ~1/10 of the run
+    )
     iters = max(20, int(budget / (s_per_iter * (1 + eval_cost))))
     return TrainConfig(
         batch_size=16,
@@ -85,7 +87,13 @@ def demo_train_config(s_per_iter: float, minutes: float, seed: int) -> TrainConf
 
 
 def run_demo(
-    out: Path, data_dir: Path, preset_name: str, minutes: float, seed: int, export: bool, progress: bool = True
+    out: Path,
+    data_dir: Path,
+    preset_name: str,
+    minutes: float,
+    seed: int,
+    export: bool,
+    progress: bool = True,
 ) -> DemoResult:
     from nanogpt.checkpoint import load_model
     from nanogpt.evaluate import sliding_window_nll, split_tokens
@@ -104,7 +112,9 @@ def run_demo(
     base = TrainConfig(batch_size=16, seed=seed)
     spi = seconds_per_iter(model_cfg, base)
     cfg = demo_train_config(spi, minutes, seed)
-    say(f"== 2/5 train preset {preset_name!r} for ~{minutes:g} min: {spi:.2f} s/iter measured -> {cfg.max_iters} iterations")
+    say(
+        f"== 2/5 train preset {preset_name!r} for ~{minutes:g} min: {spi:.2f} s/iter measured -> {cfg.max_iters} iterations"
+    )
     if out.exists():
         if not (out / "train_config.json").is_file():
             raise UserError(f"{out} exists and is not a nanogpt run folder; pass another --out")
@@ -117,8 +127,10 @@ def run_demo(
     init = sliding_window_nll(NanoGPTLMHeadModel(model_cfg), val, batch_size=8)
     model = load_model(out)  # best/ (lowest val loss)
     final = sliding_window_nll(model, val, batch_size=8)
-    say(f"val perplexity: {init.perplexity:,.1f} at initialisation -> {final.perplexity:,.1f} after training "
-        f"({final.bits_per_byte:.3f} bits/byte, {final.tokens_scored:,} tokens)")
+    say(
+        f"val perplexity: {init.perplexity:,.1f} at initialisation -> {final.perplexity:,.1f} after training "
+        f"({final.bits_per_byte:.3f} bits/byte, {final.tokens_scored:,} tokens)"
+    )
 
     say("== 4/5 samples (temperature 0.8, top-k 50)")
     tok = get_tokenizer()
@@ -129,9 +141,16 @@ def run_demo(
         say(f"--- {samples[prompt]}\n")
 
     result = DemoResult(
-        run_dir=out, preset=preset_name, steps=res.steps, tokens=res.tokens, train_tokens_per_s=res.tokens_per_s,
-        init_val_ppl=init.perplexity, final_val_ppl=final.perplexity, final_val_bpb=final.bits_per_byte,
-        val_tokens_scored=final.tokens_scored, samples=samples,
+        run_dir=out,
+        preset=preset_name,
+        steps=res.steps,
+        tokens=res.tokens,
+        train_tokens_per_s=res.tokens_per_s,
+        init_val_ppl=init.perplexity,
+        final_val_ppl=final.perplexity,
+        final_val_bpb=final.bits_per_byte,
+        val_tokens_scored=final.tokens_scored,
+        samples=samples,
     )
     if export:
         say("== 5/5 export to Hugging Face format and load it back with transformers")
@@ -161,17 +180,28 @@ def export_and_reload(run: Path, seed: int) -> tuple[Path | None, str | None]:
     torch.manual_seed(seed)
     inputs = tokenizer(WIDGET_PROMPTS[0], return_tensors="pt")
     outputs = model.generate(
-        **inputs, max_length=40, temperature=0.8, top_k=50, do_sample=True, pad_token_id=tokenizer.eos_token_id
+        **inputs,
+        max_length=40,
+        temperature=0.8,
+        top_k=50,
+        do_sample=True,
+        pad_token_id=tokenizer.eos_token_id,
     )
     return dst, tokenizer.decode(outputs[0], skip_special_tokens=True)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="nanogpt demo", description=__doc__.split("\n\n")[0])
-    p.add_argument("--minutes", type=float, default=8.0, help="training time budget (default 8; the whole demo ~10)")
+    p.add_argument(
+        "--minutes", type=float, default=8.0, help="training time budget (default 8; the whole demo ~10)"
+    )
     p.add_argument("--preset", default="tiny", choices=[k for k in PRESETS if k != "card"], help="model size")
-    p.add_argument("--out", type=Path, default=Path("runs/demo"), help="run folder (replaced if it is a run folder)")
-    p.add_argument("--data", type=Path, default=Path("data/builtin"), help="where the builtin corpus is prepared")
+    p.add_argument(
+        "--out", type=Path, default=Path("runs/demo"), help="run folder (replaced if it is a run folder)"
+    )
+    p.add_argument(
+        "--data", type=Path, default=Path("data/builtin"), help="where the builtin corpus is prepared"
+    )
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--no-export", action="store_true", help="skip the Hugging Face export")
     args = p.parse_args(argv)
