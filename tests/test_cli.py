@@ -49,4 +49,4 @@ def test_console_script_runs_in_a_fresh_process():
     r = subprocess.run(
         [sys.executable, "-m", "nanogpt.cli", "info", "--preset", "tiny"], capture_output=True, text=True
     )
-    assert r.returncode == 0 and "6,846,080 unique" in r.stdout
+    assert r.returncode == 0 and "7,242,624 unique" in r.stdout

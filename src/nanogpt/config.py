@@ -114,7 +114,7 @@ class TrainConfig:
 PRESETS: dict[str, ModelConfig] = {
     "card": ModelConfig(),
     "small": ModelConfig(d_model=256, n_layers=4, n_heads=4, d_ff=1024, context_length=256, dropout=0.0),
-    "tiny": ModelConfig(d_model=128, n_layers=2, n_heads=4, d_ff=512, context_length=128, dropout=0.0),
+    "tiny": ModelConfig(d_model=128, n_layers=4, n_heads=4, d_ff=512, context_length=128, dropout=0.0),
 }
 
 

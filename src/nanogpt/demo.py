@@ -64,13 +64,14 @@ def seconds_per_iter(model_cfg: Any, cfg: TrainConfig, repeats: int = 2) -> floa
     return min(times[1:])
 
 
-def demo_train_config(s_per_iter: float, minutes: float, seed: int) -> TrainConfig:
-    """A recipe for the small presets: fixed batch, as many iterations as fit the budget, evals included."""
+def demo_train_config(s_per_iter: float, minutes: float, seed: int, iters: int | None = None) -> TrainConfig:
+    """A recipe for the small presets: fixed batch, as many iterations as fit the budget, evals included.
+
+    `iters` fixes the number of iterations instead (the time budget then only caps the run).
+    """
     budget = minutes * 60
-    eval_cost = (
-        0.35  # evals take about this fraction of the step time at eval_iters=20 every ~1/10 of the run
-    )
-    iters = max(20, int(budget / (s_per_iter * (1 + eval_cost))))
+    eval_cost = 0.35  # evals cost about this fraction of the step time (20 batches every 1/10 of the run)
+    iters = iters or max(20, int(budget / (s_per_iter * (1 + eval_cost))))
     return TrainConfig(
         batch_size=16,
         learning_rate=2e-3,  # small models tolerate (and need) a higher rate than the card's 3e-4
@@ -94,6 +95,8 @@ def run_demo(
     seed: int,
     export: bool,
     progress: bool = True,
+    iters: int | None = None,
+    eval_tokens: int = 40_000,
 ) -> DemoResult:
     from nanogpt.checkpoint import load_model
     from nanogpt.evaluate import sliding_window_nll, split_tokens
@@ -103,6 +106,8 @@ def run_demo(
     from nanogpt.tokenizer import get_tokenizer
     from nanogpt.train import train
 
+    if out.exists() and not (out / "train_config.json").is_file():
+        raise UserError(f"{out} exists and is not a nanogpt run folder; pass another --out")
     say = print if progress else (lambda *a, **k: None)
     say("== 1/5 prepare the builtin corpus (Shakespeare, offline)")
     prep = prepare("builtin", data_dir, verbose=progress)
@@ -111,18 +116,15 @@ def run_demo(
     model_cfg = preset(preset_name)
     base = TrainConfig(batch_size=16, seed=seed)
     spi = seconds_per_iter(model_cfg, base)
-    cfg = demo_train_config(spi, minutes, seed)
+    cfg = demo_train_config(spi, minutes, seed, iters)
     say(
         f"== 2/5 train preset {preset_name!r} for ~{minutes:g} min: {spi:.2f} s/iter measured -> {cfg.max_iters} iterations"
     )
-    if out.exists():
-        if not (out / "train_config.json").is_file():
-            raise UserError(f"{out} exists and is not a nanogpt run folder; pass another --out")
-        shutil.rmtree(out)  # a demo always starts from scratch
+    shutil.rmtree(out, ignore_errors=True)  # a demo always starts from scratch
     res = train(model_cfg, cfg, data_dir, out, progress=progress)
 
     say("== 3/5 held-out perplexity (sliding window over the val split)")
-    val = split_tokens(data_dir, "val", max_tokens=40_000)
+    val = split_tokens(data_dir, "val", max_tokens=eval_tokens)
     torch.manual_seed(seed)
     init = sliding_window_nll(NanoGPTLMHeadModel(model_cfg), val, batch_size=8)
     model = load_model(out)  # best/ (lowest val loss)
@@ -202,13 +204,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--data", type=Path, default=Path("data/builtin"), help="where the builtin corpus is prepared"
     )
+    p.add_argument(
+        "--iters", type=int, help="train exactly this many iterations (--minutes then only caps time)"
+    )
+    p.add_argument("--eval-tokens", type=int, default=40_000, help="val tokens scored for perplexity")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--no-export", action="store_true", help="skip the Hugging Face export")
     args = p.parse_args(argv)
     if args.minutes <= 0:
         raise UserError(f"--minutes {args.minutes} must be positive")
     t = time.perf_counter()
-    r = run_demo(args.out, args.data, args.preset, args.minutes, args.seed, export=not args.no_export)
+    r = run_demo(
+        args.out,
+        args.data,
+        args.preset,
+        args.minutes,
+        args.seed,
+        export=not args.no_export,
+        iters=args.iters,
+        eval_tokens=args.eval_tokens,
+    )
     print(
         f"\ndemo done in {(time.perf_counter() - t) / 60:.1f} min: {r.steps} steps, {r.tokens:,} tokens at "
         f"{r.train_tokens_per_s:,.0f} tokens/s; held-out perplexity {r.init_val_ppl:,.0f} -> {r.final_val_ppl:,.1f}; "

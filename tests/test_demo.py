@@ -1,0 +1,55 @@
+"""`nanogpt demo` end to end on the builtin corpus, with a short time budget."""
+
+import json
+
+import pytest
+
+from nanogpt.cli import main
+from nanogpt.demo import WIDGET_PROMPTS, demo_train_config
+
+
+def test_demo_train_config_fits_the_budget():
+    cfg = demo_train_config(s_per_iter=1.0, minutes=8, seed=0)
+    assert 300 <= cfg.max_iters <= 480 and cfg.max_time == 480
+    assert cfg.warmup_iters < cfg.max_iters and cfg.eval_interval <= cfg.max_iters // 5
+
+
+def test_demo_end_to_end(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("transformers")
+    monkeypatch.chdir(tmp_path)
+    # a fixed number of iterations (the time budget, 10 min, only caps it): the result does not depend on load
+    assert (
+        main(
+            [
+                "demo",
+                "--iters",
+                "25",
+                "--minutes",
+                "10",
+                "--eval-tokens",
+                "4000",
+                "--out",
+                "runs/demo",
+                "--data",
+                "data/builtin",
+            ]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    result = json.loads((tmp_path / "runs/demo/demo.json").read_text())
+    assert result["steps"] == 25
+    assert result["final_val_ppl"] < result["init_val_ppl"] / 10  # ~50,000 at init; it must learn
+    assert set(result["samples"]) == set(WIDGET_PROMPTS)
+    assert all(result["samples"][p].startswith(p) for p in WIDGET_PROMPTS)
+    assert (tmp_path / "runs/demo/loss.png").stat().st_size > 0
+    assert (tmp_path / "runs/demo/hf/modeling_nanogpt.py").is_file()
+    assert result["hf_sample"].startswith(WIDGET_PROMPTS[0])  # loaded back through transformers
+    assert "val perplexity" in out
+    # a second run replaces its own run folder rather than refusing
+    assert main(["demo", "--iters", "2", "--eval-tokens", "200", "--out", "runs/demo", "--no-export"]) == 0
+    capsys.readouterr()
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    assert main(["demo", "--iters", "2", "--eval-tokens", "200", "--out", "other", "--no-export"]) == 2
+    assert (tmp_path / "other" / "notes.txt").read_text() == "mine"
