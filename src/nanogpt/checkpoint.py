@@ -127,25 +127,32 @@ def load_weights(folder: Path, device: str | torch.device = "cpu") -> dict[str, 
         raise UserError(f"{f} is corrupt or not a safetensors file ({e}); use another checkpoint") from None
 
 
-def load_state_into(model: NanoGPTLMHeadModel, sd: dict[str, torch.Tensor], source: str | Path) -> None:
-    """Load weights with one-line errors naming the first missing, unexpected or mis-shaped tensor."""
-    expected = {k: v.shape for k, v in model.state_dict().items()}
-    if model.config.tie_embeddings:
-        expected.pop(TIED_KEY)
-        sd = {k: v for k, v in sd.items() if k != TIED_KEY}
-    missing = sorted(set(expected) - set(sd))
-    unexpected = sorted(set(sd) - set(expected))
+def check_weights(
+    expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]], source: str | Path
+) -> None:
+    """One-line errors naming the first missing, unexpected or mis-shaped tensor (names -> shapes, any backend)."""
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
     if missing or unexpected:
         what = f"is missing {missing[0]!r}" if missing else f"has unexpected {unexpected[0]!r}"
         raise UserError(
             f"weights in {source} do not match config.json: the file {what}; the checkpoint is mismatched"
         )
     for k, shape in expected.items():
-        if sd[k].shape != shape:
+        if tuple(found[k]) != tuple(shape):
             raise UserError(
-                f"weights in {source} do not match config.json: {k} has shape {tuple(sd[k].shape)}, "
+                f"weights in {source} do not match config.json: {k} has shape {tuple(found[k])}, "
                 f"config expects {tuple(shape)}; the checkpoint is mismatched"
             )
+
+
+def load_state_into(model: NanoGPTLMHeadModel, sd: dict[str, torch.Tensor], source: str | Path) -> None:
+    """Load weights (a tied lm_head.weight in the file is ignored) after `check_weights`."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if model.config.tie_embeddings:
+        expected.pop(TIED_KEY)
+        sd = {k: v for k, v in sd.items() if k != TIED_KEY}
+    check_weights(expected, {k: tuple(v.shape) for k, v in sd.items()}, source)
     model.load_state_dict(sd, strict=False)
 
 

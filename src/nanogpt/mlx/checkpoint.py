@@ -16,7 +16,7 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
-from nanogpt.checkpoint import CONFIG, TIED_KEY, WEIGHTS, atomic_dir, resolve_checkpoint
+from nanogpt.checkpoint import CONFIG, TIED_KEY, WEIGHTS, atomic_dir, check_weights, resolve_checkpoint
 from nanogpt.config import ModelConfig
 from nanogpt.errors import UserError
 from nanogpt.mlx.model import NanoGPTLMHeadModel
@@ -56,22 +56,10 @@ def load_mlx_weights(folder: Path) -> dict[str, mx.array]:
 
 def load_mlx_state_into(model: NanoGPTLMHeadModel, sd: dict[str, mx.array], source: str | Path) -> None:
     """Load weights with one-line errors naming the first missing, unexpected or mis-shaped tensor."""
-    expected = {k: v.shape for k, v in mlx_model_state(model).items()}
+    expected = {k: tuple(v.shape) for k, v in mlx_model_state(model).items()}
     if model.config.tie_embeddings:
         sd = {k: v for k, v in sd.items() if k != TIED_KEY}  # a writer that kept the tied copy is fine
-    missing = sorted(set(expected) - set(sd))
-    unexpected = sorted(set(sd) - set(expected))
-    if missing or unexpected:
-        what = f"is missing {missing[0]!r}" if missing else f"has unexpected {unexpected[0]!r}"
-        raise UserError(
-            f"weights in {source} do not match config.json: the file {what}; the checkpoint is mismatched"
-        )
-    for k, shape in expected.items():
-        if sd[k].shape != shape:
-            raise UserError(
-                f"weights in {source} do not match config.json: {k} has shape {tuple(sd[k].shape)}, "
-                f"config expects {tuple(shape)}; the checkpoint is mismatched"
-            )
+    check_weights(expected, {k: tuple(v.shape) for k, v in sd.items()}, source)
     # training and the shared format are fp32; a bf16/fp16 file is upcast like torch's load_state_dict does
     model.update(tree_unflatten([(k, sd[k].astype(mx.float32)) for k in expected]))
     mx.eval(model.parameters())
