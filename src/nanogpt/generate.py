@@ -202,26 +202,30 @@ def _decode(
     cache_dtype = next(model.parameters()).dtype if dtype == "fp32" else torch_dtype(dtype)
     with torch.inference_mode():
         cache = KVCache.for_model(model.config, batch_size=1, device=device, dtype=cache_dtype)
-        # The head as a (d_model, V) row-major copy in the cache dtype, made once per call: a batch-1
-        # x @ W^T against nn.Linear's (V, d_model) layout runs 2-3x slower on CPU BLAS (measured: 7.6 vs
-        # 2.8 ms for the card's 50,257 x 384 head), and under autocast it would be re-cast every token.
-        head_t = model.lm_head.weight.detach().t().to(cache_dtype).contiguous()  # (d_model, V)
-        head_b = model.lm_head.bias
+    head: list[torch.Tensor] = []  # the decode-layout head, made at the first step after the prefill
 
-    def forward(new: list[int]) -> torch.Tensor:
+    def forward(new: list[int], prefill: bool = False) -> torch.Tensor:
         """Feed `new` after what the cache holds; logits (V,) float32 of the last position."""
         with torch.inference_mode(), autocast(device, dtype):
             x = torch.tensor([new], dtype=torch.long, device=device)  # (1, T)
             # model(x) would apply lm_head at all T positions; only the last one is needed, which
             # halves the cost of a long prefill (the (T, d) x (d, 50257) head is as big as the blocks)
             hidden = model.transformer(x, cache=cache)[:, -1]  # (1, d_model)
-            logits = (hidden.to(head_t.dtype) @ head_t)[0].float()  # (V,)
-            return logits if head_b is None else logits + head_b.float()
+            if prefill:  # the model's own head: the first token comes without waiting for the copy
+                return model.lm_head(hidden)[0].float()
+            if not head:
+                head.append(model.lm_head.weight.detach().t().to(cache_dtype).contiguous())
+            # Decode steps use the head as a (d_model, V) row-major copy in the cache dtype: a batch-1
+            # x @ W^T against nn.Linear's (V, d_model) layout runs 2-3x slower on CPU BLAS (measured:
+            # 7.6 vs 2.8 ms for the card's 50,257 x 384 head), and autocast would re-cast it every token.
+            logits = (hidden.to(head[0].dtype) @ head[0])[0].float()  # (V,)
+            bias = model.lm_head.bias
+            return logits if bias is None else logits + bias.float()
 
     if max_new_tokens == 0:
         return
     history = list(ids)
-    logits = forward(history)  # prefill: the prompt goes through the model once
+    logits = forward(history, prefill=True)  # the prompt goes through the model once
     for step in range(max_new_tokens):
         with torch.inference_mode():
             token = pick(logits)
