@@ -410,9 +410,14 @@ def train(
             init_from,
             loss_fn or cross_entropy_loss,
         )
-        return _loop(
+        result = _loop(
             s, progress, (peak_flops or default_peak_flops(device, train_cfg.dtype)) * info.world_size
         )
+        if info.enabled:  # leave together: tearing gloo down while rank 0 still writes last/ can abort a rank
+            import torch.distributed as dist
+
+            dist.barrier()
+        return result
     finally:
         if info.enabled:
             import torch.distributed as dist
