@@ -29,7 +29,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TextIO
+from typing import Any, TextIO
 
 import torch
 
@@ -272,10 +272,11 @@ def generate(
         crop=crop,
         dtype=dtype,
     )
-    return _tokens(steps, EOT_ID if stop_at_eot else None)
+    return tokens_until(steps, EOT_ID if stop_at_eot else None)
 
 
-def _tokens(steps: Iterator[tuple[int, torch.Tensor]], stop: int | None) -> Iterator[int]:
+def tokens_until(steps: Iterable[tuple[int, Any]], stop: int | None) -> Iterator[int]:
+    """The tokens of (token, logits) steps, ending (unyielded) at `stop`; any backend's logits."""
     for token, _ in steps:
         if token == stop:
             return

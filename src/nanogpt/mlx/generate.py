@@ -19,7 +19,7 @@ from collections.abc import Iterator, Sequence
 import mlx.core as mx
 
 from nanogpt.errors import UserError
-from nanogpt.generate import check_sampling, prepare_prompt
+from nanogpt.generate import check_sampling, prepare_prompt, tokens_until
 from nanogpt.mlx.kv_cache import KVCache
 from nanogpt.mlx.model import NanoGPTLMHeadModel
 from nanogpt.tokenizer import EOT_ID
@@ -144,12 +144,4 @@ def generate(
         seed=seed,
         crop=crop,
     )
-    stop = EOT_ID if stop_at_eot else None
-    return (token for token, _ in _until(steps, stop))
-
-
-def _until(steps: Iterator[tuple[int, mx.array]], stop: int | None) -> Iterator[tuple[int, mx.array]]:
-    for token, logits in steps:
-        if token == stop:
-            return
-        yield token, logits
+    return tokens_until(steps, EOT_ID if stop_at_eot else None)
