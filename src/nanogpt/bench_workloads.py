@@ -26,6 +26,7 @@ from nanogpt.bench_measure import NEW_TOKENS, PROMPT_TOKENS
 from nanogpt.config import ModelConfig, TrainConfig
 from nanogpt.device import autocast
 from nanogpt.errors import UserError
+from nanogpt.optim import LossFn, cross_entropy_loss
 
 # --- what is timed: ours (torch or MLX) and the peer --------------------------------------------------
 
@@ -56,17 +57,17 @@ def _logits(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return out if isinstance(out, torch.Tensor) else out.logits  # ours: a tensor; HF: an output object
 
 
-def _loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """`train.cross_entropy_loss` for either model: fp32 cross-entropy of (B, T, V) logits."""
+def peer_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The peer's training loss as HF computes it: fp32 cross-entropy of its (B, T, V) logits."""
     logits = _logits(model, x)
     return F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1))
 
 
 def _train_forward(
-    model: torch.nn.Module, inp: Inputs, dtype: str, device: torch.device
+    model: torch.nn.Module, inp: Inputs, dtype: str, device: torch.device, loss_fn: LossFn
 ) -> dict[str, Callable]:
     """A training step (as `train.py`: fp32 loss, clip at 1.0, AdamW) and an inference forward."""
-    from nanogpt.train import make_optimizer, optimizer_step
+    from nanogpt.optim import make_optimizer, optimizer_step
 
     tcfg = TrainConfig()
     x, y = inp.x.to(device), inp.y.to(device)
@@ -75,7 +76,7 @@ def _train_forward(
     def train() -> None:  # dropout on, as in training
         model.train()
         with autocast(device, dtype):
-            loss = _loss(model, x, y)
+            loss = loss_fn(model, x, y)
         loss.backward()
         optimizer_step(model, opt, tcfg.learning_rate, tcfg.grad_clip)
 
@@ -97,7 +98,7 @@ def torch_fns(model: torch.nn.Module, inp: Inputs, dtype: str, device: torch.dev
         return lambda: sum(1 for _ in decode_steps(model, prompt, new, temperature=0, dtype=dtype))
 
     return {
-        **_train_forward(model, inp, dtype, device),
+        **_train_forward(model, inp, dtype, device, cross_entropy_loss),
         "decode": decode(inp.decode_prompt, inp.new_tokens),
         "ttft": decode(inp.prompt, 1),
         "eval": lambda: sliding_window_nll(
@@ -172,7 +173,7 @@ def peer_fns(peer: torch.nn.Module, inp: Inputs, dtype: str, device: torch.devic
         return total
 
     return {
-        **_train_forward(peer, inp, dtype, device),
+        **_train_forward(peer, inp, dtype, device, peer_loss),
         "decode": decode(inp.decode_prompt, inp.new_tokens),
         "ttft": decode(inp.prompt, 1),
         "eval": evaluate,
@@ -311,7 +312,7 @@ def activation_probe(
             raise UserError("activation memory on CPU needs Linux /proc/self/clear_refs; use a CUDA device")
         base = _status_bytes("VmRSS")
     with autocast(device, dtype):
-        loss = _loss(model, x, y)
+        loss = (cross_entropy_loss if which == "ours" else peer_loss)(model, x, y)
     loss.backward()
     if device.type == "cuda":
         torch.cuda.synchronize(device)

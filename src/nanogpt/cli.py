@@ -89,6 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"nanogpt: unknown command {name!r}; commands: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
+    from nanogpt.device import tune_cpu_allocator
+
+    tune_cpu_allocator()
     try:
         module_name, function, _ = COMMANDS[name]
         return int(getattr(importlib.import_module(module_name), function)(rest) or 0)

@@ -7,6 +7,9 @@ with autocast(dev, "bf16"): logits = model(x)
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import os
+import sys
 
 import torch
 
@@ -44,3 +47,26 @@ def autocast(device: torch.device, dtype: str) -> contextlib.AbstractContextMana
     if dtype == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=torch_dtype(dtype))
+
+
+def tune_cpu_allocator() -> bool:
+    """Keep freed memory in the process for reuse instead of returning it to the OS (glibc only).
+
+    glibc serves every allocation above 32 MiB (the card's attention maps, logits chunks, the embedding's
+    gradient) with a fresh mmap and unmaps it on free, so each training step page-faults hundreds of MB
+    of zeroed pages back in: on the 2-core benchmark machine that was ~40% of an fp32 step of the card's
+    model (docs/benchmarks.md). With mmap off and trimming off, freed blocks are reused. The cost is that
+    the resident size stays at its peak. Called by the `nanogpt` CLI; NANOGPT_MALLOC_TUNING=0 turns it off.
+    Returns whether it was applied.
+    """
+    if not sys.platform.startswith("linux") or os.environ.get("NANOGPT_MALLOC_TUNING", "1") == "0":
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
+        return False
+    m_trim_threshold, m_top_pad, m_mmap_max = -1, -2, -4  # <malloc.h>
+    return all(
+        mallopt(option, value) == 1
+        for option, value in ((m_mmap_max, 0), (m_trim_threshold, 2**31 - 1), (m_top_pad, 64 << 20))  # C ints
+    )

@@ -26,7 +26,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from nanogpt.checkpoint import load_model, unwrap
@@ -34,9 +33,8 @@ from nanogpt.config import ModelConfig
 from nanogpt.data import TokenData
 from nanogpt.device import autocast, resolve_device, torch_dtype
 from nanogpt.errors import UserError
+from nanogpt.ops import linear_cross_entropy
 from nanogpt.tokenizer import get_tokenizer
-
-HEAD_ROWS = 2048  # positions per lm_head chunk: caps the fp32 logits at 2048 x 50257 x 4 B = 412 MB
 
 
 @dataclass(frozen=True)
@@ -199,12 +197,9 @@ def sliding_window_nll(
             h = net.transformer(x)  # (B, L, d_model)
             # logits only where a target is scored: with stride < context this skips most of the
             # 50,257-wide head, the largest matmul of the card's model
-            h, y = h[mask], y[mask]  # (M, d_model), (M,)
-            nll = 0.0
-            for r in range(0, len(y), HEAD_ROWS):
-                logits = net.lm_head(h[r : r + HEAD_ROWS]).float()  # (m, V), fp32 log-softmax
-                nll += F.cross_entropy(logits, y[r : r + HEAD_ROWS], reduction="sum").item()
-        return nll
+            # and the fused head + cross-entropy never holds the (M, V) logits
+            nll = linear_cross_entropy(h[mask], net.lm_head.weight, y[mask], reduction="sum")
+        return nll.item()
 
     was_training = net.training
     net.eval()

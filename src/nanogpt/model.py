@@ -23,6 +23,7 @@ from torch import nn
 
 from nanogpt.config import ModelConfig
 from nanogpt.kv_cache import KVCache
+from nanogpt.ops import causal_attention, dropout, linear_cross_entropy
 
 
 class Linear(nn.Linear):
@@ -57,16 +58,18 @@ class NanoGPTAttention(nn.Module):
         if cache is not None:
             past = cache.pos
             k, v = cache.update(layer, k, v)  # (B, nh, past + T, hs)
-        dropout = self.dropout if self.training else 0.0
-        if past == 0:
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
+        p = self.dropout if self.training else 0.0
+        if past == 0 and p > 0 and x.device.type == "cpu":  # CPU SDPA has no fused kernel with dropout
+            y = causal_attention(q, k, v, p)
+        elif past == 0:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
         elif T == 1:  # one new token sees every cached position: no mask needed
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
         else:  # a chunk after a cached prefix: query i sees keys 0 .. past + i
             mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, nh, T, hs) -> (B, T, C)
-        return F.dropout(self.out_proj(y), self.dropout, self.training)
+        return dropout(self.out_proj(y), self.dropout, self.training)
 
 
 class FeedForward(nn.Module):
@@ -81,7 +84,7 @@ class FeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = F.gelu(self.fc1(x), approximate=self.approximate)
-        return F.dropout(self.fc2(h), self.dropout, self.training)
+        return dropout(self.fc2(h), self.dropout, self.training)
 
 
 class NanoGPTBlock(nn.Module):
@@ -123,7 +126,7 @@ class NanoGPTModel(nn.Module):
             )
         pos = torch.arange(start, start + T, device=idx.device)
         x = self.token_embedding(idx) + self.position_embedding(pos)  # (B, T, C)
-        x = F.dropout(x, self.dropout, self.training)
+        x = dropout(x, self.dropout, self.training)
         for i, block in enumerate(self.blocks):
             x = block(x, cache, i)
         if cache is not None:
@@ -155,9 +158,18 @@ class NanoGPTLMHeadModel(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """idx (B, T) int64 -> logits (B, T, vocab_size). With `cache`, idx holds only the new tokens."""
-        return self.lm_head(self.transformer(idx, cache))
+    def forward(
+        self, idx: torch.Tensor, cache: KVCache | None = None, targets: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """idx (B, T) int64 -> logits (B, T, vocab_size). With `cache`, idx holds only the new tokens.
+
+        With `targets` (B, T) it returns the mean next-token cross-entropy instead (fp32, positions with
+        target -100 ignored), computed by `ops.linear_cross_entropy` without the (B, T, vocab) logits.
+        """
+        h = self.transformer(idx, cache)
+        if targets is None:
+            return self.lm_head(h)
+        return linear_cross_entropy(h.flatten(0, 1), self.lm_head.weight, targets.flatten())
 
     def num_params(self, unique: bool = True) -> int:
         """Parameter count. unique=False counts a tied matrix twice, as the card's 52,990,464 does."""

