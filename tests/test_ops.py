@@ -1,0 +1,64 @@
+"""ops.py: the fused head + cross-entropy equals the stock form; the CPU dropout keeps its rate."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nanogpt import ops
+
+
+@pytest.mark.parametrize("n,vocab", [(37, 50), (300, 1000)])
+def test_linear_cross_entropy_matches_stock_loss_and_gradients(n: int, vocab: int, monkeypatch) -> None:
+    monkeypatch.setattr(ops, "BUFFER_ELEMENTS", 64 * vocab)  # several chunks, a ragged last one
+    torch.manual_seed(0)
+    h = torch.randn(n, 16, requires_grad=True)
+    w = torch.randn(vocab, 16, requires_grad=True)
+    y = torch.randint(0, vocab, (n,))
+    y[::5] = -100  # ignored positions
+    ref = F.cross_entropy(h @ w.t(), y)
+    ref.backward()
+    gh, gw = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    loss = ops.linear_cross_entropy(h, w, y)
+    (2 * loss).backward()  # the incoming gradient scales both
+    assert torch.allclose(loss, ref, atol=1e-5)
+    assert torch.allclose(h.grad, 2 * gh, atol=1e-5)
+    assert torch.allclose(w.grad, 2 * gw, atol=1e-5)
+    with torch.no_grad():
+        total = ops.linear_cross_entropy(h, w, y, reduction="sum")
+    assert torch.allclose(total, F.cross_entropy(h @ w.t(), y, reduction="sum"), rtol=1e-5)
+
+
+def test_model_loss_with_targets_equals_cross_entropy_of_logits() -> None:
+    from nanogpt.config import preset
+    from nanogpt.model import NanoGPTLMHeadModel
+
+    torch.manual_seed(0)
+    model = NanoGPTLMHeadModel(preset("tiny")).eval()
+    x, y = torch.randint(0, 50257, (2, 9)), torch.randint(0, 50257, (2, 9))
+    logits = model(x)
+    ref = F.cross_entropy(logits.flatten(0, 1), y.flatten())
+    assert torch.allclose(model(x, targets=y), ref, atol=1e-5)
+
+
+def test_dropout_rate_scale_and_gradient() -> None:
+    torch.manual_seed(0)
+    x = torch.ones(400, 500, requires_grad=True)
+    out = ops.dropout(x, 0.1, True)
+    dropped = (out == 0).float().mean().item()
+    assert abs(dropped - 0.1) < 0.005
+    assert torch.allclose(out[out != 0], torch.full_like(out[out != 0], 1 / 0.9))
+    out.sum().backward()
+    assert torch.equal(x.grad, out.detach())  # d(out)/dx is the scaled mask itself
+    assert ops.dropout(x, 0.1, False) is x
+
+
+def test_causal_attention_without_dropout_matches_sdpa() -> None:
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 7, 8) for _ in range(3))
+    ref = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    torch.manual_seed(1)
+    got = ops.causal_attention(q, k, v, 1e-9)  # p ~ 0: the mask keeps everything
+    assert torch.allclose(got, ref, atol=1e-5)
