@@ -1,4 +1,5 @@
-"""Two operations the model runs faster than their stock PyTorch form: dropout and the lm_head loss.
+"""Operations the model runs faster than their stock PyTorch form: the lm_head loss, dropout, attention
+with dropout.
 
 `linear_cross_entropy(h, W, y)` is `F.cross_entropy(h @ W.T, y)` without ever holding the (N, vocab) logits:
 it walks the positions in chunks, and when a gradient is wanted it computes the gradients of h and W during
@@ -11,7 +12,8 @@ docs/benchmarks.md).
 
 `dropout(x, p, training)` is `F.dropout` with a cheaper random mask on CPU: 16 random bits per element
 (four per 64-bit draw) against a threshold instead of one float draw per element, so an element is
-dropped with probability round(p * 65536) / 65536 (0.10000610 for p = 0.1).
+dropped with probability round(p * 65536) / 65536 (0.10000610 for p = 0.1). `causal_attention` is the
+attention of a training step with dropout on CPU, using that mask.
 
     loss = linear_cross_entropy(hidden.flatten(0, 1), model.lm_head.weight, targets.flatten())
 """
