@@ -144,6 +144,8 @@ def test_bad_settings_are_one_line_errors(tiny_cfg):
         run_bench(model, seq=65)
     with pytest.raises(UserError, match="fp32 only"):
         run_bench(model, seq=16, backend="mlx", dtype="bf16")
+    with pytest.raises(UserError, match="drop --compile"):
+        run_bench(model, seq=16, backend="mlx", compile=True)
 
 
 def test_mlx_backend_rows(tiny_cfg):

@@ -92,6 +92,7 @@ def run_bench(
     peers: bool = False,
     backend: str = "torch",
     eval_windows: int | None = None,
+    compile: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> BenchResult:
     """Every row of the table for `model` (a torch NanoGPTLMHeadModel; backend="mlx" times its MLX twin)."""
@@ -109,9 +110,11 @@ def run_bench(
     load0 = list(os.getloadavg())
     n_total, n_unique = model.num_params(unique=False), model.num_params(unique=True)
     inp = Inputs.make(cfg, batch, seq, eval_windows or batch)
-    ours = mlx_fns(model, inp, dtype) if backend == "mlx" else torch_fns(model, inp, dtype, device)
+    if compile and backend == "mlx":
+        raise UserError("--compile is torch.compile; the mlx backend has no such step, drop --compile")
+    ours = mlx_fns(model, inp, dtype) if backend == "mlx" else torch_fns(model, inp, dtype, device, compile)
     peer = peer_model(cfg).to(device) if peers else None
-    theirs = peer_fns(peer, inp, dtype, device) if peer is not None else None
+    theirs = peer_fns(peer, inp, dtype, device, compile) if peer is not None else None
 
     say(f"roofline: {backend} matmul GFLOP/s at the model's shapes, copy bandwidth")
     roof = measure_roofline(cfg, batch, seq, dtype, device, repeats, backend)
@@ -124,6 +127,7 @@ def run_bench(
             "repeats": repeats,
             "warmup": warmup,
             "backend": backend,
+            "compile": compile,
             "prompt_tokens": PROMPT_TOKENS,
             "new_tokens": inp.new_tokens,
             "ttft_prompt_tokens": seq,
@@ -371,6 +375,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
     p.add_argument("--peers", action="store_true", help="also run HF GPT2LMHeadModel at the same shapes")
     p.add_argument(
+        "--compile", action="store_true", help="torch.compile both models for the training and forward rows"
+    )
+    p.add_argument(
         "--out", default="bench", help="folder for bench.json, bench.md, bench.png (default: bench)"
     )
     p.add_argument("--repeats", type=int, default=3, help="timed runs per row after one warm-up (default: 3)")
@@ -402,6 +409,7 @@ def main(argv: list[str] | None = None) -> int:
         repeats=args.repeats,
         peers=args.peers,
         backend=args.backend,
+        compile=args.compile,
         progress=lambda s: print(f"[bench] {s}", file=sys.stderr, flush=True),
     )
     out = write_outputs(res, args.out)

@@ -64,31 +64,37 @@ def peer_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch
 
 
 def _train_forward(
-    model: torch.nn.Module, inp: Inputs, dtype: str, device: torch.device, loss_fn: LossFn
+    model: torch.nn.Module, inp: Inputs, dtype: str, device: torch.device, loss_fn: LossFn, compile: bool
 ) -> dict[str, Callable]:
-    """A training step (as `train.py`: fp32 loss, clip at 1.0, AdamW) and an inference forward."""
+    """A training step (as `train.py`: fp32 loss, clip at 1.0, AdamW) and an inference forward.
+
+    With `compile`, both go through `torch.compile(model)` (the warm-up run pays for the compilation).
+    """
     from nanogpt.optim import make_optimizer, optimizer_step
 
     tcfg = TrainConfig()
     x, y = inp.x.to(device), inp.y.to(device)
     opt = make_optimizer(model, tcfg, device)
+    net = torch.compile(model) if compile else model
 
     def train() -> None:  # dropout on, as in training
         model.train()
         with autocast(device, dtype):
-            loss = loss_fn(model, x, y)
+            loss = loss_fn(net, x, y)
         loss.backward()
         optimizer_step(model, opt, tcfg.learning_rate, tcfg.grad_clip)
 
     def forward() -> None:  # logits at every position, eval mode, no autograd
         model.eval()
         with torch.inference_mode(), autocast(device, dtype):
-            _logits(model, x)
+            _logits(net, x)
 
     return {"train": train, "forward": forward}
 
 
-def torch_fns(model: torch.nn.Module, inp: Inputs, dtype: str, device: torch.device) -> dict[str, Callable]:
+def torch_fns(
+    model: torch.nn.Module, inp: Inputs, dtype: str, device: torch.device, compile: bool = False
+) -> dict[str, Callable]:
     from nanogpt.evaluate import sliding_window_nll
     from nanogpt.generate import decode_steps
 
@@ -98,7 +104,7 @@ def torch_fns(model: torch.nn.Module, inp: Inputs, dtype: str, device: torch.dev
         return lambda: sum(1 for _ in decode_steps(model, prompt, new, temperature=0, dtype=dtype))
 
     return {
-        **_train_forward(model, inp, dtype, device, cross_entropy_loss),
+        **_train_forward(model, inp, dtype, device, cross_entropy_loss, compile),
         "decode": decode(inp.decode_prompt, inp.new_tokens),
         "ttft": decode(inp.prompt, 1),
         "eval": lambda: sliding_window_nll(
@@ -137,7 +143,9 @@ def peer_model(cfg: ModelConfig) -> torch.nn.Module:
     )
 
 
-def peer_fns(peer: torch.nn.Module, inp: Inputs, dtype: str, device: torch.device) -> dict[str, Callable]:
+def peer_fns(
+    peer: torch.nn.Module, inp: Inputs, dtype: str, device: torch.device, compile: bool = False
+) -> dict[str, Callable]:
     """The same work through HF: its training step, `generate` with its KV cache, forward and eval."""
     seq, batch = inp.x.shape[1], inp.x.shape[0]
 
@@ -173,7 +181,7 @@ def peer_fns(peer: torch.nn.Module, inp: Inputs, dtype: str, device: torch.devic
         return total
 
     return {
-        **_train_forward(peer, inp, dtype, device, peer_loss),
+        **_train_forward(peer, inp, dtype, device, peer_loss, compile),
         "decode": decode(inp.decode_prompt, inp.new_tokens),
         "ttft": decode(inp.prompt, 1),
         "eval": evaluate,
