@@ -18,7 +18,7 @@ from nanogpt.generate import (
     stream_text,
     top_p_filter,
 )
-from nanogpt.model import NanoGPTLMHeadModel
+from nanogpt.model import Linear, NanoGPTLMHeadModel
 from nanogpt.tokenizer import EOT_ID, get_tokenizer
 
 PROMPT = [464, 3290, 286, 4881, 318, 6342, 11, 290]  # 8 ordinary GPT-2 token ids
@@ -239,6 +239,24 @@ def test_modes_do_not_leak_between_yields(model):
     for _ in it:
         assert torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
         assert not torch.is_autocast_enabled("cpu")
+
+
+def test_decode_weights_live_only_while_decoding(model):
+    ref = [logits for _, logits in decode_steps(model, PROMPT, 4, temperature=0)]
+    it = decode_steps(model, PROMPT, 4, temperature=0, dtype="bf16")
+    bf16 = [next(it)[1], next(it)[1]]  # past the prefill: every Linear decodes from a bf16 (in, out) copy
+    qkv = model.transformer.blocks[0].attn.qkv_proj
+    assert qkv.decode_weight.dtype == torch.bfloat16
+    assert qkv.decode_weight.shape == (qkv.in_features, qkv.out_features)
+    assert model.lm_head.decode_weight.shape == (model.config.d_model, model.config.vocab_size)
+    bf16 += [logits for _, logits in it]
+    for a, b in zip(bf16, ref, strict=True):  # bf16 weights: close to fp32, not equal
+        assert 0 < float((a - b).norm() / b.norm()) < 2e-2
+    assert all(m.decode_weight is None for m in model.modules() if isinstance(m, Linear))
+    it = decode_steps(model, PROMPT, 4, temperature=0)
+    next(it), next(it)
+    it.close()  # a stream abandoned half-way frees its copies too
+    assert all(m.decode_weight is None for m in model.modules() if isinstance(m, Linear))
 
 
 def test_bf16_autocast_generates_valid_tokens(model):

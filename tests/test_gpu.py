@@ -134,5 +134,5 @@ def test_bench_on_the_device_with_a_peer(dev, dtype, compile):
         assert row.value > 0, row.key
     assert res.row("train_tokens_per_s").ratio > 0
     if dev.type == "cuda":
-        assert res.activation["ours"]["method"] == "CUDA max_memory_allocated"
+        assert res.activation["ours"]["method"].startswith("CUDA max_memory_allocated")
         assert res.machine["gpu"]
