@@ -76,6 +76,24 @@ def test_fused_head_loss_and_grads_match_stock_cross_entropy(dev, dtype):
     assert rel_err(gh, h.grad) < tol and rel_err(gw, w.grad) < tol
 
 
+def test_compiled_loss_and_grads_equal_eager(dev):
+    torch.manual_seed(0)
+    model = NanoGPTLMHeadModel(small_cfg()).to(dev)
+    x, y = (torch.randint(0, 50257, (2, 128), device=dev) for _ in range(2))
+    y[0, :7] = -100
+
+    def loss_and_grads(net):
+        model.zero_grad(set_to_none=True)
+        loss = net(x, targets=y)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    ref, ref_grads = loss_and_grads(model)
+    out, grads = loss_and_grads(torch.compile(model, fullgraph=True))  # fullgraph: no graph breaks
+    assert rel_err(out, ref) < 1e-4
+    assert max(rel_err(g, r) for g, r in zip(grads, ref_grads, strict=True)) < 1e-3
+
+
 def test_flash_attention_runs_the_bf16_training_step(dev):
     if dev.type != "cuda":
         pytest.fail("flash attention needs CUDA")

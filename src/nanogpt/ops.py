@@ -23,58 +23,70 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-BUFFER_ELEMENTS = 1 << 25  # logits per chunk: 32M fp32 = 128 MiB at most (the card's vocab: 512 positions)
+BUFFER_ELEMENTS = 1 << 25  # logits per chunk on CPU: 32M fp32 = 128 MiB (the card's vocab: 512 positions)
+CUDA_BUFFER_ELEMENTS = 1 << 27  # on CUDA the caching allocator makes a larger buffer free: fewer launches
 
 
-def chunk_size(n_rows: int, vocab: int) -> int:
-    """Positions per chunk: a power of two with chunk x vocab <= BUFFER_ELEMENTS, at least 64, at most n_rows."""
+def chunk_size(n_rows: int, vocab: int, budget: int = BUFFER_ELEMENTS) -> int:
+    """Positions per chunk: a power of two with chunk x vocab <= budget, at least 64, at most n_rows."""
     c = 64
-    while 2 * c * vocab <= BUFFER_ELEMENTS:
+    while 2 * c * vocab <= budget:
         c *= 2
     return max(1, min(n_rows, c))
 
 
-def _compute_dtype(h: torch.Tensor) -> torch.dtype:
-    dev = h.device.type
-    if torch.is_autocast_enabled(dev):
-        return torch.get_autocast_dtype(dev)
-    return h.dtype
+def _fused_head(
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    ignore_index: int,
+    grad_scale: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Summed NLL (fp32 scalar) and, when grad_scale is given, the gradients of h and weight x grad_scale.
 
-
-def _head_chunks(
-    h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, ignore_index: int, grad_scale: float | None
-):
-    """Yield (row slice, per-row NLL (m,), softmax-minus-one-hot (vocab, m) scaled by grad_scale or None).
-
-    h (N, d) and w (vocab, d) in the matmul dtype. Rows whose target is ignore_index get NLL 0 and a zero
-    gradient column. The yielded gradient lives in the shared buffer: use it before the next chunk.
+    h (N, d), weight (vocab, d): the matmuls run in the autocast dtype if autocast is on (else h's
+    dtype), the softmax in fp32, chunk by chunk in one reused (vocab, chunk) buffer. Rows whose target is
+    ignore_index add 0 and get a zero gradient. No host sync: the loop and every shape are static.
     """
-    n, vocab = h.size(0), w.size(0)
-    c = chunk_size(n, vocab)
-    buf = torch.empty(vocab * c, dtype=torch.float32, device=h.device)
-    with torch.autocast(h.device.type, enabled=False):
+    dev = h.device
+    cdt = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else h.dtype
+    n, vocab = h.size(0), weight.size(0)
+    budget = CUDA_BUFFER_ELEMENTS if dev.type == "cuda" else BUFFER_ELEMENTS
+    c = chunk_size(n, vocab, budget)
+    want_grads = grad_scale is not None
+    with torch.autocast(dev.type, enabled=False):
+        hc, w = h.to(cdt), weight.to(cdt)
+        buf = torch.empty(vocab * c, dtype=torch.float32, device=dev)
+        loss = torch.zeros((), dtype=torch.float32, device=dev)
+        grad_h = torch.empty(h.shape, dtype=cdt, device=dev) if want_grads else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=dev) if want_grads else None
         for r in range(0, n, c):
-            hc, yc = h[r : r + c], targets[r : r + c]
+            rows, yc = slice(r, min(n, r + c)), targets[r : r + c]
             m = len(yc)
             logits = buf[: vocab * m].view(vocab, m)  # transposed: (vocab, m), contiguous
-            if w.dtype == torch.float32:
-                torch.mm(w, hc.t(), out=logits)
+            if cdt == torch.float32:
+                torch.mm(w, hc[rows].t(), out=logits)
             else:
-                logits.copy_(torch.mm(w, hc.t()))  # fp32 softmax whatever the matmul dtype
+                logits.copy_(torch.mm(w, hc[rows].t()))  # fp32 softmax whatever the matmul dtype
             valid = yc != ignore_index
-            cols, rows = torch.arange(m, device=h.device), yc.clamp(min=0)
-            target = logits[rows, cols]
+            cols, tgt = torch.arange(m, device=dev), yc.clamp(min=0)
+            target = logits[tgt, cols]
             top = logits.amax(0)
             logits.sub_(top).exp_()  # in place: the buffer now holds exp(logit - max)
             total = logits.sum(0)
-            nll = torch.where(valid, top + total.log() - target, 0.0)
-            if grad_scale is None:
-                yield slice(r, r + m), nll, None
+            loss += torch.where(valid, top + total.log() - target, 0.0).sum()
+            if not want_grads:
                 continue
             keep = valid.to(torch.float32) * grad_scale
             logits.mul_(keep / total)  # softmax x scale, zero for ignored rows
-            logits[rows, cols] -= keep
-            yield slice(r, r + m), nll, logits
+            logits[tgt, cols] -= keep
+            g = logits.to(cdt)
+            torch.mm(g.t(), w, out=grad_h[rows])  # (m, vocab) @ (vocab, d)
+            if cdt == torch.float32:
+                grad_w.addmm_(g, hc[rows])  # (vocab, m) @ (m, d)
+            else:
+                grad_w += torch.mm(g, hc[rows]).float()
+    return loss, grad_h, grad_w
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -82,29 +94,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, weight, targets, ignore_index, mean):  # type: ignore[override]
-        count = int((targets != ignore_index).sum())
-        scale = 1.0 / count if mean and count else 1.0
-        cdt = _compute_dtype(h)
-        grad_h = torch.empty(h.shape, dtype=cdt, device=h.device)
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device)
-        w, hc_all = weight.to(cdt), h.to(cdt)
-        loss = torch.zeros((), dtype=torch.float32, device=h.device)
-        with torch.autocast(h.device.type, enabled=False):
-            for rows, nll, g in _head_chunks(hc_all, w, targets, ignore_index, scale):
-                loss += nll.sum()
-                g = g.to(cdt)
-                torch.mm(g.t(), w, out=grad_h[rows])  # (m, vocab) @ (vocab, d)
-                if cdt == torch.float32:
-                    grad_w.addmm_(g, hc_all[rows])  # (vocab, m) @ (m, d)
-                else:
-                    grad_w += torch.mm(g, hc_all[rows]).float()
-        ctx.grads = grad_h.to(h.dtype), grad_w.to(weight.dtype)
-        return loss * scale if mean else loss
+        scale = (
+            1.0 / (targets != ignore_index).sum().clamp(min=1) if mean else torch.ones((), device=h.device)
+        )
+        loss, grad_h, grad_w = _fused_head(h, weight, targets, ignore_index, scale)
+        ctx.save_for_backward(grad_h.to(h.dtype), grad_w.to(weight.dtype))
+        return loss * scale
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
-        grad_h, grad_w = ctx.grads
-        del ctx.grads
+        grad_h, grad_w = ctx.saved_tensors
         return grad_h.mul_(grad_out), grad_w.mul_(grad_out), None, None, None
 
 
@@ -118,27 +117,24 @@ def linear_cross_entropy(
 ) -> torch.Tensor:
     """`F.cross_entropy(h @ weight.T, targets, reduction=...)` in fp32, never materialising the logits.
 
-    h (N, d), weight (vocab, d), targets (N,) int64; reduction "mean" (over targets != ignore_index) or
-    "sum". Under autocast the matmuls run in the autocast dtype and the softmax in fp32.
+    h (N, d), weight (vocab, d), targets (N,) int64; reduction "mean" (over targets != ignore_index; 0 if
+    there are none) or "sum". Under autocast the matmuls run in the autocast dtype and the softmax in fp32.
     """
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
         return _LinearCrossEntropy.apply(h, weight, targets, ignore_index, reduction == "mean")
-    total = torch.zeros((), dtype=torch.float32, device=h.device)
-    cdt = _compute_dtype(h)
-    for _, nll, _ in _head_chunks(h.to(cdt), weight.to(cdt), targets, ignore_index, None):
-        total += nll.sum()
-    if reduction == "sum":
-        return total
-    return total / (targets != ignore_index).sum()
+    total = _fused_head(h, weight, targets, ignore_index, None)[0]
+    return total if reduction == "sum" else total / (targets != ignore_index).sum().clamp(min=1)
 
 
 def keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
     """A bool mask shaped like x, False with probability round(p * 65536) / 65536."""
     n = x.numel()
     bits = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64, device=x.device)
-    return bits.view(torch.int16)[:n].view(x.shape) >= round(p * 65536) - 32768  # int16: uniform on [-2^15, 2^15)
+    return (
+        bits.view(torch.int16)[:n].view(x.shape) >= round(p * 65536) - 32768
+    )  # int16: uniform on [-2^15, 2^15)
 
 
 def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
