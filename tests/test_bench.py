@@ -26,11 +26,12 @@ from nanogpt.errors import UserError
 from nanogpt.model import NanoGPTLMHeadModel
 from nanogpt.train import flops_per_token
 
-# every row a run writes; with --peers each but the analytic estimate also has a peer value
+# every row a run writes; with --peers each also has a peer value
 KEYS = {
     "params_total", "params_unique", "weights_fp32_mib", "weights_fp16_mib",
     "train_tokens_per_s", "train_batches_per_s", "forward_tokens_per_s", "forward_batches_per_s",
     "decode_tokens_per_s", "latency_per_100_tokens_s", "ttft_s", "eval_tokens_per_s",
+    "eval_overlap_tokens_per_s",
     "activation_mib", "activation_estimate_mib", "mfu_train", "mfu_forward", "decode_bandwidth_fraction",
 }  # fmt: skip
 
@@ -47,11 +48,21 @@ def test_forward_flops_are_a_third_of_the_training_estimate(tiny_cfg):
 
 
 def test_activation_estimate_is_linear_in_tokens_and_counts_the_logits(tiny_cfg):
-    one = activation_estimate(tiny_cfg, 1, 16)
-    assert activation_estimate(tiny_cfg, 4, 16) == 4 * one == activation_estimate(tiny_cfg, 2, 32)
-    # logits, their log-softmax and their gradient: 3 x V fp32 per token at least
+    one = activation_estimate(tiny_cfg, 1, 16, fused_head=False)
+    assert activation_estimate(tiny_cfg, 4, 16, fused_head=False) == 4 * one
+    assert activation_estimate(tiny_cfg, 2, 32, fused_head=False) == 4 * one
+    # the stock head: logits, their log-softmax and their gradient, 3 x V fp32 per token at least
     assert one > 16 * 3 * tiny_cfg.vocab_size * 4
-    assert activation_estimate(replace(tiny_cfg, dropout=0.1), 1, 16) > one  # dropout masks
+    assert activation_estimate(replace(tiny_cfg, dropout=0.1), 1, 16, fused_head=False) > one  # masks
+
+
+def test_fused_head_estimate_holds_one_chunk_not_the_logits(tiny_cfg):
+    V, d = tiny_cfg.vocab_size, tiny_cfg.d_model
+    small, big = activation_estimate(tiny_cfg, 1, 16), activation_estimate(tiny_cfg, 64, 64)
+    assert small > (16 + d) * V * 4  # a 16-position buffer and the head weight's fp32 gradient
+    # 4,096 positions: a 512-position buffer, far below the stock head's 3 x V fp32 per position
+    assert big < activation_estimate(tiny_cfg, 64, 64, fused_head=False) / 5
+    assert big - activation_estimate(tiny_cfg, 32, 64) < 32 * 64 * 3 * V * 4 / 100
 
 
 def test_decode_bytes_count_weights_once_and_grow_with_the_cache(tiny_cfg):
@@ -109,9 +120,8 @@ def test_every_row_positive_with_a_peer_ratio(cli_run):
     assert set(rows) == KEYS
     for key, r in rows.items():
         assert r["value"] > 0 and math.isfinite(r["value"]), key
-        if key != "activation_estimate_mib":
-            assert r["peer"] > 0, key
-            assert r["ratio"] == pytest.approx(r["value"] / r["peer"]), key
+        assert r["peer"] > 0, key
+        assert r["ratio"] == pytest.approx(r["value"] / r["peer"]), key
     # same shapes: HF's model has exactly our parameter count
     assert rows["params_unique"]["ratio"] == 1.0 and rows["params_total"]["ratio"] == 1.0
     assert rows["train_tokens_per_s"]["value"] == pytest.approx(64 * rows["train_batches_per_s"]["value"])

@@ -132,7 +132,9 @@ def test_bf16_compiled_training_run_learns_and_resumes(dev, small_data, tmp_path
     cfg = small_cfg(d_model=64, d_ff=256, context_length=64)
     kw = dict(device=str(dev), dtype="bf16", compile=True, batch_size=8, learning_rate=3e-3, warmup_iters=5)
     run = tmp_path / "run"
-    res = train(cfg, quick_cfg(max_iters=40, eval_interval=20, eval_iters=4, **kw), small_data, run, progress=False)
+    res = train(
+        cfg, quick_cfg(max_iters=40, eval_interval=20, eval_iters=4, **kw), small_data, run, progress=False
+    )
     assert res.steps == 40 and res.last_val_loss < res.first_val_loss - 0.5
     res2 = train(cfg, quick_cfg(max_iters=50, eval_interval=25, eval_iters=4, **kw), small_data, run,
                  resume=True, progress=False)  # fmt: skip

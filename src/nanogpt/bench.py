@@ -49,6 +49,7 @@ from nanogpt.bench_workloads import (
     Inputs,
     measure_activation_memory,
     mlx_fns,
+    overlap_stride,
     peer_fns,
     peer_model,
     torch_fns,
@@ -201,6 +202,12 @@ def run_bench(
         f"Perplexity evaluation: sliding_window_nll, context = stride = {seq}, {n_eval} tokens, batch {batch}"
     )
     rows.append(rate_row("eval_tokens_per_s", what, n_eval, "tokens/s", *both("eval")))
+    stride = overlap_stride(seq)
+    what = (
+        f"Perplexity evaluation, overlapping windows: context {seq}, stride {stride} (each scored token "
+        f"has >= {seq - stride} tokens of history), {n_eval} tokens, batch {batch}"
+    )
+    rows.append(rate_row("eval_overlap_tokens_per_s", what, n_eval, "tokens/s", *both("eval_overlap")))
 
     say("activation memory" + (" (fresh processes)" if device.type == "cpu" and backend == "torch" else ""))
     if backend == "mlx":
@@ -219,12 +226,14 @@ def run_bench(
             higher_is_better=False,
         )
     )
+    bpe = 4 if dtype == "fp32" else 2
     rows.append(
         Row(
             "activation_estimate_mib",
-            "Activation memory, analytic estimate (`activation_estimate`)",
-            activation_estimate(cfg, batch, seq, 4 if dtype == "fp32" else 2) / MIB,
+            "Activation memory, analytic estimate (`activation_estimate`; the peer's with a stock head)",
+            activation_estimate(cfg, batch, seq, bpe) / MIB,
             "MiB",
+            peer=activation_estimate(cfg, batch, seq, bpe, fused_head=False) / MIB if peer else None,
             higher_is_better=False,
         )
     )

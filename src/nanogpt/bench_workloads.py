@@ -110,7 +110,15 @@ def torch_fns(
         "eval": lambda: sliding_window_nll(
             model, inp.eval_tokens, context=seq, stride=seq, batch_size=batch, dtype=dtype
         ),
+        "eval_overlap": lambda: sliding_window_nll(
+            model, inp.eval_tokens, context=seq, stride=overlap_stride(seq), batch_size=batch, dtype=dtype
+        ),
     }
+
+
+def overlap_stride(seq: int) -> int:
+    """The stride of the overlapping-window eval row: half the window, so each token has >= seq/2 history."""
+    return max(1, seq // 2)
 
 
 def peer_model(cfg: ModelConfig) -> torch.nn.Module:
@@ -147,6 +155,8 @@ def peer_fns(
     peer: torch.nn.Module, inp: Inputs, dtype: str, device: torch.device, compile: bool = False
 ) -> dict[str, Callable]:
     """The same work through HF: its training step, `generate` with its KV cache, forward and eval."""
+    from nanogpt.evaluate import score_windows
+
     seq, batch = inp.x.shape[1], inp.x.shape[0]
 
     def decode(prompt: list[int], new: int) -> Callable[[], int]:
@@ -166,25 +176,28 @@ def peer_fns(
 
         return run
 
-    n = len(inp.eval_tokens) - 1
-    ex, ey = inp.eval_tokens[:n].view(-1, seq).to(device), inp.eval_tokens[1:].view(-1, seq).to(device)
-
-    def evaluate() -> float:  # the same windows as sliding_window_nll at stride = context: total NLL, fp32
-        peer.eval()
-        total = 0.0
+    def score(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> float:
+        """HF's sliding-window recipe: logits for the whole window, labels -100 where not scored."""
+        x, y, mask = x.to(device), y.to(device), mask.to(device)
         with torch.inference_mode(), autocast(device, dtype):
-            for b in range(0, len(ex), batch):
-                logits = peer(ex[b : b + batch]).logits.float()
-                total += F.cross_entropy(
-                    logits.flatten(0, 1), ey[b : b + batch].flatten(), reduction="sum"
-                ).item()
-        return total
+            logits = peer(x).logits.float()
+            labels = y.masked_fill(~mask, -100)
+            return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum").item()
+
+    def evaluate(stride: int) -> Callable[[], float]:  # the same windows as sliding_window_nll
+        def run() -> float:
+            peer.eval()
+            res = score_windows(inp.eval_tokens, score, context=seq, stride=stride, batch_size=batch)
+            return res.mean_nll
+
+        return run
 
     return {
         **_train_forward(peer, inp, dtype, device, peer_loss, compile),
         "decode": decode(inp.decode_prompt, inp.new_tokens),
         "ttft": decode(inp.prompt, 1),
-        "eval": evaluate,
+        "eval": evaluate(seq),
+        "eval_overlap": evaluate(overlap_stride(seq)),
     }
 
 
@@ -199,10 +212,11 @@ def mlx_fns(model: torch.nn.Module, inp: Inputs, dtype: str) -> dict[str, Callab
     import mlx.core as mx
 
     from nanogpt.checkpoint import model_state
+    from nanogpt.evaluate import sliding_window_nll_mlx
     from nanogpt.mlx.checkpoint import load_mlx_state_into
     from nanogpt.mlx.generate import decode_steps
     from nanogpt.mlx.model import NanoGPTLMHeadModel as MLXModel
-    from nanogpt.mlx.train import make_optimizer, make_train_step, token_nll
+    from nanogpt.mlx.train import make_optimizer, make_train_step
 
     cfg, tcfg = model.config, TrainConfig()
     m = MLXModel(cfg)
@@ -214,9 +228,6 @@ def mlx_fns(model: torch.nn.Module, inp: Inputs, dtype: str) -> dict[str, Callab
     step = make_train_step(m, opt, tcfg)
     x, y = mx.array(inp.x.numpy().astype("int32")), mx.array(inp.y.numpy().astype("int32"))
     seq, batch = inp.x.shape[1], inp.x.shape[0]
-    n = len(inp.eval_tokens) - 1
-    ev = inp.eval_tokens.numpy().astype("int32")
-    ex, ey = mx.array(ev[:n].reshape(-1, seq)), mx.array(ev[1:].reshape(-1, seq))
 
     def train() -> None:
         m.train()
@@ -230,11 +241,13 @@ def mlx_fns(model: torch.nn.Module, inp: Inputs, dtype: str) -> dict[str, Callab
     def decode(prompt: list[int], new: int) -> Callable[[], int]:
         return lambda: sum(1 for _ in decode_steps(m, prompt, new, temperature=0))
 
-    def evaluate() -> float:
-        m.eval()
-        return sum(
-            token_nll(m, ex[b : b + batch], ey[b : b + batch]).sum().item() for b in range(0, len(ex), batch)
-        )
+    def evaluate(stride: int) -> Callable[[], float]:
+        def run() -> float:
+            m.eval()
+            res = sliding_window_nll_mlx(m, inp.eval_tokens, context=seq, stride=stride, batch_size=batch)
+            return res.mean_nll
+
+        return run
 
     def activation() -> dict[str, Any]:  # MLX's allocator counters, in process
         m.train()
@@ -257,7 +270,8 @@ def mlx_fns(model: torch.nn.Module, inp: Inputs, dtype: str) -> dict[str, Callab
         "forward": forward,
         "decode": decode(inp.decode_prompt, inp.new_tokens),
         "ttft": decode(inp.prompt, 1),
-        "eval": evaluate,
+        "eval": evaluate(seq),
+        "eval_overlap": evaluate(overlap_stride(seq)),
         "activation": activation,
     }
 
