@@ -36,12 +36,13 @@ step 30 python3 -c "import sys, torch, transformers; print(sys.version.split()[0
 step 60 $ng prepare --source builtin --out data/builtin --quiet
 
 if [ "$stage" = checks ]; then
-    step 300 python3 -m pytest -m gpu tests/test_gpu.py -q -p no:cacheprovider
+    step 240 python3 -m pytest -m gpu tests/test_gpu.py -q -p no:cacheprovider
     step 120 $ng bench --preset card --peers --device cuda --dtype fp32 --repeats 5 --out "$OUT/fp32"
     step 180 $ng bench --preset card --peers --device cuda --dtype bf16 --compile --repeats 5 --out "$OUT/bf16"
+    step 120 python3 scripts/profile_step.py --device cuda --dtype bf16 --compile --batch 12
     # a sample of the card's base recipe (batch 12 x 512, lr 6e-4, eval every 500) in bf16 + compile
-    step 150 $ng train --preset card --data data/builtin --out runs/sample --device cuda --dtype bf16 \
-        --compile --max-time 60 --no-progress
+    step 180 $ng train --preset card --data data/builtin --out runs/sample --device cuda --dtype bf16 \
+        --compile --max-time 100 --no-progress
     cp runs/sample/log.jsonl "$OUT/sample_log.jsonl" 2>/dev/null
 elif [ "$stage" = recipe ]; then
     step 330 $ng train --preset card --data data/builtin --out runs/base --device cuda --dtype bf16 \

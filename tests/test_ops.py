@@ -31,6 +31,23 @@ def test_linear_cross_entropy_matches_stock_loss_and_gradients(n: int, vocab: in
     assert torch.allclose(total, F.cross_entropy(h @ w.t(), y, reduction="sum"), rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_no_grad_blocked_softmax_matches_stock_loss(dtype, monkeypatch) -> None:
+    monkeypatch.setattr(ops, "NLL_BLOCK", 7)  # 143 vocabulary rows: 21 tiles, a ragged last one
+    monkeypatch.setattr(ops, "NLL_ROWS", 16)
+    torch.manual_seed(0)
+    h, w = 3 * torch.randn(70, 16), torch.randn(143, 16)
+    y = torch.randint(0, 143, (70,))
+    y[::6] = -100
+    y[1], y[2] = 0, 142  # the first and the last vocabulary row as targets
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        total = ops.linear_cross_entropy(h, w, y, reduction="sum")
+        mean = ops.linear_cross_entropy(h, w, y)
+        ref = F.cross_entropy((h @ w.t()).float(), y, reduction="sum")
+    assert torch.allclose(total, ref, rtol=1e-5 if dtype == torch.float32 else 1e-2)
+    assert torch.allclose(mean, total / (y != -100).sum(), rtol=1e-6)
+
+
 def test_model_loss_with_targets_equals_cross_entropy_of_logits() -> None:
     from nanogpt.config import preset
     from nanogpt.model import NanoGPTLMHeadModel

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 BUFFER_ELEMENTS = 1 << 25  # logits per chunk on CPU: 32M fp32 = 128 MiB (the card's vocab: 512 positions)
+NLL_BLOCK, NLL_ROWS = 4096, 512  # vocabulary rows x positions of a no-grad tile: 8 MiB fp32, cache-sized
 CUDA_BUFFER_ELEMENTS = 1 << 27  # on CUDA the caching allocator makes a larger buffer free: fewer launches
 
 
@@ -89,6 +90,40 @@ def _fused_head(
     return loss, grad_h, grad_w
 
 
+def _blocked_nll(
+    h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int
+) -> torch.Tensor:
+    """Summed NLL without gradients, one pass over the vocabulary in cache-sized blocks (CPU evaluation).
+
+    Each (block, chunk) tile of logits is made, folded into a running max and sum of exponentials per
+    position (the online softmax) and dropped while it is still in cache: one trip through memory for the
+    logits instead of the three to four passes of a whole (vocab, chunk) softmax.
+    """
+    dev = h.device
+    cdt = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else h.dtype
+    n, vocab = h.size(0), weight.size(0)
+    total = torch.zeros((), dtype=torch.float32, device=dev)
+    with torch.autocast(dev.type, enabled=False):
+        hc, w = h.to(cdt), weight.to(cdt)
+        for r in range(0, n, NLL_ROWS):
+            hr, yr = hc[r : r + NLL_ROWS], targets[r : r + NLL_ROWS]
+            m = len(yr)
+            cols = torch.arange(m, device=dev)
+            top = torch.full((m,), float("-inf"), device=dev)
+            sumexp = torch.zeros(m, device=dev)
+            target = torch.zeros(m, device=dev)
+            for v in range(0, vocab, NLL_BLOCK):
+                tile = torch.mm(w[v : v + NLL_BLOCK], hr.t()).float()  # (block, m)
+                inside = (yr >= v) & (yr < v + tile.size(0))
+                target = torch.where(inside, tile[(yr - v).clamp(0, tile.size(0) - 1), cols], target)
+                new_top = torch.maximum(top, tile.amax(0))
+                sumexp = sumexp.mul_((top - new_top).exp_()).add_(tile.sub_(new_top).exp_().sum(0))
+                top = new_top
+            nll = top + sumexp.log() - target
+            total += torch.where(yr != ignore_index, nll, 0.0).sum()
+    return total
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     """Loss and both gradients in the forward pass; backward only scales them by the incoming gradient."""
 
@@ -124,7 +159,10 @@ def linear_cross_entropy(
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
         return _LinearCrossEntropy.apply(h, weight, targets, ignore_index, reduction == "mean")
-    total = _fused_head(h, weight, targets, ignore_index, None)[0]
+    if h.device.type == "cpu":
+        total = _blocked_nll(h, weight, targets, ignore_index)
+    else:  # on a GPU the whole-vocabulary chunk is fewer, larger kernels
+        total = _fused_head(h, weight, targets, ignore_index, None)[0]
     return total if reduction == "sum" else total / (targets != ignore_index).sum().clamp(min=1)
 
 
