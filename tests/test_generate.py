@@ -255,8 +255,21 @@ def test_decode_weights_live_only_while_decoding(model):
     assert all(m.decode_weight is None for m in model.modules() if isinstance(m, Linear))
     it = decode_steps(model, PROMPT, 4, temperature=0)
     next(it), next(it)
-    it.close()  # a stream abandoned half-way frees its copies too
+    kept = model.lm_head.decode_weight
+    it.close()  # a stream abandoned half-way lets go of its copies too
     assert all(m.decode_weight is None for m in model.modules() if isinstance(m, Linear))
+    # the next stream reuses the copies while the weights are unchanged, and remakes them after a change
+    it = decode_steps(model, PROMPT, 3, temperature=0)
+    next(it), next(it)
+    assert model.lm_head.decode_weight is kept
+    it.close()
+    with torch.no_grad():
+        model.lm_head.weight[0] += 1.0  # the tied embedding row of token 0
+    steps = list(decode_steps(model, PROMPT, 3, temperature=0))
+    seq = list(PROMPT)
+    for token, logits in steps:  # the new weights are used, not the stale copies
+        torch.testing.assert_close(logits, uncached_logits(model, seq), atol=1e-5, rtol=1e-5)
+        seq.append(token)
 
 
 def test_bf16_autocast_generates_valid_tokens(model):
