@@ -253,13 +253,14 @@ def run_bench(
                 peer=r.peer * mult * fpt / peak if r.peer else None,
             )
         )
-    bpt = decode_bytes_per_token(n_unique, cfg, PROMPT_TOKENS + new // 2)
+    # our bf16 decode multiplies by bf16 copies of the weights; the peer's autocast reads fp32 and casts
+    bpt = decode_bytes_per_token(n_unique, cfg, PROMPT_TOKENS + new // 2, bpe)
     r, bw = res.row("decode_tokens_per_s"), roof["copy_gb_s"] * 1e9
     rows.append(
         Row(
             "decode_bandwidth_fraction",
-            f"Decode bandwidth use: {bpt / MIB:.0f} MiB read per token "
-            f"(fp32 weights + KV) x tokens/s over the measured copy bandwidth ({roof['copy_gb_s']:.1f} GB/s)",
+            f"Decode bandwidth use: {bpt / MIB:.0f} MiB read per token ({dtype} weights + KV, the least "
+            f"either model reads) x tokens/s over the measured copy bandwidth ({roof['copy_gb_s']:.1f} GB/s)",
             r.value * bpt / bw,
             "fraction",
             peer=r.peer * bpt / bw if r.peer else None,
