@@ -12,13 +12,14 @@ from nanogpt.generate import (
     candidates,
     check_sampling,
     decode_steps,
+    drop_decode_weights,
     generate,
     prepare_prompt,
     sample_next,
     stream_text,
     top_p_filter,
 )
-from nanogpt.model import Linear, NanoGPTLMHeadModel
+from nanogpt.model import DECODE_DTYPE, Linear, NanoGPTLMHeadModel
 from nanogpt.tokenizer import EOT_ID, get_tokenizer
 
 PROMPT = [464, 3290, 286, 4881, 318, 6342, 11, 290]  # 8 ordinary GPT-2 token ids
@@ -241,35 +242,31 @@ def test_modes_do_not_leak_between_yields(model):
         assert not torch.is_autocast_enabled("cpu")
 
 
-def test_decode_weights_live_only_while_decoding(model):
+def test_decode_copies_are_used_inside_decode_steps_only(model):
     ref = [logits for _, logits in decode_steps(model, PROMPT, 4, temperature=0)]
-    it = decode_steps(model, PROMPT, 4, temperature=0, dtype="bf16")
-    bf16 = [next(it)[1], next(it)[1]]  # past the prefill: every Linear decodes from a bf16 (in, out) copy
     qkv = model.transformer.blocks[0].attn.qkv_proj
-    assert qkv.decode_weight.dtype == torch.bfloat16
-    assert qkv.decode_weight.shape == (qkv.in_features, qkv.out_features)
-    assert model.lm_head.decode_weight.shape == (model.config.d_model, model.config.vocab_size)
-    bf16 += [logits for _, logits in it]
-    for a, b in zip(bf16, ref, strict=True):  # bf16 weights: close to fp32, not equal
-        assert 0 < float((a - b).norm() / b.norm()) < 2e-2
-    assert all(m.decode_weight is None for m in model.modules() if isinstance(m, Linear))
-    it = decode_steps(model, PROMPT, 4, temperature=0)
-    next(it), next(it)
-    kept = model.lm_head.decode_weight
-    it.close()  # a stream abandoned half-way lets go of its copies too
-    assert all(m.decode_weight is None for m in model.modules() if isinstance(m, Linear))
-    # the next stream reuses the copies while the weights are unchanged, and remakes them after a change
-    it = decode_steps(model, PROMPT, 3, temperature=0)
-    next(it), next(it)
-    assert model.lm_head.decode_weight is kept
-    it.close()
+    _, w, _ = qkv.decode_copies[torch.float32]  # kept for the next stream
+    assert w.shape == (qkv.in_features, qkv.out_features) and w.is_contiguous()
+    # a bf16 stream interleaved with an fp32 one: each step uses its own dtype's copies, nothing leaks
+    b16 = decode_steps(model, PROMPT, 4, temperature=0, dtype="bf16")
+    f32 = decode_steps(model, PROMPT, 4, temperature=0)
+    mixed = []
+    for (_, lb), (_, lf) in zip(b16, f32, strict=True):
+        mixed.append(lf)
+        assert 0 < float((lb - lf).norm() / lf.norm()) < 2e-2  # bf16 weights: close to fp32, not equal
+        assert DECODE_DTYPE.get() is None  # between two steps the caller's forward is the stock one
+    assert all(torch.equal(a, b) for a, b in zip(mixed, ref, strict=True))
+    assert qkv.decode_copies[torch.bfloat16][1].dtype == torch.bfloat16
+    assert qkv.decode_copies[torch.float32][1] is w  # unchanged weights: the same copy, not remade
     with torch.no_grad():
         model.lm_head.weight[0] += 1.0  # the tied embedding row of token 0
     steps = list(decode_steps(model, PROMPT, 3, temperature=0))
     seq = list(PROMPT)
-    for token, logits in steps:  # the new weights are used, not the stale copies
+    for token, logits in steps:  # the new weights are used, not stale copies
         torch.testing.assert_close(logits, uncached_logits(model, seq), atol=1e-5, rtol=1e-5)
         seq.append(token)
+    drop_decode_weights(model)
+    assert all(not m.decode_copies for m in model.modules() if isinstance(m, Linear))
 
 
 def test_bf16_autocast_generates_valid_tokens(model):

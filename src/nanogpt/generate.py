@@ -37,7 +37,7 @@ from nanogpt.config import PRESETS, preset
 from nanogpt.device import DTYPES, autocast, resolve_device, torch_dtype
 from nanogpt.errors import UserError
 from nanogpt.kv_cache import KVCache
-from nanogpt.model import Linear, NanoGPTLMHeadModel
+from nanogpt.model import DECODE_DTYPE, Linear, NanoGPTLMHeadModel
 from nanogpt.tokenizer import EOT_ID, Tokenizer, get_tokenizer
 
 NEG_INF = float("-inf")
@@ -202,65 +202,68 @@ def _decode(
     cache_dtype = next(model.parameters()).dtype if dtype == "fp32" else torch_dtype(dtype)
     with torch.inference_mode():
         cache = KVCache.for_model(model.config, batch_size=1, device=device, dtype=cache_dtype)
-    layers: list[Linear] = []  # the layers given decode weights, after the prefill
+    prepared: list[bool] = []  # the decode copies are made after the prefill
 
     def forward(new: list[int], prefill: bool = False) -> torch.Tensor:
         """Feed `new` after what the cache holds; logits (V,) float32 of the last position."""
         with torch.inference_mode(), autocast(device, dtype):
-            if not prefill and not layers:  # the first token comes without waiting for the copies
-                layers.extend(set_decode_weights(model, cache_dtype))
+            if not prefill and not prepared:  # the first token comes without waiting for the copies
+                prepare_decode_weights(model, cache_dtype)
+                prepared.append(True)
             x = torch.tensor([new], dtype=torch.long, device=device)  # (1, T)
-            # model(x) would apply lm_head at all T positions; only the last one is needed, which
-            # halves the cost of a long prefill (the (T, d) x (d, 50257) head is as big as the blocks)
-            hidden = model.transformer(x, cache=cache)[:, -1]  # (1, d_model)
-            return model.lm_head(hidden)[0].float()
+            # the copies are used inside this step only, and only by this thread (see model.Linear)
+            token = DECODE_DTYPE.set(None if prefill else cache_dtype)
+            try:
+                # model(x) would apply lm_head at all T positions; only the last one is needed, which
+                # halves the cost of a long prefill (the (T, d) x (d, 50257) head is as big as the blocks)
+                hidden = model.transformer(x, cache=cache)[:, -1]  # (1, d_model)
+                return model.lm_head(hidden)[0].float()
+            finally:
+                DECODE_DTYPE.reset(token)
 
     if max_new_tokens == 0:
         return
-    try:
-        history = list(ids)
-        logits = forward(history, prefill=True)  # the prompt goes through the model once
-        for step in range(max_new_tokens):
-            with torch.inference_mode():
-                token = pick(logits)
-            yield token, logits
-            if step == max_new_tokens - 1:
-                return  # no forward pass for a token nobody will ask for
-            history.append(token)
-            if cache.pos == ctx:  # full: slide the window (see the module docstring)
-                cache.reset()
-                logits = forward(history[-keep:])
-            else:
-                logits = forward([token])
-    finally:
-        clear_decode_weights(layers)
+    history = list(ids)
+    logits = forward(history, prefill=True)  # the prompt goes through the model once
+    for step in range(max_new_tokens):
+        with torch.inference_mode():
+            token = pick(logits)
+        yield token, logits
+        if step == max_new_tokens - 1:
+            return  # no forward pass for a token nobody will ask for
+        history.append(token)
+        if cache.pos == ctx:  # full: slide the window (see the module docstring)
+            cache.reset()
+            logits = forward(history[-keep:])
+        else:
+            logits = forward([token])
 
 
-def set_decode_weights(model: torch.nn.Module, dtype: torch.dtype) -> list[Linear]:
+def prepare_decode_weights(model: torch.nn.Module, dtype: torch.dtype) -> None:
     """Give every `Linear` of `model` an (in, out) row-major copy of its weight in `dtype` (see `Linear`).
 
     Decode steps are batch 1 and bound by reading the weights: in that layout CPU BLAS reads them up to
     2.6x faster (measured: 3.0 vs 7.8 ms for the card's 50,257 x 384 head), and in bf16 half the bytes
-    are read with no per-token cast. Making the copies takes ~50 ms for the card's model, so each layer
-    keeps its copy for the next stream until its weight changes (a new version, device or dtype); the
-    layers use them only between this call and `clear_decode_weights`.
+    are read with no per-token cast. Making the copies takes ~50 ms for the card's model, so a layer keeps
+    its copy for later streams and remakes it only when its weight changed (a new version, storage or
+    device). `drop_decode_weights` frees them.
     """
-    layers = [m for m in model.modules() if isinstance(m, Linear) and m.decode_weight is None]
-    for m in layers:
+    for m in model.modules():
+        if not isinstance(m, Linear):
+            continue
         params = [m.weight] if m.bias is None else [m.weight, m.bias]
-        key = (dtype, m.weight.device, *((p.data_ptr(), p._version) for p in params))
-        kept = getattr(m, "_decode_copies", None)
+        key = (m.weight.device, *((p.data_ptr(), p._version) for p in params))
+        kept = m.decode_copies.get(dtype)
         if kept is None or kept[0] != key:
             bias = None if m.bias is None else m.bias.detach().to(dtype)
-            kept = (key, m.weight.detach().t().to(dtype).contiguous(), bias)
-            m._decode_copies = kept
-        m.decode_weight, m.decode_bias = kept[1], kept[2]
-    return layers
+            m.decode_copies[dtype] = (key, m.weight.detach().t().to(dtype).contiguous(), bias)
 
 
-def clear_decode_weights(layers: Iterable[Linear]) -> None:
-    for m in layers:
-        m.decode_weight = m.decode_bias = None
+def drop_decode_weights(model: torch.nn.Module) -> None:
+    """Free the decode copies `prepare_decode_weights` made (the next decode makes them again)."""
+    for m in model.modules():
+        if isinstance(m, Linear):
+            m.decode_copies.clear()
 
 
 def generate(

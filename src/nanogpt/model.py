@@ -16,6 +16,8 @@ available through `norm_position="post"` for comparisons.
 from __future__ import annotations
 
 import math
+from contextvars import ContextVar
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -25,25 +27,35 @@ from nanogpt.config import ModelConfig
 from nanogpt.kv_cache import KVCache
 from nanogpt.ops import causal_attention, dropout, linear_cross_entropy
 
+# The decode dtype of the running decode step, set by the generator around each step and per thread (a
+# ContextVar), so a concurrent stream or a training step in another thread never sees another's copies.
+DECODE_DTYPE: ContextVar[torch.dtype | None] = ContextVar("nanogpt_decode_dtype", default=None)
+
 
 class Linear(nn.Linear):
     """nn.Linear that prints as the card does: `Linear(384, 1152)`.
 
-    While `decode_weight` holds an (in, out) row-major copy of the weight (set by the generator for
-    batch-1 decoding, in the decode dtype), the layer multiplies by that copy: on CPU a one-row x @ W^T
-    against nn.Linear's (out, in) layout runs up to 2.6x slower, and a bf16 copy made once saves
-    autocast re-casting every weight at every token.
+    During a decode step (`DECODE_DTYPE` set) a layer that holds a copy of its weight for that dtype in
+    `decode_copies` ((in, out) row-major, made by `generate.prepare_decode_weights`) multiplies by the
+    copy: on CPU a one-row x @ W^T against nn.Linear's (out, in) layout runs up to 2.6x slower, and a bf16
+    copy made once saves autocast re-casting every weight at every token.
     """
 
-    decode_weight: torch.Tensor | None = None
-    decode_bias: torch.Tensor | None = None
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # dtype -> (key of the weights it was made from, weight (in, out), bias or None)
+        self.decode_copies: dict[torch.dtype, tuple[tuple, torch.Tensor, torch.Tensor | None]] = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.decode_weight
-        if w is None:
+        copy = None
+        if self.decode_copies and not torch.compiler.is_compiling():  # compiled graphs: training, eval
+            dtype = DECODE_DTYPE.get()
+            copy = self.decode_copies.get(dtype) if dtype is not None else None
+        if copy is None:
             return F.linear(x, self.weight, self.bias)
+        _, w, b = copy
         x2 = x.reshape(-1, w.size(0)).to(w.dtype)
-        y = x2 @ w if self.decode_bias is None else torch.addmm(self.decode_bias, x2, w)
+        y = x2 @ w if b is None else torch.addmm(b, x2, w)
         return y.view(*x.shape[:-1], w.size(1))
 
     def extra_repr(self) -> str:
