@@ -72,10 +72,15 @@ def test_dropout_rate_scale_and_gradient() -> None:
     assert ops.dropout(x, 0.1, False) is x
 
 
-def test_causal_attention_without_dropout_matches_sdpa() -> None:
+@pytest.mark.parametrize("n_blocks", [1, 3, 4, 7])
+def test_causal_attention_without_dropout_matches_sdpa(n_blocks: int) -> None:
     torch.manual_seed(0)
-    q, k, v = (torch.randn(2, 3, 7, 8) for _ in range(3))
+    q, k, v = (torch.randn(2, 3, 7, 8, requires_grad=True) for _ in range(3))  # 7 rows: ragged blocks
     ref = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    ref_grads = torch.autograd.grad(ref.square().sum(), (q, k, v))
     torch.manual_seed(1)
-    got = ops.causal_attention(q, k, v, 1e-9)  # p ~ 0: the mask keeps everything
+    got = ops.causal_attention(q, k, v, 1e-9, n_blocks=n_blocks)  # p ~ 0: the mask keeps everything
+    grads = torch.autograd.grad(got.square().sum(), (q, k, v))
     assert torch.allclose(got, ref, atol=1e-5)
+    for g, r in zip(grads, ref_grads, strict=True):
+        assert torch.allclose(g, r, atol=1e-5)

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 BUFFER_ELEMENTS = 1 << 25  # logits per chunk on CPU: 32M fp32 = 128 MiB (the card's vocab: 512 positions)
+ATTENTION_BLOCKS = 4  # query blocks of `causal_attention`
 NLL_BLOCK, NLL_ROWS = 4096, 512  # vocabulary rows x positions of a no-grad tile: 8 MiB fp32, cache-sized
 CUDA_BUFFER_ELEMENTS = 1 << 27  # on CUDA the caching allocator makes a larger buffer free: fewer launches
 
@@ -184,16 +185,29 @@ def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     return torch.where(keep_mask(x, p), x, 0.0).mul_(1.0 / (1.0 - p))  # autograd keeps the bool mask
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: float) -> torch.Tensor:
+def causal_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: float, n_blocks: int = ATTENTION_BLOCKS
+) -> torch.Tensor:
     """Causal softmax(q k^T / sqrt(hs)) v with dropout p on the weights: (B, nh, T, hs) each -> (B, nh, T, hs).
 
     What SDPA's math path computes, written out so the dropout uses `keep_mask`: on CPU, SDPA has no fused
-    kernel with dropout and its own mask draw took longer than the attention matmuls. The 1 / (1 - p)
-    rescaling is applied to the (T, hs) output rather than to the (T, T) weights.
+    kernel with dropout and its own mask draw took longer than the attention matmuls. The queries go in
+    `n_blocks` row blocks, each against the keys up to its own end only, which skips most of the masked
+    upper triangle: with 4 blocks, 5/8 of the (T, T) work, measured 60-90 vs 100-110 ms per layer forward +
+    backward at the card's shapes. The 1 / (1 - p) rescaling is applied to the (T, hs) output.
     """
     B, nh, T, hs = q.shape
     q, k, v = (t.reshape(B * nh, T, hs) for t in (q, k, v))
-    future = torch.full((T, T), float("-inf"), dtype=q.dtype, device=q.device).triu_(1)
-    att = torch.softmax(torch.baddbmm(future, q, k.transpose(1, 2), alpha=hs**-0.5), dim=-1)
-    att = torch.where(keep_mask(att, p), att, 0.0)
-    return torch.bmm(att, v).mul_(1.0 / (1.0 - p)).view(B, nh, T, hs)
+    size = -(-T // n_blocks)
+    outs = []
+    for start in range(0, T, size):
+        end = min(T, start + size)
+        # keys before the block are all visible; within it, key j is visible to query i when j <= i
+        bias = torch.zeros(end - start, end, dtype=q.dtype, device=q.device)
+        bias[:, start:].fill_(float("-inf")).triu_(1)
+        scores = torch.baddbmm(bias, q[:, start:end], k[:, :end].transpose(1, 2), alpha=hs**-0.5)
+        att = torch.softmax(scores, dim=-1)
+        att = torch.where(keep_mask(att, p), att, 0.0)
+        outs.append(torch.bmm(att, v[:, :end]))
+    y = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+    return y.mul_(1.0 / (1.0 - p)).view(B, nh, T, hs)
