@@ -140,6 +140,26 @@ def test_activation_memory_is_measured_near_the_estimate(cli_run):
     assert 1 / 3 < ratio < 3
 
 
+def test_peer_and_ours_evaluate_the_same_windows(tiny_cfg):
+    """With our weights loaded into the HF peer, both eval rows give the same mean NLL at both strides."""
+    from nanogpt.bench_workloads import Inputs, peer_fns, peer_model, torch_fns
+    from nanogpt.checkpoint import model_state
+    from nanogpt.export.hf import to_gpt2_state
+
+    torch.manual_seed(0)
+    cfg = replace(tiny_cfg, activation="gelu_tanh")  # GPT-2's own GELU, so the peer is the same function
+    ours = NanoGPTLMHeadModel(cfg)
+    peer = peer_model(cfg)
+    missing, _ = peer.load_state_dict(to_gpt2_state(model_state(ours)), strict=False)
+    assert all(k.endswith(("attn.bias", "masked_bias", "lm_head.weight")) for k in missing)
+    inp = Inputs.make(cfg, 2, 32, 3)
+    cpu = torch.device("cpu")
+    mine, theirs = torch_fns(ours, inp, "fp32", cpu), peer_fns(peer, inp, "fp32", cpu)
+    for row in ("eval", "eval_overlap"):
+        assert mine[row]().mean_nll == pytest.approx(theirs[row](), rel=1e-5), row
+    assert mine["eval"]().mean_nll != pytest.approx(mine["eval_overlap"]().mean_nll, rel=1e-6)
+
+
 def test_run_bench_without_peers_and_bf16(tiny_cfg):
     torch.manual_seed(0)
     res = run_bench(NanoGPTLMHeadModel(tiny_cfg), batch=1, seq=16, dtype="bf16", repeats=1, warmup=0)

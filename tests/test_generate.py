@@ -269,6 +269,18 @@ def test_decode_copies_are_used_inside_decode_steps_only(model):
     assert all(not m.decode_copies for m in model.modules() if isinstance(m, Linear))
 
 
+def test_a_model_made_in_inference_mode_decodes(tiny_cfg):
+    torch.manual_seed(0)
+    with torch.inference_mode():  # its weights are inference tensors: no version counter
+        model = NanoGPTLMHeadModel(tiny_cfg).eval()
+    steps = list(decode_steps(model, PROMPT, 3, temperature=0))
+    seq = list(PROMPT)
+    for token, logits in steps:
+        with torch.inference_mode():
+            torch.testing.assert_close(logits, uncached_logits(model, seq), atol=1e-5, rtol=1e-5)
+        seq.append(token)
+
+
 def test_bf16_autocast_generates_valid_tokens(model):
     tokens = list(generate(model, PROMPT, 12, temperature=1.0, seed=0, dtype="bf16", stop_at_eot=False))
     assert len(tokens) == 12 and all(0 <= t < 50257 for t in tokens)

@@ -252,11 +252,19 @@ def prepare_decode_weights(model: torch.nn.Module, dtype: torch.dtype) -> None:
         if not isinstance(m, Linear):
             continue
         params = [m.weight] if m.bias is None else [m.weight, m.bias]
-        key = (m.weight.device, *((p.data_ptr(), p._version) for p in params))
+        key = (m.weight.device, *((p.data_ptr(), _version(p)) for p in params))
         kept = m.decode_copies.get(dtype)
         if kept is None or kept[0] != key:
             bias = None if m.bias is None else m.bias.detach().to(dtype)
             m.decode_copies[dtype] = (key, m.weight.detach().t().to(dtype).contiguous(), bias)
+
+
+def _version(t: torch.Tensor) -> int | object:
+    """The tensor's in-place version counter; a never-equal token for inference tensors, which have none."""
+    try:
+        return t._version
+    except RuntimeError:
+        return object()
 
 
 def drop_decode_weights(model: torch.nn.Module) -> None:
