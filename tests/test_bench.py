@@ -48,12 +48,18 @@ def test_forward_flops_are_a_third_of_the_training_estimate(tiny_cfg):
 
 
 def test_activation_estimate_is_linear_in_tokens_and_counts_the_logits(tiny_cfg):
-    one = activation_estimate(tiny_cfg, 1, 16, fused_head=False)
-    assert activation_estimate(tiny_cfg, 4, 16, fused_head=False) == 4 * one
-    assert activation_estimate(tiny_cfg, 2, 32, fused_head=False) == 4 * one
+    one = activation_estimate(tiny_cfg, 1, 16, stock=True)
+    assert activation_estimate(tiny_cfg, 4, 16, stock=True) == 4 * one
+    assert activation_estimate(tiny_cfg, 2, 32, stock=True) == 4 * one
     # the stock head: logits, their log-softmax and their gradient, 3 x V fp32 per token at least
     assert one > 16 * 3 * tiny_cfg.vocab_size * 4
-    assert activation_estimate(replace(tiny_cfg, dropout=0.1), 1, 16, fused_head=False) > one  # masks
+    assert activation_estimate(replace(tiny_cfg, dropout=0.1), 1, 16, stock=True) > one  # masks
+    # with dropout, our query blocks keep 5/8 of the (T, T) scores a stock model keeps
+    drop = replace(tiny_cfg, dropout=0.1)
+    stock_scores = activation_estimate(drop, 1, 16, stock=True) - one
+    ours_scores = activation_estimate(drop, 1, 16) - activation_estimate(tiny_cfg, 1, 16)
+    masks = 16 * tiny_cfg.n_layers * 3 * tiny_cfg.d_model
+    assert (ours_scores - masks) * 8 == (stock_scores - masks) * 5
 
 
 def test_fused_head_estimate_holds_one_chunk_not_the_logits(tiny_cfg):
@@ -61,7 +67,7 @@ def test_fused_head_estimate_holds_one_chunk_not_the_logits(tiny_cfg):
     small, big = activation_estimate(tiny_cfg, 1, 16), activation_estimate(tiny_cfg, 64, 64)
     assert small > (16 + d) * V * 4  # a 16-position buffer and the head weight's fp32 gradient
     # 4,096 positions: a 512-position buffer, far below the stock head's 3 x V fp32 per position
-    assert big < activation_estimate(tiny_cfg, 64, 64, fused_head=False) / 5
+    assert big < activation_estimate(tiny_cfg, 64, 64, stock=True) / 5
     assert big - activation_estimate(tiny_cfg, 32, 64) < 32 * 64 * 3 * V * 4 / 100
 
 

@@ -230,10 +230,10 @@ def run_bench(
     rows.append(
         Row(
             "activation_estimate_mib",
-            "Activation memory, analytic estimate (`activation_estimate`; the peer's with a stock head)",
+            "Activation memory, analytic estimate (`activation_estimate`; the peer's: a stock GPT-2)",
             activation_estimate(cfg, batch, seq, bpe) / MIB,
             "MiB",
-            peer=activation_estimate(cfg, batch, seq, bpe, fused_head=False) / MIB if peer else None,
+            peer=activation_estimate(cfg, batch, seq, bpe, stock=True) / MIB if peer else None,
             higher_is_better=False,
         )
     )

@@ -97,32 +97,37 @@ def forward_flops_per_token(cfg: ModelConfig, n_unique: int, seq: int) -> float:
 
 
 def activation_estimate(
-    cfg: ModelConfig, batch: int, seq: int, bytes_per_el: int = 4, fused_head: bool = True
+    cfg: ModelConfig, batch: int, seq: int, bytes_per_el: int = 4, stock: bool = False
 ) -> int:
     """Analytic bytes saved for backward by one training forward at (batch, seq), plus the head's buffers.
 
     Per layer and token: ln1 in/out (2d), q/k/v (3d), attention output and its contiguous copy (2d),
     ln2 in/out (2d), fc1 output and GELU output (2·d_ff). With dropout > 0: a 1-byte mask for each of the
     3 dropouts per layer, and attention leaves the fused kernel (PyTorch's CPU flash kernel has no
-    dropout): the math path keeps each layer's (B, nh, T, T) softmax, its dropped copy and the mask
-    (4 + 4 + 1 bytes). Head, both kinds: ln_f in/out (2d per token). The stock head (HF's, fused_head=False)
-    adds the logits, their fp32 log-softmax and the logits' gradient (3·V fp32 per token); ours
-    (`ops.linear_cross_entropy`) adds the gradient of h (d per token), one fp32 (V, chunk) buffer and
+    dropout): the math path keeps each layer's softmax, its dropped copy and the mask (4 + 4 + 1 bytes per
+    score), (B, nh, T, T) for a stock model, the (n + 1) / 2n of it under the diagonal for our n query
+    blocks (`ops.causal_attention`). Head, both kinds: ln_f in/out (2d per token). A stock head (HF's,
+    `stock=True`) adds the logits, their fp32 log-softmax and the logits' gradient (3·V fp32 per token);
+    ours (`ops.linear_cross_entropy`) adds the gradient of h (d per token), one fp32 (V, chunk) buffer and
     the fp32 gradient of the head weight, which it computes in the forward pass.
     """
-    from nanogpt.ops import chunk_size
+    from nanogpt.ops import ATTENTION_BLOCKS, chunk_size
 
     tokens = batch * seq
     per_layer = (9 * cfg.d_model + 2 * cfg.d_ff) * bytes_per_el
     attention = 0
     if cfg.dropout > 0:
         per_layer += 3 * cfg.d_model
-        attention = cfg.n_layers * batch * cfg.n_heads * seq * seq * (2 * bytes_per_el + 1)
-    if fused_head:
+        scores = cfg.n_layers * batch * cfg.n_heads * seq * seq
+        if not stock:
+            n = min(ATTENTION_BLOCKS, seq)
+            scores = scores * (n + 1) // (2 * n)
+        attention = scores * (2 * bytes_per_el + 1)
+    if stock:
+        head, fixed = 2 * cfg.d_model * bytes_per_el + 3 * cfg.vocab_size * 4, 0
+    else:
         head = 3 * cfg.d_model * bytes_per_el
         fixed = (chunk_size(tokens, cfg.vocab_size) + cfg.d_model) * cfg.vocab_size * 4
-    else:
-        head, fixed = 2 * cfg.d_model * bytes_per_el + 3 * cfg.vocab_size * 4, 0
     return tokens * (cfg.n_layers * per_layer + head) + attention + fixed
 
 
