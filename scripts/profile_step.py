@@ -14,7 +14,7 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from nanogpt.bench_workloads import Inputs, _train_forward
+from nanogpt.bench_workloads import Inputs, train_and_forward
 from nanogpt.config import PRESETS, preset
 from nanogpt.device import resolve_device, tune_cpu_allocator
 from nanogpt.model import NanoGPTLMHeadModel
@@ -38,7 +38,7 @@ def main() -> None:
     torch.manual_seed(0)
     model = NanoGPTLMHeadModel(cfg).to(device)
     inp = Inputs.make(cfg, args.batch, cfg.context_length, 1)
-    step = _train_forward(model, inp, args.dtype, device, cross_entropy_loss, args.compile)["train"]
+    step = train_and_forward(model, inp, args.dtype, device, cross_entropy_loss, args.compile)["train"]
 
     def sync() -> None:
         if device.type == "cuda":

@@ -63,7 +63,7 @@ def peer_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch
     return F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1))
 
 
-def _train_forward(
+def train_and_forward(
     model: torch.nn.Module, inp: Inputs, dtype: str, device: torch.device, loss_fn: LossFn, compile: bool
 ) -> dict[str, Callable]:
     """A training step (as `train.py`: fp32 loss, clip at 1.0, AdamW) and an inference forward.
@@ -104,7 +104,7 @@ def torch_fns(
         return lambda: sum(1 for _ in decode_steps(model, prompt, new, temperature=0, dtype=dtype))
 
     return {
-        **_train_forward(model, inp, dtype, device, cross_entropy_loss, compile),
+        **train_and_forward(model, inp, dtype, device, cross_entropy_loss, compile),
         "decode": decode(inp.decode_prompt, inp.new_tokens),
         "ttft": decode(inp.prompt, 1),
         "eval": lambda: sliding_window_nll(
@@ -193,7 +193,7 @@ def peer_fns(
         return run
 
     return {
-        **_train_forward(peer, inp, dtype, device, peer_loss, compile),
+        **train_and_forward(peer, inp, dtype, device, peer_loss, compile),
         "decode": decode(inp.decode_prompt, inp.new_tokens),
         "ttft": decode(inp.prompt, 1),
         "eval": evaluate(seq),
