@@ -169,9 +169,19 @@ def test_peer_and_ours_evaluate_the_same_windows(tiny_cfg):
 def test_run_bench_without_peers_and_bf16(tiny_cfg):
     torch.manual_seed(0)
     res = run_bench(NanoGPTLMHeadModel(tiny_cfg), batch=1, seq=16, dtype="bf16", repeats=1, warmup=0)
-    assert {r.key for r in res.rows} == KEYS
+    assert {r.key for r in res.rows} == KEYS | {"low_precision_nll_delta"}
     assert all(r.value > 0 and r.peer is None and r.ratio is None for r in res.rows)
+    assert res.row("low_precision_nll_delta").value < 0.05  # bf16 autocast: a rounding-sized difference
     assert res.roofline["dtype"] == "bf16" and res.settings["dtype"] == "bf16"
+
+
+def test_bf16_run_reports_both_models_accuracy_cost(tiny_cfg):
+    torch.manual_seed(0)
+    model = NanoGPTLMHeadModel(tiny_cfg)
+    res = run_bench(model, batch=1, seq=16, dtype="bf16", repeats=1, warmup=0, peers=True)
+    row = res.row("low_precision_nll_delta")
+    assert 0 < row.value < 0.05 and 0 < row.peer < 0.05
+    assert "fp32" in row.metric and "bf16" in row.metric
 
 
 def test_bad_settings_are_one_line_errors(tiny_cfg):

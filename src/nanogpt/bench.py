@@ -208,6 +208,20 @@ def run_bench(
         f"has >= {seq - stride} tokens of history), {n_eval} tokens, batch {batch}"
     )
     rows.append(rate_row("eval_overlap_tokens_per_s", what, n_eval, "tokens/s", *both("eval_overlap")))
+    if dtype != "fp32" and backend == "torch":
+        say(f"accuracy: the eval NLL in {dtype} and in fp32")
+        rows.append(
+            Row(
+                "low_precision_nll_delta",
+                f"Accuracy cost of {dtype}: |mean NLL in {dtype} - in fp32| over the eval tokens (stride {seq})",
+                abs(ours["eval"]().mean_nll - torch_fns(model, inp, "fp32", device)["eval"]().mean_nll),
+                "nats",
+                peer=abs(theirs["eval"]() - peer_fns(peer, inp, "fp32", device)["eval"]())
+                if theirs
+                else None,
+                higher_is_better=False,
+            )
+        )
 
     say("activation memory" + (" (fresh processes)" if device.type == "cpu" and backend == "torch" else ""))
     if backend == "mlx":
@@ -283,6 +297,8 @@ def fmt(value: float | None, unit: str) -> str:
         return f"{value:,.0f}"
     if unit == "s":
         return f"{value:.3f}"
+    if unit == "nats":
+        return f"{value:.2e}"
     return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.2f}"
 
 
