@@ -213,7 +213,8 @@ def run_bench(
         rows.append(
             Row(
                 "low_precision_nll_delta",
-                f"Accuracy cost of {dtype}: |mean NLL in {dtype} - in fp32| over the eval tokens (stride {seq})",
+                f"Accuracy cost of {dtype}: absolute difference of the mean NLL in {dtype} and in fp32, "
+                f"eval tokens at stride {seq}",
                 abs(ours["eval"]().mean_nll - torch_fns(model, inp, "fp32", device)["eval"]().mean_nll),
                 "nats",
                 peer=abs(theirs["eval"]() - peer_fns(peer, inp, "fp32", device)["eval"]())
