@@ -8,12 +8,14 @@ stock form allocates logits, their log-softmax and the logits' gradient, 3 x 412
 step, and spends longer on that memory (page faults, three full passes) than on the head's matmuls; the
 fused form needs one 100 MB buffer. It also computes the logits transposed, W @ h.T -> (vocab, chunk),
 because on x86 BLAS that layout runs at the matmul peak while h @ W.T ran at ~75% of it (measured in
-docs/benchmarks.md).
+docs/benchmarks.md). Without gradients on CPU (evaluation) it folds cache-sized vocabulary tiles into an
+online softmax instead, one trip through memory for the logits.
 
 `dropout(x, p, training)` is `F.dropout` with a cheaper random mask on CPU: 16 random bits per element
 (four per 64-bit draw) against a threshold instead of one float draw per element, so an element is
 dropped with probability round(p * 65536) / 65536 (0.10000610 for p = 0.1). `causal_attention` is the
-attention of a training step with dropout on CPU, using that mask.
+attention of a training step with dropout on CPU, using that mask, in query blocks that skip most of the
+masked upper triangle.
 
     loss = linear_cross_entropy(hidden.flatten(0, 1), model.lm_head.weight, targets.flatten())
 """
@@ -171,9 +173,8 @@ def keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
     """A bool mask shaped like x, False with probability round(p * 65536) / 65536."""
     n = x.numel()
     bits = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64, device=x.device)
-    return (
-        bits.view(torch.int16)[:n].view(x.shape) >= round(p * 65536) - 32768
-    )  # int16: uniform on [-2^15, 2^15)
+    uniform = bits.view(torch.int16)[:n].view(x.shape)  # uniform on [-2^15, 2^15)
+    return uniform >= round(p * 65536) - 32768
 
 
 def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
