@@ -210,16 +210,19 @@ def run_bench(
     rows.append(rate_row("eval_overlap_tokens_per_s", what, n_eval, "tokens/s", *both("eval_overlap")))
     if dtype != "fp32" and backend == "torch":
         say(f"accuracy: the eval NLL in {dtype} and in fp32")
+        fp32_ours = torch_fns(model, inp, "fp32", device)["eval"]
+        delta = abs(ours["eval"]().mean_nll - fp32_ours().mean_nll)
+        peer_delta = None
+        if theirs is not None:
+            peer_delta = abs(theirs["eval"]() - peer_fns(peer, inp, "fp32", device)["eval"]())
+        what = f"Accuracy cost of {dtype}: absolute difference of the mean NLL in {dtype} and in fp32"
         rows.append(
             Row(
                 "low_precision_nll_delta",
-                f"Accuracy cost of {dtype}: absolute difference of the mean NLL in {dtype} and in fp32, "
-                f"eval tokens at stride {seq}",
-                abs(ours["eval"]().mean_nll - torch_fns(model, inp, "fp32", device)["eval"]().mean_nll),
+                f"{what}, eval tokens at stride {seq}",
+                delta,
                 "nats",
-                peer=abs(theirs["eval"]() - peer_fns(peer, inp, "fp32", device)["eval"]())
-                if theirs
-                else None,
+                peer=peer_delta,
                 higher_is_better=False,
             )
         )
