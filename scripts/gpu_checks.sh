@@ -40,7 +40,7 @@ if [ "$stage" = checks ]; then
     step 120 $ng bench --preset card --peers --device cuda --dtype fp32 --repeats 5 --out "$OUT/fp32"
     step 180 $ng bench --preset card --peers --device cuda --dtype bf16 --compile --repeats 5 --out "$OUT/bf16"
     step 120 python3 scripts/profile_step.py --device cuda --dtype bf16 --compile --batch 12
-    # a sample of the card's base recipe (batch 12 x 512, lr 6e-4, eval every 500) in bf16 + compile
+    # a sample of the card's base recipe (batch 12 x 512, lr 3e-4 cosine, eval every 500) in bf16 + compile
     step 180 $ng train --preset card --data data/builtin --out runs/sample --device cuda --dtype bf16 \
         --compile --max-time 100 --no-progress
     cp runs/sample/log.jsonl "$OUT/sample_log.jsonl" 2>/dev/null
