@@ -1,5 +1,6 @@
-"""The CUDA paths: TF32 and bf16 autocast, fused AdamW, torch.compile, flash attention, the fused head loss,
-the KV cache and the bench's CUDA memory counters.
+"""The CUDA paths: bf16 autocast, the TF32 matmuls of a training run, fused AdamW, torch.compile, flash
+attention, the fused head loss, the KV cache, decoding with its weight copies and the bench's CUDA memory
+counters.
 
 Marked `gpu`, so the default run (`-m 'not slow and not gpu'`) leaves them out; on a CUDA machine run
 `pytest -m gpu`. NANOGPT_TEST_DEVICE names another device (e.g. `cpu`) to dry-run their logic without one;
@@ -121,6 +122,21 @@ def test_kv_cache_decode_matches_the_full_forward(dev):
         steps = [model(x[:, :32], cache=cache)]  # a prefill, then one token at a time
         steps += [model(x[:, i : i + 1], cache=cache) for i in range(32, 40)]
     assert rel_err(torch.cat(steps, dim=1), full) < 1e-4
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_decode_steps_match_the_full_forward(dev, dtype):
+    from nanogpt.generate import decode_steps
+
+    torch.manual_seed(0)
+    model = NanoGPTLMHeadModel(small_cfg()).to(dev).eval()
+    prompt = torch.randint(0, 50257, (12,)).tolist()
+    seq, tol = list(prompt), 1e-4 if dtype == "fp32" else 2e-2
+    for token, logits in decode_steps(model, prompt, 6, temperature=0, dtype=dtype):
+        with torch.inference_mode():
+            ref = model(torch.tensor([seq], device=dev))[0, -1].float()
+        assert rel_err(logits, ref) < tol
+        seq.append(token)
 
 
 def test_adamw_is_fused_on_the_device(dev):
