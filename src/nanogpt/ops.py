@@ -39,6 +39,12 @@ def chunk_size(n_rows: int, vocab: int, budget: int = BUFFER_ELEMENTS) -> int:
     return max(1, min(n_rows, c))
 
 
+def _matmul_dtype(h: torch.Tensor) -> torch.dtype:
+    """The dtype the head's matmuls run in: autocast's if it is on for h's device, else h's own."""
+    dev = h.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
+
+
 def _fused_head(
     h: torch.Tensor,
     weight: torch.Tensor,
@@ -53,7 +59,7 @@ def _fused_head(
     ignore_index add 0 and get a zero gradient. No host sync: the loop and every shape are static.
     """
     dev = h.device
-    cdt = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else h.dtype
+    cdt = _matmul_dtype(h)
     n, vocab = h.size(0), weight.size(0)
     budget = CUDA_BUFFER_ELEMENTS if dev.type == "cuda" else BUFFER_ELEMENTS
     c = chunk_size(n, vocab, budget)
@@ -103,7 +109,7 @@ def _blocked_nll(
     logits instead of the three to four passes of a whole (vocab, chunk) softmax.
     """
     dev = h.device
-    cdt = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else h.dtype
+    cdt = _matmul_dtype(h)
     n, vocab = h.size(0), weight.size(0)
     total = torch.zeros((), dtype=torch.float32, device=dev)
     with torch.autocast(dev.type, enabled=False):
