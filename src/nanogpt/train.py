@@ -398,6 +398,7 @@ def train(
     """
     _validate(train_cfg)
     info, device = setup_distributed(train_cfg.device)
+    s = None
     try:
         s = _open_session(
             model_cfg,
@@ -420,8 +421,14 @@ def train(
         return result
     finally:
         if info.enabled:
+            import gc
+
             import torch.distributed as dist
 
+            # DDP's reducer holds the gloo group: free it now, or gloo's threads are torn down during interpreter
+            # shutdown, which can abort the process ("terminate called without an active exception").
+            s = None
+            gc.collect()
             if dist.is_initialized():
                 dist.destroy_process_group()
 
