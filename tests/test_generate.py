@@ -1,4 +1,5 @@
 import math
+import threading
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from nanogpt.generate import (
     decode_steps,
     drop_decode_weights,
     generate,
+    onednn_off,
     prepare_prompt,
     sample_next,
     stream_text,
@@ -245,8 +247,8 @@ def test_modes_do_not_leak_between_yields(model):
 def test_decode_copies_are_used_inside_decode_steps_only(model):
     ref = [logits for _, logits in decode_steps(model, PROMPT, 4, temperature=0)]
     qkv = model.transformer.blocks[0].attn.qkv_proj
-    _, w, _ = qkv.decode_copies[torch.float32]  # kept for the next stream
-    assert w.shape == (qkv.in_features, qkv.out_features) and w.is_contiguous()
+    _, w, _, transposed = qkv.decode_copies[torch.float32]  # kept for the next stream
+    assert transposed and w.shape == (qkv.in_features, qkv.out_features) and w.is_contiguous()
     # a bf16 stream interleaved with an fp32 one: each step uses its own dtype's copies, nothing leaks
     b16 = decode_steps(model, PROMPT, 4, temperature=0, dtype="bf16")
     f32 = decode_steps(model, PROMPT, 4, temperature=0)
@@ -256,7 +258,9 @@ def test_decode_copies_are_used_inside_decode_steps_only(model):
         assert 0 < float((lb - lf).norm() / lf.norm()) < 2e-2  # bf16 weights: close to fp32, not equal
         assert DECODE_DTYPE.get() is None  # between two steps the caller's forward is the stock one
     assert all(torch.equal(a, b) for a, b in zip(mixed, ref, strict=True))
-    assert qkv.decode_copies[torch.bfloat16][1].dtype == torch.bfloat16
+    _, w16, _, transposed16 = qkv.decode_copies[torch.bfloat16]
+    assert w16.dtype == torch.bfloat16 and not transposed16  # CPU bf16: ATen's kernel, stock (out, in) layout
+    assert w16.shape == (qkv.out_features, qkv.in_features)
     assert qkv.decode_copies[torch.float32][1] is w  # unchanged weights: the same copy, not remade
     with torch.no_grad():
         model.lm_head.weight[0] += 1.0  # the tied embedding row of token 0
@@ -267,6 +271,46 @@ def test_decode_copies_are_used_inside_decode_steps_only(model):
         seq.append(token)
     drop_decode_weights(model)
     assert all(not m.decode_copies for m in model.modules() if isinstance(m, Linear))
+
+
+def test_one_token_bf16_steps_run_with_onednn_off_and_restore_it(model):
+    seen: list[bool] = []
+    hook = model.lm_head.register_forward_pre_hook(lambda *_: seen.append(torch.backends.mkldnn.enabled))
+    try:
+        steps = list(decode_steps(model, PROMPT, 3, temperature=0, dtype="bf16"))
+        assert len(steps) == 3
+        assert seen == [True, False, False]  # the many-row prefill keeps oneDNN, one-token steps do not
+        assert torch.backends.mkldnn.enabled
+        seen.clear()
+        list(decode_steps(model, PROMPT, 3, temperature=0))
+        assert seen == [True, True, True]  # fp32 goes to CPU BLAS: nothing to switch
+    finally:
+        hook.remove()
+
+
+def test_onednn_off_is_counted_across_threads():
+    assert torch.backends.mkldnn.enabled
+    inside, release = threading.Event(), threading.Event()
+
+    def other() -> None:
+        with onednn_off():
+            inside.set()
+            release.wait(10)
+
+    t = threading.Thread(target=other)
+    t.start()
+    assert inside.wait(10)
+    with onednn_off():
+        assert not torch.backends.mkldnn.enabled
+    assert not torch.backends.mkldnn.enabled  # the other thread is still inside: it stays off
+    release.set()
+    t.join(10)
+    assert torch.backends.mkldnn.enabled  # the last one out restores it
+    torch.backends.mkldnn.enabled = False
+    with onednn_off():
+        pass
+    assert not torch.backends.mkldnn.enabled  # a user's own setting is what comes back
+    torch.backends.mkldnn.enabled = True
 
 
 def test_a_model_made_in_inference_mode_decodes(tiny_cfg):

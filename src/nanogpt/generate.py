@@ -23,9 +23,11 @@ from __future__ import annotations
 
 import argparse
 import codecs
+import contextlib
 import math
 import os
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -203,6 +205,7 @@ def _decode(
     with torch.inference_mode():
         cache = KVCache.for_model(model.config, batch_size=1, device=device, dtype=cache_dtype)
     prepared: list[bool] = []  # the decode copies are made after the prefill
+    native_gemv = device.type == "cpu" and cache_dtype in NATIVE_GEMV_DTYPES
 
     def forward(new: list[int], prefill: bool = False) -> torch.Tensor:
         """Feed `new` after what the cache holds; logits (V,) float32 of the last position."""
@@ -213,11 +216,13 @@ def _decode(
             x = torch.tensor([new], dtype=torch.long, device=device)  # (1, T)
             # the copies are used inside this step only, and only by this thread (see model.Linear)
             token = DECODE_DTYPE.set(None if prefill else cache_dtype)
+            one_row = len(new) == 1 and native_gemv
             try:
-                # model(x) would apply lm_head at all T positions; only the last one is needed, which
-                # halves the cost of a long prefill (the (T, d) x (d, 50257) head is as big as the blocks)
-                hidden = model.transformer(x, cache=cache)[:, -1]  # (1, d_model)
-                return model.lm_head(hidden)[0].float()
+                with onednn_off() if one_row else contextlib.nullcontext():
+                    # model(x) would apply lm_head at all T positions; only the last one is needed, which
+                    # halves a long prefill's cost (the (T, d) x (d, 50257) head is as big as the blocks)
+                    hidden = model.transformer(x, cache=cache)[:, -1]  # (1, d_model)
+                    return model.lm_head(hidden)[0].float()
             finally:
                 DECODE_DTYPE.reset(token)
 
@@ -239,14 +244,47 @@ def _decode(
             logits = forward([token])
 
 
-def prepare_decode_weights(model: torch.nn.Module, dtype: torch.dtype) -> None:
-    """Give every `Linear` of `model` an (in, out) row-major copy of its weight in `dtype` (see `Linear`).
+# On CPU, ATen's own one-row bf16/fp16 kernel (fp32 accumulation) reads the stock (out, in) weights at about
+# twice the speed of oneDNN's, which PyTorch picks whenever oneDNN is on (measured on the card's 50,257 x 384
+# head: 1.6 ms against 3.0-3.6 ms). fp32 goes to CPU BLAS either way and is faster on (in, out) copies.
+NATIVE_GEMV_DTYPES = (torch.bfloat16, torch.float16)
+_onednn_lock = threading.Lock()
+_onednn_users = 0
+_onednn_before = True
 
-    Decode steps are batch 1 and bound by reading the weights: in that layout CPU BLAS reads them up to
-    2.6x faster (measured: 3.0 vs 7.8 ms for the card's 50,257 x 384 head), and in bf16 half the bytes
-    are read with no per-token cast. Making the copies takes ~50 ms for the card's model, so a layer keeps
-    its copy for later streams and remakes it only when its weight changed (a new version, storage or
-    device). `drop_decode_weights` frees them.
+
+@contextlib.contextmanager
+def onednn_off() -> Iterator[None]:
+    """Turn oneDNN off for CPU matmuls while any thread is inside (a process-wide flag, so counted).
+
+    Used around one-token decode steps only: for a many-row bf16 matmul (a prefill, training) oneDNN is
+    the fast path, so a step that feeds several tokens keeps it. The flag before the first user comes back
+    after the last one leaves.
+    """
+    global _onednn_users, _onednn_before
+    with _onednn_lock:
+        if _onednn_users == 0:
+            _onednn_before = torch.backends.mkldnn.enabled
+            torch.backends.mkldnn.enabled = False
+        _onednn_users += 1
+    try:
+        yield
+    finally:
+        with _onednn_lock:
+            _onednn_users -= 1
+            if _onednn_users == 0:
+                torch.backends.mkldnn.enabled = _onednn_before
+
+
+def prepare_decode_weights(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Give every `Linear` of `model` a copy of its weight in `dtype` for decode steps (see `Linear`).
+
+    Decode steps are batch 1 and bound by reading the weights. The copy is (in, out) row-major, the layout
+    CPU BLAS reads up to 2.6x faster in fp32 (3.0 vs 7.8 ms for the card's 50,257 x 384 head), except for
+    bf16/fp16 on CPU, which keep the (out, in) layout of ATen's one-row kernel (`onednn_off`). In bf16
+    half the bytes are read with no per-token cast. Making the copies takes ~50 ms for the card's model,
+    so a layer keeps its copy for later streams and remakes it only when its weight changed (a new
+    version, storage or device). `drop_decode_weights` frees them.
     """
     for m in model.modules():
         if not isinstance(m, Linear):
@@ -255,8 +293,11 @@ def prepare_decode_weights(model: torch.nn.Module, dtype: torch.dtype) -> None:
         key = (m.weight.device, *((p.data_ptr(), _version(p)) for p in params))
         kept = m.decode_copies.get(dtype)
         if kept is None or kept[0] != key:
+            transposed = not (m.weight.device.type == "cpu" and dtype in NATIVE_GEMV_DTYPES)
+            w = m.weight.detach()
+            w = (w.t() if transposed else w).to(dtype).contiguous()
             bias = None if m.bias is None else m.bias.detach().to(dtype)
-            m.decode_copies[dtype] = (key, m.weight.detach().t().to(dtype).contiguous(), bias)
+            m.decode_copies[dtype] = (key, w, bias, transposed)
 
 
 def _version(t: torch.Tensor) -> int | object:
