@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 BUFFER_ELEMENTS = 1 << 25  # logits per chunk on CPU: 32M fp32 = 128 MiB (the card's vocab: 512 positions)
 ATTENTION_BLOCKS = 4  # query blocks of `causal_attention`
-NLL_BLOCK, NLL_ROWS = 4096, 512  # vocabulary rows x positions of a no-grad tile: 8 MiB fp32, cache-sized
+NLL_BLOCK, NLL_ROWS = 4096, 512  # no-grad CPU tiles: vocabulary rows (fp32) x positions (both paths)
 CUDA_BUFFER_ELEMENTS = 1 << 27  # on CUDA the caching allocator makes a larger buffer free: fewer launches
 
 
@@ -133,6 +133,26 @@ def _blocked_nll(
     return total
 
 
+def _rowwise_nll(
+    h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int
+) -> torch.Tensor:
+    """Summed NLL without gradients, NLL_ROWS positions at a time (CPU evaluation in bf16/fp16).
+
+    Their logits come from one low-precision matmul and go through ATen's fused fp32 log-softmax. Once
+    the matmul runs twice as fast as in fp32, `_blocked_nll`'s separate max/exp/sum passes per tile cost
+    more than they save: measured 12% slower on the card's eval in bf16.
+    """
+    total = torch.zeros((), dtype=torch.float32, device=h.device)
+    with torch.autocast(h.device.type, enabled=False):
+        hc, w = h.to(_matmul_dtype(h)), weight.to(_matmul_dtype(h))
+        for r in range(0, h.size(0), NLL_ROWS):
+            logits = torch.mm(hc[r : r + NLL_ROWS], w.t()).float()
+            total += F.cross_entropy(
+                logits, targets[r : r + NLL_ROWS], ignore_index=ignore_index, reduction="sum"
+            )
+    return total
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     """Loss and both gradients in the forward pass; backward only scales them by the incoming gradient."""
 
@@ -168,8 +188,10 @@ def linear_cross_entropy(
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
         return _LinearCrossEntropy.apply(h, weight, targets, ignore_index, reduction == "mean")
-    if h.device.type == "cpu":
+    if h.device.type == "cpu" and _matmul_dtype(h) == torch.float32:
         total = _blocked_nll(h, weight, targets, ignore_index)
+    elif h.device.type == "cpu":
+        total = _rowwise_nll(h, weight, targets, ignore_index)
     else:  # on a GPU the whole-vocabulary chunk is fewer, larger kernels
         total = _fused_head(h, weight, targets, ignore_index, None)[0]
     return total if reduction == "sum" else total / (targets != ignore_index).sum().clamp(min=1)
