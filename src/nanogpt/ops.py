@@ -142,9 +142,10 @@ def _rowwise_nll(
     the matmul runs twice as fast as in fp32, `_blocked_nll`'s separate max/exp/sum passes per tile cost
     more than they save: measured 12% slower on the card's eval in bf16.
     """
+    cdt = _matmul_dtype(h)  # before autocast is turned off below
     total = torch.zeros((), dtype=torch.float32, device=h.device)
     with torch.autocast(h.device.type, enabled=False):
-        hc, w = h.to(_matmul_dtype(h)), weight.to(_matmul_dtype(h))
+        hc, w = h.to(cdt), weight.to(cdt)
         for r in range(0, h.size(0), NLL_ROWS):
             logits = torch.mm(hc[r : r + NLL_ROWS], w.t()).float()
             total += F.cross_entropy(
