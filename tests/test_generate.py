@@ -7,15 +7,14 @@ import torch
 from nanogpt import cli
 from nanogpt.checkpoint import save_model
 from nanogpt.config import ModelConfig
+from nanogpt.decode_weights import drop_decode_weights, onednn_off
 from nanogpt.errors import UserError
 from nanogpt.generate import (
     SampleStats,
     candidates,
     check_sampling,
     decode_steps,
-    drop_decode_weights,
     generate,
-    onednn_off,
     prepare_prompt,
     sample_next,
     stream_text,

@@ -218,7 +218,7 @@ def test_resume_is_exact(tiny_cfg, small_data, tmp_path):
 
 def test_rest_of_package_does_not_import_mlx():
     code = (
-        "import sys, nanogpt.cli, nanogpt.train, nanogpt.generate, nanogpt.checkpoint, nanogpt.evaluate\n"
+        "import sys, nanogpt.cli, nanogpt.train, nanogpt.train_cli, nanogpt.generate, nanogpt.checkpoint, nanogpt.evaluate\n"
         "assert not any(m == 'mlx' or m.startswith('mlx.') for m in sys.modules), 'mlx imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

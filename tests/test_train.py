@@ -25,7 +25,8 @@ from nanogpt.optim import (
     param_groups,
 )
 from nanogpt.plot import read_log
-from nanogpt.train import build_parser, estimate_loss, first_difference, resolve_configs, train
+from nanogpt.train import estimate_loss, first_difference, train
+from nanogpt.train_cli import build_parser, resolve_configs
 
 CPU = torch.device("cpu")
 

@@ -27,7 +27,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "main",
         "turn a corpus (builtin, text, JSONL, Parquet, HF dataset) into token shards",
     ),
-    "train": ("nanogpt.train", "main", "train a model (CPU, CUDA, torchrun DDP); resumable"),
+    "train": ("nanogpt.train_cli", "main", "train a model (CPU, CUDA, torchrun DDP); resumable"),
     "eval": ("nanogpt.evaluate", "main", "held-out perplexity and bits per byte of a checkpoint"),
     "sample": ("nanogpt.generate", "main", "generate text from a checkpoint (KV cache, streaming)"),
     "distill": ("nanogpt.distill", "main", "knowledge distillation from a local or API teacher"),

@@ -354,7 +354,7 @@ def parse_teacher(spec: str) -> TeacherSpec:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from nanogpt.train import add_train_config_flags
+    from nanogpt.train_cli import add_train_config_flags
 
     p = argparse.ArgumentParser(
         prog="nanogpt distill",

@@ -36,7 +36,7 @@ class Linear(nn.Linear):
     """nn.Linear that prints as the card does: `Linear(384, 1152)`.
 
     During a decode step (`DECODE_DTYPE` set) a layer that holds a copy of its weight for that dtype in
-    `decode_copies` (made by `generate.prepare_decode_weights`) multiplies by the copy: a copy made once
+    `decode_copies` (made by `decode_weights.prepare_decode_weights`) multiplies by the copy: a copy made once
     saves autocast re-casting every weight at every token, and its layout is the one the one-row kernel
     reads fastest: (in, out) row-major for fp32 CPU BLAS (up to 2.6x faster than nn.Linear's), the stock
     (out, in) for ATen's bf16/fp16 kernel.

@@ -1,0 +1,157 @@
+"""The `nanogpt train` command: one flag per TrainConfig field, config resolution, and `main`.
+
+Settings come, in order, from a preset or a `--config` file (or the run's own on `--resume`), then flags;
+`nanogpt.train.train` does the work (`nanogpt.mlx.train.train_mlx` with `--backend mlx`).
+
+    nanogpt train --data data/builtin --out runs/tiny --preset tiny --max-iters 2000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections.abc import Callable
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nanogpt.checkpoint import STATE_JSON, load_config_of, recover_dir
+from nanogpt.config import PRESETS, ModelConfig, TrainConfig, override, preset
+from nanogpt.errors import UserError
+from nanogpt.plot import plot_run
+from nanogpt.train import train
+
+
+def _number(kind: type) -> Callable[[str], Any]:
+    """An argparse type accepting 1e6 / 1_000_000 for ints too."""
+
+    def parse(s: str) -> Any:
+        v = float(s.replace("_", ""))
+        if kind is int:
+            if v != int(v):
+                raise argparse.ArgumentTypeError(f"{s!r} is not a whole number")
+            return int(v)
+        return v
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def add_train_config_flags(p: argparse.ArgumentParser, skip_prefix: str | None = None) -> None:
+    """One flag per TrainConfig field (`--max-iters`, ...), default None so unset flags keep the config's."""
+    g = p.add_argument_group("training config (TrainConfig fields)")
+    defaults = TrainConfig()
+    for f in fields(TrainConfig):
+        if skip_prefix and f.name.startswith(skip_prefix):
+            continue
+        flag, default = "--" + f.name.replace("_", "-"), getattr(defaults, f.name)
+        if f.type == "bool":
+            g.add_argument(
+                flag, action=argparse.BooleanOptionalAction, default=None, help=f"default {default}"
+            )
+        else:
+            kind = {"int": int, "float": float}.get(str(f.type).split(" |")[0], str)
+            conv = _number(kind) if kind in (int, float) else str
+            g.add_argument(
+                flag, type=conv, default=None, metavar=kind.__name__.upper(), help=f"default {default}"
+            )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="nanogpt train",
+        description="Train a model into a run folder (resumable; torchrun for many processes). "
+        "Unset flags keep the config's values; TrainConfig defaults are the card's recipe.",
+    )
+    p.add_argument(
+        "--data", help="prepared data folder (`nanogpt prepare`); on --resume defaults to the run's"
+    )
+    p.add_argument("--out", help="run folder to create (or continue with --resume)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument(
+        "--preset", choices=list(PRESETS), help="model preset (default: card, or the run's on --resume)"
+    )
+    src.add_argument("--config", help="JSON config: model keys, training keys, or both (the card's block)")
+    p.add_argument("--dropout", type=float, help="model dropout (a model config key)")
+    p.add_argument("--resume", action="store_true", help="continue RUN from RUN/last/")
+    p.add_argument("--init-from", metavar="CKPT", help="start from this checkpoint's weights (fine-tuning)")
+    p.add_argument("--plot", metavar="RUN", help="only regenerate RUN/loss.png from RUN/log.jsonl")
+    p.add_argument("--peak-flops", type=float, help="peak FLOP/s per device for the MFU estimate")
+    p.add_argument("--threads", type=int, help="torch CPU threads (fix it for bit-identical resumes)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--backend", choices=("torch", "mlx"), default="torch", help="PyTorch (default) or Apple MLX (fp32)"
+    )
+    add_train_config_flags(p)
+    return p
+
+
+def resolve_configs(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig]:
+    """Model and training configs from, in order: preset/config/the run's/init-from's, then flags.
+
+    On --resume training settings start from the run's train_config.json, then a --config file's
+    training keys, then flags.
+    """
+    run = Path(args.out)
+    file_keys: dict[str, Any] = {}
+    if args.config:
+        from nanogpt.config import load_config
+
+        model_cfg, train_cfg = load_config(args.config)
+        file_keys = json.loads(Path(args.config).read_text())
+    elif args.preset:
+        model_cfg, train_cfg = preset(args.preset), TrainConfig()
+    elif args.resume and (run / "config.json").is_file():
+        model_cfg, train_cfg = ModelConfig.load(run / "config.json"), TrainConfig()
+    elif args.init_from:
+        model_cfg, train_cfg = load_config_of(args.init_from), TrainConfig()
+    else:
+        model_cfg, train_cfg = preset("card"), TrainConfig()
+    if args.resume and (run / "train_config.json").is_file():
+        saved = TrainConfig.from_dict(json.loads((run / "train_config.json").read_text()))
+        names = {f.name for f in fields(TrainConfig)}
+        train_cfg = override(saved, **{k: v for k, v in file_keys.items() if k in names})
+    model_cfg = override(model_cfg, dropout=args.dropout)
+    train_cfg = override(train_cfg, **{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
+    return model_cfg, train_cfg
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.plot:
+        print(plot_run(args.plot))
+        return 0
+    if not args.out:
+        raise UserError("--out RUN is required: the run folder to write (or --plot RUN to only draw a log)")
+    model_cfg, train_cfg = resolve_configs(args)
+    data = args.data
+    if data is None and args.resume:
+        state = recover_dir(Path(args.out) / "last") / STATE_JSON
+        data = json.loads(state.read_text()).get("data_dir") if state.is_file() else None
+    if data is None:
+        raise UserError("--data DIR is required: a folder made by `nanogpt prepare`")
+    trainer = train
+    if args.backend == "mlx":
+        from nanogpt.mlx.train import train_mlx as trainer  # raises a one-line error without MLX
+    result = trainer(
+        model_cfg,
+        train_cfg,
+        data,
+        args.out,
+        resume=args.resume,
+        init_from=args.init_from,
+        progress=not args.no_progress,
+        peak_flops=args.peak_flops,
+    )
+    if int(os.environ.get("RANK", 0)) == 0:
+        best = f"{result.best_val_loss:.4f}" if result.best_val_loss is not None else "n/a"
+        print(
+            f"{result.run_dir}: {result.steps} steps, {result.tokens:,} tokens, "
+            f"{result.tokens_per_s:,.0f} tokens/s, best val loss {best}"
+        )
+    return 0
