@@ -322,6 +322,43 @@ def test_model_card_readme(tmp_path, small_data):
     assert "trust_remote_code=True" in bare
 
 
+def test_model_card_takes_the_bench_table(exported, tmp_path):
+    from nanogpt.bench import fmt, markdown_table, run_bench, write_outputs
+
+    res = run_bench(NanoGPTLMHeadModel(tiny()), batch=1, seq=16, repeats=1, warmup=0)  # bench trains it
+    write_outputs(res, tmp_path / "bench")
+    rc = cli.main(
+        [
+            "export",
+            "--model",
+            str(exported["ckpt"]),
+            "--out",
+            str(tmp_path / "o"),
+            "--bench",
+            str(tmp_path / "bench"),
+        ]
+    )
+    assert rc == 0
+    text = (tmp_path / "o" / "README.md").read_text()
+    assert "### Performance Benchmarks" in text
+    assert text.index("### Performance Benchmarks") < text.index("## Usage")
+    train = res.row("train_tokens_per_s")
+    line = next(ln for ln in markdown_table(res).splitlines() if ln.startswith(f"| {train.metric} |"))
+    assert line in text and fmt(train.value, train.unit) in line  # our measured training throughput
+    assert "Measured matmul GFLOP/s" in text  # the machine and roofline come with the table
+    # a bench of another configuration describes another model: refused, and nothing is written
+    other = run_bench(NanoGPTLMHeadModel(tiny(n_layers=1)), batch=1, seq=16, repeats=1, warmup=0)
+    write_outputs(other, tmp_path / "other")
+    with pytest.raises(UserError, match="n_layers 1.*this model's 2"):
+        hf.export(exported["ckpt"], tmp_path / "o2", bench=tmp_path / "other")
+    assert not (tmp_path / "o2").exists()
+    (tmp_path / "torn.json").write_text('{"config": {')
+    with pytest.raises(UserError, match="not a `nanogpt bench` bench.json"):
+        hf.export(exported["ckpt"], tmp_path / "o3", bench=tmp_path / "torn.json")
+    with pytest.raises(UserError, match="no bench results"):
+        hf.export(exported["ckpt"], tmp_path / "o4", bench=tmp_path / "missing")
+
+
 @pytest.mark.parametrize(
     ("changes", "word"),
     [

@@ -81,6 +81,23 @@ class BenchResult:
             r["ratio"] = row.ratio
         return d
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> BenchResult:
+        rows = [Row(**{k: v for k, v in r.items() if k != "ratio"}) for r in d["rows"]]  # ratio: derived
+        return cls(**{**d, "rows": rows})
+
+
+def load_bench(path: str | Path) -> BenchResult:
+    """A bench run's results from its output folder or its bench.json (what `write_outputs` wrote)."""
+    p = Path(path)
+    p = p / "bench.json" if p.is_dir() else p
+    if not p.is_file():
+        raise UserError(f"no bench results at {p}; run `nanogpt bench --model RUN --out DIR` and pass DIR")
+    try:
+        return BenchResult.from_dict(json.loads(p.read_text()))
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{p} is not a `nanogpt bench` bench.json ({e}); run the bench again") from e
+
 
 def run_bench(
     model: torch.nn.Module,

@@ -269,10 +269,33 @@ def check_out_dir(out: Path, force: bool) -> None:
         )
 
 
+def bench_section(bench: str | Path, cfg: ModelConfig) -> str:
+    """The model card's benchmark table from a `nanogpt bench` run of this model's configuration."""
+    from nanogpt.bench import load_bench, markdown_table
+
+    res = load_bench(bench)
+    ours = cfg.to_dict()
+    for key in sorted(set(ours) | set(res.config)):
+        if ours.get(key) != res.config.get(key):
+            raise UserError(
+                f"the bench at {bench} measured another configuration ({key} {res.config.get(key)!r}, this "
+                f"model's {ours.get(key)!r}); run `nanogpt bench --model` on this checkpoint and pass its --out"
+            )
+    return markdown_table(res)
+
+
 def export(
-    model_path: str | Path, out: str | Path, fmt: str = "remote-code", force: bool = False
+    model_path: str | Path,
+    out: str | Path,
+    fmt: str = "remote-code",
+    force: bool = False,
+    bench: str | Path | None = None,
 ) -> ExportResult:
-    """Write checkpoint `model_path` (run or checkpoint folder) as a Hugging Face folder `out`."""
+    """Write checkpoint `model_path` (run or checkpoint folder) as a Hugging Face folder `out`.
+
+    `bench`: a `nanogpt bench` output folder (or its bench.json) of this configuration, whose table goes
+    into the model card.
+    """
     if fmt not in FORMATS:
         raise UserError(f"unknown export format {fmt!r}; use one of {', '.join(FORMATS)}")
     out = Path(out)
@@ -285,6 +308,7 @@ def export(
     counts = ParamCounts(model.num_params(unique=False), model.num_params(unique=True))
     sd = model_state(model)  # the tied head is dropped: stored once, as transformers does
     facts = read_run_facts(folder)
+    benchmarks = bench_section(bench, cfg) if bench is not None else None
     with atomic_dir(out) as tmp:
         if fmt == "remote-code":
             write_json(tmp / CONFIG, remote_code_config(cfg))
@@ -296,7 +320,7 @@ def export(
             save_file(to_gpt2_state(sd), str(tmp / WEIGHTS), metadata={"format": "pt"})
         write_json(tmp / "generation_config.json", generation_config())
         write_tokenizer(tmp, cfg.context_length)
-        (tmp / "README.md").write_text(render_model_card(cfg, facts, counts, fmt, str(out)))
+        (tmp / "README.md").write_text(render_model_card(cfg, facts, counts, fmt, str(out), benchmarks))
         write_json(tmp / MARKER, {"nanogpt_version": __version__, "format": fmt, "source": str(folder)})
         files = sorted(p.name for p in tmp.iterdir())
     return ExportResult(out=out, format=fmt, counts=counts, files=files)
@@ -396,11 +420,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--force", action="store_true", help="replace --out even if nanogpt did not write it")
     p.add_argument(
+        "--bench", metavar="DIR", help="a `nanogpt bench --out DIR` of this model: its table goes in the card"
+    )
+    p.add_argument(
         "--push-to-hub", metavar="REPO", help="also upload the folder to this Hub repo (token: HF_TOKEN)"
     )
     args = p.parse_args(argv)
     token = hub_token() if args.push_to_hub else None  # fail before the work, not after
-    res = export(args.model, args.out, args.format, args.force)
+    res = export(args.model, args.out, args.format, args.force, args.bench)
     print(
         f"wrote {res.out} ({res.format}): {res.counts.total:,} parameters "
         f"({res.counts.unique:,} unique), files: {', '.join(res.files)}"

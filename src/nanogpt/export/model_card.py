@@ -172,8 +172,18 @@ print(text)
 ```"""
 
 
-def render_model_card(cfg: ModelConfig, facts: RunFacts, counts: ParamCounts, fmt: str, folder: str) -> str:
-    """README.md text for an export in `fmt` ("remote-code" | "gpt2") found at `folder`."""
+def render_model_card(
+    cfg: ModelConfig,
+    facts: RunFacts,
+    counts: ParamCounts,
+    fmt: str,
+    folder: str,
+    benchmarks: str | None = None,
+) -> str:
+    """README.md text for an export in `fmt` ("remote-code" | "gpt2") found at `folder`.
+
+    `benchmarks`: a `nanogpt bench` markdown table of this configuration (`bench.markdown_table`).
+    """
     millions = counts.total / 1e6
     short = "Pre-LN" if cfg.norm_position == "pre" else "Post-LN"
     norm = f"{short[:-2]}LayerNorm ({short})"
@@ -229,6 +239,17 @@ def render_model_card(cfg: ModelConfig, facts: RunFacts, counts: ParamCounts, fm
             training.append(f"- **Held-out validation perplexity{at}:** {facts.val_ppl:.2f}")
     if training:
         out += ["", "### Training", "", *training]
+    if benchmarks:
+        out += [
+            "",
+            "### Performance Benchmarks",
+            "",
+            "Measured with `nanogpt bench` at this configuration. Each row times exactly what its name says "
+            "(training is forward + backward + AdamW; decode is batch 1 with the KV cache); speed does not "
+            "depend on the weights' values.",
+            "",
+            benchmarks.rstrip(),
+        ]
     out += [
         "",
         "## Usage",
