@@ -7,7 +7,7 @@ import torch
 from nanogpt import cli
 from nanogpt.checkpoint import save_model
 from nanogpt.config import ModelConfig
-from nanogpt.decode_weights import drop_decode_weights, onednn_off
+from nanogpt.decode_weights import cpu_decode_kernel, drop_decode_weights
 from nanogpt.errors import UserError
 from nanogpt.generate import (
     SampleStats,
@@ -287,29 +287,55 @@ def test_one_token_bf16_steps_run_with_onednn_off_and_restore_it(model):
         hook.remove()
 
 
-def test_onednn_off_is_counted_across_threads():
+def test_cpu_decode_steps_of_two_threads_take_turns():
     assert torch.backends.mkldnn.enabled
+    seen: list[tuple[str, bool]] = []
     inside, release = threading.Event(), threading.Event()
 
-    def other() -> None:
-        with onednn_off():
+    def one_token_step() -> None:
+        with cpu_decode_kernel(one_row=True):
+            seen.append(("step", torch.backends.mkldnn.enabled))
             inside.set()
             release.wait(10)
 
-    t = threading.Thread(target=other)
-    t.start()
+    def prefill() -> None:
+        with cpu_decode_kernel(one_row=False):
+            seen.append(("prefill", torch.backends.mkldnn.enabled))
+
+    a = threading.Thread(target=one_token_step)
+    a.start()
     assert inside.wait(10)
-    with onednn_off():
-        assert not torch.backends.mkldnn.enabled
-    assert not torch.backends.mkldnn.enabled  # the other thread is still inside: it stays off
+    b = threading.Thread(target=prefill)
+    b.start()
+    b.join(0.3)
+    assert b.is_alive() and seen == [("step", False)]  # the prefill waits for the step to end
     release.set()
-    t.join(10)
-    assert torch.backends.mkldnn.enabled  # the last one out restores it
+    a.join(10)
+    b.join(10)
+    assert seen == [("step", False), ("prefill", True)]  # and then runs with oneDNN on
+    assert torch.backends.mkldnn.enabled
     torch.backends.mkldnn.enabled = False
-    with onednn_off():
+    with cpu_decode_kernel(one_row=True):
         pass
     assert not torch.backends.mkldnn.enabled  # a user's own setting is what comes back
     torch.backends.mkldnn.enabled = True
+
+
+def test_concurrent_bf16_streams_match_solo_streams(model):
+    prompts = [PROMPT, PROMPT[::-1]]
+    solo = [[t for t, _ in decode_steps(model, p, 6, temperature=0, dtype="bf16")] for p in prompts]
+    got: dict[int, list[int]] = {}
+
+    def stream(i: int) -> None:
+        got[i] = [t for t, _ in decode_steps(model, prompts[i], 6, temperature=0, dtype="bf16")]
+
+    threads = [threading.Thread(target=stream, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert [got[0], got[1]] == solo
+    assert torch.backends.mkldnn.enabled
 
 
 def test_a_model_made_in_inference_mode_decodes(tiny_cfg):

@@ -35,7 +35,7 @@ from typing import Any, TextIO
 import torch
 
 from nanogpt.config import PRESETS, preset
-from nanogpt.decode_weights import NATIVE_GEMV_DTYPES, onednn_off, prepare_decode_weights
+from nanogpt.decode_weights import NATIVE_GEMV_DTYPES, cpu_decode_kernel, prepare_decode_weights
 from nanogpt.device import DTYPES, autocast, resolve_device, torch_dtype
 from nanogpt.errors import UserError
 from nanogpt.kv_cache import KVCache
@@ -216,9 +216,9 @@ def _decode(
             x = torch.tensor([new], dtype=torch.long, device=device)  # (1, T)
             # the copies are used inside this step only, and only by this thread (see model.Linear)
             token = DECODE_DTYPE.set(None if prefill else cache_dtype)
-            one_row = len(new) == 1 and native_gemv
+            kernel = cpu_decode_kernel(len(new) == 1) if native_gemv else contextlib.nullcontext()
             try:
-                with onednn_off() if one_row else contextlib.nullcontext():
+                with kernel:
                     # model(x) would apply lm_head at all T positions; only the last one is needed, which
                     # halves a long prefill's cost (the (T, d) x (d, 50257) head is as big as the blocks)
                     hidden = model.transformer(x, cache=cache)[:, -1]  # (1, d_model)
