@@ -46,13 +46,15 @@ def free_port() -> int:
 class Server:
     """A `nanogpt serve` subprocess; its stderr (one line per request) goes to `log`."""
 
-    def __init__(self, model: Path, log: Path, port: int | None = None, key: str | None = None) -> None:
+    def __init__(
+        self, model: Path, log: Path, port: int | None = None, key: str | None = None, dtype: str = "fp32"
+    ) -> None:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         args = [sys.executable, "-m", "nanogpt.serve", "--model", str(model), "--port", str(self.port)]
-        args += ["--name", "tiny", "--threads", "1"]
+        args += ["--name", "tiny", "--threads", "1", "--dtype", dtype]
         if key:
             env[KEY_ENV] = key
             args += ["--api-key-env", KEY_ENV]
@@ -186,6 +188,44 @@ def test_completions_generate_and_echo_logprobs(server):
     k = parse_topk(body, ids, 4, get_tokenizer())
     assert k.ids.shape == (len(ids) - 1, 4) and bool(k.valid.all())
     assert (k.logprobs <= 0).all()
+
+
+def test_bf16_server_decodes_and_scores_as_the_library_does(tiny_model, tmp_path):
+    from nanogpt.checkpoint import load_model
+    from nanogpt.generate import decode_steps
+
+    ids = get_tokenizer().encode("The king")
+    srv = Server(tiny_model, tmp_path / "serve.log", dtype="bf16")
+    try:
+        body = {"prompt": ids, "max_tokens": 6, "temperature": 0, "return_tokens_as_token_ids": True}
+        status, out = post(srv.url + "/v1/completions", {**body, "logprobs": 1})
+        score = {
+            "prompt": ids,
+            "max_tokens": 0,
+            "echo": True,
+            "logprobs": 1,
+            "return_tokens_as_token_ids": True,
+        }
+        _, scored = post(srv.url + "/v1/completions", score)
+    finally:
+        srv.stop()
+    assert status == 200 and "(bf16)" in (tmp_path / "serve.log").read_text()
+    got = [int(t.split(":")[1]) for t in out["choices"][0]["logprobs"]["tokens"]]
+    model = load_model(tiny_model)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the server runs
+    try:
+        want = [t for t, _ in decode_steps(model, ids, 6, temperature=0, dtype="bf16")]
+        with torch.inference_mode():
+            fp32 = torch.log_softmax(model(torch.tensor([ids]))[0].float(), -1)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                logp = torch.log_softmax(model(torch.tensor([ids]))[0].float(), -1)
+    finally:
+        torch.set_num_threads(threads)
+    assert got == want
+    served = scored["choices"][0]["logprobs"]["token_logprobs"][1]
+    assert served == pytest.approx(float(logp[0, ids[1]]), abs=1e-5)  # scoring runs in bf16 too
+    assert served != pytest.approx(float(fp32[0, ids[1]]), abs=1e-6)
 
 
 def test_chat_and_stream(server):

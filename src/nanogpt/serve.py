@@ -34,6 +34,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from nanogpt.device import DTYPES, autocast
 from nanogpt.errors import UserError
 from nanogpt.model import NanoGPTLMHeadModel
 from nanogpt.tokenizer import EOT_ID, Tokenizer, get_tokenizer
@@ -177,8 +178,10 @@ def top_alternatives(logp: torch.Tensor, k: int, tok: Tokenizer, as_ids: bool) -
 class Engine:
     """Scoring and generation for one model; `slots` bounds concurrent work (a semaphore)."""
 
-    def __init__(self, model: NanoGPTLMHeadModel, name: str, max_concurrent: int = 2) -> None:
-        self.model, self.name, self.tok = model.eval(), name, get_tokenizer()
+    def __init__(
+        self, model: NanoGPTLMHeadModel, name: str, max_concurrent: int = 2, dtype: str = "fp32"
+    ) -> None:
+        self.model, self.name, self.tok, self.dtype = model.eval(), name, get_tokenizer(), dtype
         self.slots = threading.BoundedSemaphore(max_concurrent)
         self.ctx = model.config.context_length
 
@@ -189,8 +192,10 @@ class Engine:
             raise BadRequest(f"prompt is {len(ids)} tokens; scoring needs at most {self.ctx + 1}")
         if len(ids) < 2:
             return torch.zeros(0, self.model.config.vocab_size)
-        x = torch.tensor([ids[:-1]], device=next(self.model.parameters()).device)
-        return F.log_softmax(self.model(x)[0].float(), dim=-1).cpu()
+        device = next(self.model.parameters()).device
+        with autocast(device, self.dtype):
+            logits = self.model(torch.tensor([ids[:-1]], device=device))[0].float()
+        return F.log_softmax(logits, dim=-1).cpu()
 
     def prompt_logprobs(self, ids: list[int], k: int, as_ids: bool) -> dict[str, list[Any]]:
         logp = self.score(ids)
@@ -216,6 +221,7 @@ class Engine:
                 top_k=s.top_k,
                 top_p=s.top_p,
                 seed=s.seed,
+                dtype=self.dtype,
             )
         except UserError as e:
             raise BadRequest(str(e)) from None
@@ -474,6 +480,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--max-concurrent", type=int, default=2, help="generations running at once (others wait)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto")
+    p.add_argument(
+        "--dtype",
+        default="fp32",
+        choices=list(DTYPES),
+        help="fp32, or bf16/fp16 autocast with decode on bf16/fp16 weight copies (~2x faster decode on CPU)",
+    )
     p.add_argument("--threads", type=int, help="torch CPU threads")
     return p
 
@@ -498,8 +510,12 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"--api-key-env {args.api_key_env}: that environment variable is empty or unset")
     model = load_model(args.model, device=resolve_device(args.device))
     name = args.name or Path(args.model).resolve().name
-    app = create_app(Engine(model, name, args.max_concurrent), api_key)
-    print(f"nanogpt serve: {name} on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
+    app = create_app(Engine(model, name, args.max_concurrent, args.dtype), api_key)
+    print(
+        f"nanogpt serve: {name} ({args.dtype}) on http://{args.host}:{args.port}/v1",
+        file=sys.stderr,
+        flush=True,
+    )
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
     return 0
 
