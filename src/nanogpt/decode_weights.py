@@ -48,6 +48,15 @@ def cpu_decode_kernel(one_row: bool) -> Iterator[None]:
             torch.backends.mkldnn.enabled = before
 
 
+def decode_kernel(
+    device: torch.device, dtype: torch.dtype, one_row: bool
+) -> contextlib.AbstractContextManager:
+    """`cpu_decode_kernel(one_row)` for a bf16/fp16 model call on CPU, else nothing to do."""
+    if device.type == "cpu" and dtype in NATIVE_GEMV_DTYPES:
+        return cpu_decode_kernel(one_row)
+    return contextlib.nullcontext()
+
+
 def prepare_decode_weights(model: torch.nn.Module, dtype: torch.dtype) -> None:
     """Give every `Linear` of `model` a copy of its weight in `dtype` for decode steps (see `Linear`).
 

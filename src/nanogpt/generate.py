@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import codecs
-import contextlib
 import math
 import os
 import sys
@@ -35,7 +34,7 @@ from typing import Any, TextIO
 import torch
 
 from nanogpt.config import PRESETS, preset
-from nanogpt.decode_weights import NATIVE_GEMV_DTYPES, cpu_decode_kernel, prepare_decode_weights
+from nanogpt.decode_weights import decode_kernel, prepare_decode_weights
 from nanogpt.device import DTYPES, autocast, resolve_device, torch_dtype
 from nanogpt.errors import UserError
 from nanogpt.kv_cache import KVCache
@@ -205,7 +204,6 @@ def _decode(
     with torch.inference_mode():
         cache = KVCache.for_model(model.config, batch_size=1, device=device, dtype=cache_dtype)
     prepared: list[bool] = []  # the decode copies are made after the prefill
-    native_gemv = device.type == "cpu" and cache_dtype in NATIVE_GEMV_DTYPES
 
     def forward(new: list[int], prefill: bool = False) -> torch.Tensor:
         """Feed `new` after what the cache holds; logits (V,) float32 of the last position."""
@@ -216,9 +214,8 @@ def _decode(
             x = torch.tensor([new], dtype=torch.long, device=device)  # (1, T)
             # the copies are used inside this step only, and only by this thread (see model.Linear)
             token = DECODE_DTYPE.set(None if prefill else cache_dtype)
-            kernel = cpu_decode_kernel(len(new) == 1) if native_gemv else contextlib.nullcontext()
             try:
-                with kernel:
+                with decode_kernel(device, cache_dtype, one_row=len(new) == 1):
                     # model(x) would apply lm_head at all T positions; only the last one is needed, which
                     # halves a long prefill's cost (the (T, d) x (d, 50257) head is as big as the blocks)
                     hidden = model.transformer(x, cache=cache)[:, -1]  # (1, d_model)

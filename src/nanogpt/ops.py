@@ -102,7 +102,7 @@ def _fused_head(
 def _blocked_nll(
     h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int
 ) -> torch.Tensor:
-    """Summed NLL without gradients, one pass over the vocabulary in cache-sized blocks (CPU evaluation).
+    """Summed NLL without gradients, one pass over the vocabulary in cache-sized blocks (CPU eval in fp32).
 
     Each (block, chunk) tile of logits is made, folded into a running max and sum of exponentials per
     position (the online softmax) and dropped while it is still in cache: one trip through memory for the

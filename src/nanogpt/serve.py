@@ -34,7 +34,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from nanogpt.device import DTYPES, autocast
+from nanogpt.decode_weights import decode_kernel
+from nanogpt.device import DTYPES, autocast, torch_dtype
 from nanogpt.errors import UserError
 from nanogpt.model import NanoGPTLMHeadModel
 from nanogpt.tokenizer import EOT_ID, Tokenizer, get_tokenizer
@@ -193,7 +194,8 @@ class Engine:
         if len(ids) < 2:
             return torch.zeros(0, self.model.config.vocab_size)
         device = next(self.model.parameters()).device
-        with autocast(device, self.dtype):
+        # bf16 on CPU: take turns with the decode steps of other streams (see decode_weights)
+        with decode_kernel(device, torch_dtype(self.dtype), one_row=False), autocast(device, self.dtype):
             logits = self.model(torch.tensor([ids[:-1]], device=device))[0].float()
         return F.log_softmax(logits, dim=-1).cpu()
 
