@@ -4,7 +4,7 @@ import threading
 import pytest
 import torch
 
-from nanogpt import cli
+from nanogpt import cli, decode_weights
 from nanogpt.checkpoint import save_model
 from nanogpt.config import ModelConfig
 from nanogpt.decode_weights import cpu_decode_kernel, drop_decode_weights
@@ -285,6 +285,25 @@ def test_one_token_bf16_steps_run_with_onednn_off_and_restore_it(model):
         assert seen == [True, True, True]  # fp32 goes to CPU BLAS: nothing to switch
     finally:
         hook.remove()
+
+
+def test_before_torch_2_6_bf16_decode_keeps_onednn_and_transposed_copies(model, monkeypatch):
+    monkeypatch.setattr(
+        decode_weights, "NATIVE_GEMV_TORCH", False
+    )  # ATen's x86 bf16 kernel is not fast there
+    drop_decode_weights(model)
+    seen: list[bool] = []
+    hook = model.lm_head.register_forward_pre_hook(lambda *_: seen.append(torch.backends.mkldnn.enabled))
+    try:
+        b16 = [logits for _, logits in decode_steps(model, PROMPT, 3, temperature=0, dtype="bf16")]
+    finally:
+        hook.remove()
+    f32 = [logits for _, logits in decode_steps(model, PROMPT, 3, temperature=0)]
+    assert seen == [True, True, True]
+    qkv = model.transformer.blocks[0].attn.qkv_proj
+    _, w, _, transposed = qkv.decode_copies[torch.bfloat16]
+    assert transposed and w.shape == (qkv.in_features, qkv.out_features) and w.dtype == torch.bfloat16
+    assert all(0 < float((a - b).norm() / b.norm()) < 2e-2 for a, b in zip(b16, f32, strict=True))
 
 
 def test_cpu_decode_steps_of_two_threads_take_turns():

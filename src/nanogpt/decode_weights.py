@@ -14,14 +14,22 @@ import threading
 from collections.abc import Iterator
 
 import torch
+from torch.torch_version import TorchVersion
 
 from nanogpt.model import Linear
 
 # On CPU, ATen's own one-row bf16/fp16 kernel (fp32 accumulation) reads the stock (out, in) weights at about
 # twice the speed of oneDNN's, which PyTorch picks whenever oneDNN is on (measured on the card's 50,257 x 384
 # head: 1.6 ms against 3.0-3.6 ms). fp32 goes to CPU BLAS either way and is faster on (in, out) copies.
+# That kernel is vectorised on x86 from PyTorch 2.6 (before, only on ARM): older versions keep oneDNN.
 NATIVE_GEMV_DTYPES = (torch.bfloat16, torch.float16)
+NATIVE_GEMV_TORCH = TorchVersion(torch.__version__) >= (2, 6)
 _kernel_lock = threading.Lock()
+
+
+def native_one_row(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether one-row decode matmuls in `dtype` on `device` go to ATen's kernel (oneDNN off)."""
+    return device.type == "cpu" and dtype in NATIVE_GEMV_DTYPES and NATIVE_GEMV_TORCH
 
 
 @contextlib.contextmanager
@@ -52,7 +60,7 @@ def decode_kernel(
     device: torch.device, dtype: torch.dtype, one_row: bool
 ) -> contextlib.AbstractContextManager:
     """`cpu_decode_kernel(one_row)` for a bf16/fp16 model call on CPU, else nothing to do."""
-    if device.type == "cpu" and dtype in NATIVE_GEMV_DTYPES:
+    if native_one_row(device, dtype):
         return cpu_decode_kernel(one_row)
     return contextlib.nullcontext()
 
@@ -74,7 +82,7 @@ def prepare_decode_weights(model: torch.nn.Module, dtype: torch.dtype) -> None:
         key = (m.weight.device, *((p.data_ptr(), _version(p)) for p in params))
         kept = m.decode_copies.get(dtype)
         if kept is None or kept[0] != key:
-            transposed = not (m.weight.device.type == "cpu" and dtype in NATIVE_GEMV_DTYPES)
+            transposed = not native_one_row(m.weight.device, dtype)
             w = m.weight.detach()
             w = (w.t() if transposed else w).to(dtype).contiguous()
             bias = None if m.bias is None else m.bias.detach().to(dtype)
