@@ -8,7 +8,8 @@
 #   scripts/gpu_checks.sh recipe-kd    # stage 2: 15K distillation iterations from runs/base (same machine)
 #
 # The two recipe stages are two commands because each must stay under the device tool's 10 minutes; with
-# 15 minutes of device time in all, run them first, on a fresh budget, with nothing else.
+# 15 minutes of device time in all, run them first, on a fresh budget, with nothing else, and the second
+# right after the first: runs/base only survives on the same warm machine (given back after ~30 s idle).
 #
 # Logs and results go to $OUT (default gpu_out/); every step has its own time limit.
 set -u
@@ -55,6 +56,10 @@ elif [ "$stage" = recipe-base ]; then
     cp runs/base/log.jsonl "$OUT/base_log.jsonl" 2>/dev/null
     cp runs/base/loss.png "$OUT/base_loss.png" 2>/dev/null
 elif [ "$stage" = recipe-kd ]; then
+    if [ ! -f runs/base/last/model.safetensors ]; then
+        echo "runs/base is missing: run recipe-base first, on the same machine" | tee -a "$log" >&2
+        exit 2
+    fi
     # the card's teacher (GPT-OSS-20B behind an API) cannot be reached from the device: the base model
     # teaches itself, which times the stage's loop with one local teacher forward per step
     step 570 $ng distill --preset card --student runs/base --teacher runs/base --teacher-dtype bf16 \
