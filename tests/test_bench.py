@@ -175,6 +175,12 @@ def test_run_bench_without_peers_and_bf16(tiny_cfg):
     assert res.roofline["dtype"] == "bf16" and res.settings["dtype"] == "bf16"
 
 
+def test_accuracy_cost_format():
+    from nanogpt.bench import fmt
+
+    assert fmt(0.0, "nats") == "0 (equal in float32)" and fmt(2.19e-05, "nats") == "2.19e-05"
+
+
 def test_bf16_run_reports_both_models_accuracy_cost(tiny_cfg):
     torch.manual_seed(0)
     model = NanoGPTLMHeadModel(tiny_cfg)

@@ -318,8 +318,8 @@ def fmt(value: float | None, unit: str) -> str:
         return f"{value:,.0f}"
     if unit == "s":
         return f"{value:.3f}"
-    if unit == "nats":
-        return f"{value:.2e}"
+    if unit == "nats":  # a 0 difference of two float32 means: equal to float32's resolution, not exact
+        return "0 (equal in float32)" if value == 0 else f"{value:.2e}"
     return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.2f}"
 
 
