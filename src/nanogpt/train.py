@@ -395,7 +395,6 @@ def train(
     """
     _validate(train_cfg)
     info, device = setup_distributed(train_cfg.device)
-    s = None
     try:
         s = _open_session(
             model_cfg,

@@ -272,15 +272,16 @@ def check_out_dir(out: Path, force: bool) -> None:
 def bench_section(bench: str | Path, cfg: ModelConfig) -> str:
     """The model card's benchmark table from a `nanogpt bench` run of this model's configuration."""
     from nanogpt.bench import load_bench, markdown_table
+    from nanogpt.train import first_difference
 
     res = load_bench(bench)
     ours = cfg.to_dict()
-    for key in sorted(set(ours) | set(res.config)):
-        if ours.get(key) != res.config.get(key):
-            raise UserError(
-                f"the bench at {bench} measured another configuration ({key} {res.config.get(key)!r}, this "
-                f"model's {ours.get(key)!r}); run `nanogpt bench --model` on this checkpoint and pass its --out"
-            )
+    key = first_difference(ours, res.config)
+    if key is not None:
+        raise UserError(
+            f"the bench at {bench} measured another configuration ({key} {res.config.get(key)!r}, this "
+            f"model's {ours.get(key)!r}); run `nanogpt bench --model` on this checkpoint and pass its --out"
+        )
     return markdown_table(res)
 
 
