@@ -246,8 +246,9 @@ def test_modes_do_not_leak_between_yields(model):
 def test_decode_copies_are_used_inside_decode_steps_only(model):
     ref = [logits for _, logits in decode_steps(model, PROMPT, 4, temperature=0)]
     qkv = model.transformer.blocks[0].attn.qkv_proj
-    _, w, _, transposed = qkv.decode_copies[torch.float32]  # kept for the next stream
-    assert transposed and w.shape == (qkv.in_features, qkv.out_features) and w.is_contiguous()
+    _, w, _, blocks = qkv.decode_copies[torch.float32]  # kept for the next stream
+    assert blocks == torch.get_num_threads()  # fp32 on CPU: (in, out) column blocks, one per thread
+    assert w.shape == (blocks, qkv.in_features, -(-qkv.out_features // blocks)) and w.is_contiguous()
     # a bf16 stream interleaved with an fp32 one: each step uses its own dtype's copies, nothing leaks
     b16 = decode_steps(model, PROMPT, 4, temperature=0, dtype="bf16")
     f32 = decode_steps(model, PROMPT, 4, temperature=0)
@@ -257,8 +258,8 @@ def test_decode_copies_are_used_inside_decode_steps_only(model):
         assert 0 < float((lb - lf).norm() / lf.norm()) < 2e-2  # bf16 weights: close to fp32, not equal
         assert DECODE_DTYPE.get() is None  # between two steps the caller's forward is the stock one
     assert all(torch.equal(a, b) for a, b in zip(mixed, ref, strict=True))
-    _, w16, _, transposed16 = qkv.decode_copies[torch.bfloat16]
-    assert w16.dtype == torch.bfloat16 and not transposed16  # CPU bf16: ATen's kernel, stock (out, in) layout
+    _, w16, _, blocks16 = qkv.decode_copies[torch.bfloat16]
+    assert w16.dtype == torch.bfloat16 and blocks16 == 0  # CPU bf16: ATen's kernel, stock (out, in) layout
     assert w16.shape == (qkv.out_features, qkv.in_features)
     assert qkv.decode_copies[torch.float32][1] is w  # unchanged weights: the same copy, not remade
     with torch.no_grad():
@@ -270,6 +271,30 @@ def test_decode_copies_are_used_inside_decode_steps_only(model):
         seq.append(token)
     drop_decode_weights(model)
     assert all(not m.decode_copies for m in model.modules() if isinstance(m, Linear))
+
+
+def test_column_block_copies_give_the_stock_products(model, monkeypatch):
+    # 3 blocks split qkv (96 wide) evenly; the other widths leave the last block zero-padded
+    monkeypatch.setattr(decode_weights, "column_blocks", lambda device, dtype: 3)
+    drop_decode_weights(model)
+    steps = list(decode_steps(model, PROMPT, 3, temperature=0))
+    seq = list(PROMPT)
+    for token, logits in steps:
+        torch.testing.assert_close(logits, uncached_logits(model, seq), atol=1e-5, rtol=1e-5)
+        seq.append(token)
+    head = model.lm_head
+    _, w, b, blocks = head.decode_copies[torch.float32]
+    assert blocks == 3 and w.shape == (3, head.in_features, -(-head.out_features // 3)) and b is None
+    assert head.out_features % 3 and not w[-1, :, head.out_features % 3 - 3 :].any()  # zero padding
+    fc = model.transformer.blocks[0].ff.fc1
+    x = torch.randn(2, 5, fc.in_features)  # several rows through the same copies
+    token = DECODE_DTYPE.set(torch.float32)
+    try:
+        y = fc(x)
+    finally:
+        DECODE_DTYPE.reset(token)
+    torch.testing.assert_close(y, torch.nn.functional.linear(x, fc.weight, fc.bias), atol=1e-5, rtol=1e-5)
+    drop_decode_weights(model)
 
 
 def test_one_token_bf16_steps_run_with_onednn_off_and_restore_it(model):
@@ -301,8 +326,8 @@ def test_before_torch_2_6_bf16_decode_keeps_onednn_and_transposed_copies(model, 
     f32 = [logits for _, logits in decode_steps(model, PROMPT, 3, temperature=0)]
     assert seen == [True, True, True]
     qkv = model.transformer.blocks[0].attn.qkv_proj
-    _, w, _, transposed = qkv.decode_copies[torch.bfloat16]
-    assert transposed and w.shape == (qkv.in_features, qkv.out_features) and w.dtype == torch.bfloat16
+    _, w, _, blocks = qkv.decode_copies[torch.bfloat16]
+    assert blocks == 1 and w.shape == (1, qkv.in_features, qkv.out_features) and w.dtype == torch.bfloat16
     assert all(0 < float((a - b).norm() / b.norm()) < 2e-2 for a, b in zip(b16, f32, strict=True))
 
 
