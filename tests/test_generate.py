@@ -243,7 +243,8 @@ def test_modes_do_not_leak_between_yields(model):
         assert not torch.is_autocast_enabled("cpu")
 
 
-def test_decode_copies_are_used_inside_decode_steps_only(model):
+def test_decode_copies_are_used_inside_decode_steps_only(model, monkeypatch):
+    monkeypatch.setattr(decode_weights, "NATIVE_GEMV_TORCH", True)  # the torch >= 2.6 path on any torch
     ref = [logits for _, logits in decode_steps(model, PROMPT, 4, temperature=0)]
     qkv = model.transformer.blocks[0].attn.qkv_proj
     _, w, _, blocks = qkv.decode_copies[torch.float32]  # kept for the next stream
@@ -297,7 +298,8 @@ def test_column_block_copies_give_the_stock_products(model, monkeypatch):
     drop_decode_weights(model)
 
 
-def test_one_token_bf16_steps_run_with_onednn_off_and_restore_it(model):
+def test_one_token_bf16_steps_run_with_onednn_off_and_restore_it(model, monkeypatch):
+    monkeypatch.setattr(decode_weights, "NATIVE_GEMV_TORCH", True)  # the torch >= 2.6 path on any torch
     seen: list[bool] = []
     hook = model.lm_head.register_forward_pre_hook(lambda *_: seen.append(torch.backends.mkldnn.enabled))
     try:
