@@ -31,6 +31,29 @@ def test_linear_cross_entropy_matches_stock_loss_and_gradients(n: int, vocab: in
     assert torch.allclose(total, F.cross_entropy(h @ w.t(), y, reduction="sum"), rtol=1e-5)
 
 
+def test_bf16_cpu_loss_and_gradients_match_stock_autocast(monkeypatch) -> None:
+    # bf16 on CPU with gradients: (chunk, vocab) logits, the weight's gradient taken transposed
+    monkeypatch.setattr(ops, "BUFFER_ELEMENTS", 64 * 1000)  # 300 positions: 5 chunks, a ragged last one
+    torch.manual_seed(0)
+    h = torch.randn(300, 16, requires_grad=True)
+    w = torch.randn(1000, 16, requires_grad=True)
+    y = torch.randint(0, 1000, (300,))
+    y[::5] = -100
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = F.cross_entropy((h @ w.t()).float(), y)
+    ref.backward()
+    gh, gw = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = ops.linear_cross_entropy(h, w, y)
+    (3 * loss).backward()
+    assert loss.dtype == torch.float32 and torch.allclose(loss, ref, rtol=1e-5)  # the same bf16 logits
+    for got, want in ((h.grad, 3 * gh), (w.grad, 3 * gw)):
+        assert got.dtype == torch.float32 and got.shape == want.shape and got.is_contiguous()
+        assert float((got - want).norm() / want.norm()) < 1e-2  # bf16 rounding of the logits' gradient
+    assert not w.grad[:, 0].eq(0).all() and w.grad[y[y >= 0]].abs().sum() > 0
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_no_grad_cpu_loss_matches_stock_loss(dtype, monkeypatch) -> None:
     # fp32: the blocked online softmax; bf16: row chunks and a stock log-softmax

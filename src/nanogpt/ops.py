@@ -99,6 +99,50 @@ def _fused_head(
     return loss, grad_h, grad_w
 
 
+def _fused_head_rows(
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    ignore_index: int,
+    grad_scale: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`_fused_head` with gradients for bf16/fp16 matmuls on CPU: logits (chunk, vocab), one row each.
+
+    oneDNN's low-precision matmuls run faster in this orientation than in fp32's (vocab, chunk) one:
+    measured at the card's shapes, 405 against 325 GFLOP/s for the logits, 392 against 357 for the
+    weight's gradient, taken here transposed, (d, vocab), and turned once at the end. The softmax stays in
+    fp32 and reads the matmul's output directly: the max on it, the subtraction writing fp32, and the
+    scaled gradient written straight back to the low-precision buffer, with no separate cast passes.
+    """
+    cdt = _matmul_dtype(h)
+    n, vocab = h.size(0), weight.size(0)
+    c = chunk_size(n, vocab)
+    with torch.autocast("cpu", enabled=False):
+        hc, w = h.to(cdt), weight.to(cdt)
+        buf = torch.empty(c * vocab, dtype=torch.float32)  # exp(logit - max), then the gradient in fp32
+        low = torch.empty(c * vocab, dtype=cdt)  # the logits, then their gradient
+        loss = torch.zeros((), dtype=torch.float32)
+        grad_h = torch.empty(h.shape, dtype=cdt)
+        grad_wt = torch.zeros(weight.shape[::-1], dtype=torch.float32)  # (d, vocab)
+        for r in range(0, n, c):
+            rows, yc = slice(r, min(n, r + c)), targets[r : r + c]
+            m = len(yc)
+            logits, e = low[: m * vocab].view(m, vocab), buf[: m * vocab].view(m, vocab)
+            torch.mm(hc[rows], w.t(), out=logits)
+            valid = yc != ignore_index
+            cols, tgt = torch.arange(m), yc.clamp(min=0)
+            target = logits[cols, tgt].float()
+            top = logits.amax(1).float()
+            e.copy_(logits).sub_(top[:, None]).exp_()
+            total = e.sum(1)
+            loss += torch.where(valid, top + total.log() - target, 0.0).sum()
+            e[cols, tgt] -= total  # x keep / total below: softmax - one-hot, scaled
+            logits.copy_(e.mul_((valid.to(torch.float32) * grad_scale / total)[:, None]))
+            torch.mm(logits, w, out=grad_h[rows])  # (m, vocab) @ (vocab, d)
+            grad_wt += torch.mm(hc[rows].t(), logits)  # (d, m) @ (m, vocab)
+    return loss, grad_h, grad_wt.t().contiguous()
+
+
 def _blocked_nll(
     h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int
 ) -> torch.Tensor:
@@ -162,7 +206,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
         scale = (
             1.0 / (targets != ignore_index).sum().clamp(min=1) if mean else torch.ones((), device=h.device)
         )
-        loss, grad_h, grad_w = _fused_head(h, weight, targets, ignore_index, scale)
+        if h.device.type == "cpu" and _matmul_dtype(h) != torch.float32:
+            loss, grad_h, grad_w = _fused_head_rows(h, weight, targets, ignore_index, scale)
+        else:
+            loss, grad_h, grad_w = _fused_head(h, weight, targets, ignore_index, scale)
         ctx.save_for_backward(grad_h.to(h.dtype), grad_w.to(weight.dtype))
         return loss * scale
 
