@@ -32,7 +32,7 @@ def test_linear_cross_entropy_matches_stock_loss_and_gradients(n: int, vocab: in
 
 
 def test_bf16_cpu_loss_and_gradients_match_stock_autocast(monkeypatch) -> None:
-    # bf16 on CPU with gradients: (chunk, vocab) logits, the weight's gradient taken transposed
+    # bf16 on CPU with gradients: (chunk, vocab) logits, the gradients from the low-precision buffer
     monkeypatch.setattr(ops, "BUFFER_ELEMENTS", 64 * 1000)  # 300 positions: 5 chunks, a ragged last one
     torch.manual_seed(0)
     h = torch.randn(300, 16, requires_grad=True)
