@@ -23,7 +23,7 @@ from nanogpt.config import ModelConfig  # noqa: E402
 from nanogpt.distill import main as distill_main  # noqa: E402
 from nanogpt.errors import UserError  # noqa: E402
 from nanogpt.model import NanoGPTLMHeadModel  # noqa: E402
-from nanogpt.serve import BadRequest, chat_prompt, parse_prompts, parse_sampling  # noqa: E402
+from nanogpt.serve_requests import BadRequest, chat_prompt, parse_prompts, parse_sampling  # noqa: E402
 from nanogpt.teachers import (  # noqa: E402
     ApiClient,
     ApiConfig,

@@ -38,124 +38,16 @@ from nanogpt.decode_weights import decode_kernel
 from nanogpt.device import DTYPES, autocast, torch_dtype
 from nanogpt.errors import UserError
 from nanogpt.model import NanoGPTLMHeadModel
+from nanogpt.serve_requests import (
+    BadRequest,
+    Sampling,
+    chat_prompt,
+    parse_prompts,
+    parse_sampling,
+)
 from nanogpt.tokenizer import EOT_ID, Tokenizer, get_tokenizer
 
-MAX_LOGPROBS = 100  # vLLM's default cap is 20; teachers may want more
-
-
-class BadRequest(Exception):
-    """A malformed request: answered 400 with this message."""
-
-
-# --- request parsing: pure functions -------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Sampling:
-    max_tokens: int
-    temperature: float
-    top_p: float
-    top_k: int | None
-    seed: int | None
-    stop: list[str]
-    logprobs: int | None
-    echo: bool
-    stream: bool
-    token_ids: bool  # return_tokens_as_token_ids
-
-
-def _num(
-    body: dict[str, Any],
-    name: str,
-    default: Any,
-    kind: type,
-    lo: float | None = None,
-    hi: float | None = None,
-):
-    v = body.get(name, default)
-    if v is None:
-        return default
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind is int and not float(v).is_integer()):
-        raise BadRequest(f"'{name}' must be a{'n integer' if kind is int else ' number'}, got {v!r}")
-    v = kind(v)
-    if (lo is not None and v < lo) or (hi is not None and v > hi):
-        raise BadRequest(f"'{name}'={v} is out of range [{lo}, {hi}]")
-    return v
-
-
-def parse_sampling(body: dict[str, Any], default_max_tokens: int = 16) -> Sampling:
-    stop = body.get("stop") or []
-    if isinstance(stop, str):
-        stop = [stop]
-    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
-        raise BadRequest("'stop' must be a string or a list of non-empty strings")
-    logprobs = body.get("logprobs")
-    if logprobs is True:  # the chat API's boolean form, with top_logprobs as the count
-        logprobs = _num(body, "top_logprobs", 0, int, 0, MAX_LOGPROBS)
-    elif logprobs is False:
-        logprobs = None
-    elif logprobs is not None:
-        logprobs = _num(body, "logprobs", None, int, 0, MAX_LOGPROBS)
-    n = _num(body, "n", 1, int, 1, 1)  # one choice per prompt
-    del n
-    top_k = _num(body, "top_k", None, int, -1, None)
-    return Sampling(
-        max_tokens=_num(body, "max_tokens", default_max_tokens, int, 0, 1_000_000),
-        temperature=_num(body, "temperature", 1.0, float, 0.0, 100.0),
-        top_p=_num(body, "top_p", 1.0, float, 1e-9, 1.0),
-        top_k=None if top_k in (None, -1, 0) else top_k,
-        seed=_num(body, "seed", None, int, None, None),
-        stop=stop,
-        logprobs=logprobs,
-        echo=bool(body.get("echo", False)),
-        stream=bool(body.get("stream", False)),
-        token_ids=bool(body.get("return_tokens_as_token_ids", False)),
-    )
-
-
-def parse_prompts(prompt: Any, tok: Tokenizer) -> list[list[int]]:
-    """Token-id prompts from a string, a token-id list, or a list of either (OpenAI's four forms)."""
-    if isinstance(prompt, str):
-        return [tok.encode(prompt) if prompt else [EOT_ID]]
-    if (
-        isinstance(prompt, list)
-        and prompt
-        and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)
-    ):
-        return [_check_ids(prompt, tok)]
-    if isinstance(prompt, list) and prompt:
-        return (
-            [p for item in prompt for p in parse_prompts(item, tok)]
-            if all(isinstance(i, (str, list)) for i in prompt)
-            else _bad_prompt()
-        )
-    return _bad_prompt()
-
-
-def _bad_prompt() -> list[list[int]]:
-    raise BadRequest("'prompt' must be a string, a list of token ids, or a non-empty list of either")
-
-
-def _check_ids(ids: list[int], tok: Tokenizer) -> list[int]:
-    if any(t < 0 or t >= tok.vocab_size for t in ids):
-        raise BadRequest(f"prompt token ids must be in [0, {tok.vocab_size})")
-    return ids
-
-
-def chat_prompt(messages: Any) -> str:
-    """The base-model chat template: "role: content\\n" per message, then "assistant:"."""
-    if not isinstance(messages, list) or not messages:
-        raise BadRequest("'messages' must be a non-empty list of {role, content} objects")
-    lines = []
-    for m in messages:
-        if (
-            not isinstance(m, dict)
-            or not isinstance(m.get("role"), str)
-            or not isinstance(m.get("content"), str)
-        ):
-            raise BadRequest("each message must be an object with string 'role' and 'content'")
-        lines.append(f"{m['role']}: {m['content']}\n")
-    return "".join(lines) + "assistant:"
+# --- output formatting ----------------------------------------------------------------------------------------
 
 
 def token_str(t: int, tok: Tokenizer, as_ids: bool) -> str:
