@@ -71,8 +71,8 @@ def column_blocks(device: torch.device, dtype: torch.dtype) -> int:
 
     A one-row fp32 product is one CPU BLAS call that streams the weight from memory at what one core
     reads (~24 GB/s here) whatever the thread count. Cut into blocks, one `bmm` gives each thread its own
-    block to stream: the card's head reads at ~34 GB/s on 2 cores, and fp32 decode goes from ~90 to ~130
-    tokens/s. ATen's bf16/fp16 kernel already splits its work across threads (no gain measured).
+    block to stream: the card's head reads at 27-34 GB/s on 2 cores, and its fp32 decode went from 90-103
+    to 110-139 tokens/s. ATen's bf16/fp16 kernel already splits its work across threads (no gain measured).
     """
     return torch.get_num_threads() if device.type == "cpu" and dtype == torch.float32 else 1
 
