@@ -17,7 +17,6 @@ same rows in the same process, alternating with ours run by run so that machine 
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -56,7 +55,7 @@ from nanogpt.bench_workloads import (
 )
 from nanogpt.config import PRESETS, ModelConfig, preset
 from nanogpt.device import resolve_device, torch_dtype
-from nanogpt.errors import UserError
+from nanogpt.errors import ArgumentParser, UserError
 
 # --- the run ------------------------------------------------------------------------------------------
 
@@ -410,7 +409,7 @@ def write_outputs(res: BenchResult, out: str | Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="nanogpt bench",
         description="The model card's benchmark table, each row measured for what it says.",
     )

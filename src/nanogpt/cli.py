@@ -9,11 +9,10 @@ as one line on stderr with exit code 2; `--debug` (anywhere on the line) shows t
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import sys
 
-from nanogpt.errors import UserError
+from nanogpt.errors import ArgumentParser, UserError
 
 # command -> (module, function taking argv, one-line help)
 COMMANDS: dict[str, tuple[str, str, str]] = {
@@ -47,7 +46,7 @@ def info_main(argv: list[str] | None = None) -> int:
     from nanogpt.config import PRESETS, resolve_model_config
     from nanogpt.model import NanoGPTLMHeadModel
 
-    p = argparse.ArgumentParser(prog="nanogpt info", description=COMMANDS["info"][2])
+    p = ArgumentParser(prog="nanogpt info", description=COMMANDS["info"][2])
     src = p.add_mutually_exclusive_group()
     src.add_argument("--preset", choices=list(PRESETS), help="a named model config (default: card)")
     src.add_argument("--config", help="a JSON config file (model keys, or the card's mixed block)")

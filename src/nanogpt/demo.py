@@ -10,7 +10,6 @@ and prints samples for the card's three widget prompts. Figures land in `RUN/dem
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import sys
@@ -22,7 +21,7 @@ from typing import Any
 import torch
 
 from nanogpt.config import PRESETS, TrainConfig, preset
-from nanogpt.errors import UserError
+from nanogpt.errors import ArgumentParser, UserError
 
 WIDGET_PROMPTS = ("Once upon a time", "The capital of France is", "In the field of machine learning,")
 
@@ -193,7 +192,7 @@ def export_and_reload(run: Path, seed: int) -> tuple[Path | None, str | None]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="nanogpt demo", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="nanogpt demo", description=__doc__.split("\n\n")[0])
     p.add_argument(
         "--minutes", type=float, default=8.0, help="training time budget (default 8; the whole demo ~10)"
     )

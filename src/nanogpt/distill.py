@@ -37,7 +37,7 @@ from torch import nn
 
 from nanogpt.config import ModelConfig, TrainConfig, override
 from nanogpt.device import autocast, resolve_device, torch_dtype
-from nanogpt.errors import UserError
+from nanogpt.errors import ArgumentParser, UserError
 from nanogpt.tokenizer import VOCAB_SIZE
 
 KINDS = ("forward_kl", "reverse_kl", "jsd")
@@ -356,7 +356,7 @@ def parse_teacher(spec: str) -> TeacherSpec:
 def build_parser() -> argparse.ArgumentParser:
     from nanogpt.train_cli import add_train_config_flags
 
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="nanogpt distill",
         description="Distil a teacher into a student checkpoint (the card's second stage). Teacher SPEC: "
         + TEACHER_KINDS,

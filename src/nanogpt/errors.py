@@ -1,4 +1,15 @@
-"""The one exception type for bad input: the CLI prints its message as a single line and exits non-zero."""
+"""Bad input as one line: the `UserError` every command raises, and the argument parser every command uses.
+
+The CLI prints a `UserError` as one line on stderr and exits with code 2; `ArgumentParser` turns argparse's
+own complaints (a missing value, a bad number) into the same kind of line instead of a usage block.
+
+    p = ArgumentParser(prog="nanogpt train", description="...")
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
 
 
 class UserError(Exception):
@@ -6,3 +17,35 @@ class UserError(Exception):
 
     The message names the problem and the fix, in one line; no traceback is shown unless `--debug`.
     """
+
+
+class _DefaultsFormatter(argparse.HelpFormatter):
+    """`--help` shows each option's default where it has a real one (not None, not an off switch)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        help_ = action.help or ""
+        default = action.default
+        if (
+            "default" in help_
+            or default in (None, False, argparse.SUPPRESS)
+            or not action.option_strings
+            or isinstance(action, argparse._HelpAction)
+        ):
+            return action.help
+        return f"{help_} (default: %(default)s)" if help_ else "default: %(default)s"
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with one-line errors (raised as UserError), defaults in `--help`, and negative numbers as values.
+
+    Stock argparse takes `--learning-rate -1e-3` for a flag named `-1e-3` (it only knows `-1` and `-.5`),
+    and prints a usage block before its error; here the value reaches the command, which says what is wrong.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", _DefaultsFormatter)
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-(inf|nan)$", re.I)
+
+    def error(self, message: str):  # type: ignore[override]
+        raise UserError(f"{message}; see `{self.prog} --help`")

@@ -16,7 +16,6 @@ compares models with different tokenizers; perplexity is per GPT-2 token.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import time
@@ -32,7 +31,7 @@ from nanogpt.checkpoint import load_model, unwrap
 from nanogpt.config import ModelConfig
 from nanogpt.data import TokenData
 from nanogpt.device import autocast, resolve_device, torch_dtype
-from nanogpt.errors import UserError
+from nanogpt.errors import ArgumentParser, UserError
 from nanogpt.ops import linear_cross_entropy
 from nanogpt.tokenizer import get_tokenizer
 
@@ -334,7 +333,7 @@ def format_result(r: EvalResult) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="nanogpt eval", description="Held-out perplexity and bits per byte of a checkpoint."
     )
     p.add_argument("--model", required=True, help="a checkpoint or run folder")

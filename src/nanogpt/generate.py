@@ -36,7 +36,7 @@ import torch
 from nanogpt.config import PRESETS, preset
 from nanogpt.decode_weights import decode_kernel, prepare_decode_weights
 from nanogpt.device import DTYPES, autocast, resolve_device, torch_dtype
-from nanogpt.errors import UserError
+from nanogpt.errors import ArgumentParser, UserError
 from nanogpt.kv_cache import KVCache
 from nanogpt.model import DECODE_DTYPE, NanoGPTLMHeadModel
 from nanogpt.tokenizer import EOT_ID, Tokenizer, get_tokenizer
@@ -366,7 +366,7 @@ def load_sampling_model(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="nanogpt sample", description="generate text from a checkpoint (KV cache, streaming)"
     )
     src = p.add_mutually_exclusive_group(required=True)

@@ -35,7 +35,7 @@ import numpy as np
 from tqdm import tqdm
 
 from nanogpt.data import META, ShardWriter, TokenData, read_header, write_meta
-from nanogpt.errors import UserError
+from nanogpt.errors import ArgumentParser, UserError
 from nanogpt.sources import (
     BUILTIN,
     default_out_dir,
@@ -380,7 +380,7 @@ def parse_count(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="nanogpt prepare",
         description="Turn a corpus into a prepared data folder of token shards (train/val held out by document).",
     )

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from nanogpt.decode_weights import decode_kernel
 from nanogpt.device import DTYPES, autocast, torch_dtype
-from nanogpt.errors import UserError
+from nanogpt.errors import ArgumentParser, UserError
 from nanogpt.model import NanoGPTLMHeadModel
 from nanogpt.serve_requests import (
     BadRequest,
@@ -360,7 +360,7 @@ def _role_chunk(cid: str, name: str) -> dict[str, Any]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="nanogpt serve", description="an OpenAI-compatible server for a checkpoint"
     )
     p.add_argument("--model", required=True, help="run or checkpoint folder")

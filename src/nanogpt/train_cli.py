@@ -20,7 +20,7 @@ import torch
 
 from nanogpt.checkpoint import STATE_JSON, load_config_of, recover_dir
 from nanogpt.config import PRESETS, ModelConfig, TrainConfig, override, preset
-from nanogpt.errors import UserError
+from nanogpt.errors import ArgumentParser, UserError
 from nanogpt.plot import plot_run
 from nanogpt.train import train
 
@@ -61,7 +61,7 @@ def add_train_config_flags(p: argparse.ArgumentParser, skip_prefix: str | None =
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="nanogpt train",
         description="Train a model into a run folder (resumable; torchrun for many processes). "
         "Unset flags keep the config's values; TrainConfig defaults are the card's recipe.",

@@ -18,7 +18,6 @@ Tied weights are stored once (the token embedding), as transformers itself saves
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -43,7 +42,7 @@ from nanogpt.checkpoint import (
     write_json,
 )
 from nanogpt.config import ModelConfig
-from nanogpt.errors import UserError
+from nanogpt.errors import ArgumentParser, UserError
 from nanogpt.export.model_card import ParamCounts, read_run_facts, render_model_card
 from nanogpt.model import NanoGPTLMHeadModel
 from nanogpt.tokenizer import EOT_ID, EOT_TOKEN, bpe_files
@@ -411,7 +410,7 @@ def push_to_hub(folder: Path, repo: str, token: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="nanogpt export", description="write a Hugging Face folder from a checkpoint"
     )
     p.add_argument("--model", required=True, help="a run folder or checkpoint folder")
@@ -439,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def import_main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="nanogpt import",
         description="turn a Hugging Face GPT-2 or nanogpt folder into a nanogpt checkpoint",
     )
