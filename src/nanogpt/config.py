@@ -10,6 +10,7 @@ imports no torch so that any tool can read a config cheaply.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,40 @@ from nanogpt.errors import UserError
 
 NORM_POSITIONS = ("pre", "post")
 ACTIVATIONS = ("gelu", "gelu_tanh")  # exact erf GELU (the card, BERT) or GPT-2's tanh approximation
+DTYPE_NAMES = ("fp32", "bf16", "fp16")  # training/inference precisions (torch dtypes in device.py)
+
+
+# --- validation: every config, however it was made (JSON, flags, code), is checked when it is built ----
+
+
+def _check_types(cfg: Any, what: str) -> None:
+    """Each field holds its declared type (JSON gives "big", 384.0, 1e400 or true for an int just as easily)."""
+    for f in fields(cfg):
+        value, kinds = getattr(cfg, f.name), str(f.type).replace(" ", "").split("|")
+        if value is None and "None" in kinds:
+            continue
+        if "bool" in kinds:
+            ok, want = isinstance(value, bool), "true or false"
+        elif "int" in kinds:
+            ok, want = isinstance(value, int) and not isinstance(value, bool), "a whole number"
+        elif "float" in kinds:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            want = "a finite number"
+        else:
+            ok, want = isinstance(value, str), "a string"
+        if not ok:
+            raise UserError(f"{f.name}={value!r} in the {what} must be {want}; {_fix(cfg, f.name)}")
+
+
+def _require(cfg: Any, name: str, ok: bool, rule: str) -> None:
+    if not ok:
+        raise UserError(f"{name}={getattr(cfg, name)!r} must be {rule}; {_fix(cfg, name)}")
+
+
+def _fix(cfg: Any, name: str) -> str:
+    if hasattr(cfg, "learning_rate") or name == "dropout":  # training keys and dropout have flags
+        return f"pass a valid --{name.replace('_', '-')} or fix it in the config file"
+    return f"fix {name} in the config file"
 
 
 @dataclass(frozen=True)
@@ -38,6 +73,11 @@ class ModelConfig:
     activation: str = "gelu"
 
     def __post_init__(self) -> None:
+        _check_types(self, "model config")
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "context_length"):
+            _require(self, name, getattr(self, name) > 0, "a whole number > 0")
+        _require(self, "dropout", 0.0 <= self.dropout < 1.0, "in [0, 1)")
+        _require(self, "ln_eps", self.ln_eps > 0, "a number > 0")
         if self.d_model % self.n_heads:
             raise UserError(
                 f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}; pick n_heads that divides it"
@@ -46,11 +86,6 @@ class ModelConfig:
             raise UserError(f"norm_position={self.norm_position!r} is unknown; use one of {NORM_POSITIONS}")
         if self.activation not in ACTIVATIONS:
             raise UserError(f"activation={self.activation!r} is unknown; use one of {ACTIVATIONS}")
-        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "context_length"):
-            if getattr(self, name) <= 0:
-                raise UserError(f"{name}={getattr(self, name)} must be positive")
-        if not 0.0 <= self.dropout < 1.0:
-            raise UserError(f"dropout={self.dropout} must be in [0, 1)")
 
     @property
     def head_dim(self) -> int:
@@ -99,6 +134,26 @@ class TrainConfig:
     # knowledge distillation (the card's second stage)
     distill_alpha: float = 0.5  # weight of the hard (data) loss; 1 - alpha goes to the soft (teacher) loss
     distill_temperature: float = 1.0
+
+    def __post_init__(self) -> None:
+        _check_types(self, "training config")
+        for name in ("batch_size", "grad_accum_steps", "eval_interval", "eval_iters", "log_interval"):
+            _require(self, name, getattr(self, name) > 0, "a whole number > 0")
+        for name in ("max_iters", "warmup_iters"):
+            _require(self, name, getattr(self, name) >= 0, "a whole number >= 0")
+        _require(self, "lr_decay_iters", (self.lr_decay_iters or 1) > 0, "> 0 (or unset)")
+        for name in ("max_tokens", "max_time"):  # 0 stops at once (tests, dry runs)
+            _require(self, name, (getattr(self, name) or 0) >= 0, ">= 0 (or unset)")
+        _require(self, "learning_rate", self.learning_rate > 0, "a number > 0, e.g. 3e-4")
+        _require(self, "min_lr", self.min_lr >= 0, "a number >= 0")
+        for name in ("weight_decay", "grad_clip"):
+            _require(self, name, getattr(self, name) >= 0, "a number >= 0")
+        for name in ("beta1", "beta2"):
+            _require(self, name, 0 <= getattr(self, name) < 1, "in [0, 1)")
+        _require(self, "distill_alpha", 0 <= self.distill_alpha <= 1, "in [0, 1]")
+        _require(self, "distill_temperature", self.distill_temperature > 0, "a number > 0")
+        if self.dtype not in DTYPE_NAMES:
+            raise UserError(f"dtype={self.dtype!r} is unknown; use one of {', '.join(DTYPE_NAMES)}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -70,3 +70,14 @@ def tune_cpu_allocator() -> bool:
         mallopt(option, value) == 1
         for option, value in ((m_mmap_max, 0), (m_trim_threshold, 2**31 - 1), (m_top_pad, 64 << 20))  # C ints
     )
+
+
+def set_threads(n: int | None) -> None:
+    """`--threads N` of every command: torch's CPU threads (None keeps torch's choice)."""
+    if n is None:
+        return
+    if n <= 0:
+        raise UserError(
+            f"--threads {n} must be a whole number > 0 (the CPU threads to use); omit it for all cores"
+        )
+    torch.set_num_threads(n)

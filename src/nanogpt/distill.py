@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanogpt.config import ModelConfig, TrainConfig, override
-from nanogpt.device import autocast, resolve_device, torch_dtype
+from nanogpt.device import autocast, resolve_device, set_threads, torch_dtype
 from nanogpt.errors import ArgumentParser, UserError
 from nanogpt.tokenizer import VOCAB_SIZE
 
@@ -466,8 +466,7 @@ def main(argv: list[str] | None = None) -> int:
     from nanogpt.train import train
 
     args = build_parser().parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     run = Path(args.out)
     if not args.resume and not args.student:
         raise UserError(

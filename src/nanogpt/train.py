@@ -59,7 +59,7 @@ from nanogpt.checkpoint import (
 )
 from nanogpt.config import ModelConfig, TrainConfig
 from nanogpt.data import BatchSampler, TokenData
-from nanogpt.device import DTYPES, autocast
+from nanogpt.device import autocast
 from nanogpt.distributed import DistInfo, all_gather, setup_distributed
 from nanogpt.errors import UserError
 from nanogpt.evaluate import perplexity
@@ -173,16 +173,6 @@ def _check_run_folder(run: Path, model_cfg: ModelConfig, resume: bool, main: boo
             f"{run}/last holds no checkpoint (killed before the first one?); delete {run} and start again"
         )
     return src
-
-
-def _validate(cfg: TrainConfig) -> None:
-    for name in ("batch_size", "grad_accum_steps", "eval_interval", "eval_iters", "log_interval"):
-        if getattr(cfg, name) <= 0:
-            raise UserError(f"{name}={getattr(cfg, name)} must be positive")
-    if cfg.max_iters < 0 or cfg.warmup_iters < 0:
-        raise UserError("max_iters and warmup_iters must be >= 0")
-    if cfg.dtype not in DTYPES:
-        raise UserError(f"unknown dtype {cfg.dtype!r}; use one of {', '.join(DTYPES)}")
 
 
 def _oom_error(cfg: TrainConfig, device: torch.device, step: int) -> UserError:
@@ -393,7 +383,6 @@ def train(
     `loss_fn(model, x, y) -> loss` replaces the training loss (evaluation stays plain cross-entropy).
     `peak_flops` (per device) is the MFU denominator; default: `default_peak_flops`.
     """
-    _validate(train_cfg)
     info, device = setup_distributed(train_cfg.device)
     try:
         s = _open_session(

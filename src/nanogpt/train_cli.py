@@ -16,10 +16,9 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from nanogpt.checkpoint import STATE_JSON, load_config_of, recover_dir
 from nanogpt.config import PRESETS, ModelConfig, TrainConfig, override, preset
+from nanogpt.device import set_threads
 from nanogpt.errors import ArgumentParser, UserError
 from nanogpt.plot import plot_run
 from nanogpt.train import train
@@ -121,8 +120,7 @@ def resolve_configs(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig]
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     if args.plot:
         print(plot_run(args.plot))
         return 0
