@@ -240,7 +240,7 @@ def test_existing_run_folder_needs_resume(short_run, small_data, capsys):
     run = short_run[0].run_dir
     rc = cli.main(["train", "--data", str(small_data), "--out", str(run), "--preset", "tiny"])
     err = capsys.readouterr().err.strip()
-    assert rc == 2 and "--resume" in err and "already exists" in err and len(err.splitlines()) == 1
+    assert rc == 2 and "--resume" in err and "already holds a training run" in err and len(err.splitlines()) == 1
 
 
 def test_resume_with_another_config_names_the_key(short_run, small_data):

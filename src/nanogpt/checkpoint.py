@@ -29,7 +29,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from nanogpt.config import ModelConfig
+from nanogpt.config import ModelConfig, read_json
 from nanogpt.errors import UserError
 from nanogpt.model import NanoGPTLMHeadModel
 
@@ -43,17 +43,34 @@ def atomic_dir(dst: str | Path) -> Iterator[Path]:
     """Yield a scratch folder; on success it replaces `dst`. A crash at any point leaves `dst` or `dst.old`."""
     dst = Path(dst)
     tmp, old = dst.with_name(dst.name + ".tmp"), dst.with_name(dst.name + ".old")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    yield tmp
-    for f in tmp.iterdir():  # make the bytes durable before the rename publishes them
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        yield tmp
+        for f in tmp.iterdir():  # make the bytes durable before the rename publishes them
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    except OSError as e:  # disk full, read-only, no permission: dst was not touched
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(
+            f"could not write {dst} ({e.strerror or e}); it is unchanged: free space or fix permissions and run again"
+        ) from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if dst.exists():
-        shutil.rmtree(old, ignore_errors=True)
+        _remove(old)
         os.replace(dst, old)
     os.replace(tmp, dst)
-    shutil.rmtree(old, ignore_errors=True)
+    _remove(old)
+
+
+def _remove(path: Path) -> None:
+    """Delete a file or folder if present (atomic_dir's previous copy: --force may replace a file)."""
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists():
+        path.unlink()
 
 
 def recover_dir(path: str | Path) -> Path:
@@ -162,6 +179,15 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> NanoGPTL
     model = NanoGPTLMHeadModel(cfg)
     load_state_into(model, load_weights(folder), folder / WEIGHTS)
     return model.to(device).eval()
+
+
+def saved_data_dir(run: str | Path) -> str | None:
+    """The data folder a run trained on (its resume point's state.json): `--resume` without `--data`."""
+    state = recover_dir(Path(run) / "last") / STATE_JSON
+    if not state.is_file():
+        return None
+    data = read_json(state, "training state").get("data_dir")
+    return data if isinstance(data, str) else None
 
 
 def write_json(path: Path, obj: object) -> None:

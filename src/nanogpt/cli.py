@@ -99,8 +99,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"nanogpt {name}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"nanogpt {name}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:  # a command may say how to continue (train: resume or start over)
+        print(f"nanogpt {name}: interrupted" + (f"; {e}" if str(e) else ""), file=sys.stderr)
         return 130
 
 

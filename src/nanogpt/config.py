@@ -104,7 +104,7 @@ class ModelConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> ModelConfig:
-        return cls.from_dict(_read_json(path))
+        return cls.from_dict(read_json(path))
 
 
 @dataclass(frozen=True)
@@ -188,7 +188,7 @@ def resolve_model_config(preset_name: str | None = None, config: str | Path | No
 
 def load_config(path: str | Path) -> tuple[ModelConfig, TrainConfig]:
     """Load a JSON file holding model keys, training keys, or both mixed (as the card's block does)."""
-    d = _read_json(path)
+    d = read_json(path)
     model_keys, train_keys = _names(ModelConfig), _names(TrainConfig)
     # the card's "learning_rate"/"batch_size" are training keys; everything else must be known somewhere
     _check_keys(d, model_keys | train_keys, f"config {path}")
@@ -214,18 +214,21 @@ def _check_keys(d: dict[str, Any], known: set[str], what: str) -> None:
         raise UserError(f"unknown key {unknown[0]!r} in {what}; known keys: {', '.join(sorted(known))}")
 
 
-def _read_json(path: str | Path) -> dict[str, Any]:
+def read_json(path: str | Path, what: str = "config file") -> dict[str, Any]:
+    """A JSON object from `path`, or a one-line error naming `what` is wrong with it (missing, not JSON, a list)."""
     p = Path(path)
     if not p.is_file():
-        raise UserError(f"config file {p} not found; pass the path of a JSON config")
+        raise UserError(f"{what} {p} not found; pass the path of a JSON file")
     try:
         d = json.loads(p.read_text())
     except json.JSONDecodeError as e:
         raise UserError(
-            f"config file {p} is not valid JSON ({e.msg} at line {e.lineno}); fix or regenerate it"
+            f"{what} {p} is not valid JSON ({e.msg} at line {e.lineno}); fix or regenerate it"
         ) from None
+    except (ValueError, OSError) as e:  # not UTF-8 text, unreadable
+        raise UserError(f"{what} {p} cannot be read as JSON text ({e}); fix or regenerate it") from None
     if not isinstance(d, dict):
-        raise UserError(f"config file {p} must hold a JSON object")
+        raise UserError(f"{what} {p} must hold a JSON object, not a {type(d).__name__}; fix or regenerate it")
     return d
 
 
@@ -237,4 +240,5 @@ __all__ = [
     "resolve_model_config",
     "load_config",
     "override",
+    "read_json",
 ]

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nanogpt.config import ModelConfig, TrainConfig, override
+from nanogpt.config import ModelConfig, TrainConfig, override, read_json
 from nanogpt.device import autocast, resolve_device, set_threads, torch_dtype
 from nanogpt.errors import ArgumentParser, UserError
 from nanogpt.tokenizer import VOCAB_SIZE
@@ -308,7 +308,8 @@ class DistillLossFn:
 
 def record_parts(loss_fn: Any, parts: LossParts, **extra: Any) -> None:
     """Append a call's hard/soft halves to `loss_fn.history` and, on rank 0, to its JSONL log."""
-    rec = {"hard": float(parts.hard.detach()), "soft": float(parts.soft.detach()), **extra}
+    step = getattr(loss_fn, "step", 0)  # set by the trainer (optim.LossFn): trims this log on resume
+    rec = {"step": step, "hard": float(parts.hard.detach()), "soft": float(parts.soft.detach()), **extra}
     loss_fn.history.append(rec)
     if loss_fn.log_path is not None and int(os.environ.get("RANK", 0)) == 0:
         with open(loss_fn.log_path, "a") as f:
@@ -374,6 +375,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--teacher-dtype", choices=["fp32", "bf16"], default="fp32", help="local teacher precision"
     )
     p.add_argument("--resume", action="store_true", help="continue OUT from OUT/last/")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace whatever is at --out (else only a run with no checkpoint)",
+    )
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     api = p.add_argument_group("API teachers (completions:/chat:)")
@@ -399,7 +405,7 @@ def resolve_train_config(args: argparse.Namespace) -> TrainConfig:
     cfg = BASE_TRAIN
     saved = Path(args.out) / "train_config.json"
     if args.resume and saved.is_file():
-        cfg = TrainConfig.from_dict(json.loads(saved.read_text()))
+        cfg = TrainConfig.from_dict(read_json(saved, "training config"))
     if args.preset:
         cfg = override(cfg, **DISTILL_PRESETS[args.preset])
     flags = {
@@ -462,7 +468,7 @@ def resolve_teacher_settings(args: argparse.Namespace, saved: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from nanogpt.checkpoint import STATE_JSON, load_config_of, recover_dir
+    from nanogpt.checkpoint import load_config_of, saved_data_dir
     from nanogpt.train import train
 
     args = build_parser().parse_args(argv)
@@ -476,9 +482,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = resolve_train_config(args)
     data = args.data
     if data is None and args.resume:
-        state = recover_dir(run / "last") / STATE_JSON
-        data = json.loads(state.read_text()).get("data_dir") if state.is_file() else None
-        args.data = data
+        data = args.data = saved_data_dir(run)
     if data is None:
         raise UserError("--data DIR is required: a folder made by `nanogpt prepare`")
     cache_dir = Path(args.cache_dir) if args.cache_dir else run.with_name(run.name + ".teacher")
@@ -491,6 +495,7 @@ def main(argv: list[str] | None = None) -> int:
         data,
         run,
         resume=args.resume,
+        force=args.force,
         init_from=args.student,
         progress=not args.no_progress,
         loss_fn=loss_fn,

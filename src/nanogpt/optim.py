@@ -21,6 +21,9 @@ from torch import nn
 from nanogpt.config import ModelConfig, TrainConfig
 from nanogpt.device import autocast
 
+# loss_fn(model, x, y) -> loss. A loss object that keeps its own JSONL log (a `log_path` attribute, as the
+# distillation losses do) gets `step` set to the optimizer step it is computing, so that its records carry
+# the step and the trainer trims its log on resume exactly like log.jsonl.
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 
 

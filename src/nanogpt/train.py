@@ -63,6 +63,7 @@ from nanogpt.device import autocast
 from nanogpt.distributed import DistInfo, all_gather, setup_distributed
 from nanogpt.errors import UserError
 from nanogpt.evaluate import perplexity
+from nanogpt.folders import LOCK, RunLock, claim, clear, has_checkpoint, mark
 from nanogpt.model import NanoGPTLMHeadModel
 from nanogpt.optim import (
     LossFn,
@@ -150,14 +151,8 @@ def first_difference(a: dict[str, Any], b: dict[str, Any]) -> str | None:
     return None
 
 
-def _check_run_folder(run: Path, model_cfg: ModelConfig, resume: bool, main: bool) -> Path | None:
-    """Validate the run folder; on resume return the checkpoint folder to continue from."""
-    if not resume:
-        if main and run.exists() and any(run.iterdir()):
-            raise UserError(
-                f"run folder {run} already exists; pass --resume to continue it or choose another --out"
-            )
-        return None
+def _check_resume(run: Path, model_cfg: ModelConfig) -> Path:
+    """Validate a run folder to resume; return the checkpoint folder to continue from."""
     if not (run / "config.json").is_file():
         raise UserError(f"{run}/config.json not found: nothing to resume; drop --resume to start a new run")
     saved = ModelConfig.load(run / "config.json").to_dict()
@@ -170,9 +165,32 @@ def _check_run_folder(run: Path, model_cfg: ModelConfig, resume: bool, main: boo
     src = recover_dir(run / "last")
     if not (src / STATE_JSON).is_file():
         raise UserError(
-            f"{run}/last holds no checkpoint (killed before the first one?); delete {run} and start again"
+            f"{run} holds no checkpoint yet (the run stopped before its first one); "
+            "run the same command without --resume to start it again"
         )
     return src
+
+
+def _lock_run_folder(run: Path, resume: bool, force: bool, kind: str) -> RunLock:
+    """Main rank: refuse what may not be replaced (see nanogpt.folders), lock the folder, clear a replaced one."""
+    if not resume and claim(run, kind, force=force) and not run.is_dir():
+        clear(run)  # a file at --out, replaced because of --force
+    lock = RunLock(run).acquire()
+    try:
+        # again under the lock: another process may have written the folder since the first look
+        if not resume and claim(run, kind, force=force):
+            clear(run, keep=(LOCK,))
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
+def resume_hint(run: Path) -> str:
+    """What to tell a user whose run stopped: resume from its checkpoint, or start it again."""
+    if has_checkpoint(run):
+        return f"{run}/last holds the last checkpoint; continue with the same command plus --resume"
+    return "no checkpoint was written yet; run the same command again to start over"
 
 
 def _oom_error(cfg: TrainConfig, device: torch.device, step: int) -> UserError:
@@ -214,6 +232,8 @@ class _Session:
         """One optimizer update: (mean loss over all ranks, grad norm, whether max_time is reached)."""
         c, step = self.cfg, self.counters.step + 1
         batches = [self.sampler.next() for _ in range(c.grad_accum_steps)]
+        if hasattr(self.loss_fn, "log_path"):  # see optim.LossFn
+            self.loss_fn.step = step  # type: ignore[attr-defined]
         try:
             loss_t = backward_micro_batches(self.net, batches, self.loss_fn, self.device, c.dtype)
             self.counters.elapsed = elapsed0 + time.perf_counter() - t_start
@@ -298,7 +318,7 @@ def _open_session(
     loss_fn: LossFn,
 ) -> _Session:
     """Check the run folder and data, build model/optimizer/sampler, restore them on resume."""
-    src = _check_run_folder(run, model_cfg, resume, info.main)
+    src = _check_resume(run, model_cfg) if resume else None
     data = TokenData(data_dir)
     if model_cfg.vocab_size < data.meta["vocab_size"]:
         raise UserError(
@@ -323,8 +343,13 @@ def _open_session(
         for group in optimizer.param_groups:  # flags given on resume win over the saved hyper-parameters
             decay = cfg.weight_decay if group["weight_decay"] else 0.0
             group.update(betas=(cfg.beta1, cfg.beta2), weight_decay=decay)
-        counters = Counters(**{f.name: state.info[f.name] for f in fields(Counters)})
-        ranks = state.info["ranks"]
+        try:
+            counters = Counters(**{f.name: state.info[f.name] for f in fields(Counters)})
+            ranks = state.info["ranks"]
+        except (KeyError, TypeError) as e:
+            raise UserError(
+                f"training state in {src} is incomplete (no {e}); resume from another checkpoint or start again"
+            ) from None
         if info.rank < len(ranks):
             rank_state = join_rank_state(ranks, state.tensors, info.rank)
             sampler.load_state(rank_state["sampler"])
@@ -334,8 +359,11 @@ def _open_session(
                 f"warning: resuming a {len(ranks)}-process run on {info.world_size}: the data order differs",
                 file=sys.stderr,
             )
-        if info.main:
-            truncate_log(run / LOG, counters.step)  # lines past the checkpoint will be written again
+        if info.main:  # lines past the checkpoint will be written again
+            for log in (run / LOG, getattr(loss_fn, "log_path", None)):
+                if log is not None and log.is_file():
+                    truncate_log(log, counters.step)
+            print(f"resumed {run} at step {counters.step} of {cfg.max_iters}", file=sys.stderr)
 
     fwd: nn.Module = torch.compile(model) if cfg.compile else model
     net = fwd
@@ -372,39 +400,61 @@ def train(
     out_dir: str | Path,
     *,
     resume: bool = False,
+    force: bool = False,
     init_from: str | None = None,
     progress: bool = True,
     loss_fn: LossFn | None = None,
     peak_flops: float | None = None,
+    kind: str = "run",
 ) -> TrainResult:
     """Train `model_cfg` on `data_dir` into the run folder `out_dir` (layout in the module docstring).
 
     `init_from` starts from a checkpoint's weights (fine-tuning, distillation); ignored on resume.
     `loss_fn(model, x, y) -> loss` replaces the training loss (evaluation stays plain cross-entropy).
     `peak_flops` (per device) is the MFU denominator; default: `default_peak_flops`.
+    `force` replaces whatever is at `out_dir` (else only a run that never wrote a checkpoint); `kind` is
+    the folder kind its marker records (`nanogpt.folders.KINDS`: "run", or "demo" for the demo's run).
     """
     info, device = setup_distributed(train_cfg.device)
+    run, lock = Path(out_dir), None
+    created = not run.exists()
     try:
+        if info.main:
+            lock = _lock_run_folder(run, resume, force, kind)
         s = _open_session(
             model_cfg,
             train_cfg,
             Path(data_dir),
-            Path(out_dir),
+            run,
             info,
             device,
             resume,
             init_from,
             loss_fn or cross_entropy_loss,
         )
-        result = _loop(
-            s, progress, (peak_flops or default_peak_flops(device, train_cfg.dtype)) * info.world_size
-        )
+        if info.main:
+            mark(run, kind)
+        try:
+            result = _loop(
+                s, progress, (peak_flops or default_peak_flops(device, train_cfg.dtype)) * info.world_size
+            )
+        except KeyboardInterrupt:
+            raise KeyboardInterrupt(resume_hint(run)) from None
+        except OSError as e:  # disk full or read-only while logging or checkpointing: last/ is intact
+            raise UserError(
+                f"could not write to {run} ({e.strerror or e}); free space, then {resume_hint(run)}"
+            ) from None
         if info.enabled:  # leave together: tearing gloo down while rank 0 still writes last/ can abort a rank
             import torch.distributed as dist
 
             dist.barrier()
         return result
     finally:
+        if lock is not None:
+            lock.release()
+            if created and run.is_dir() and [p.name for p in run.iterdir()] == [LOCK]:
+                clear(run)  # failed before writing anything: leave nothing behind
+                run.rmdir()
         if info.enabled:
             import gc
 

@@ -16,8 +16,8 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from nanogpt.checkpoint import STATE_JSON, load_config_of, recover_dir
-from nanogpt.config import PRESETS, ModelConfig, TrainConfig, override, preset
+from nanogpt.checkpoint import load_config_of, saved_data_dir
+from nanogpt.config import PRESETS, ModelConfig, TrainConfig, override, preset, read_json
 from nanogpt.device import set_threads
 from nanogpt.errors import ArgumentParser, UserError
 from nanogpt.plot import plot_run
@@ -76,6 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--config", help="JSON config: model keys, training keys, or both (the card's block)")
     p.add_argument("--dropout", type=float, help="model dropout (a model config key)")
     p.add_argument("--resume", action="store_true", help="continue RUN from RUN/last/")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace whatever is at --out (else only a run with no checkpoint)",
+    )
     p.add_argument("--init-from", metavar="CKPT", help="start from this checkpoint's weights (fine-tuning)")
     p.add_argument("--plot", metavar="RUN", help="only regenerate RUN/loss.png from RUN/log.jsonl")
     p.add_argument("--peak-flops", type=float, help="peak FLOP/s per device for the MFU estimate")
@@ -110,7 +115,7 @@ def resolve_configs(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig]
     else:
         model_cfg, train_cfg = preset("card"), TrainConfig()
     if args.resume and (run / "train_config.json").is_file():
-        saved = TrainConfig.from_dict(json.loads((run / "train_config.json").read_text()))
+        saved = TrainConfig.from_dict(read_json(run / "train_config.json", "training config"))
         names = {f.name for f in fields(TrainConfig)}
         train_cfg = override(saved, **{k: v for k, v in file_keys.items() if k in names})
     model_cfg = override(model_cfg, dropout=args.dropout)
@@ -129,8 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     model_cfg, train_cfg = resolve_configs(args)
     data = args.data
     if data is None and args.resume:
-        state = recover_dir(Path(args.out) / "last") / STATE_JSON
-        data = json.loads(state.read_text()).get("data_dir") if state.is_file() else None
+        data = saved_data_dir(args.out)
     if data is None:
         raise UserError("--data DIR is required: a folder made by `nanogpt prepare`")
     trainer = train
@@ -142,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         data,
         args.out,
         resume=args.resume,
+        force=args.force,
         init_from=args.init_from,
         progress=not args.no_progress,
         peak_flops=args.peak_flops,

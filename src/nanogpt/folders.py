@@ -1,0 +1,162 @@
+"""Output folders: which ones nanogpt wrote, the one rule for replacing them, and the lock on a run folder.
+
+Every command that writes a folder (`train`, `distill`, `demo`, `import`, `export`) calls `claim` first. It
+lets the command write a folder that is absent, empty, or one that nanogpt itself wrote for the same
+purpose (its `.nanogpt.json` marker names the kind); anything else (a folder of the user's files, a file,
+a training run given to `import`) is refused with one line naming `--force`. Nothing is deleted here:
+`claim` only decides, and `clear` removes what the caller was allowed to replace.
+
+A run folder is locked while a process writes it (`lock_run`): an OS file lock that the kernel releases
+when the process ends, even by SIGKILL, so a second `train --resume` on the same run is refused with the
+PID of the holder instead of interleaving checkpoints and log lines.
+
+    claim(out, "checkpoint", force=args.force)
+    with atomic_dir(out) as tmp: ...; mark(tmp, "checkpoint")
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import IO
+
+from nanogpt import __version__
+from nanogpt.errors import UserError
+
+MARKER = ".nanogpt.json"  # {"kind": ..., "nanogpt_version": ...}: this folder was written by nanogpt
+LOCK = ".nanogpt.lock"  # holds the PID of the process writing the run folder
+
+KINDS = {
+    "run": "a training run",
+    "demo": "a demo run",
+    "checkpoint": "an imported checkpoint",
+    "export": "a Hugging Face export",
+}
+# folders written before markers existed, recognised by the file only nanogpt puts there
+_LEGACY = {"train_config.json": "run", "nanogpt_export.json": "export"}
+
+
+def folder_kind(path: str | Path) -> str | None:
+    """The kind of folder nanogpt wrote at `path` (see KINDS), or None if nanogpt did not write it."""
+    path = Path(path)
+    marker = path / MARKER
+    if marker.is_file():
+        try:
+            kind = json.loads(marker.read_text()).get("kind")
+        except (ValueError, AttributeError, OSError):
+            return None  # a damaged marker proves nothing: treat the folder as the user's
+        return kind if kind in KINDS else None
+    for name, kind in _LEGACY.items():
+        if (path / name).is_file():
+            return kind
+    return None
+
+
+def mark(folder: str | Path, kind: str, **facts: object) -> None:
+    """Write the marker that lets a later command recognise (and replace) this folder."""
+    info = {"kind": kind, "nanogpt_version": __version__, **facts}
+    (Path(folder) / MARKER).write_text(json.dumps(info, indent=2) + "\n")
+
+
+def has_checkpoint(run: str | Path) -> bool:
+    """Whether a run folder holds a resume point (`last/` with its training state, or the `.old` copy)."""
+    run = Path(run)
+    return any((run / sub / "state.json").is_file() for sub in ("last", "last.old"))
+
+
+def claim(path: str | Path, kind: str, *, force: bool = False, flag: str = "--out") -> bool:
+    """Check that `path` may be written as a `kind` folder; True if something there will be replaced.
+
+    Allowed: nothing there, an empty folder, a folder nanogpt wrote as the same kind (a training run only
+    while it holds no checkpoint: a run that stopped before its first one restarts by the same command),
+    or anything at all with `force`. Refused otherwise, in one line that names the fix.
+    """
+    path = Path(path)
+    if not path.exists() and not path.is_symlink():
+        return False
+    if force:
+        return True
+    what = KINDS[kind]
+    if not path.is_dir():
+        raise UserError(
+            f"{flag} {path} is a file, not a folder; choose another {flag} or pass --force to replace it"
+        )
+    if not any(p.name not in (MARKER, LOCK) for p in path.iterdir()):
+        return True
+    found = folder_kind(path)
+    if found is None:
+        raise UserError(
+            f"{flag} {path} is a folder nanogpt did not write (it holds other files); choose another {flag} "
+            f"or pass --force to replace it with {what}"
+        )
+    if found != kind:
+        raise UserError(
+            f"{flag} {path} holds {KINDS[found]}, not {what}; choose another {flag} or pass --force to replace it"
+        )
+    if kind == "run" and has_checkpoint(path):
+        raise UserError(
+            f"{flag} {path} already holds a training run with checkpoints; pass --resume to continue it, "
+            f"choose another {flag}, or pass --force to start it over"
+        )
+    return True
+
+
+def clear(path: str | Path, keep: tuple[str, ...] = ()) -> None:
+    """Remove what `claim` allowed the caller to replace: a file, or a folder's contents but `keep`."""
+    path = Path(path)
+    if not path.is_dir() or path.is_symlink():
+        if path.exists() or path.is_symlink():
+            path.unlink()
+        return
+    for child in path.iterdir():
+        if child.name in keep:
+            continue
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
+
+
+class RunLock:
+    """An exclusive OS lock on `RUN/.nanogpt.lock` for the life of this object (see module docstring)."""
+
+    def __init__(self, run: str | Path) -> None:
+        self.path = Path(run) / LOCK
+        self._fh: IO[str] | None = None
+
+    def acquire(self) -> RunLock:
+        try:
+            import fcntl
+        except ImportError:  # Windows: no advisory locks through fcntl; run unguarded
+            return self
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fh = open(self.path, "a+")  # noqa: SIM115 (held open for as long as the run is being written)
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            fh.seek(0)
+            holder = fh.read().strip() or "unknown"
+            fh.close()
+            raise UserError(
+                f"run folder {self.path.parent} is being written by another nanogpt process (PID {holder}); "
+                "wait for it to finish or stop it, then run again"
+            ) from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"{os.getpid()}\n")
+        fh.flush()
+        self._fh = fh
+        return self
+
+    def release(self) -> None:
+        if self._fh is not None:
+            self._fh.close()  # closing the descriptor drops the lock; the file stays (it is ours, and harmless)
+            self._fh = None
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
