@@ -34,7 +34,7 @@ def missing_extra(what: str, extra: str) -> UserError:
 
     Raised `from None` where the import fails: `raise missing_extra("serve needs uvicorn", "serve") from None`.
     """
-    return UserError(f"{what}; install it with `{install_command(extra)}` in the nanogpt repository folder")
+    return UserError(f"{what}; install with `{install_command(extra)}` in the nanogpt repository folder")
 
 
 class _DefaultsFormatter(argparse.HelpFormatter):
