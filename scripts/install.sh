@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Create ./.venv (if needed) and install nanogpt into it with the given extras, e.g. `scripts/install.sh dev`.
+# Create ./.venv (if needed) and install nanogpt into it with the given extras, e.g. `scripts/install.sh dev`
+# or `scripts/install.sh hf,data,serve` (comma-separated: pip's `.[a,b]`).
 # When torch is missing, the pinned CPU wheel is installed first: an unpinned torch would pull a multi-GB CUDA build.
 # (On a CUDA machine, install the torch build you want into .venv before running this.)
 set -euo pipefail

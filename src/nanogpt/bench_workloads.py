@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from nanogpt.bench_measure import NEW_TOKENS, PROMPT_TOKENS
 from nanogpt.config import ModelConfig, TrainConfig
 from nanogpt.device import autocast
-from nanogpt.errors import UserError
+from nanogpt.errors import UserError, missing_extra
 from nanogpt.optim import LossFn, cross_entropy_loss
 
 # --- what is timed: ours (torch or MLX) and the peer --------------------------------------------------
@@ -127,7 +127,7 @@ def peer_model(cfg: ModelConfig) -> torch.nn.Module:
         import transformers
         from transformers import GPT2Config, GPT2LMHeadModel
     except ImportError:
-        raise UserError("--peers needs transformers; install it with pip install 'nanogpt[hf]'") from None
+        raise missing_extra("--peers needs transformers", "hf") from None
     transformers.logging.set_verbosity_error()
     torch.manual_seed(0)
     return GPT2LMHeadModel(

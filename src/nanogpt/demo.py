@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from nanogpt.config import PRESETS, TrainConfig, preset
-from nanogpt.errors import ArgumentParser, UserError
+from nanogpt.errors import ArgumentParser, UserError, install_command
 
 WIDGET_PROMPTS = ("Once upon a time", "The capital of France is", "In the field of machine learning,")
 
@@ -174,7 +174,7 @@ def export_and_reload(run: Path, seed: int) -> tuple[Path | None, str | None]:
     try:
         from transformers import AutoModelForCausalLM, AutoTokenizer
     except ImportError:
-        print(f"exported to {dst}; install transformers (pip install 'nanogpt[hf]') to load it back")
+        print(f"exported to {dst}; to load it back, install transformers: `{install_command('hf')}`")
         return dst, None
     tokenizer = AutoTokenizer.from_pretrained(dst, trust_remote_code=True)  # our own export: no prompt
     model = AutoModelForCausalLM.from_pretrained(dst, trust_remote_code=True)

@@ -37,7 +37,7 @@ from torch import nn
 
 from nanogpt.config import ModelConfig, TrainConfig, override, read_json
 from nanogpt.device import autocast, resolve_device, set_threads, torch_dtype
-from nanogpt.errors import ArgumentParser, UserError
+from nanogpt.errors import ArgumentParser, UserError, missing_extra
 from nanogpt.tokenizer import VOCAB_SIZE
 
 KINDS = ("forward_kl", "reverse_kl", "jsd")
@@ -269,7 +269,7 @@ def load_local_teacher(
     try:
         from transformers import AutoModelForCausalLM
     except ImportError:
-        raise UserError("a Hugging Face teacher needs transformers: pip install 'nanogpt[hf]'") from None
+        raise missing_extra("a Hugging Face teacher needs transformers", "hf") from None
     try:
         model = AutoModelForCausalLM.from_pretrained(str(p), local_files_only=True)
     except (OSError, ValueError) as e:

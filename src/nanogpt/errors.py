@@ -2,6 +2,7 @@
 
 The CLI prints a `UserError` as one line on stderr and exits with code 2; `ArgumentParser` turns argparse's
 own complaints (a missing value, a bad number) into the same kind of line instead of a usage block.
+`missing_extra` is the one wording of "this needs an optional extra": the README's install command, verbatim.
 
     p = ArgumentParser(prog="nanogpt train", description="...")
 """
@@ -17,6 +18,23 @@ class UserError(Exception):
 
     The message names the problem and the fix, in one line; no traceback is shown unless `--debug`.
     """
+
+
+def install_command(extra: str) -> str:
+    """The command that installs the optional dependencies `extra` (a `pyproject.toml` extra), as the README says it.
+
+    nanogpt installs from its source folder (editable), so the command runs there, in the environment nanogpt
+    lives in (`scripts/install.sh` makes `.venv`).
+    """
+    return f'pip install -e ".[{extra}]"'
+
+
+def missing_extra(what: str, extra: str) -> UserError:
+    """The error for an optional dependency that is not installed: `what` needs it, `extra` installs it.
+
+    Raised `from None` where the import fails: `raise missing_extra("serve needs uvicorn", "serve") from None`.
+    """
+    return UserError(f"{what}; install with `{install_command(extra)}` in the nanogpt repository folder")
 
 
 class _DefaultsFormatter(argparse.HelpFormatter):

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from nanogpt.decode_weights import decode_kernel
 from nanogpt.device import DTYPES, autocast, torch_dtype
-from nanogpt.errors import ArgumentParser, UserError
+from nanogpt.errors import ArgumentParser, UserError, missing_extra
 from nanogpt.model import NanoGPTLMHeadModel
 from nanogpt.serve_requests import (
     BadRequest,
@@ -389,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import uvicorn
     except ImportError:
-        raise UserError("nanogpt serve needs FastAPI and uvicorn: pip install 'nanogpt[serve]'") from None
+        raise missing_extra("nanogpt serve needs FastAPI and uvicorn", "serve") from None
     from nanogpt.checkpoint import load_model
     from nanogpt.device import resolve_device
 

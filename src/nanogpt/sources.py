@@ -20,12 +20,11 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
-from nanogpt.errors import UserError
+from nanogpt.errors import UserError, missing_extra
 
 BUILTIN = "builtin"
 TEXT_SUFFIXES = (".txt", ".text", ".md", ".rst")
 FOLDER_SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".parquet")  # what a source folder is searched for
-INSTALL_DATA = 'pip install "nanogpt[data]"'
 
 
 # ---- sources -----------------------------------------------------------------------------------------
@@ -192,9 +191,7 @@ def _import_pyarrow() -> tuple[Any, Any]:
         import pyarrow as pa
         import pyarrow.parquet as pq
     except ImportError:
-        raise UserError(
-            f"reading Parquet needs pyarrow, which is not installed; run `{INSTALL_DATA}`"
-        ) from None
+        raise missing_extra("reading Parquet needs pyarrow, which is not installed", "data") from None
     return pa, pq
 
 
@@ -236,8 +233,8 @@ def hf_documents(
     try:
         import datasets
     except ImportError:
-        raise UserError(
-            f"hf: sources need the `datasets` package, which is not installed; run `{INSTALL_DATA}`"
+        raise missing_extra(
+            "hf: sources need the `datasets` package, which is not installed", "data"
         ) from None
     try:
         ds = datasets.load_dataset(name, config, split=split, streaming=True, data_files=data_files)

@@ -42,7 +42,7 @@ from nanogpt.checkpoint import (
     write_json,
 )
 from nanogpt.config import ModelConfig
-from nanogpt.errors import ArgumentParser, UserError
+from nanogpt.errors import ArgumentParser, UserError, missing_extra
 from nanogpt.export.model_card import ParamCounts, read_run_facts, render_model_card
 from nanogpt.model import NanoGPTLMHeadModel
 from nanogpt.tokenizer import EOT_ID, EOT_TOKEN, bpe_files
@@ -216,9 +216,7 @@ def write_tokenizer(folder: Path, context_length: int) -> None:
     try:
         from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
     except ImportError:
-        raise UserError(
-            "export needs the `tokenizers` package; install it with `pip install nanogpt[hf]`"
-        ) from None
+        raise missing_extra("export needs the `tokenizers` package", "hf") from None
     encoder, merges = bpe_files()
     tok = Tokenizer(models.BPE.from_file(str(encoder), str(merges)))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -395,9 +393,7 @@ def push_to_hub(folder: Path, repo: str, token: str) -> str:
     try:
         from huggingface_hub import HfApi
     except ImportError:
-        raise UserError(
-            "--push-to-hub needs huggingface_hub; install it with `pip install nanogpt[hf]`"
-        ) from None
+        raise missing_extra("--push-to-hub needs huggingface_hub", "hf") from None
     api = HfApi(token=token)
     url = api.create_repo(repo, exist_ok=True)
     api.upload_folder(

@@ -184,12 +184,12 @@ def render_model_card(
 
     `benchmarks`: a `nanogpt bench` markdown table of this configuration (`bench.markdown_table`).
     """
-    millions = counts.total / 1e6
+    millions = counts.unique / 1e6  # the weights the model holds: the tied matrix counts once
     short = "Pre-LN" if cfg.norm_position == "pre" else "Post-LN"
     norm = f"{short[:-2]}LayerNorm ({short})"
     act = "exact GELU (erf)" if cfg.activation == "gelu" else "GELU, tanh approximation (GPT-2's)"
     tie = "tied to the token embedding" if cfg.tie_embeddings else "untied"
-    out = [_front_matter(facts), "", f"# NanoGPT {millions:.0f}M - {short} Transformer", ""]
+    out = [_front_matter(facts), "", f"# NanoGPT {millions:.1f}M - {short} Transformer", ""]
     out.append(
         "A GPT language model trained with the nanogpt PyTorch toolkit, "
         + (
@@ -270,7 +270,7 @@ def render_model_card(
         "## Limitations",
         "",
         f"- **Context length:** limited to {cfg.context_length} tokens",
-        f"- **Size:** {millions:.1f}M parameters is small compared to modern LLMs",
+        f"- **Size:** {millions:.1f}M unique parameters is small compared to modern LLMs",
         "- **No instruction tuning:** a base language model, not instruction-tuned",
         "- **Reliability:** outputs may be wrong or biased; validate them before any use that matters",
         "",

@@ -11,17 +11,12 @@ importing it without MLX installed raises a one-line `UserError` saying how to i
 
 from __future__ import annotations
 
-import sys
-
-from nanogpt.errors import UserError
+from nanogpt.errors import missing_extra
 
 try:
     import mlx.core  # noqa: F401  (the check only; the modules import what they use)
 except ImportError as e:
-    extra = "mlx" if sys.platform == "darwin" else "mlx[cpu]"
-    raise UserError(
-        f"the MLX backend needs MLX, which is not importable here ({e}); install it with pip install '{extra}'"
-    ) from None
+    raise missing_extra(f"the MLX backend needs MLX, which is not importable here ({e})", "mlx") from None
 
 from nanogpt.mlx.checkpoint import load_mlx_model, save_mlx_model  # noqa: E402
 from nanogpt.mlx.generate import generate  # noqa: E402
