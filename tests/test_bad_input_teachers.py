@@ -26,7 +26,7 @@ from nanogpt.config import ModelConfig
 from nanogpt.model import NanoGPTLMHeadModel
 from nanogpt.teachers import AnswerCache, ApiClient, ApiConfig, TeacherError, parse_topk, redact
 from nanogpt.tokenizer import get_tokenizer
-from tests.bad_input import refuse
+from tests.bad_input import refuse, refuse_subprocess
 
 KEY = "sk-test-9f8e7d6c5b4a"
 KEY_ENV = "NANOGPT_TEST_TEACHER_KEY"
@@ -608,3 +608,30 @@ def test_distill_failed_run_leaves_cache_with_answers(serve, key, student, small
     refuse(capsys, argv, names="not JSON", fix="base URL")
     with sqlite3.connect(tmp_path / "kd.teacher" / "cache.sqlite") as db:
         assert db.execute("SELECT COUNT(*) FROM answers").fetchone()[0] == 1
+
+
+def test_distill_hand_edited_teacher_settings_on_resume(key, student, small_data, tmp_path, capsys):
+    folder = tmp_path / "kd.teacher"
+    folder.mkdir()
+    (folder / "distill.json").write_text(
+        json.dumps({"teacher": "chat:tiny@http://127.0.0.1:9/v1", "top_k": "20"})
+    )
+    argv = kd(student, small_data, tmp_path / "kd", "chat:tiny@http://127.0.0.1:9/v1", "--resume")
+    refuse(capsys, argv, names=["--top-k '20'", "out of range"], fix="give an integer", untouched=[folder])
+
+
+def test_distill_cross_origin_redirect_in_a_fresh_process(serve, student, small_data, tmp_path):
+    """The same refusal from a real `python -m nanogpt distill`: one line, exit 2, the key kept home."""
+    other = serve(good_completions, host="127.0.0.2")
+    first = serve(lambda h, b: h.send(308, {}, {"Location": other.url + "/v1/completions"}))
+    argv = kd(student, small_data, tmp_path / "kd", f"completions:tiny@{first.url}/v1")
+    line = refuse_subprocess(
+        argv,
+        names=["another origin", "127.0.0.2"],
+        fix="point --teacher at the final URL",
+        untouched=[tmp_path / "kd.teacher"],
+        env={KEY_ENV: KEY},
+        timeout=60,
+    )
+    assert line.startswith("nanogpt distill: error:") and KEY not in line
+    assert first.seen and other.seen == []

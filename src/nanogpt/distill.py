@@ -497,11 +497,14 @@ def resolve_teacher_settings(args: argparse.Namespace, saved: Path) -> TeacherSp
             setattr(args, name, old.get(name, default))
     if args.teacher is None:
         raise UserError("--teacher SPEC is required: a local folder, completions:MODEL@URL or chat:MODEL@URL")
+    if not isinstance(args.teacher, str):  # only a hand-edited distill.json gets here
+        raise UserError(f"{saved} holds a teacher that is not a SPEC string; pass --teacher SPEC again")
     spec = parse_teacher(args.teacher)
     for name, (lo, hi) in TEACHER_INT_RANGES.items():
-        if not lo <= getattr(args, name) <= hi:
+        value = getattr(args, name)
+        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
             flag = "--" + name.replace("_", "-")
-            raise UserError(f"{flag} {getattr(args, name)} is out of range: give an integer in [{lo}, {hi}]")
+            raise UserError(f"{flag} {value!r} is out of range: give an integer in [{lo}, {hi}]")
     api = api_config(spec, args)  # ranges of --timeout, --retries, --concurrency
     if spec.kind != "local":
         api.api_key()  # an unset --api-key-env variable stops the run before anything is written
