@@ -213,6 +213,9 @@ def test_parse_teacher_specs():
     assert (s.kind, s.model, s.base_url) == ("chat", "openai/gpt-oss-20b", "https://api.groq.com/openai/v1")
     with pytest.raises(UserError, match="completions:MODEL@BASE_URL"):
         parse_teacher("completions:gpt2")
+    # the model ends at the first "@scheme://": a model name may hold "@"
+    s = parse_teacher("completions:org/m@v2@http://127.0.0.1:8000/v1")
+    assert (s.model, s.base_url) == ("org/m@v2", "http://127.0.0.1:8000/v1")
 
 
 def test_distill_command_local_teacher_and_resume(runs, small_data, tmp_path, capsys):

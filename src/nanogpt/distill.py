@@ -25,6 +25,8 @@ import argparse
 import json
 import math
 import os
+import re
+import shutil
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, fields
@@ -38,6 +40,8 @@ from torch import nn
 from nanogpt.config import ModelConfig, TrainConfig, override, read_json
 from nanogpt.device import autocast, resolve_device, set_threads, torch_dtype
 from nanogpt.errors import ArgumentParser, UserError, missing_extra
+from nanogpt.folders import claim, has_checkpoint
+from nanogpt.teacher_client import ApiConfig, cached_answers, check_base_url
 from nanogpt.tokenizer import VOCAB_SIZE
 
 KINDS = ("forward_kl", "reverse_kl", "jsd")
@@ -343,12 +347,13 @@ class TeacherSpec:
 def parse_teacher(spec: str) -> TeacherSpec:
     for kind in ("completions", "chat"):
         if spec.startswith(kind + ":"):
-            model, sep, url = spec[len(kind) + 1 :].rpartition("@")
-            if not sep or not model or not url.startswith(("http://", "https://")):
+            # MODEL ends at the first "@scheme://" (a model name may hold "@", a URL's user:password part too)
+            m = re.fullmatch(r"(.+?)@([A-Za-z][A-Za-z0-9+.-]*://.*)", spec[len(kind) + 1 :], re.S)
+            if m is None:
                 raise UserError(
                     f"--teacher {spec!r}: write {kind}:MODEL@BASE_URL, e.g. {kind}:gpt2@http://127.0.0.1:8000/v1"
                 )
-            return TeacherSpec(kind, model=model, base_url=url.rstrip("/"))
+            return TeacherSpec(kind, model=m[1], base_url=check_base_url(m[2]))
     if spec.startswith(("http://", "https://")):
         raise UserError(f"--teacher {spec!r} is a URL; write completions:MODEL@URL or chat:MODEL@URL")
     return TeacherSpec("local", path=spec)
@@ -386,7 +391,8 @@ def build_parser() -> argparse.ArgumentParser:
     # defaults in TEACHER_DEFAULTS; None = unset, so that --resume keeps the run's own settings
     api.add_argument("--top-k", type=int, help="top-k logprobs asked per position (completions; default 20)")
     api.add_argument(
-        "--api-key-env", default="OPENAI_API_KEY", help="env var holding the API key (never logged)"
+        "--api-key-env",
+        help="env var holding the API key, which must then be set (never logged; default: OPENAI_API_KEY if set)",
     )
     api.add_argument("--concurrency", type=int, default=4, help="requests in flight at once")
     api.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
@@ -427,15 +433,9 @@ def make_loss_fn(
     from nanogpt import teachers
 
     client = teachers.ApiClient(
-        teachers.ApiConfig(
-            base_url=spec.base_url,
-            model=spec.model,
-            api_key_env=args.api_key_env,
-            concurrency=args.concurrency,
-            timeout=args.timeout,
-            retries=args.retries,
-        ),
+        api_config(spec, args),
         teachers.AnswerCache(cache_dir / "cache.sqlite"),
+        down_hint=lambda: rerun_hint(Path(args.out)),
     )
     if spec.kind == "completions":
         return teachers.TopKDistillLoss(
@@ -454,17 +454,81 @@ def make_loss_fn(
     return teachers.MixedDataLoss(data, model_cfg.context_length, alpha, log_path=log_path)
 
 
-def resolve_teacher_settings(args: argparse.Namespace, saved: Path) -> None:
-    """Fill unset teacher flags from the run's distill.json (on --resume), else TEACHER_DEFAULTS; save them."""
-    old = json.loads(saved.read_text()) if args.resume and saved.is_file() else {}
+def api_config(spec: TeacherSpec, args: argparse.Namespace) -> ApiConfig:
+    """The client settings of an API teacher (range-checked by ApiConfig)."""
+    return ApiConfig(
+        base_url=spec.base_url,
+        model=spec.model,
+        api_key_env=args.api_key_env or "OPENAI_API_KEY",
+        concurrency=args.concurrency,
+        timeout=args.timeout,
+        retries=args.retries,
+        key_required=args.api_key_env is not None,
+    )
+
+
+def rerun_hint(run: Path) -> str:
+    """What to do once a down teacher is back: --resume only when OUT holds a checkpoint to resume."""
+    if has_checkpoint(run):
+        return "then rerun with --resume (answers already received are cached)"
+    return "then rerun the same command once it is reachable (answers already received are cached)"
+
+
+# flag -> (lowest, highest) for the integer teacher settings; top-k's range is TopKDistillLoss's
+TEACHER_INT_RANGES = {
+    "top_k": (1, VOCAB_SIZE),
+    "prompts": (1, 10**6),
+    "prompt_tokens": (4, 10**5),
+    "reply_tokens": (1, 10**6),
+}
+
+
+def resolve_teacher_settings(args: argparse.Namespace, saved: Path) -> TeacherSpec:
+    """Fill unset teacher flags from the run's distill.json (on --resume), else TEACHER_DEFAULTS; check them
+    all (nothing is written for a bad one), save them, and return the parsed --teacher."""
+    if saved.parent.exists() and not saved.parent.is_dir():
+        raise UserError(f"teacher folder {saved.parent} is a file; move it away or give another --cache-dir")
+    try:
+        old = json.loads(saved.read_text()) if args.resume and saved.is_file() else {}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        old = e
+    if not isinstance(old, dict):
+        raise UserError(
+            f"the run's teacher settings {saved} are unreadable; restore that file, or pass --teacher and the "
+            "other teacher flags again after moving it away"
+        )
     for name, default in TEACHER_DEFAULTS.items():
         if getattr(args, name) is None:
             setattr(args, name, old.get(name, default))
     if args.teacher is None:
         raise UserError("--teacher SPEC is required: a local folder, completions:MODEL@URL or chat:MODEL@URL")
+    if not isinstance(args.teacher, str):  # only a hand-edited distill.json gets here
+        raise UserError(f"{saved} holds a teacher that is not a SPEC string; pass --teacher SPEC again")
+    spec = parse_teacher(args.teacher)
+    for name, (lo, hi) in TEACHER_INT_RANGES.items():
+        value = getattr(args, name)
+        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+            flag = "--" + name.replace("_", "-")
+            raise UserError(f"{flag} {value!r} is out of range: give an integer in [{lo}, {hi}]")
+    api = api_config(spec, args)  # ranges of --timeout, --retries, --concurrency
+    if spec.kind != "local":
+        api.api_key()  # an unset --api-key-env variable stops the run before anything is written
     saved.parent.mkdir(parents=True, exist_ok=True)
     record = {name: getattr(args, name) for name in TEACHER_DEFAULTS}
     saved.write_text(json.dumps({**record, "student": args.student or old.get("student")}, indent=2) + "\n")
+    return spec
+
+
+def drop_unused_teacher_folder(cache_dir: Path, run: Path) -> None:
+    """After a failed run that created `cache_dir`: remove it unless it holds answers, data or a log worth
+    keeping, or OUT has a checkpoint whose --resume needs its distill.json."""
+    from nanogpt.checkpoint import STATE_JSON, recover_dir
+
+    kept = ("distill_log.jsonl", "chat_data")
+    if (recover_dir(run / "last") / STATE_JSON).is_file() or any((cache_dir / k).exists() for k in kept):
+        return
+    if cached_answers(cache_dir / "cache.sqlite") == 0:
+        shutil.rmtree(cache_dir, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -486,20 +550,27 @@ def main(argv: list[str] | None = None) -> int:
     if data is None:
         raise UserError("--data DIR is required: a folder made by `nanogpt prepare`")
     cache_dir = Path(args.cache_dir) if args.cache_dir else run.with_name(run.name + ".teacher")
-    resolve_teacher_settings(args, cache_dir / "distill.json")
-    spec = parse_teacher(args.teacher)
-    loss_fn = make_loss_fn(spec, args, cfg, model_cfg, cache_dir)
-    result = train(
-        model_cfg,
-        cfg,
-        data,
-        run,
-        resume=args.resume,
-        force=args.force,
-        init_from=args.student,
-        progress=not args.no_progress,
-        loss_fn=loss_fn,
-    )
+    if not args.resume:  # before any teacher work: train() checks again, under the run lock
+        claim(run, "run", force=args.force)
+    created = not cache_dir.exists()
+    try:
+        spec = resolve_teacher_settings(args, cache_dir / "distill.json")
+        loss_fn = make_loss_fn(spec, args, cfg, model_cfg, cache_dir)
+        result = train(
+            model_cfg,
+            cfg,
+            data,
+            run,
+            resume=args.resume,
+            force=args.force,
+            init_from=args.student,
+            progress=not args.no_progress,
+            loss_fn=loss_fn,
+        )
+    except BaseException:
+        if created:  # a failed run leaves no empty OUT.teacher/ behind, and never touches an earlier one
+            drop_unused_teacher_folder(cache_dir, run)
+        raise
     skipped = getattr(loss_fn, "skipped", 0)
     best = f"{result.best_val_loss:.4f}" if result.best_val_loss is not None else "n/a"
     print(

@@ -13,31 +13,23 @@ Two kinds, because what an API returns decides what can be distilled:
   training split; prompts, replies and the model name are stored in `replies.jsonl`, the texts become a
   token shard, and the student learns them with the hard loss, mixed with the original data.
 
-Every answer is stored in SQLite (keyed by a hash of the request) the moment it arrives, so a resumed or
-restarted run never pays for a request twice. Failures (unreachable API, HTTP errors, garbage JSON, no
-logprobs, another tokenizer) raise `TeacherError`, a one-line `UserError`, or are counted and skipped
-with `skip_bad`. The API key is read from an env var and never logged.
+The HTTP side (retries, the answer cache, redirects, key redaction) is `nanogpt.teacher_client`; an
+answer is cached only once it parsed here (top-k targets, a chat reply), so garbage is asked again.
+Failures (unreachable API, HTTP errors, garbage JSON, no logprobs, another tokenizer) raise `TeacherError`,
+a one-line `UserError`, or are counted and skipped with `skip_bad`.
 
     client = ApiClient(ApiConfig("http://127.0.0.1:8000/v1", "gpt2"), AnswerCache("cache.sqlite"))
 """
 
 from __future__ import annotations
 
-import email.utils
 import hashlib
 import json
-import os
-import sqlite3
-import sys
-import threading
-import time
-import urllib.error
-import urllib.request
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import torch
@@ -46,186 +38,18 @@ from torch import nn
 
 from nanogpt.distill import LossParts, record_parts, sparse_kl
 from nanogpt.errors import UserError
-from nanogpt.tokenizer import EOT_ID, Tokenizer, get_tokenizer
+from nanogpt.teacher_client import (  # noqa: F401  (the client's names are part of this module's API)
+    AnswerCache,
+    ApiClient,
+    ApiConfig,
+    TeacherDown,
+    TeacherError,
+    redact,
+    retry_after_seconds,
+)
+from nanogpt.tokenizer import EOT_ID, VOCAB_SIZE, Tokenizer, get_tokenizer
 
-T_ = TypeVar("T_")
-RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
-MAX_WAIT_S = 60.0  # a Retry-After longer than this is capped
 OTHER_TOKENIZER = "teacher uses another tokenizer"
-
-
-class TeacherError(UserError):
-    """A teacher answer could not be had or used (one line; `--skip-bad` counts and skips it instead)."""
-
-
-# --- the answer cache ----------------------------------------------------------------------------------------
-
-
-def request_key(path: str, body: dict[str, Any]) -> str:
-    """A stable hash of one request (endpoint path + JSON body, keys sorted); the base URL is not part of it."""
-    return hashlib.sha256(json.dumps({"path": path, "body": body}, sort_keys=True).encode()).hexdigest()
-
-
-class AnswerCache:
-    """SQLite table key -> (request, response JSON); every `put` is committed at once."""
-
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()
-        self._db = sqlite3.connect(str(self.path), check_same_thread=False)
-        self._db.execute(
-            "CREATE TABLE IF NOT EXISTS answers (key TEXT PRIMARY KEY, request TEXT, response TEXT, created REAL)"
-        )
-        self._db.commit()
-        self.hits = self.misses = 0
-
-    def get(self, key: str) -> dict[str, Any] | None:
-        with self._lock:
-            row = self._db.execute("SELECT response FROM answers WHERE key = ?", (key,)).fetchone()
-            self.hits, self.misses = self.hits + (row is not None), self.misses + (row is None)
-        return None if row is None else json.loads(row[0])
-
-    def put(self, key: str, request: dict[str, Any], response: dict[str, Any]) -> None:
-        with self._lock:
-            self._db.execute(
-                "INSERT OR REPLACE INTO answers VALUES (?, ?, ?, ?)",
-                (key, json.dumps(request), json.dumps(response), time.time()),
-            )
-            self._db.commit()
-
-    def __len__(self) -> int:
-        with self._lock:
-            return int(self._db.execute("SELECT COUNT(*) FROM answers").fetchone()[0])
-
-
-# --- the client ----------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ApiConfig:
-    base_url: str  # e.g. http://127.0.0.1:8000/v1 or https://api.groq.com/openai/v1
-    model: str
-    api_key_env: str = "OPENAI_API_KEY"  # the key is read from this env var; absent -> no auth header
-    concurrency: int = 4
-    timeout: float = 60.0  # seconds per request
-    retries: int = 5  # after the first try
-    backoff: float = 1.0  # first wait; doubles each retry (Retry-After wins when given)
-
-
-def retry_after_seconds(value: str | None) -> float | None:
-    """Seconds from a Retry-After header: a number of seconds or an HTTP date (None if absent/unparsable)."""
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
-
-
-def backoff_delays(cfg: ApiConfig) -> list[float]:
-    """The waits between tries when no Retry-After is given: backoff, 2x, 4x ... (one per retry)."""
-    return [min(cfg.backoff * 2**i, MAX_WAIT_S) for i in range(cfg.retries)]
-
-
-class ApiClient:
-    """POSTs JSON to an OpenAI-compatible API through the cache, with retries and a concurrency bound."""
-
-    def __init__(
-        self, cfg: ApiConfig, cache: AnswerCache | None = None, sleep: Callable[[float], None] = time.sleep
-    ):
-        self.cfg, self.cache, self._sleep = cfg, cache, sleep
-        self.sent = 0  # requests that reached the network (cache misses, counting retries)
-        self.skipped = 0
-
-    def _headers(self) -> dict[str, str]:
-        headers = {"Content-Type": "application/json", "User-Agent": "nanogpt-distill"}
-        key = os.environ.get(self.cfg.api_key_env)
-        if key:
-            headers["Authorization"] = f"Bearer {key}"
-        return headers
-
-    def post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        """The JSON answer to `body` at base_url + path: from the cache, else fetched and cached."""
-        key = request_key(path, body)
-        if self.cache is not None and (hit := self.cache.get(key)) is not None:
-            return hit
-        answer = self._fetch(path, body)
-        if self.cache is not None:
-            self.cache.put(key, body, answer)
-        return answer
-
-    def _fetch(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        url = self.cfg.base_url + path
-        data = json.dumps(body).encode()
-        delays = backoff_delays(self.cfg)
-        reason = ""
-        for attempt in range(self.cfg.retries + 1):
-            wait: float | None = None
-            req = urllib.request.Request(url, data=data, headers=self._headers(), method="POST")
-            self.sent += 1
-            try:
-                with urllib.request.urlopen(req, timeout=self.cfg.timeout) as r:
-                    raw = r.read()
-            except urllib.error.HTTPError as e:
-                detail = _error_detail(e)
-                if e.code not in RETRY_STATUS:
-                    raise TeacherError(f"teacher API {url} answered HTTP {e.code}: {detail}") from None
-                reason, wait = f"HTTP {e.code}: {detail}", retry_after_seconds(e.headers.get("Retry-After"))
-            except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as e:
-                reason = str(getattr(e, "reason", e)) or type(e).__name__
-            else:
-                try:
-                    answer = json.loads(raw)
-                except (json.JSONDecodeError, UnicodeDecodeError):
-                    raise TeacherError(
-                        f"teacher API {url} returned garbage, not JSON: {raw[:80]!r}"
-                    ) from None
-                if not isinstance(answer, dict):
-                    raise TeacherError(f"teacher API {url} returned JSON that is not an object")
-                return answer
-            if attempt < self.cfg.retries:
-                self._sleep(min(wait if wait is not None else delays[attempt], MAX_WAIT_S))
-        raise TeacherError(
-            f"teacher API {url} failed after {self.cfg.retries + 1} tries ({reason}); check it is up, then "
-            "rerun with --resume (answers already received are cached)"
-        )
-
-    def map(self, fn: Callable[[T_], Any], items: Sequence[T_], skip_bad: bool = False) -> list[Any]:
-        """fn over items, `concurrency` at a time, in order; with skip_bad a TeacherError gives None."""
-
-        def one(item: T_) -> Any:
-            try:
-                return fn(item)
-            except TeacherError as e:
-                if not skip_bad:
-                    raise
-                self.skipped += 1
-                print(
-                    f"nanogpt distill: skipped a teacher answer ({self.skipped} so far): {e}", file=sys.stderr
-                )
-                return None
-
-        if self.cfg.concurrency <= 1 or len(items) <= 1:
-            return [one(i) for i in items]
-        with ThreadPoolExecutor(max_workers=self.cfg.concurrency) as pool:
-            return list(pool.map(one, items))
-
-
-def _error_detail(e: urllib.error.HTTPError) -> str:
-    try:
-        body = json.loads(e.read() or b"{}")
-        msg = (
-            body.get("error", {}).get("message") if isinstance(body.get("error"), dict) else body.get("error")
-        )
-        return str(msg or body)[:200]
-    except (json.JSONDecodeError, AttributeError, OSError):
-        return e.reason if isinstance(e.reason, str) else "no detail"
 
 
 # --- token level: top-k logprobs of a prompt --------------------------------------------------------------
@@ -248,9 +72,15 @@ def token_id_of(s: str, tok: Tokenizer) -> int | None:
     """
     if s.startswith("token_id:"):
         try:
-            return int(s[len("token_id:") :])
+            i = int(s[len("token_id:") :])
         except ValueError:
-            raise TeacherError(f"teacher returned a malformed token {s!r}") from None
+            i = -1
+        if not 0 <= i < VOCAB_SIZE:
+            raise TeacherError(
+                f"teacher returned a malformed token {s[:40]!r} (not token_id:N with N < {VOCAB_SIZE}); "
+                "it must serve GPT-2's tokenizer, else use a chat: teacher"
+            )
+        return i
     if "\ufffd" in s:
         return None
     ids = tok.encode(s) if s != "<|endoftext|>" else [EOT_ID]
@@ -276,24 +106,33 @@ def parse_topk(answer: dict[str, Any], window: Sequence[int], k: int, tok: Token
         ) from None
     n = len(window)
     if not isinstance(tokens, list) or not isinstance(tops, list) or len(tokens) < n or len(tops) < n:
-        raise TeacherError(
-            f"{OTHER_TOKENIZER} or ignored the prompt: it echoed {len(tokens or [])} tokens for {n}"
-        )
+        got = len(tokens) if isinstance(tokens, list) else type(tokens).__name__
+        raise TeacherError(f"{OTHER_TOKENIZER} or ignored the prompt: it echoed {got} tokens for {n}")
     for i in range(n):  # the echo must be our prompt, token for token
         got = token_id_of(str(tokens[i]), tok)
         if got is not None and got != window[i]:
-            raise TeacherError(f"{OTHER_TOKENIZER}: prompt token {i} came back as {tokens[i]!r}")
+            raise TeacherError(f"{OTHER_TOKENIZER}: prompt token {i} came back as {str(tokens[i])[:40]!r}")
     ids = torch.zeros(n - 1, k, dtype=torch.long)
     lps = torch.zeros(n - 1, k)
     valid = torch.zeros(n - 1, k, dtype=torch.bool)
     for t in range(n - 1):
         entry = tops[t + 1]
         if not isinstance(entry, dict) or not entry:
-            raise TeacherError(f"teacher reply lacks top logprobs at prompt position {t + 1}")
-        best = sorted(entry.items(), key=lambda kv: -float(kv[1]))[:k]
+            raise TeacherError(
+                f"teacher reply lacks top logprobs at prompt position {t + 1}; it must support echo=true, "
+                "max_tokens=0, logprobs=k"
+            )
+        for s, logprob in entry.items():
+            # a bool is an int to Python; NaN and +inf are no probability; -inf is p = 0
+            if isinstance(logprob, bool) or not isinstance(logprob, int | float) or not logprob < math.inf:
+                raise TeacherError(
+                    f"teacher gave the logprob {str(logprob)[:40]!r} for {str(s)[:40]!r} at prompt position "
+                    f"{t + 1}, not a number; check that --teacher is an OpenAI-compatible completions API"
+                )
+        best = sorted(entry.items(), key=lambda kv: -kv[1])[:k]
         for j, (s, logprob) in enumerate(best):
             i = token_id_of(str(s), tok)
-            if i is None or not float(logprob) <= 0.0:
+            if i is None or logprob > 0.0:
                 continue  # unmappable or nonsense: its mass falls into the rest bucket
             ids[t, j], lps[t, j], valid[t, j] = i, float(logprob), True
     return TopK(ids, lps, valid)
@@ -312,8 +151,10 @@ class TopKDistillLoss:
         skip_bad: bool = False,
         log_path: Path | None = None,
     ) -> None:
-        if k < 1:
-            raise UserError(f"--top-k {k} must be >= 1")
+        if not 1 <= k <= VOCAB_SIZE:
+            raise UserError(
+                f"--top-k {k} is out of range: give an integer in [1, {VOCAB_SIZE}], e.g. --top-k 20"
+            )
         self.client, self.k, self.alpha, self.T, self.skip_bad = client, k, alpha, T, skip_bad
         self.log_path, self.history = log_path, []
         self.tok = get_tokenizer()
@@ -335,7 +176,9 @@ class TopKDistillLoss:
 
     def teacher_topk(self, windows: list[list[int]]) -> list[TopK | None]:
         def one(w: list[int]) -> TopK:
-            return parse_topk(self.client.post("/completions", self.request(w)), w, self.k, self.tok)
+            return self.client.post(
+                "/completions", self.request(w), lambda a: parse_topk(a, w, self.k, self.tok)
+            )
 
         return self.client.map(one, windows, skip_bad=self.skip_bad)
 
@@ -383,6 +226,22 @@ def draw_prompts(shards: list[np.ndarray], n: int, prompt_tokens: int, seed: int
     return out
 
 
+def chat_reply(answer: dict[str, Any]) -> str:
+    """The text of a chat completion; TeacherError (nothing cached) when there is none."""
+    try:
+        reply = answer["choices"][0]["message"]["content"]
+    except (KeyError, IndexError, TypeError):
+        raise TeacherError(
+            "chat teacher reply has no choices[0].message.content; check the model name and that --teacher "
+            "is an OpenAI-compatible chat API"
+        ) from None
+    if not isinstance(reply, str) or not reply.strip():
+        raise TeacherError(
+            "chat teacher gave an empty reply (a reasoning model out of max_tokens?); raise --reply-tokens"
+        )
+    return reply
+
+
 def build_chat_data(
     client: ApiClient,
     data_dir: str | Path,
@@ -414,14 +273,7 @@ def build_chat_data(
         }
 
     def ask(i: int) -> str:
-        answer = client.post("/chat/completions", body(i))
-        try:
-            reply = answer["choices"][0]["message"]["content"]
-        except (KeyError, IndexError, TypeError):
-            raise TeacherError("chat teacher reply has no choices[0].message.content") from None
-        if not isinstance(reply, str) or not reply.strip():
-            raise TeacherError("chat teacher gave an empty reply (a reasoning model out of max_tokens?)")
-        return reply
+        return client.post("/chat/completions", body(i), chat_reply)
 
     replies = client.map(ask, list(range(len(prompts))), skip_bad=skip_bad)
     out = Path(out)
