@@ -355,11 +355,6 @@ def test_help_exits_0_and_shows_defaults(command, capsys, monkeypatch):
     assert not missing, f"`nanogpt {command} --help` does not show the defaults of {missing}"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="argparse formats no help line for an option whose help is None, so _DefaultsFormatter is never "
-    "asked (e.g. `nanogpt serve --port`, `nanogpt sample --max-new-tokens`, `nanogpt demo --seed`)",
-)
 def test_help_shows_defaults_of_options_without_help_text(capsys, monkeypatch):
     missing = []
     for command in cli.COMMANDS:

@@ -10,6 +10,7 @@ own complaints (a missing value, a bad number) into the same kind of line instea
 from __future__ import annotations
 
 import argparse
+import copy
 import re
 
 
@@ -40,17 +41,24 @@ def missing_extra(what: str, extra: str) -> UserError:
 class _DefaultsFormatter(argparse.HelpFormatter):
     """`--help` shows each option's default where it has a real one (not None, not an off switch)."""
 
+    @staticmethod
+    def _shows_default(action: argparse.Action) -> bool:
+        return (
+            bool(action.option_strings)
+            and action.default not in (None, False, argparse.SUPPRESS)
+            and "default" not in (action.help or "")
+        )
+
+    def _format_action(self, action: argparse.Action) -> str:
+        if action.help is None and self._shows_default(action):  # argparse prints no line for help=None
+            action = copy.copy(action)
+            action.help = "default: %(default)s"
+        return super()._format_action(action)
+
     def _get_help_string(self, action: argparse.Action) -> str | None:
-        help_ = action.help or ""
-        default = action.default
-        if (
-            "default" in help_
-            or default in (None, False, argparse.SUPPRESS)
-            or not action.option_strings
-            or isinstance(action, argparse._HelpAction)
-        ):
+        if not action.help or not self._shows_default(action):
             return action.help
-        return f"{help_} (default: %(default)s)" if help_ else "default: %(default)s"
+        return f"{action.help} (default: %(default)s)"
 
 
 class ArgumentParser(argparse.ArgumentParser):
