@@ -231,8 +231,9 @@ def test_train_mlx_refuses_bad_input(tiny_cfg, small_data, tmp_path):
         train_mlx(tiny_cfg, TrainConfig(dtype="bf16"), small_data, tmp_path / "x", progress=False)
     (tmp_path / "y").mkdir()
     (tmp_path / "y" / "log.jsonl").write_text("")
-    with pytest.raises(UserError, match="--resume"):
+    with pytest.raises(UserError, match="did not write.*--force"):  # the same folder rule as the torch trainer
         train_mlx(tiny_cfg, TrainConfig(), small_data, tmp_path / "y", progress=False)
+    assert [p.name for p in (tmp_path / "y").iterdir()] == ["log.jsonl"]
 
 
 def test_cli_backends_train_eval_sample_and_export(small_data, tmp_path, capsys):

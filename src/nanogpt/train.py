@@ -27,11 +27,14 @@ multi-node run needs the run folder on a shared file system (every rank reads it
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import math
 import os
 import signal
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -63,7 +66,7 @@ from nanogpt.device import autocast
 from nanogpt.distributed import DistInfo, all_gather, setup_distributed
 from nanogpt.errors import UserError
 from nanogpt.evaluate import perplexity
-from nanogpt.folders import LOCK, RunLock, claim, clear, has_checkpoint, mark
+from nanogpt.folders import LOCK, MARKER, RunLock, claim, clear, has_checkpoint, mark
 from nanogpt.model import NanoGPTLMHeadModel
 from nanogpt.optim import (
     LossFn,
@@ -171,19 +174,46 @@ def _check_resume(run: Path, model_cfg: ModelConfig) -> Path:
     return src
 
 
-def _lock_run_folder(run: Path, resume: bool, force: bool, kind: str) -> RunLock:
-    """Main rank: refuse what may not be replaced (see nanogpt.folders), lock the folder, clear a replaced one."""
-    if not resume and claim(run, kind, force=force) and not run.is_dir():
-        clear(run)  # a file at --out, replaced because of --force
-    lock = RunLock(run).acquire()
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT}
+
+
+@contextlib.contextmanager
+def run_folder(
+    run: Path, model_cfg: ModelConfig, *, resume: bool, force: bool, kind: str = "run", main: bool = True
+) -> Iterator[Path | None]:
+    """Hold a run folder for one training session (both backends); yields the checkpoint to resume from.
+
+    The main process refuses a folder it may not replace (nanogpt.folders.claim), locks it, clears a
+    replaced one and marks it; on exit it unlocks, removes a folder it created but never wrote to, and turns
+    Ctrl-C and a full or read-only disk into a line that says how to continue.
+    """
+    created, lock = not run.exists(), None
     try:
-        # again under the lock: another process may have written the folder since the first look
-        if not resume and claim(run, kind, force=force):
-            clear(run, keep=(LOCK,))
-    except BaseException:
-        lock.release()
-        raise
-    return lock
+        if main:
+            if not resume and claim(run, kind, force=force) and not run.is_dir():
+                clear(run)  # a file at --out, replaced because of --force
+            lock = RunLock(run).acquire()
+            # look again under the lock: another process may have written the folder since
+            if not resume and claim(run, kind, force=force):
+                clear(run, keep=(LOCK,))
+        src = _check_resume(run, model_cfg) if resume else None
+        if main and not resume:
+            mark(run, kind)
+        yield src
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(resume_hint(run)) from None
+    except OSError as e:
+        if e.errno not in _WRITE_ERRNOS:
+            raise
+        raise UserError(
+            f"could not write to {run} ({e.strerror}); free space, then {resume_hint(run)}"
+        ) from None
+    finally:
+        if lock is not None:
+            lock.release()
+            if created and run.is_dir() and {p.name for p in run.iterdir()} <= {LOCK, MARKER}:
+                clear(run)  # stopped before writing anything: leave nothing behind
+                run.rmdir()
 
 
 def resume_hint(run: Path) -> str:
@@ -313,12 +343,11 @@ def _open_session(
     run: Path,
     info: DistInfo,
     device: torch.device,
-    resume: bool,
+    src: Path | None,
     init_from: str | None,
     loss_fn: LossFn,
 ) -> _Session:
     """Check the run folder and data, build model/optimizer/sampler, restore them on resume."""
-    src = _check_resume(run, model_cfg) if resume else None
     data = TokenData(data_dir)
     if model_cfg.vocab_size < data.meta["vocab_size"]:
         raise UserError(
@@ -330,7 +359,7 @@ def _open_session(
 
     torch.manual_seed(cfg.seed + info.rank)  # init (DDP broadcasts rank 0's weights) and this rank's dropout
     model = NanoGPTLMHeadModel(model_cfg)
-    if init_from and not resume:
+    if init_from and src is None:
         folder = resolve_checkpoint(init_from)
         load_state_into(model, load_weights(folder), folder)
     model.to(device)
@@ -416,45 +445,29 @@ def train(
     the folder kind its marker records (`nanogpt.folders.KINDS`: "run", or "demo" for the demo's run).
     """
     info, device = setup_distributed(train_cfg.device)
-    run, lock = Path(out_dir), None
-    created = not run.exists()
+    run = Path(out_dir)
     try:
-        if info.main:
-            lock = _lock_run_folder(run, resume, force, kind)
-        s = _open_session(
-            model_cfg,
-            train_cfg,
-            Path(data_dir),
-            run,
-            info,
-            device,
-            resume,
-            init_from,
-            loss_fn or cross_entropy_loss,
-        )
-        if info.main:
-            mark(run, kind)
-        try:
+        with run_folder(run, model_cfg, resume=resume, force=force, kind=kind, main=info.main) as src:
+            s = _open_session(
+                model_cfg,
+                train_cfg,
+                Path(data_dir),
+                run,
+                info,
+                device,
+                src,
+                init_from,
+                loss_fn or cross_entropy_loss,
+            )
             result = _loop(
                 s, progress, (peak_flops or default_peak_flops(device, train_cfg.dtype)) * info.world_size
             )
-        except KeyboardInterrupt:
-            raise KeyboardInterrupt(resume_hint(run)) from None
-        except OSError as e:  # disk full or read-only while logging or checkpointing: last/ is intact
-            raise UserError(
-                f"could not write to {run} ({e.strerror or e}); free space, then {resume_hint(run)}"
-            ) from None
         if info.enabled:  # leave together: tearing gloo down while rank 0 still writes last/ can abort a rank
             import torch.distributed as dist
 
             dist.barrier()
         return result
     finally:
-        if lock is not None:
-            lock.release()
-            if created and run.is_dir() and [p.name for p in run.iterdir()] == [LOCK]:
-                clear(run)  # failed before writing anything: leave nothing behind
-                run.rmdir()
         if info.enabled:
             import gc
 

@@ -36,7 +36,6 @@ from nanogpt.checkpoint import (
     STATE_JSON,
     STATE_TENSORS,
     atomic_dir,
-    recover_dir,
     resolve_checkpoint,
     write_json,
 )
@@ -53,7 +52,7 @@ from nanogpt.mlx.checkpoint import (
 from nanogpt.mlx.model import NanoGPTLMHeadModel
 from nanogpt.optim import default_peak_flops, flops_per_token, lr_at
 from nanogpt.plot import LOG, PLOT, append_log, plot_log, read_log, truncate_log
-from nanogpt.train import EVAL_SEED, TrainResult, first_difference
+from nanogpt.train import EVAL_SEED, TrainResult, run_folder
 
 MLXLossFn = Callable[[nn.Module, mx.array, mx.array], mx.array]
 OPT_PREFIX = "mlx_optimizer."
@@ -197,44 +196,6 @@ def dropout_seed(seed: int, step: int) -> int:
 # --- the run ----------------------------------------------------------------------------------------------
 
 
-def _check(cfg: TrainConfig) -> None:
-    for name in ("batch_size", "grad_accum_steps", "eval_interval", "eval_iters", "log_interval"):
-        if getattr(cfg, name) <= 0:
-            raise UserError(f"{name}={getattr(cfg, name)} must be positive")
-    if cfg.max_iters < 0 or cfg.warmup_iters < 0:
-        raise UserError("max_iters and warmup_iters must be >= 0")
-    if cfg.dtype != "fp32":
-        raise UserError(
-            f"the MLX backend trains in fp32, not {cfg.dtype}; drop --dtype or use --backend torch"
-        )
-
-
-def _resume_source(run: Path, model_cfg: ModelConfig, resume: bool) -> Path | None:
-    """Validate the run folder; on resume return the checkpoint folder to continue from."""
-    if not resume:
-        if run.exists() and any(run.iterdir()):
-            raise UserError(
-                f"run folder {run} already exists; pass --resume to continue it or choose another --out"
-            )
-        return None
-    if not (run / "config.json").is_file():
-        raise UserError(f"{run}/config.json not found: nothing to resume; drop --resume to start a new run")
-    saved = ModelConfig.load(run / "config.json")
-    key = first_difference(saved.to_dict(), model_cfg.to_dict())
-    if key is not None:
-        raise UserError(
-            f"--resume: model config differs from {run}/config.json at {key!r} (run has "
-            f"{saved.to_dict().get(key)!r}, requested {model_cfg.to_dict().get(key)!r}); resume with the run's "
-            "config or start a new --out"
-        )
-    src = recover_dir(run / "last")
-    if not (src / STATE_JSON).is_file():
-        raise UserError(
-            f"{run}/last holds no checkpoint (killed before the first one?); delete {run} and start again"
-        )
-    return src
-
-
 def save_train_state_mlx(folder: Path, opt: optim.Optimizer, info: dict[str, Any]) -> None:
     arrays = optimizer_arrays(opt)
     mx.eval(arrays)
@@ -267,26 +228,48 @@ def train_mlx(
     out_dir: str | Path,
     *,
     resume: bool = False,
+    force: bool = False,
     init_from: str | None = None,
     progress: bool = True,
     loss_fn: MLXLossFn | None = None,
     peak_flops: float | None = None,
+    kind: str = "run",
 ) -> TrainResult:
     """Train `model_cfg` on `data_dir` into the run folder `out_dir` with MLX (see the module docstring).
 
     The arguments mean what they mean for `nanogpt.train.train`; `dtype` must be fp32, and `device`
     and `compile` are ignored (MLX runs on its default device and the step is always compiled).
     """
-    cfg, run, data_dir = train_cfg, Path(out_dir), Path(data_dir)
-    _check(cfg)
-    src = _resume_source(run, model_cfg, resume)
+    if train_cfg.dtype != "fp32":
+        raise UserError(
+            f"the MLX backend trains in fp32, not {train_cfg.dtype}; drop --dtype or use --backend torch"
+        )
+    run = Path(out_dir)
+    with run_folder(run, model_cfg, resume=resume, force=force, kind=kind) as src:
+        return _train_session(
+            model_cfg, train_cfg, Path(data_dir), run, src, init_from, progress, loss_fn, peak_flops
+        )
+
+
+def _train_session(
+    model_cfg: ModelConfig,
+    cfg: TrainConfig,
+    data_dir: Path,
+    run: Path,
+    src: Path | None,
+    init_from: str | None,
+    progress: bool,
+    loss_fn: MLXLossFn | None,
+    peak_flops: float | None,
+) -> TrainResult:
+    """train_mlx's work, inside the held run folder; `src` is the checkpoint to resume from, if any."""
     data = TokenData(data_dir)
     train_shards, val_shards = data.split("train"), data.split("val")
     block = model_cfg.context_length
 
     mx.random.seed(cfg.seed)
     model = NanoGPTLMHeadModel(model_cfg)
-    if init_from and not resume:
+    if init_from and src is None:
         folder = resolve_checkpoint(init_from)
         load_mlx_state_into(model, load_mlx_weights(folder), folder)
     opt = make_optimizer(model, cfg)
@@ -304,6 +287,7 @@ def train_mlx(
         counters.update({k: state[k] for k in counters})
         sampler.load_state(state["sampler"])
         truncate_log(run / LOG, counters["step"])
+        print(f"resumed {run} at step {counters['step']} of {cfg.max_iters}", file=sys.stderr)
     mx.eval(model.parameters(), opt.state)
     train_step = make_train_step(model, opt, cfg, loss_fn or cross_entropy_loss)  # after any state load
 
