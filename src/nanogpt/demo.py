@@ -11,7 +11,6 @@ and prints samples for the card's three widget prompts. Figures land in `RUN/dem
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -22,6 +21,7 @@ import torch
 
 from nanogpt.config import PRESETS, TrainConfig, preset
 from nanogpt.errors import ArgumentParser, UserError, install_command
+from nanogpt.folders import claim
 
 WIDGET_PROMPTS = ("Once upon a time", "The capital of France is", "In the field of machine learning,")
 
@@ -94,6 +94,7 @@ def run_demo(
     seed: int,
     export: bool,
     progress: bool = True,
+    force: bool = False,
     iters: int | None = None,
     eval_tokens: int = 40_000,
 ) -> DemoResult:
@@ -105,8 +106,7 @@ def run_demo(
     from nanogpt.tokenizer import get_tokenizer
     from nanogpt.train import train
 
-    if out.exists() and not (out / "train_config.json").is_file():
-        raise UserError(f"{out} exists and is not a nanogpt run folder; pass another --out")
+    claim(out, "demo", force=force)  # before any work: only an earlier demo's folder is replaced
     say = print if progress else (lambda *a, **k: None)
     say("== 1/5 prepare the builtin corpus (Shakespeare, offline)")
     prep = prepare("builtin", data_dir, verbose=progress)
@@ -119,8 +119,12 @@ def run_demo(
     say(
         f"== 2/5 train preset {preset_name!r} for ~{minutes:g} min: {spi:.2f} s/iter measured -> {cfg.max_iters} iterations"
     )
-    shutil.rmtree(out, ignore_errors=True)  # a demo always starts from scratch
-    res = train(model_cfg, cfg, data_dir, out, progress=progress)
+    res = train(model_cfg, cfg, data_dir, out, progress=progress, force=force, kind="demo")  # from scratch
+    if res.steps < cfg.max_iters:
+        say(
+            f"note: the {minutes:g}-minute cap stopped training at step {res.steps} of {cfg.max_iters} planned "
+            "(the machine ran slower than measured); pass --minutes to give it more time"
+        )
 
     say("== 3/5 held-out perplexity (sliding window over the val split)")
     val = split_tokens(data_dir, "val", max_tokens=eval_tokens)
@@ -198,8 +202,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--preset", default="tiny", choices=[k for k in PRESETS if k != "card"], help="model size")
     p.add_argument(
-        "--out", type=Path, default=Path("runs/demo"), help="run folder (replaced if it is a run folder)"
+        "--out", type=Path, default=Path("runs/demo"), help="run folder (an earlier demo's is replaced)"
     )
+    p.add_argument("--force", action="store_true", help="replace --out even if it is not an earlier demo")
     p.add_argument(
         "--data", type=Path, default=Path("data/builtin"), help="where the builtin corpus is prepared"
     )
@@ -222,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         export=not args.no_export,
         iters=args.iters,
         eval_tokens=args.eval_tokens,
+        force=args.force,
     )
     print(
         f"\ndemo done in {(time.perf_counter() - t) / 60:.1f} min: {r.steps} steps, {r.tokens:,} tokens at "

@@ -35,7 +35,7 @@ KINDS = {
     "export": "a Hugging Face export",
 }
 # folders written before markers existed, recognised by the file only nanogpt puts there
-_LEGACY = {"train_config.json": "run", "nanogpt_export.json": "export"}
+_LEGACY = {"demo.json": "demo", "train_config.json": "run", "nanogpt_export.json": "export"}
 
 
 def folder_kind(path: str | Path) -> str | None:
