@@ -68,7 +68,13 @@ class ShardWriter:
         self.vocab_size = vocab_size
         self.n_tokens = 0
         self._f = open(self.tmp, "wb")  # noqa: SIM115 (closed by close()/abort())
-        self._guarded(_write, self._f, HEADER.pack(MAGIC, FORMAT_VERSION, DTYPE.itemsize, 0, vocab_size, 0))
+        try:
+            self._guarded(
+                _write, self._f, HEADER.pack(MAGIC, FORMAT_VERSION, DTYPE.itemsize, 0, vocab_size, 0)
+            )
+        except OSError:  # no writer object to abort() exists yet: clean up here
+            self.abort()
+            raise
 
     def _guarded(self, fn: Any, *args: Any) -> Any:
         """Run one I/O step; an OSError without a file name (a full disk at write) gets the shard's."""
@@ -179,8 +185,8 @@ class TokenData:
         redo = f"run `nanogpt prepare --out {self.path} --force` to rebuild it"
         if self.path.is_file():
             raise UserError(
-                f"--data {self.path} is a file, not a prepared data folder; pass the folder `nanogpt prepare` "
-                "wrote (the one holding meta.json)"
+                f"--data {self.path} is a file, not a prepared data folder; pass the folder "
+                "`nanogpt prepare` wrote (the one holding meta.json)"
             )
         if not self.path.is_dir():
             raise UserError(
@@ -225,8 +231,8 @@ class TokenData:
         if self.num_tokens(name) == 0:
             fix = "--val-fraction 0.05" if name == "val" else "more text in --source"
             raise UserError(
-                f"the {name!r} split of {self.path} is empty (0 tokens); prepare the data again with a {name} "
-                f"split: `nanogpt prepare --out {self.path} --force {fix}`"
+                f"the {name!r} split of {self.path} is empty (0 tokens); prepare the data again with a "
+                f"{name} split: `nanogpt prepare --out {self.path} --force {fix}`"
             )
         shards = []
         for s in splits[name]["shards"]:
@@ -302,8 +308,9 @@ class BatchSampler:
         if stacked.max() >= self.vocab_size:
             bad = next(i for i, row in zip(which, rows, strict=True) if row.max() >= self.vocab_size)
             raise UserError(
-                f"token shard {_shard_name(self.shards[bad])} holds token id {int(stacked.max())}, past the "
-                f"vocabulary ({self.vocab_size}); it is corrupt: re-run `nanogpt prepare --force` for that folder"
+                f"token shard {_shard_name(self.shards[bad])} holds token id {int(stacked.max())}, past "
+                f"the vocabulary ({self.vocab_size}); it is corrupt: re-run `nanogpt prepare --force` "
+                "for that folder"
             )
         batch = torch.from_numpy(stacked)
         return batch[:, :-1], batch[:, 1:]

@@ -213,8 +213,8 @@ def _tail_size(n: int, val_fraction: float, cut_by: int | None) -> int:
     if n - n_val < WINDOW:
         if cut_by is not None:
             raise UserError(
-                f"--max-tokens {cut_by} ends the stream inside the first document, and {n} tokens are too few "
-                f"to hold out a val split (train and val need one {WINDOW}-token window each); "
+                f"--max-tokens {cut_by} ends the stream inside the first document, and {n} tokens are "
+                f"too few to hold out a val split (train and val need one {WINDOW}-token window each); "
                 f"use --max-tokens {2 * WINDOW} or more"
             )
         raise UserError(
@@ -337,7 +337,8 @@ class PrepareResult:
         if self.val_tail:
             head = f"{self.out_dir}: 1 document (its last {self.val_tail:,} tokens held out for val), "
         else:
-            head = f"{self.out_dir}: {d['train'] + d['val']:,} documents ({d['train']:,} train, {d['val']:,} val), "
+            n_docs = d["train"] + d["val"]
+            head = f"{self.out_dir}: {n_docs:,} documents ({d['train']:,} train, {d['val']:,} val), "
         head += f"{t['train']:,} train + {t['val']:,} val tokens in {n_shards} shards"
         if self.status == "unchanged":
             return f"{head}; already prepared with these settings, nothing to do (--force rebuilds it)"
@@ -503,9 +504,10 @@ def parse_count(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(
         prog="nanogpt prepare",
-        description="Turn a corpus into a prepared data folder of token shards (train/val held out by document). "
-        "The val split is never empty: a source that is one document (a single .txt file) gives val the tail "
-        "of its tokens (max(--val-fraction, 513 tokens)), and says so; one shorter than 1026 tokens is refused.",
+        description="Turn a corpus into a prepared data folder of token shards (train/val held out by "
+        "document). The val split is never empty: a source that is one document (a single .txt file) gives "
+        "val the tail of its tokens (max(--val-fraction, 513 tokens)), and says so; one shorter than 1026 "
+        "tokens is refused.",
     )
     p.add_argument(
         "--source",

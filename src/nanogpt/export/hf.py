@@ -384,6 +384,18 @@ def load_hf_weights(folder: Path) -> dict[str, torch.Tensor]:
     )
 
 
+def check_layer_count(cfg: ModelConfig, sd: dict[str, torch.Tensor], conf_path: Path) -> None:
+    """config.json's layer count against the weights' before any model is built: even on the meta device,
+    building 100,000 layers that a bad config asks for takes minutes (the other sizes cost nothing there)."""
+    found = {int(m[1]) for k in sd if (m := re.match(r"(?:transformer\.)?(?:h|blocks)\.(\d+)\.", k))}
+    n = max(found) + 1 if found else 0
+    if n != cfg.n_layers:
+        raise UserError(
+            f"{conf_path} says {cfg.n_layers} layers but the weights next to it hold {n}; the folder is "
+            "mismatched: download or export it again"
+        )
+
+
 def import_hf(hf_dir: str | Path, out: str | Path) -> Path:
     """A GPT-2 or nanogpt (remote-code) Hugging Face folder -> a nanogpt checkpoint folder `out`."""
     src = Path(hf_dir)
@@ -402,12 +414,15 @@ def import_hf(hf_dir: str | Path, out: str | Path) -> Path:
     kind = conf.get("model_type")
     if kind == "gpt2":
         cfg = config_from_gpt2(conf, conf_path)
-        sd = from_gpt2_state(load_hf_weights(src), cfg, src)
+        sd = load_hf_weights(src)
+        check_layer_count(cfg, sd, conf_path)
+        sd = from_gpt2_state(sd, cfg, src)
     elif kind == "nanogpt":
         fields = ModelConfig.__dataclass_fields__
         check_config_values(conf, {k: f.type for k, f in fields.items()}, conf_path)
         cfg = ModelConfig.from_dict({k: v for k, v in conf.items() if k in fields})
         sd = load_hf_weights(src)
+        check_layer_count(cfg, sd, conf_path)
     elif kind is None:
         raise UserError(
             f"{conf_path} has no model_type; nanogpt imports GPT-2 (model_type 'gpt2') or its own exports "
