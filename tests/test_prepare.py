@@ -130,9 +130,19 @@ def test_text_file_source(tmp_path, capsys):
     text = builtin_works()[1]["text"][:5000]
     (tmp_path / "book.txt").write_text(text, encoding="utf-8")
     r = prepare(str(tmp_path / "book.txt"), tmp_path / "out", verbose=True)
-    assert r.documents == {"train": 1, "val": 0}
-    assert split_docs(tmp_path / "out", "train") == [get_tokenizer().encode(text) + [EOT]]
-    assert "single document" in capsys.readouterr().err
+    ids = get_tokenizer().encode(text) + [EOT]
+    assert len(ids) > 2 * prep.WINDOW and r.val_tail == prep.WINDOW  # 5% of the tokens is under a window
+    assert r.documents == {"train": 1, "val": 1} and r.tokens == {
+        "train": len(ids) - r.val_tail,
+        "val": r.val_tail,
+    }
+    # one document, cut in two: train is its head, val its tail (nothing lost, nothing repeated)
+    data = TokenData(tmp_path / "out")
+    assert np.concatenate([*data.split("train"), *data.split("val")]).tolist() == ids
+    assert TokenData(tmp_path / "out").meta["source"]["val_tail"] == r.val_tail
+    err = capsys.readouterr().err
+    assert "one document, so its last 513 of" in err and "held out as the val split" in err
+    assert "last 513 tokens held out for val" in r.summary()
     assert sources.default_out_dir(sources.resolve_source(str(tmp_path / "book.txt"))) == Path("data/book")
 
 
@@ -287,14 +297,13 @@ def test_non_utf8_text_and_jsonl(tmp_path):
     (tmp_path / "latin.txt").write_bytes(b"hello\ncaf\xe9 au lait\n")
     msg = one_line_error("not valid UTF-8", str(tmp_path / "latin.txt"), tmp_path / "out")
     assert "latin.txt:2:" in msg and "byte offset 9" in msg and "--errors replace" in msg
-    r = prepare(str(tmp_path / "latin.txt"), tmp_path / "out", errors="replace", verbose=False)
-    assert (
-        get_tokenizer().decode(split_docs(tmp_path / "out", "train")[0][:-1]) == "hello\ncaf\ufffd au lait\n"
-    )
+    # a one-document source this short is refused for its size (see test_bad_input_data), not its bytes
+    assert list(iter_documents(str(tmp_path / "latin.txt"), errors="replace")) == [
+        "hello\ncaf\ufffd au lait\n"
+    ]
     (tmp_path / "bad.jsonl").write_bytes(b'{"text": "ok"}\n{"text": "\xff"}\n')
     msg = one_line_error("not valid UTF-8", str(tmp_path / "bad.jsonl"), tmp_path / "out2")
     assert "bad.jsonl:2:" in msg and "byte offset 25" in msg
-    assert r.documents["train"] == 1
     (tmp_path / "bom.txt").write_bytes(
         b"\xef\xbb\xbfline one\nbad \xff"
     )  # a UTF-8 BOM is dropped, not counted

@@ -9,10 +9,20 @@ k = round(1 / val_fraction) (k >= 2, so the val share is 1/k); in each block the
 needs no document count up front, and nothing is buffered. The first block's val document is its second,
 so every corpus of >= 2 documents has one. The builtin corpus (42 works, k = 20) gets 2 or 3.
 
+The val split is never empty. When the first document is all the stream gives (a single .txt file is one
+document; or --max-tokens ends inside it), its tail is held out instead: the last max(val_fraction, one
+513-token window) of its tokens go to val, as if they were a second document. One line says so, and
+meta.json records it (`source.val_tail`, in tokens). We keep text files whole rather than cutting them at
+blank lines: a paragraph is not a document, and `<|endoftext|>` between paragraphs would teach the model
+to end texts there. A document too short to give train and val one window (the card's context_length
+512 + 1) each is refused, with the fix: more text, or several documents.
+
 Shards are `{split}_{i:05d}.bin` of exactly `shard_tokens` tokens (the last of each split smaller; a
 document may continue in the next shard). Whenever a shard fills, both splits' open shards are closed and
 `prepare.state.json` records the documents done: an interrupted run (no `meta.json`, which is written
 last) resumes from there on the same command, re-reading the source but not re-tokenizing what is done.
+A full or read-only disk stops the run with one line naming the file; what was saved stays, so the same
+command resumes once there is room. prepare deletes only the files it writes (shards, state, meta.json).
 
     nanogpt prepare --source hf:HuggingFaceFW/fineweb-edu:sample-10BT --max-tokens 10M --out data/fineweb
 """
@@ -20,13 +30,15 @@ last) resumes from there on the same command, re-reading the source but not re-t
 from __future__ import annotations
 
 import argparse
+import errno
 import hashlib
 import itertools
 import json
+import math
 import os
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,10 +46,12 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from nanogpt.config import ModelConfig
 from nanogpt.data import META, ShardWriter, TokenData, read_header, write_meta
 from nanogpt.errors import ArgumentParser, UserError
 from nanogpt.sources import (
     BUILTIN,
+    Source,
     default_out_dir,
     describe,
     iter_documents,
@@ -50,6 +64,7 @@ SPLITS = ("train", "val")
 STATE = "prepare.state.json"  # progress of an unfinished run; removed once meta.json is written
 BATCH_CHARS = 4_000_000  # characters per tokenizer batch: bounds memory, keeps every core busy
 BATCH_DOCS = 4096
+WINDOW = ModelConfig().context_length + 1  # the card's training window: the least a split can serve
 
 
 def batched(
@@ -140,6 +155,7 @@ class _Progress:
         self.offset = int(state.get("offset", 0))  # tokens of the next document already written
         self.truncated = bool(state.get("truncated", False))
         self.finished = bool(state.get("finished", False))
+        self.val_tail = int(state.get("val_tail", 0))  # tokens of a single document held out as val
 
     @property
     def tokens(self) -> int:
@@ -167,7 +183,8 @@ class _Progress:
             w.close()
         self.finished = finished
         state = {"settings": self.settings, "documents_done": self.documents, "offset": self.offset}
-        state |= {"truncated": self.truncated, "finished": finished, "splits": self.records()}
+        state |= {"truncated": self.truncated, "finished": finished, "val_tail": self.val_tail}
+        state["splits"] = self.records()
         tmp = self.out / (STATE + ".tmp")
         tmp.write_text(json.dumps(state, indent=2) + "\n")
         os.replace(tmp, self.out / STATE)
@@ -188,6 +205,85 @@ def tokenized(docs: Iterable[str]) -> Iterator[np.ndarray]:
             doc = np.empty(len(ids) + 1, dtype=np.uint16)
             doc[:-1], doc[-1] = ids, tok.eot_id
             yield doc
+
+
+def _tail_size(n: int, val_fraction: float, cut_by: int | None) -> int:
+    """Tokens of a lone document (n tokens) to hold out for val; refuses one too short to split."""
+    n_val = max(math.ceil(n * val_fraction), WINDOW)
+    if n - n_val < WINDOW:
+        if cut_by is not None:
+            raise UserError(
+                f"--max-tokens {cut_by} ends the stream inside the first document, and {n} tokens are "
+                f"too few to hold out a val split (train and val need one {WINDOW}-token window each); "
+                f"use --max-tokens {2 * WINDOW} or more"
+            )
+        raise UserError(
+            f"the source is a single document of {n} tokens, too few to hold out a val split (train and val "
+            f"need one {WINDOW}-token window each); give at least {2 * WINDOW} tokens of text, or several "
+            "documents (a .jsonl with one per line, or a folder of .txt files)"
+        )
+    return n_val
+
+
+def _units(
+    docs: Iterator[str],
+    progress: _Progress,
+    val_fraction: float,
+    max_tokens: int | None,
+    say: Callable[[str], None],
+) -> Iterator[np.ndarray]:
+    """The tokenized documents to write, after the `progress.documents` already written.
+
+    When the first document is all the stream gives (or --max-tokens ends inside it), val would be empty:
+    that document is yielded as two pieces, its head (train) and its tail (val), as if two documents.
+    """
+    if progress.val_tail:  # resuming such a run: the same two pieces, less those written
+        doc = next(tokenized(docs))[:max_tokens]
+        yield from (doc[: -progress.val_tail], doc[-progress.val_tail :])[progress.documents :]
+        return
+    stream = tokenized(itertools.islice(docs, progress.documents, None))
+    if progress.documents or progress.offset:
+        yield from stream
+        return
+    first = next(stream, None)
+    if first is None:
+        return
+    if max_tokens is None or first.size < max_tokens:
+        second = next(stream, None)
+        if second is not None:
+            yield first
+            yield second
+            yield from stream
+            return
+    cut_by = max_tokens if max_tokens is not None and first.size > max_tokens else None
+    doc = first[:max_tokens]
+    progress.val_tail = _tail_size(doc.size, val_fraction, cut_by)
+    why = "--max-tokens ends the stream inside the first document" if cut_by else "the source is one document"
+    say(
+        f"note: {why}, so its last {progress.val_tail:,} of {doc.size:,} tokens are held out as the val split"
+    )
+    yield doc[: -progress.val_tail]
+    yield doc[-progress.val_tail :]
+
+
+def _io_error(e: OSError, out: Path) -> UserError:
+    """An OSError met while preparing, as one line: the file, the cause, the fix."""
+    where = Path(e.filename) if e.filename else out
+    w, o = Path(os.path.abspath(where)), Path(os.path.abspath(out))
+    inside = w == o or o in w.parents or w in o.parents  # the folder, a file in it, or a folder above it
+    resume = "what is saved stays, so the same command resumes"
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return UserError(
+            f"no space left on device while writing {where}; free space ({resume}) or choose another --out"
+        )
+    if inside and e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return UserError(
+            f"cannot write {where} ({e.strerror}): {out} is read-only for you; make it writable or choose "
+            "another --out"
+        )
+    if inside:
+        return UserError(f"cannot write {where} ({e.strerror}); choose another --out ({resume})")
+    return UserError(f"cannot read {where} ({e.strerror}); check the file and its permissions")
 
 
 def _clean(folder: Path) -> None:
@@ -231,15 +327,18 @@ class PrepareResult:
     tokens: dict[str, int]  # per split, `<|endoftext|>` separators included
     shards: dict[str, list[str]]
     truncated: bool  # --max-tokens stopped the stream
+    val_tail: int  # > 0: the source gave one document, and val is its last `val_tail` tokens
     seconds: float
     tokens_per_second: float  # tokens tokenized and written by this call, per second
 
     def summary(self) -> str:
         d, t = self.documents, self.tokens
         n_shards = sum(len(s) for s in self.shards.values())
-        head = (
-            f"{self.out_dir}: {d['train'] + d['val']:,} documents ({d['train']:,} train, {d['val']:,} val), "
-        )
+        if self.val_tail:
+            head = f"{self.out_dir}: 1 document (its last {self.val_tail:,} tokens held out for val), "
+        else:
+            n_docs = d["train"] + d["val"]
+            head = f"{self.out_dir}: {n_docs:,} documents ({d['train']:,} train, {d['val']:,} val), "
         head += f"{t['train']:,} train + {t['val']:,} val tokens in {n_shards} shards"
         if self.status == "unchanged":
             return f"{head}; already prepared with these settings, nothing to do (--force rebuilds it)"
@@ -257,6 +356,7 @@ def _result(out: Path, status: str, seconds: float = 0.0, new_tokens: int = 0) -
         tokens={s: splits[s]["tokens"] for s in SPLITS},
         shards={s: list(splits[s]["shards"]) for s in SPLITS},
         truncated=bool(meta["source"].get("truncated")),
+        val_tail=int(meta["source"].get("val_tail", 0)),
         seconds=seconds,
         tokens_per_second=new_tokens / seconds if seconds > 0 else 0.0,
     )
@@ -283,7 +383,7 @@ def prepare(
         raise UserError("--shard-tokens and --max-tokens must be positive token counts, e.g. 100M and 10M")
     if errors not in ("strict", "replace"):
         raise UserError(f"--errors {errors!r} is not supported; use strict or replace")
-    say = (lambda msg: print(msg, file=sys.stderr)) if verbose else (lambda msg: None)
+    say = (lambda msg: tqdm.write(msg, file=sys.stderr)) if verbose else (lambda msg: None)  # above the bar
     src = resolve_source(source)
     out = Path(out_dir) if out_dir is not None else default_out_dir(src)
     if out.is_file():
@@ -309,34 +409,54 @@ def prepare(
             "pass --force to rebuild it or choose another --out"
         )
 
-    out.mkdir(parents=True, exist_ok=True)
-    state = None if force else _resumable(out, settings)
+    created = not out.exists()  # only a folder this call made may be removed again
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        return _prepare_into(out, created, src, settings, state_ok=not force, say=say, verbose=verbose)
+    except OSError as e:
+        raise _io_error(e, out) from None
+
+
+def _prepare_into(
+    out: Path,
+    created: bool,
+    src: Source,
+    settings: dict[str, Any],
+    *,
+    state_ok: bool,
+    say: Callable[[str], None],
+    verbose: bool,
+) -> PrepareResult:
+    """prepare()'s work once `out` exists: resume or start, stream, write shards, then meta.json."""
+    source, max_tokens, seed = settings["source"], settings["max_tokens"], settings["seed"]
+    state = _resumable(out, settings) if state_ok else None
     if state is not None:
         say(f"{out}: resuming an unfinished preparation after {state['documents_done']:,} documents")
     elif any(out.glob("*.bin*")) or (out / STATE).exists() or (out / META).exists():
         say(f"{out}: discarding an earlier unfinished or different preparation, starting over")
         _clean(out)
-    k = val_every(val_fraction)
+    k = val_every(settings["val_fraction"])
     progress = _Progress(out, settings, state, get_tokenizer().vocab_size)
     start, t0 = progress.tokens, time.perf_counter()
     if not progress.finished:
-        docs = iter_documents(src, text_field, errors=errors, split=split)
+        docs = iter_documents(src, settings["text_field"], errors=settings["errors"], split=settings["split"])
         room = None if max_tokens is None else max_tokens - start
         bar = tqdm(total=max_tokens, initial=start, unit="tok", unit_scale=True, desc="tokenizing",
                    file=sys.stderr, disable=not verbose, dynamic_ncols=True)  # fmt: skip
         try:
-            for doc in tokenized(itertools.islice(docs, progress.documents, None)):
+            for doc in _units(docs, progress, settings["val_fraction"], max_tokens, say):
                 if room is not None and doc.size - progress.offset >= room:
                     doc, progress.truncated = doc[: progress.offset + room], True
                 room = None if room is None else room - (doc.size - progress.offset)
                 bar.update(doc.size - progress.offset)
-                progress.add(doc, "val" if is_val(seed, progress.documents, k) else "train", shard_tokens)
+                split = "val" if is_val(seed, progress.documents, k) else "train"
+                progress.add(doc, split, settings["shard_tokens"])
                 if progress.truncated:
                     break
             progress.save(finished=True)
         except BaseException:
             progress.abort()
-            if not any(out.iterdir()):  # failed before anything was saved: leave no empty folder behind
+            if created and not any(out.iterdir()):  # failed before anything was saved: leave no trace
                 out.rmdir()
             raise
         finally:
@@ -346,16 +466,16 @@ def prepare(
 
     if progress.tokens == 0:
         _clean(out)
-        if not any(out.iterdir()):
+        if created and not any(out.iterdir()):
             out.rmdir()
         raise UserError(f"source {source} holds no documents (no non-empty text); check it and --text-field")
-    if progress.splits["val"].documents == 0:
-        say(f"warning: {source} gave a single document, so the val split is empty; give >= 2 to hold one out")
     records = progress.records()
-    info = {"source": src.spec, "description": describe(src, split), "settings": settings, "val_every": k}
+    info = {"source": src.spec, "description": describe(src, settings["split"]), "settings": settings}
+    info["val_every"] = k
     info["documents"] = {s: r["documents"] for s, r in records.items()}
     info["tokens"] = {s: r["tokens"] for s, r in records.items()}
     info["truncated"] = progress.truncated
+    info["val_tail"] = progress.val_tail
     write_meta(out, records, info)
     (out / STATE).unlink(missing_ok=True)
     return _result(out, "resumed" if state else "prepared", seconds, progress.tokens - start)
@@ -374,15 +494,20 @@ def parse_count(text: str) -> int:
         value = float(s) * scale
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a token count such as 10M or 500000") from None
-    if value < 1 or value != int(value):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole token count")
+    if not math.isfinite(value) or value < 1 or value != int(value):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a positive whole token count such as 10M or 500000"
+        )
     return int(value)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(
         prog="nanogpt prepare",
-        description="Turn a corpus into a prepared data folder of token shards (train/val held out by document).",
+        description="Turn a corpus into a prepared data folder of token shards (train/val held out by "
+        "document). The val split is never empty: a source that is one document (a single .txt file) gives "
+        "val the tail of its tokens (max(--val-fraction, 513 tokens)), and says so; one shorter than 1026 "
+        "tokens is refused.",
     )
     p.add_argument(
         "--source",
@@ -395,7 +520,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--text-field", default="text", help="the JSONL field / Parquet column / dataset column with text"
     )
     p.add_argument("--split", default="train", help="the split of an hf: dataset to read (default: train)")
-    p.add_argument("--val-fraction", type=float, default=0.05, help="share of documents held out for val")
+    p.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.05,
+        help="share of documents held out for val (of tokens, for a single document)",
+    )
     p.add_argument("--seed", type=int, default=1337, help="seed of the train/val assignment")
     p.add_argument("--max-tokens", type=parse_count, help="stop after this many tokens in all (e.g. 10M)")
     p.add_argument(

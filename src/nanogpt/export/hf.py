@@ -19,6 +19,7 @@ Tied weights are stored once (the token embedding), as transformers itself saves
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -32,8 +33,10 @@ from safetensors.torch import load_file, save_file
 from nanogpt import __version__
 from nanogpt.checkpoint import (
     CONFIG,
+    TIED_KEY,
     WEIGHTS,
     atomic_dir,
+    check_weights,
     load_model,
     load_state_into,
     model_state,
@@ -148,8 +151,30 @@ def gpt2_config(cfg: ModelConfig) -> dict:
     return d
 
 
-def config_from_gpt2(d: dict) -> ModelConfig:
+def check_config_values(conf: dict, kinds: dict[str, str], path: Path) -> None:
+    """Each present key of `conf` holds a value of its kind ("int": a positive whole number, "float": a
+    finite number, "bool", "str"), so that nothing downstream does arithmetic on a string or an inf."""
+    fix = "fix that value or download/export the model again"
+    for key, kind in kinds.items():
+        value = conf.get(key)
+        if value is None:
+            continue  # absent: the default holds (GPT-2's n_inner may be null)
+        is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if kind == "int" and not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+            raise UserError(f"{path}: {key} is {value!r}, not a positive whole number; {fix}")
+        if kind == "float" and not (is_number and math.isfinite(value)):
+            raise UserError(f"{path}: {key} is {value!r}, not a finite number; {fix}")
+        if kind in ("bool", "str") and type(value).__name__ != kind:
+            raise UserError(f"{path}: {key} is {value!r}, not a {kind}; {fix}")
+
+
+def config_from_gpt2(d: dict, path: Path = Path(CONFIG)) -> ModelConfig:
     """A ModelConfig from a GPT-2 config.json, refusing GPT-2 options nanogpt's network does not have."""
+    kinds = {"activation_function": "str"}
+    for ours, theirs in GPT2_FIELDS.items():
+        if ours != "activation":
+            kinds |= dict.fromkeys(theirs, ModelConfig.__dataclass_fields__[ours].type)
+    check_config_values(d, kinds, path)
     for name, value in GPT2_IMPLIED.items():
         if d.get(name, value) != value:
             raise UserError(f"GPT-2 config has {name}={d[name]!r}, which nanogpt's network does not support")
@@ -337,16 +362,36 @@ def load_hf_weights(folder: Path) -> dict[str, torch.Tensor]:
             raise UserError(f"{st} is corrupt or truncated ({e}); download or export it again") from None
     if pt.is_file():
         try:
-            return torch.load(pt, map_location="cpu", weights_only=True)
+            sd = torch.load(pt, map_location="cpu", weights_only=True)
         except Exception as e:  # the unpickler raises many types for a bad or unsafe file
             raise UserError(
                 f"{pt} cannot be read as plain tensors ({type(e).__name__}); use a safetensors copy"
             ) from None
+        # weights_only still admits lists, numbers and strings: a state dict is names -> tensors
+        bad = next((k for k, v in sd.items() if not torch.is_tensor(v)), None) if isinstance(sd, dict) else sd
+        if not isinstance(sd, dict) or bad is not None:
+            what = f"{bad!r} is not a tensor" if isinstance(sd, dict) else f"it holds a {type(sd).__name__}"
+            raise UserError(
+                f"{pt} is not a state dict of tensors ({what}); download or export the model again"
+            )
+        return sd
     if (folder / "model.safetensors.index.json").is_file():
         raise UserError(f"{folder} holds a sharded checkpoint; merge it into one model.safetensors first")
     raise UserError(
         f"{folder} has no model.safetensors or pytorch_model.bin; pass a Hugging Face model folder"
     )
+
+
+def check_layer_count(cfg: ModelConfig, sd: dict[str, torch.Tensor], conf_path: Path) -> None:
+    """config.json's layer count against the weights' before any model is built: even on the meta device,
+    building 100,000 layers that a bad config asks for takes minutes (the other sizes cost nothing there)."""
+    found = {int(m[1]) for k in sd if (m := re.match(r"(?:transformer\.)?(?:h|blocks)\.(\d+)\.", k))}
+    n = max(found) + 1 if found else 0
+    if n != cfg.n_layers:
+        raise UserError(
+            f"{conf_path} says {cfg.n_layers} layers but the weights next to it hold {n}; the folder is "
+            "mismatched: download or export it again"
+        )
 
 
 def import_hf(hf_dir: str | Path, out: str | Path) -> Path:
@@ -356,20 +401,40 @@ def import_hf(hf_dir: str | Path, out: str | Path) -> Path:
     if not conf_path.is_file():
         raise UserError(f"{conf_path} not found; pass a Hugging Face model folder to --hf")
     try:
-        conf = json.loads(conf_path.read_text())
-    except ValueError:
+        conf = json.loads(conf_path.read_text(encoding="utf-8"))
+    except ValueError:  # not JSON, or not UTF-8
         raise UserError(f"{conf_path} is not valid JSON; download or export it again") from None
+    if not isinstance(conf, dict):
+        raise UserError(
+            f"{conf_path} holds a JSON {type(conf).__name__}, not an object of settings; "
+            "download or export it again"
+        )
     kind = conf.get("model_type")
     if kind == "gpt2":
-        cfg = config_from_gpt2(conf)
-        sd = from_gpt2_state(load_hf_weights(src), cfg, src)
-    elif kind == "nanogpt":
-        cfg = ModelConfig.from_dict({k: v for k, v in conf.items() if k in ModelConfig.__dataclass_fields__})
+        cfg = config_from_gpt2(conf, conf_path)
         sd = load_hf_weights(src)
+        check_layer_count(cfg, sd, conf_path)
+        sd = from_gpt2_state(sd, cfg, src)
+    elif kind == "nanogpt":
+        fields = ModelConfig.__dataclass_fields__
+        check_config_values(conf, {k: f.type for k, f in fields.items()}, conf_path)
+        cfg = ModelConfig.from_dict({k: v for k, v in conf.items() if k in fields})
+        sd = load_hf_weights(src)
+        check_layer_count(cfg, sd, conf_path)
+    elif kind is None:
+        raise UserError(
+            f"{conf_path} has no model_type; nanogpt imports GPT-2 (model_type 'gpt2') or its own exports "
+            "('nanogpt'): pass such a folder, or add the right model_type"
+        )
     else:
         raise UserError(
             f"{src} holds a {kind!r} model; nanogpt imports GPT-2 (model_type 'gpt2') or its own exports only"
         )
+    with torch.device("meta"):  # shapes first: a config that does not fit the file allocates nothing
+        expected = {k: tuple(v.shape) for k, v in NanoGPTLMHeadModel(cfg).state_dict().items()}
+    tied = {TIED_KEY} if cfg.tie_embeddings else set()
+    found = {k: tuple(v.shape) for k, v in sd.items() if k not in tied}
+    check_weights({k: v for k, v in expected.items() if k not in tied}, found, src)
     model = NanoGPTLMHeadModel(cfg)
     load_state_into(model, sd, src / WEIGHTS)
     return save_model(out, model)
