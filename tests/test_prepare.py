@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import pytest
 from nanogpt import cli, sources
 from nanogpt import prepare as prep
 from nanogpt.data import META, TokenData, read_shard
-from nanogpt.errors import UserError
+from nanogpt.errors import UserError, install_command
 from nanogpt.prepare import STATE, is_val, parse_count, prepare, val_every
 from nanogpt.sources import hf_documents, iter_documents
 from nanogpt.tokenizer import get_tokenizer
@@ -343,10 +344,12 @@ def test_missing_optional_packages(tmp_path, monkeypatch):
     (tmp_path / "x.parquet").write_bytes(b"whatever")
     monkeypatch.setitem(sys.modules, "pyarrow", None)  # as if it were not installed
     monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
-    one_line_error(r'pip install "nanogpt\[data\]"', str(tmp_path / "x.parquet"), tmp_path / "o")
+    one_line_error(re.escape(install_command("data")), str(tmp_path / "x.parquet"), tmp_path / "o")
     monkeypatch.setitem(sys.modules, "datasets", None)
     one_line_error(
-        r'`datasets` package.*pip install "nanogpt\[data\]"', "hf:HuggingFaceFW/fineweb-edu", tmp_path / "o"
+        r"`datasets` package.*" + re.escape(install_command("data")),
+        "hf:HuggingFaceFW/fineweb-edu",
+        tmp_path / "o",
     )
 
 
