@@ -25,6 +25,7 @@ from nanogpt.checkpoint import save_model  # noqa: E402
 from nanogpt.config import ModelConfig, preset  # noqa: E402
 from nanogpt.errors import UserError  # noqa: E402
 from nanogpt.export import hf  # noqa: E402
+from nanogpt.folders import MARKER  # noqa: E402
 from nanogpt.model import NanoGPTLMHeadModel  # noqa: E402
 
 PROMPTS = ["Once upon a time", "The capital of France is a city that"]
@@ -133,7 +134,7 @@ def test_auto_classes_load_both_formats(exported, fmt):
         assert type(plain) is GPT2LMHeadModel
     emb, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
     assert emb.data_ptr() == head.data_ptr()  # the tied head is really tied after loading
-    for name in ("README.md", "generation_config.json", "tokenizer.json", hf.MARKER):
+    for name in ("README.md", "generation_config.json", "tokenizer.json", MARKER):
         assert (folder / name).is_file()
 
 
@@ -381,11 +382,11 @@ def test_out_folder_not_ours_needs_force(exported, tmp_path):
     out = tmp_path / "precious"
     out.mkdir()
     (out / "notes.txt").write_text("keep me")
-    with pytest.raises(UserError, match="not a nanogpt export.*--force"):
+    with pytest.raises(UserError, match="did not write.*--force"):
         hf.export(exported["ckpt"], out)
     assert (out / "notes.txt").read_text() == "keep me"
     hf.export(exported["ckpt"], out, force=True)
-    assert not (out / "notes.txt").exists() and (out / hf.MARKER).is_file()
+    assert not (out / "notes.txt").exists() and (out / MARKER).is_file()
     hf.export(exported["ckpt"], out, "gpt2")  # our own export may be overwritten without --force
     assert json.loads((out / "config.json").read_text())["model_type"] == "gpt2"
 

@@ -27,6 +27,18 @@ from nanogpt.device import autocast
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+def schedule_warning(cfg: TrainConfig) -> str | None:
+    """One line when warmup covers most of the run (e.g. --max-iters 30 with the card's 500 warmup
+    iterations): the learning rate would stay near zero throughout and the weights would barely move."""
+    if cfg.max_iters == 0 or cfg.warmup_iters <= cfg.max_iters / 2:
+        return None
+    share = min(100, round(100 * cfg.warmup_iters / cfg.max_iters))
+    return (
+        f"warning: warmup_iters={cfg.warmup_iters} covers {share}% of max_iters={cfg.max_iters}, so the learning "
+        f"rate stays low for most of the run; pass e.g. --warmup-iters {max(1, cfg.max_iters // 10)}"
+    )
+
+
 def lr_at(step: int, cfg: TrainConfig) -> float:
     """Learning rate for optimizer update number `step` (1-based; step 0 is the start, lr 0).
 

@@ -77,6 +77,7 @@ from nanogpt.optim import (
     lr_at,
     make_optimizer,
     optimizer_step,
+    schedule_warning,
 )
 from nanogpt.plot import LOG, PLOT, append_log, plot_log, read_log, truncate_log
 
@@ -364,7 +365,9 @@ def _open_session(
         load_state_into(model, load_weights(folder), folder)
     model.to(device)
     optimizer = make_optimizer(model, cfg, device)
-    sampler = BatchSampler(train_shards, cfg.batch_size, model_cfg.context_length, cfg.seed, info.rank)
+    sampler = BatchSampler(
+        train_shards, cfg.batch_size, model_cfg.context_length, cfg.seed, info.rank, model_cfg.vocab_size
+    )
     counters = Counters()
     if src is not None:
         load_state_into(model, load_weights(src, device), src)
@@ -448,6 +451,9 @@ def train(
     run = Path(out_dir)
     try:
         with run_folder(run, model_cfg, resume=resume, force=force, kind=kind, main=info.main) as src:
+            warning = schedule_warning(train_cfg)
+            if warning and info.main and src is None:
+                print(warning, file=sys.stderr)
             s = _open_session(
                 model_cfg,
                 train_cfg,

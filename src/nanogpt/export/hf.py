@@ -41,17 +41,17 @@ from nanogpt.checkpoint import (
     load_state_into,
     model_state,
     resolve_checkpoint,
-    save_model,
     write_json,
+    write_model_files,
 )
 from nanogpt.config import ModelConfig
 from nanogpt.errors import ArgumentParser, UserError, missing_extra
 from nanogpt.export.model_card import ParamCounts, read_run_facts, render_model_card
+from nanogpt.folders import claim, mark
 from nanogpt.model import NanoGPTLMHeadModel
 from nanogpt.tokenizer import EOT_ID, EOT_TOKEN, bpe_files
 
 FORMATS = ("remote-code", "gpt2")
-MARKER = "nanogpt_export.json"  # its presence marks a folder nanogpt wrote (safe to overwrite)
 TEMPLATES = Path(__file__).parent / "templates"
 TEMPLATE_FILES = ("configuration_nanogpt.py", "modeling_nanogpt.py")
 AUTO_MAP = {
@@ -281,16 +281,6 @@ def generation_config() -> dict:
     return {"bos_token_id": EOT_ID, "eos_token_id": EOT_ID, "pad_token_id": EOT_ID}
 
 
-def check_out_dir(out: Path, force: bool) -> None:
-    """Refuse to replace a non-empty folder nanogpt did not write, unless --force."""
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{out} is a file; pass a folder to --out")
-    if out.is_dir() and any(out.iterdir()) and not (out / MARKER).is_file() and not force:
-        raise UserError(
-            f"{out} exists and is not a nanogpt export; pick another --out or pass --force to replace it"
-        )
-
-
 def bench_section(bench: str | Path, cfg: ModelConfig) -> str:
     """The model card's benchmark table from a `nanogpt bench` run of this model's configuration."""
     from nanogpt.bench import load_bench, markdown_table
@@ -326,7 +316,7 @@ def export(
     cfg = ModelConfig.load(folder / CONFIG)
     if fmt == "gpt2":
         check_gpt2_expressible(cfg)
-    check_out_dir(out, force)
+    claim(out, "export", force=force)
     model = load_model(folder)  # names a missing or mis-shaped tensor
     counts = ParamCounts(model.num_params(unique=False), model.num_params(unique=True))
     sd = model_state(model)  # the tied head is dropped: stored once, as transformers does
@@ -344,7 +334,7 @@ def export(
         write_json(tmp / "generation_config.json", generation_config())
         write_tokenizer(tmp, cfg.context_length)
         (tmp / "README.md").write_text(render_model_card(cfg, facts, counts, fmt, str(out), benchmarks))
-        write_json(tmp / MARKER, {"nanogpt_version": __version__, "format": fmt, "source": str(folder)})
+        mark(tmp, "export", format=fmt, source=str(folder))
         files = sorted(p.name for p in tmp.iterdir())
     return ExportResult(out=out, format=fmt, counts=counts, files=files)
 
@@ -394,9 +384,13 @@ def check_layer_count(cfg: ModelConfig, sd: dict[str, torch.Tensor], conf_path: 
         )
 
 
-def import_hf(hf_dir: str | Path, out: str | Path) -> Path:
-    """A GPT-2 or nanogpt (remote-code) Hugging Face folder -> a nanogpt checkpoint folder `out`."""
+def import_hf(hf_dir: str | Path, out: str | Path, force: bool = False) -> Path:
+    """A GPT-2 or nanogpt (remote-code) Hugging Face folder -> a nanogpt checkpoint folder `out`.
+
+    `out` must be absent, empty or an earlier import (see nanogpt.folders.claim); `force` replaces anything.
+    """
     src = Path(hf_dir)
+    claim(out, "checkpoint", force=force)
     conf_path = src / CONFIG
     if not conf_path.is_file():
         raise UserError(f"{conf_path} not found; pass a Hugging Face model folder to --hf")
@@ -437,7 +431,10 @@ def import_hf(hf_dir: str | Path, out: str | Path) -> Path:
     check_weights({k: v for k, v in expected.items() if k not in tied}, found, src)
     model = NanoGPTLMHeadModel(cfg)
     load_state_into(model, sd, src / WEIGHTS)
-    return save_model(out, model)
+    with atomic_dir(out) as tmp:
+        write_model_files(tmp, model)
+        mark(tmp, "checkpoint", source=str(src))
+    return Path(out)
 
 
 # ---------------------------------------------------------------- hub
@@ -505,7 +502,8 @@ def import_main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--hf", required=True, help="a Hugging Face model folder (GPT-2 or a nanogpt export)")
     p.add_argument("--out", required=True, help="the checkpoint folder to write")
+    p.add_argument("--force", action="store_true", help="replace --out even if it is not an earlier import")
     args = p.parse_args(argv)
-    out = import_hf(args.hf, args.out)
+    out = import_hf(args.hf, args.out, args.force)
     print(f"wrote {out}")
     return 0

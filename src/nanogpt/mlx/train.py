@@ -50,7 +50,7 @@ from nanogpt.mlx.checkpoint import (
     write_mlx_model_files,
 )
 from nanogpt.mlx.model import NanoGPTLMHeadModel
-from nanogpt.optim import default_peak_flops, flops_per_token, lr_at
+from nanogpt.optim import default_peak_flops, flops_per_token, lr_at, schedule_warning
 from nanogpt.plot import LOG, PLOT, append_log, plot_log, read_log, truncate_log
 from nanogpt.train import EVAL_SEED, TrainResult, run_folder
 
@@ -246,6 +246,9 @@ def train_mlx(
         )
     run = Path(out_dir)
     with run_folder(run, model_cfg, resume=resume, force=force, kind=kind) as src:
+        warning = schedule_warning(train_cfg)
+        if warning and src is None:
+            print(warning, file=sys.stderr)
         return _train_session(
             model_cfg, train_cfg, Path(data_dir), run, src, init_from, progress, loss_fn, peak_flops
         )
