@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterable
@@ -108,3 +109,14 @@ def refuse_subprocess(
     line = check_refusal(r.returncode, r.stderr, rc=rc, names=names, fix=fix)
     assert snapshot(untouched) == before, "a file the command was pointed at changed"
     return line
+
+
+def mount_tmpfs(where: Path, options: str) -> bool:
+    """Mount a small tmpfs at `where` (root only; a container may still refuse): a real small or read-only disk.
+
+    False where it cannot: the test then injects the same OSError at the write instead.
+    """
+    if not hasattr(os, "geteuid") or os.geteuid() != 0 or shutil.which("mount") is None:
+        return False
+    cmd = ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)]
+    return subprocess.run(cmd, capture_output=True, timeout=10).returncode == 0

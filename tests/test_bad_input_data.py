@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import errno
 import json
-import os
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -28,7 +27,7 @@ from nanogpt.data import HEADER, META, TokenData, write_meta
 from nanogpt.export import hf
 from nanogpt.model import NanoGPTLMHeadModel
 from nanogpt.prepare import STATE, WINDOW
-from tests.bad_input import refuse
+from tests.bad_input import mount_tmpfs, refuse
 from tests.conftest import builtin_works
 
 QUIET = ["--quiet"]
@@ -147,20 +146,12 @@ def test_prepare_max_tokens_inside_the_first_document_too_small(capsys, tmp_path
 # ---- prepare: read-only and full disks -------------------------------------------------------------------
 
 
-def _mount_tmpfs(where: Path, options: str) -> bool:
-    """Mount a small tmpfs at `where` (root only; containers may still refuse): a real small or ro disk."""
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        return False
-    cmd = ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)]
-    return subprocess.run(cmd, capture_output=True, timeout=10).returncode == 0
-
-
 @pytest.fixture
 def small_disk(tmp_path) -> Iterator[Path | None]:
     """A 40 KiB tmpfs (None where none can be mounted: the test then uses the write seam)."""
     where = tmp_path / "disk"
     where.mkdir()
-    mounted = _mount_tmpfs(where, "size=40k")
+    mounted = mount_tmpfs(where, "size=40k")
     yield where if mounted else None
     if mounted:
         subprocess.run(["umount", str(where)], capture_output=True, timeout=10)
@@ -209,7 +200,7 @@ def read_only_parent(tmp_path) -> Iterator[tuple[Path, bool]]:
         return
     (parent / "probe").unlink()
     parent.chmod(0o755)
-    mounted = _mount_tmpfs(parent, "size=16k")
+    mounted = mount_tmpfs(parent, "size=16k")
     (parent / "keep.txt").write_text("the user's file")
     if mounted:
         mounted = subprocess.run(["mount", "-o", "remount,ro", str(parent)], timeout=10).returncode == 0

@@ -50,10 +50,11 @@ def atomic_dir(dst: str | Path) -> Iterator[Path]:
         for f in tmp.iterdir():  # make the bytes durable before the rename publishes them
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
-    except OSError as e:  # disk full, read-only, no permission: dst was not touched
+    except (OSError, SafetensorError) as e:  # disk full, read-only, no permission: dst was not touched
         shutil.rmtree(tmp, ignore_errors=True)
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).split(": ", 1)[-1]
         raise UserError(
-            f"could not write {dst} ({e.strerror or e}); it is unchanged: free space or fix permissions and run again"
+            f"could not write {dst} ({reason}); it is unchanged: free space or fix permissions and run again"
         ) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -233,23 +234,24 @@ def load_optimizer_tensors(
     optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any]
 ) -> None:
     """Inverse of `optimizer_tensors`: rebuild the state_dict and load it (torch moves it to each param)."""
-    state: dict[int, dict[str, Any]] = {}
-    for name, value in tensors.items():
-        if name.startswith(_OPT_PREFIX):
-            idx, key = name[len(_OPT_PREFIX) :].split(".", 1)
-            state.setdefault(int(idx), {})[key] = value
-    for idx, extra in meta.get("scalars", {}).items():
-        state.setdefault(int(idx), {}).update(extra)
-    # JSON has no tuples; AdamW's betas (and any other tuple hyper-parameter) were tuples
-    groups = [{k: tuple(v) if k == "betas" else v for k, v in g.items()} for g in meta["param_groups"]]
-    # the implementation (fused on CUDA, foreach, ...) belongs to this device, not to the saved run
-    for saved, current in zip(groups, optimizer.param_groups, strict=True):
-        saved.update({k: current[k] for k in _IMPL_KEYS if k in current})
     try:
+        state: dict[int, dict[str, Any]] = {}
+        for name, value in tensors.items():
+            if name.startswith(_OPT_PREFIX):
+                idx, key = name[len(_OPT_PREFIX) :].split(".", 1)
+                state.setdefault(int(idx), {})[key] = value
+        for idx, extra in meta.get("scalars", {}).items():
+            state.setdefault(int(idx), {}).update(extra)
+        # JSON has no tuples; AdamW's betas (and any other tuple hyper-parameter) were tuples
+        groups = [{k: tuple(v) if k == "betas" else v for k, v in g.items()} for g in meta["param_groups"]]
+        # the implementation (fused on CUDA, foreach, ...) belongs to this device, not to the saved run
+        for saved, current in zip(groups, optimizer.param_groups, strict=True):
+            saved.update({k: current[k] for k in _IMPL_KEYS if k in current})
         optimizer.load_state_dict({"state": state, "param_groups": groups})
-    except (ValueError, KeyError) as e:
+    except (ValueError, KeyError, TypeError, AttributeError) as e:  # another model's, or a damaged state.json
         raise UserError(
-            f"optimizer state does not fit this model ({e}); resume with the run's own config"
+            f"optimizer state does not fit this model ({e}); resume with the run's own config, or from another "
+            "checkpoint if this one is damaged"
         ) from None
 
 

@@ -6,9 +6,10 @@ purpose (its `.nanogpt.json` marker names the kind); anything else (a folder of 
 a training run given to `import`) is refused with one line naming `--force`. Nothing is deleted here:
 `claim` only decides, and `clear` removes what the caller was allowed to replace.
 
-A run folder is locked while a process writes it (`lock_run`): an OS file lock that the kernel releases
-when the process ends, even by SIGKILL, so a second `train --resume` on the same run is refused with the
-PID of the holder instead of interleaving checkpoints and log lines.
+A run folder is locked while a process writes it (`RunLock`): an OS file lock that the kernel releases
+when the process ends, even by SIGKILL (the file may stay; a lock on it is what counts), so a second
+`train --resume` on the same run is refused with the PID of the holder instead of interleaving
+checkpoints and log lines.
 
     claim(out, "checkpoint", force=args.force)
     with atomic_dir(out) as tmp: ...; mark(tmp, "checkpoint")
@@ -26,7 +27,7 @@ from nanogpt import __version__
 from nanogpt.errors import UserError
 
 MARKER = ".nanogpt.json"  # {"kind": ..., "nanogpt_version": ...}: this folder was written by nanogpt
-LOCK = ".nanogpt.lock"  # holds the PID of the process writing the run folder
+LOCK = ".nanogpt.lock"  # exists while a process writes the run folder, and holds its PID
 
 KINDS = {
     "run": "a training run",
@@ -132,17 +133,22 @@ class RunLock:
         except ImportError:  # Windows: no advisory locks through fcntl; run unguarded
             return self
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fh = open(self.path, "a+")  # noqa: SIM115 (held open for as long as the run is being written)
-        try:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            fh.seek(0)
-            holder = fh.read().strip() or "unknown"
+        while True:
+            fh = open(self.path, "a+")  # noqa: SIM115 (held open for as long as the run is being written)
+            try:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                fh.seek(0)
+                holder = fh.read().strip() or "unknown"
+                fh.close()
+                raise UserError(
+                    f"run folder {self.path.parent} is being written by another nanogpt process (PID {holder}); "
+                    "wait for it to finish or stop it, then run again"
+                ) from None
+            # the holder before us unlinks the file as it lets go: make sure we locked the file on disk now
+            if self.path.exists() and os.stat(self.path).st_ino == os.fstat(fh.fileno()).st_ino:
+                break
             fh.close()
-            raise UserError(
-                f"run folder {self.path.parent} is being written by another nanogpt process (PID {holder}); "
-                "wait for it to finish or stop it, then run again"
-            ) from None
         fh.seek(0)
         fh.truncate()
         fh.write(f"{os.getpid()}\n")
@@ -151,8 +157,9 @@ class RunLock:
         return self
 
     def release(self) -> None:
-        if self._fh is not None:
-            self._fh.close()  # closing the descriptor drops the lock; the file stays (it is ours, and harmless)
+        if self._fh is not None:  # unlink first, then unlock: a waiter that opened the old file retries
+            self.path.unlink(missing_ok=True)
+            self._fh.close()
             self._fh = None
 
     def __enter__(self) -> RunLock:
