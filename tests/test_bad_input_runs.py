@@ -348,6 +348,18 @@ def test_distill_out_not_a_fresh_run(capsys, request, small_data, trained, copy_
     assert not out.with_name(out.name + ".teacher").exists()
 
 
+def test_prepare_out_is_a_user_folder(capsys, user_folder, tmp_path):
+    src = tmp_path / "corpus.txt"
+    src.write_text("A line of text.\n" * 400)
+    refuse(
+        capsys,
+        ["prepare", "--source", str(src), "--out", str(user_folder), "--quiet"],
+        names="did not write",
+        fix="--force",
+        untouched=[user_folder, src],
+    )
+
+
 @pytest.mark.parametrize(
     "text, names, fix",
     [

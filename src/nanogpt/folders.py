@@ -1,6 +1,7 @@
 """Output folders: which ones nanogpt wrote, the one rule for replacing them, and the lock on a run folder.
 
-Every command that writes a folder (`train`, `distill`, `demo`, `import`, `export`) calls `claim` first. It
+Every command that writes a folder (`train`, `distill`, `demo`, `import`, `export`, `prepare`) calls `claim`
+first. It
 lets the command write a folder that is absent, empty, or one that nanogpt itself wrote for the same
 purpose (its `.nanogpt.json` marker names the kind); anything else (a folder of the user's files, a file,
 a training run given to `import`) is refused with one line naming `--force`. Nothing is deleted here:
@@ -34,9 +35,16 @@ KINDS = {
     "demo": "a demo run",
     "checkpoint": "an imported checkpoint",
     "export": "a Hugging Face export",
+    "data": "a prepared data folder",
 }
 # folders written before markers existed, recognised by the file only nanogpt puts there
-_LEGACY = {"demo.json": "demo", "train_config.json": "run", "nanogpt_export.json": "export"}
+_LEGACY = {
+    "demo.json": "demo",
+    "train_config.json": "run",
+    "nanogpt_export.json": "export",
+    "meta.json": "data",
+    "prepare.state.json": "data",
+}
 
 
 def folder_kind(path: str | Path) -> str | None:

@@ -49,6 +49,7 @@ from tqdm import tqdm
 from nanogpt.config import ModelConfig
 from nanogpt.data import META, ShardWriter, TokenData, read_header, write_meta
 from nanogpt.errors import ArgumentParser, UserError
+from nanogpt.folders import claim, mark
 from nanogpt.sources import (
     BUILTIN,
     Source,
@@ -409,6 +410,7 @@ def prepare(
             "pass --force to rebuild it or choose another --out"
         )
 
+    claim(out, "data", force=force)  # a folder of other files is refused (--force: its own files are kept)
     created = not out.exists()  # only a folder this call made may be removed again
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -476,6 +478,7 @@ def _prepare_into(
     info["tokens"] = {s: r["tokens"] for s, r in records.items()}
     info["truncated"] = progress.truncated
     info["val_tail"] = progress.val_tail
+    mark(out, "data")  # before meta.json: a folder that looks complete is always recognised as ours
     write_meta(out, records, info)
     (out / STATE).unlink(missing_ok=True)
     return _result(out, "resumed" if state else "prepared", seconds, progress.tokens - start)
