@@ -251,9 +251,9 @@ def test_train_resume_with_another_model_config(capsys, small_data, copy_of, tmp
 
 def test_train_resume_prints_the_step(capsys, small_data, config, copy_of):
     assert cli.main(train_argv(small_data, copy_of, config, "--resume", "--max-iters", "6")) == 0
-    assert f"resumed {copy_of} at step 4 of 6" in capsys.readouterr().err
+    assert f"resumed {copy_of} at step 4 of 6" in capsys.readouterr().out
     assert cli.main(["train", "--out", str(copy_of), "--resume", "--max-iters", "8", "--no-progress"]) == 0
-    assert f"resumed {copy_of} at step 6 of 8" in capsys.readouterr().err
+    assert f"resumed {copy_of} at step 6 of 8" in capsys.readouterr().out
 
 
 def test_warmup_covering_most_of_the_run_warns_in_one_line(capsys, small_data, config, tmp_path):
@@ -432,7 +432,7 @@ def test_train_ctrl_c_says_how_to_continue(small_data, config, tmp_path):
     )
     assert "Traceback" not in err
     r = run_nanogpt(["train", "--out", str(run), "--resume", "--no-progress", "--max-iters", "1"])
-    assert r.returncode == 0 and "resumed" in r.stderr
+    assert r.returncode == 0 and "resumed" in r.stdout
 
 
 def test_train_ctrl_c_before_the_first_checkpoint_says_start_over(small_data, config, tmp_path):

@@ -395,7 +395,7 @@ def _open_session(
             for log in (run / LOG, getattr(loss_fn, "log_path", None)):
                 if log is not None and log.is_file():
                     truncate_log(log, counters.step)
-            print(f"resumed {run} at step {counters.step} of {cfg.max_iters}", file=sys.stderr)
+            print(f"resumed {run} at step {counters.step} of {cfg.max_iters}")
 
     fwd: nn.Module = torch.compile(model) if cfg.compile else model
     net = fwd

@@ -290,7 +290,7 @@ def _train_session(
         counters.update({k: state[k] for k in counters})
         sampler.load_state(state["sampler"])
         truncate_log(run / LOG, counters["step"])
-        print(f"resumed {run} at step {counters['step']} of {cfg.max_iters}", file=sys.stderr)
+        print(f"resumed {run} at step {counters['step']} of {cfg.max_iters}")
     mx.eval(model.parameters(), opt.state)
     train_step = make_train_step(model, opt, cfg, loss_fn or cross_entropy_loss)  # after any state load
 
