@@ -9,12 +9,13 @@ signals, locks, ports and anything that must see a fresh interpreter.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from nanogpt import cli
@@ -120,3 +121,16 @@ def mount_tmpfs(where: Path, options: str) -> bool:
         return False
     cmd = ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)]
     return subprocess.run(cmd, capture_output=True, timeout=10).returncode == 0
+
+
+@contextlib.contextmanager
+def small_disk(where: Path, size: str) -> Iterator[Path | None]:
+    """A tmpfs of `size` (e.g. "40k") mounted at the new folder `where`, unmounted afterwards; None where
+    none can be mounted (the test then makes the same OSError at the write instead)."""
+    where.mkdir()
+    mounted = mount_tmpfs(where, f"size={size}")
+    try:
+        yield where if mounted else None
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(where)], capture_output=True, timeout=10)

@@ -28,6 +28,7 @@ from nanogpt.export import hf
 from nanogpt.model import NanoGPTLMHeadModel
 from nanogpt.prepare import STATE, WINDOW
 from tests.bad_input import mount_tmpfs, refuse
+from tests.bad_input import small_disk as disk
 from tests.conftest import builtin_works
 
 QUIET = ["--quiet"]
@@ -149,12 +150,8 @@ def test_prepare_max_tokens_inside_the_first_document_too_small(capsys, tmp_path
 @pytest.fixture
 def small_disk(tmp_path) -> Iterator[Path | None]:
     """A 40 KiB tmpfs (None where none can be mounted: the test then uses the write seam)."""
-    where = tmp_path / "disk"
-    where.mkdir()
-    mounted = mount_tmpfs(where, "size=40k")
-    yield where if mounted else None
-    if mounted:
-        subprocess.run(["umount", str(where)], capture_output=True, timeout=10)
+    with disk(tmp_path / "disk", "40k") as where:
+        yield where
 
 
 def test_prepare_full_disk_refuses_then_resumes(capsys, tmp_path, corpus, small_disk, monkeypatch):

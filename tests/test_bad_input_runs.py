@@ -27,7 +27,8 @@ from nanogpt.model import NanoGPTLMHeadModel
 from nanogpt.optim import schedule_warning
 from nanogpt.plot import read_log
 from nanogpt.train import train
-from tests.bad_input import mount_tmpfs, refuse, refuse_subprocess, run_nanogpt
+from tests.bad_input import refuse, refuse_subprocess, run_nanogpt
+from tests.bad_input import small_disk as disk
 
 MODEL = {"d_model": 32, "n_layers": 2, "n_heads": 4, "d_ff": 128, "context_length": 32, "dropout": 0.0}
 QUICK = [
@@ -452,12 +453,8 @@ def test_train_ctrl_c_before_the_first_checkpoint_says_start_over(small_data, co
 @pytest.fixture
 def small_disk(tmp_path) -> Iterator[Path | None]:
     """36 MiB: room for the test model's first best/ (6.4 MB) and last/ (19.3 MB), not for a second last/."""
-    where = tmp_path / "disk"
-    where.mkdir()
-    mounted = mount_tmpfs(where, "size=36m")
-    yield where if mounted else None
-    if mounted:
-        subprocess.run(["umount", str(where)], capture_output=True, timeout=10)
+    with disk(tmp_path / "disk", "36m") as where:
+        yield where
 
 
 def test_train_disk_full_at_a_checkpoint_keeps_last(
