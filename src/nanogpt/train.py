@@ -451,9 +451,6 @@ def train(
     run = Path(out_dir)
     try:
         with run_folder(run, model_cfg, resume=resume, force=force, kind=kind, main=info.main) as src:
-            warning = schedule_warning(train_cfg)
-            if warning and info.main and src is None:
-                print(warning, file=sys.stderr)
             s = _open_session(
                 model_cfg,
                 train_cfg,
@@ -465,6 +462,9 @@ def train(
                 init_from,
                 loss_fn or cross_entropy_loss,
             )
+            warning = schedule_warning(train_cfg)
+            if warning and info.main and src is None:  # once the run is known to start
+                print(warning, file=sys.stderr)
             result = _loop(
                 s, progress, (peak_flops or default_peak_flops(device, train_cfg.dtype)) * info.world_size
             )
