@@ -523,37 +523,38 @@ def test_serve_listening_line_names_the_bound_port(server):
 NAN, INF = math.nan, math.inf
 
 
+REQUEST_CASES = [
+    ("temperature", NAN, "must be a finite number"),
+    ("temperature", INF, "must be a finite number"),
+    ("temperature", -1, "must be in [0.0, 100.0]"),
+    ("temperature", "hot", "must be a finite number"),
+    ("top_p", NAN, "must be a finite number"),
+    ("top_p", 0, "out of range"),
+    ("top_p", 1.5, "out of range"),
+    ("top_k", -2, "must be >= -1"),
+    ("top_k", 2.5, "must be an integer"),
+    ("top_k", "50", "must be an integer"),
+    ("max_tokens", -1, "out of range"),
+    ("max_tokens", INF, "must be an integer"),
+    ("max_tokens", 1.5, "must be an integer"),
+    ("max_tokens", 10**30, "out of range"),
+    ("seed", -1, "out of range"),
+    ("seed", 2**64, "out of range"),
+    ("seed", 1.5, "must be an integer"),
+    ("seed", "7", "must be an integer"),
+    ("logprobs", -1, "out of range"),
+    ("presence_penalty", 0.5, "not supported"),
+    ("presence_penalty", NAN, "must be a finite number"),
+    ("frequency_penalty", 3, "out of range"),
+    ("repetition_penalty", 1.2, "not supported"),
+    ("stream", "false", "must be true or false"),
+    ("echo", "yes", "must be true or false"),
+    ("return_tokens_as_token_ids", 1, "must be true or false"),
+]
+
+
 @pytest.mark.parametrize(
-    "field, value, says",
-    [
-        ("temperature", NAN, "must be a finite number"),
-        ("temperature", INF, "must be a finite number"),
-        ("temperature", -1, "must be in [0.0, 100.0]"),
-        ("temperature", "hot", "must be a finite number"),
-        ("top_p", NAN, "must be a finite number"),
-        ("top_p", 0, "out of range"),
-        ("top_p", 1.5, "out of range"),
-        ("top_k", -2, "must be >= -1"),
-        ("top_k", 2.5, "must be an integer"),
-        ("top_k", "50", "must be an integer"),
-        ("max_tokens", -1, "out of range"),
-        ("max_tokens", INF, "must be an integer"),
-        ("max_tokens", 1.5, "must be an integer"),
-        ("max_tokens", 10**30, "out of range"),
-        ("seed", -1, "out of range"),
-        ("seed", 2**64, "out of range"),
-        ("seed", 1.5, "must be an integer"),
-        ("seed", "7", "must be an integer"),
-        ("logprobs", -1, "out of range"),
-        ("presence_penalty", 0.5, "not supported"),
-        ("presence_penalty", NAN, "must be a finite number"),
-        ("frequency_penalty", 3, "out of range"),
-        ("repetition_penalty", 1.2, "not supported"),
-        ("stream", "false", "must be true or false"),
-        ("echo", "yes", "must be true or false"),
-        ("return_tokens_as_token_ids", 1, "must be true or false"),
-    ],
-    ids=lambda v: str(v)[:12],
+    "field, value, says", REQUEST_CASES, ids=[f"serve_request_{f}_{v}"[:40] for f, v, _ in REQUEST_CASES]
 )
 def test_serve_request_field_refused(server, field, value, says):
     for path in ("/v1/completions", "/v1/chat/completions"):
