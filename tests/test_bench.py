@@ -15,12 +15,15 @@ from nanogpt.bench import (
     Row,
     Stat,
     activation_estimate,
+    check_rows,
     decode_bytes_per_token,
     forward_flops_per_token,
+    load_warnings,
     rate_row,
     run_bench,
     time_row,
 )
+from nanogpt.bench_measure import impossible
 from nanogpt.checkpoint import save_model
 from nanogpt.errors import UserError
 from nanogpt.model import NanoGPTLMHeadModel
@@ -89,6 +92,80 @@ def test_rows_rates_latencies_and_ratio():
     assert ours.scaled(2).median == 4.0
 
 
+# --- validity: an impossible number is never written as a result ---------------------------------------
+
+
+def test_impossible_values_are_named():
+    assert "122.3% is above 100%" in impossible(1.223, "fraction")
+    assert impossible(1.0, "fraction") is None and impossible(0.26, "fraction") is None
+    for value, unit in (
+        (math.nan, "tokens/s"),
+        (math.inf, "s"),
+        (-1.0, "s"),
+        (0.0, "tokens/s"),
+        (-2.0, "MiB"),
+    ):
+        assert impossible(value, unit) is not None, (value, unit)
+    assert impossible(0.0, "nats") is None  # equal NLLs in float32: a real result
+    assert impossible(3.5, "MiB") is None and impossible(1e9, "params") is None
+
+
+def fake_result(rows: list[Row], warnings: list[str]) -> bench.BenchResult:
+    """A BenchResult with these rows and the few machine facts the markdown prints."""
+    return bench.BenchResult(
+        config={},
+        settings={"backend": "torch", "dtype": "fp32", "repeats": 3, "warmup": 1, "batch": 4, "seq": 512},
+        machine={"cpu": "cpu", "cores": 2, "torch_threads": 2, "device": "cpu", "gpu": None, "versions": {}},
+        roofline={"backend": "torch", "dtype": "fp32", "matmul_gflops": {"qkv": 10.0}, "copy_gb_s": 5.0},
+        rows=rows,
+        load_average={"start": [3.5, 2.0, 1.0], "end": [4.0, 2.5, 1.2]},
+        warnings=warnings,
+    )
+
+
+def test_check_rows_leaves_out_impossible_values_with_a_warning(tmp_path):
+    fast, zero = Stat.of([0.5, 0.4, 0.6]), Stat.of([0.0, 0.0, 0.0])
+    rows = [
+        rate_row("forward_tokens_per_s", "Forward", 100, "tokens/s", fast, zero),  # the peer took no time
+        Row("mfu_forward", "MFU forward", 1.223, "fraction", peer=0.3),  # 122.3% of the measured peak
+        Row("params_total", "Parameters", 10.0, "params", peer=10.0),
+    ]
+    warnings = check_rows(rows)
+    assert len(warnings) == 2
+    assert "forward_tokens_per_s (peer)" in warnings[0] and "zero or negative time" in warnings[0]
+    assert "mfu_forward (ours)" in warnings[1] and "122.3%" in warnings[1]
+    fwd, mfu, params = rows
+    assert fwd.value == 200.0 and (fwd.peer, fwd.peer_lo, fwd.peer_hi) == (None, None, None)
+    assert mfu.value is None and mfu.peer == 0.3 and mfu.ratio is None
+    assert (fwd.invalid, mfu.invalid, params.invalid) == (["peer"], ["ours"], [])
+    assert params.ratio == 1.0  # valid rows are untouched
+
+    res = fake_result(rows, warnings)
+    out = bench.write_outputs(res, tmp_path / "out")
+    data = json.loads((out / "bench.json").read_text())  # NaN would be invalid JSON: there is none
+    rows_json = {r["key"]: r for r in data["rows"]}
+    assert rows_json["mfu_forward"]["value"] is None and rows_json["mfu_forward"]["invalid"] == ["ours"]
+    assert rows_json["forward_tokens_per_s"]["peer"] is None and data["warnings"] == warnings
+    md = (out / "bench.md").read_text()
+    assert "| MFU forward | invalid (see warnings) | 30.0% |  |" in md
+    assert "| Forward | 200 (167–250) tokens/s | invalid (see warnings) |  |" in md
+    assert md.rstrip().endswith(f"- {warnings[1]}") and "\nWarnings:\n" in md
+    assert "122" not in md.split("Warnings:")[0]  # the impossible number appears only in its warning
+    again = bench.load_bench(out)  # what `nanogpt export --bench` reads back
+    assert again.row("mfu_forward").value is None and again.warnings == warnings
+
+
+def test_load_warnings_subtract_the_bench_own_threads():
+    assert load_warnings([0.2, 0.1, 0.1], [2.1, 1.0, 0.5], cores=2, own_threads=2) == []  # only ourselves
+    (before,) = load_warnings([1.5, 1.0, 0.5], [2.0, 1.0, 0.5], cores=2, own_threads=2)
+    assert "busy before the bench (load average 1.50 on 2 cores)" in before
+    (during,) = load_warnings([0.0, 0.0, 0.0], [3.5, 1.0, 0.5], cores=2, own_threads=2)
+    assert "busy during the bench" in during
+    # more torch threads than cores still load at most every core
+    assert load_warnings([0.0] * 3, [2.5, 1.0, 0.5], cores=2, own_threads=8) == []
+    assert len(load_warnings([0.0] * 3, [3.5, 1.0, 0.5], cores=2, own_threads=8)) == 1
+
+
 # --- real runs on a tiny config -----------------------------------------------------------------------
 
 
@@ -118,6 +195,11 @@ def test_cli_writes_json_markdown_and_png(cli_run):
     assert data["settings"]["new_tokens"] == 64 - 8  # prompt + new tokens fit the context
     assert data["machine"]["cores"] >= 1 and "torch" in data["machine"]["versions"]
     assert len(data["load_average"]["start"]) == 3
+    # the recorded load averages are the ones the warnings were drawn from
+    la, m = data["load_average"], data["machine"]
+    busy = load_warnings(la["start"], la["end"], m["cores"], m["torch_threads"])
+    assert [w for w in data["warnings"] if "busy" in w] == busy
+    assert ("Warnings:" in (out / "bench.md").read_text()) == bool(data["warnings"])
 
 
 def test_every_row_positive_with_a_peer_ratio(cli_run):

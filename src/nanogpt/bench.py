@@ -36,8 +36,10 @@ from nanogpt.bench_measure import (
     Row,
     Stat,
     activation_estimate,
+    check_rows,
     decode_bytes_per_token,
     forward_flops_per_token,
+    load_warnings,
     machine_info,
     measure_roofline,
     rate_row,
@@ -68,7 +70,8 @@ class BenchResult:
     roofline: dict[str, Any]
     rows: list[Row] = field(default_factory=list)
     activation: dict[str, Any] = field(default_factory=dict)
-    load_average: dict[str, list[float]] = field(default_factory=dict)
+    load_average: dict[str, list[float]] = field(default_factory=dict)  # os.getloadavg() at start, end
+    warnings: list[str] = field(default_factory=list)  # impossible values (left out), a busy machine
     seconds: float = 0.0
 
     def row(self, key: str) -> Row:
@@ -98,6 +101,33 @@ def load_bench(path: str | Path) -> BenchResult:
         raise UserError(f"{p} is not a `nanogpt bench` bench.json ({e}); run the bench again") from e
 
 
+def check_settings(
+    cfg: ModelConfig,
+    batch: int,
+    seq: int,
+    repeats: int,
+    warmup: int,
+    dtype: str,
+    backend: str,
+    compile: bool = False,
+) -> None:
+    """One-line errors for settings no bench can run with (the command checks them before writing)."""
+    if not 1 <= seq <= cfg.context_length:
+        raise UserError(
+            f"--seq {seq} is outside 1..{cfg.context_length} (the context); pass a --seq in that range"
+        )
+    for flag, n, least in (("--batch", batch, 1), ("--repeats", repeats, 1), ("warmup", warmup, 0)):
+        if n < least:
+            raise UserError(f"{flag} {n} must be at least {least}")
+    torch_dtype(dtype)
+    if backend not in ("torch", "mlx"):
+        raise UserError(f"--backend {backend!r} is unknown; use torch or mlx")
+    if backend == "mlx" and dtype != "fp32":
+        raise UserError(f"--backend mlx measures fp32 only; drop --dtype {dtype}")
+    if backend == "mlx" and compile:
+        raise UserError("--compile is torch.compile; the mlx backend has no such step, drop --compile")
+
+
 def run_bench(
     model: torch.nn.Module,
     *,
@@ -116,19 +146,11 @@ def run_bench(
     say = progress or (lambda _: None)
     t_start = time.perf_counter()
     cfg: ModelConfig = model.config
-    if not 1 <= seq <= cfg.context_length:
-        raise UserError(f"--seq {seq} is outside 1..{cfg.context_length} (the context); pass a smaller --seq")
-    if batch < 1 or repeats < 1 or warmup < 0:
-        raise UserError("--batch and --repeats must be at least 1")
-    torch_dtype(dtype)
-    if backend not in ("torch", "mlx"):
-        raise UserError(f"--backend {backend!r} is unknown; use torch or mlx")
+    check_settings(cfg, batch, seq, repeats, warmup, dtype, backend, compile)
     device = next(model.parameters()).device
     load0 = list(os.getloadavg())
     n_total, n_unique = model.num_params(unique=False), model.num_params(unique=True)
     inp = Inputs.make(cfg, batch, seq, eval_windows or batch)
-    if compile and backend == "mlx":
-        raise UserError("--compile is torch.compile; the mlx backend has no such step, drop --compile")
     ours = mlx_fns(model, inp, dtype) if backend == "mlx" else torch_fns(model, inp, dtype, device, compile)
     peer = peer_model(cfg).to(device) if peers else None
     theirs = peer_fns(peer, inp, dtype, device, compile) if peer is not None else None
@@ -301,6 +323,10 @@ def run_bench(
         )
     )
     res.load_average = {"start": load0, "end": list(os.getloadavg())}
+    # a physically impossible number is never written as a result; a busy machine is said, not hidden
+    res.warnings = check_rows(rows) + load_warnings(
+        load0, res.load_average["end"], os.cpu_count() or 1, torch.get_num_threads()
+    )
     res.seconds = time.perf_counter() - t_start
     return res
 
@@ -329,17 +355,21 @@ def _cell(v: float | None, lo: float | None, hi: float | None, unit: str) -> str
     return s
 
 
+INVALID = "invalid (see warnings)"
+
+
 def markdown_table(res: BenchResult) -> str:
     """The card's layout (Metric | Value), with peer and ratio columns when a peer ran."""
-    peers = any(r.peer is not None for r in res.rows)
+    peers = any(r.peer is not None or "peer" in r.invalid for r in res.rows)
     head = "| Metric | Value |" + (f" {PEER_NAME} | Ours / peer |" if peers else "")
     lines = [head, "|" + "---|" * (4 if peers else 2)]
     for r in res.rows:
-        line = f"| {r.metric} | {_cell(r.value, r.lo, r.hi, r.unit)} {r.unit if r.unit != 'fraction' else ''}".rstrip()
-        line += " |"
+        value = f"{_cell(r.value, r.lo, r.hi, r.unit)} {r.unit if r.unit != 'fraction' else ''}".rstrip()
+        line = f"| {r.metric} | {INVALID if 'ours' in r.invalid else value} |"
         if peers:
             ratio = f"{r.ratio:.2f}" if r.ratio is not None else ""
-            line += f" {_cell(r.peer, r.peer_lo, r.peer_hi, r.unit)} | {ratio} |"
+            peer = INVALID if "peer" in r.invalid else _cell(r.peer, r.peer_lo, r.peer_hi, r.unit)
+            line += f" {peer} | {ratio} |"
         lines.append(line)
     m, s, la = res.machine, res.settings, res.load_average
     lines += [
@@ -356,6 +386,7 @@ def markdown_table(res: BenchResult) -> str:
         + ", ".join(f"{k} {v:.1f}" for k, v in res.roofline["matmul_gflops"].items())
         + f"; copy bandwidth {res.roofline['copy_gb_s']:.1f} GB/s.",
     ]
+    lines += ["", "Warnings:", *(f"- {w}" for w in res.warnings)] if res.warnings else []
     return "\n".join(lines) + "\n"
 
 
@@ -367,7 +398,7 @@ def plot_bench(res: BenchResult, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     peers = [r for r in res.rows if r.ratio is not None and not r.key.startswith(("params", "weights"))]
-    rows = peers or [r for r in res.rows if r.unit in ("tokens/s", "batches/s")]
+    rows = peers or [r for r in res.rows if r.unit in ("tokens/s", "batches/s") and r.value is not None]
     fig, ax = plt.subplots(figsize=(9, 0.45 * len(rows) + 1.5))
     labels = [r.key for r in rows]
     ys = range(len(rows))
@@ -396,9 +427,22 @@ def plot_bench(res: BenchResult, path: Path) -> None:
     plt.close(fig)
 
 
-def write_outputs(res: BenchResult, out: str | Path) -> Path:
+def make_out_dir(out: str | Path) -> Path:
+    """The output folder, created now: a bench of minutes must not end on an --out it cannot write."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; pass a folder for bench.json, bench.md and bench.png")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(
+            f"--out {out} cannot be created ({e.strerror}); pass a folder you can write"
+        ) from None
+    return out
+
+
+def write_outputs(res: BenchResult, out: str | Path) -> Path:
+    out = make_out_dir(out)
     (out / "bench.json").write_text(json.dumps(res.to_dict(), indent=2) + "\n")
     (out / "bench.md").write_text(markdown_table(res))
     plot_bench(res, out / "bench.png")
@@ -447,6 +491,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.manual_seed(0)
         model = NanoGPTLMHeadModel(preset(args.preset or "card")).to(device)
     seq = min(args.seq, model.config.context_length)
+    check_settings(model.config, args.batch, seq, args.repeats, 1, args.dtype, args.backend, args.compile)
+    make_out_dir(args.out)  # after the checks: a refused run leaves no folder behind
     res = run_bench(
         model,
         batch=args.batch,
@@ -460,6 +506,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     out = write_outputs(res, args.out)
     print(markdown_table(res))
+    for w in res.warnings:
+        print(f"nanogpt bench: warning: {w}", file=sys.stderr)
     print(f"wrote {out / 'bench.json'}, {out / 'bench.md'}, {out / 'bench.png'} ({res.seconds:.0f} s)")
     return 0
 

@@ -8,12 +8,13 @@ timing helpers and the matmul/copy ceilings measured on the machine itself.
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -50,11 +51,14 @@ class Stat:
 
 @dataclass
 class Row:
-    """One line of the table. `value` is ours; `lo`/`hi` its spread (min..max of the repeats) if timed."""
+    """One line of the table. `value` is ours; `lo`/`hi` its spread (min..max of the repeats) if timed.
+
+    A value `check_rows` found impossible is None (with its reason in the run's warnings), never a number.
+    """
 
     key: str
     metric: str  # what exactly is timed or counted
-    value: float
+    value: float | None
     unit: str
     lo: float | None = None
     hi: float | None = None
@@ -62,18 +66,27 @@ class Row:
     peer_lo: float | None = None
     peer_hi: float | None = None
     higher_is_better: bool = True
+    invalid: list[str] = field(default_factory=list)  # "ours" and/or "peer": values check_rows removed
 
     @property
     def ratio(self) -> float | None:
         """ours / peer (> 1 means ours is larger: faster for rates, slower for latencies)."""
-        return self.value / self.peer if self.peer else None
+        return self.value / self.peer if self.peer and self.value is not None else None
+
+
+def _per(work: float, seconds: float) -> float:
+    return work / seconds if seconds else math.inf  # a zero time: check_rows leaves it out
 
 
 def rate_row(key: str, metric: str, work: float, unit: str, ours: Stat, peer: Stat | None = None) -> Row:
     """A throughput row: `work` units per run, from seconds per run (median; spread from max/min time)."""
-    row = Row(key, metric, work / ours.median, unit, work / ours.max, work / ours.min)
+    row = Row(key, metric, _per(work, ours.median), unit, _per(work, ours.max), _per(work, ours.min))
     if peer is not None:
-        row.peer, row.peer_lo, row.peer_hi = work / peer.median, work / peer.max, work / peer.min
+        row.peer, row.peer_lo, row.peer_hi = (
+            _per(work, peer.median),
+            _per(work, peer.max),
+            _per(work, peer.min),
+        )
     return row
 
 
@@ -83,6 +96,61 @@ def time_row(key: str, metric: str, ours: Stat, peer: Stat | None = None) -> Row
     if peer is not None:
         row.peer, row.peer_lo, row.peer_hi = peer.median, peer.min, peer.max
     return row
+
+
+RATE_UNITS = ("tokens/s", "batches/s")
+BUSY_FRACTION = 0.5  # other work worth half the cores (1-minute load average) disturbs a measurement
+
+
+def impossible(value: float, unit: str) -> str | None:
+    """Why a measured value cannot be true, or None: a zero or negative time (an infinite or negative
+    rate), not finite, negative, or a fraction of a measured ceiling above 100% (the ceiling or the run
+    was disturbed, e.g. by other load)."""
+    zero_time = value == 0 and unit in (*RATE_UNITS, "s")
+    if (math.isinf(value) and unit in RATE_UNITS) or value < 0 or zero_time:
+        return f"{value} comes from a zero or negative time"
+    if not math.isfinite(value):
+        return f"{value} is not a finite number"
+    if unit == "fraction" and value > 1:
+        return f"{value * 100:.1f}% is above 100% of the ceiling measured on this machine"
+    return None
+
+
+def check_rows(rows: list[Row]) -> list[str]:
+    """Replace every impossible value (ours or the peer's, with its spread) by None; one warning each."""
+    warnings = []
+    for r in rows:
+        for who, attrs in (("ours", ("value", "lo", "hi")), ("peer", ("peer", "peer_lo", "peer_hi"))):
+            v = getattr(r, attrs[0])
+            why = impossible(v, r.unit) if v is not None else None
+            if why is not None:
+                warnings.append(f"{r.key} ({who}) is invalid and not reported: {why}")
+                r.invalid.append(who)
+                for a in attrs:
+                    setattr(r, a, None)
+    return warnings
+
+
+def load_warnings(start: list[float], end: list[float], cores: int, own_threads: int) -> list[str]:
+    """Warnings when the 1-minute load average says other work ran before or during the measurement.
+
+    At the end the bench's own threads are part of the load, so they are subtracted: when the bench ran
+    under a minute that underestimates the others, so this can miss load but never invents it.
+    """
+    limit = BUSY_FRACTION * cores
+    out = []
+    if start[0] > limit:
+        out.append(
+            f"the machine was busy before the bench (load average {start[0]:.2f} on {cores} cores): "
+            "other work competes with the measurement; rerun on an idle machine"
+        )
+    others = end[0] - min(own_threads, cores)
+    if others > limit:
+        out.append(
+            f"the machine was busy during the bench (load average {end[0]:.2f} on {cores} cores, "
+            f"{own_threads} of it the bench's threads): rerun on an idle machine"
+        )
+    return out
 
 
 def forward_flops_per_token(cfg: ModelConfig, n_unique: int, seq: int) -> float:

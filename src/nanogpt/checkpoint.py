@@ -113,22 +113,51 @@ def save_model(dst: str | Path, model: torch.nn.Module) -> Path:
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint folder from a path: the folder itself, or a run folder's `best/` then `last/`."""
+    """A checkpoint folder from a path: the folder itself, or a run folder's `best/` then `last/`.
+
+    Refuses, in one line each: a missing path, a file (config.json or the weights themselves), a config.json
+    that is not a JSON object, and a Hugging Face folder (its config.json has a `model_type`, which a
+    nanogpt config never has): an export is converted back with `nanogpt import`.
+    """
     p = Path(path)
     if not p.exists():
         raise UserError(
             f"checkpoint {p} not found; pass a run folder or a checkpoint folder holding {CONFIG} and {WEIGHTS}"
         )
-    if (recover_dir(p) / WEIGHTS).is_file():
-        return recover_dir(p)
-    for sub in ("best", "last"):
-        if (recover_dir(p / sub) / CONFIG).is_file():
-            return recover_dir(p / sub)
+    if p.is_file():
+        hint = f"its folder {p.parent}" if p.name in (CONFIG, WEIGHTS) else f"the folder holding {CONFIG}"
+        raise UserError(f"{p} is a file, not a checkpoint folder; pass {hint}")
+    found = [recover_dir(p)] if (recover_dir(p) / WEIGHTS).is_file() else []
+    found += [recover_dir(p / sub) for sub in ("best", "last") if (recover_dir(p / sub) / CONFIG).is_file()]
     if (recover_dir(p) / CONFIG).is_file():  # config without weights: load_weights names what is missing
-        return recover_dir(p)
-    raise UserError(
-        f"{p} holds no checkpoint ({CONFIG} + {WEIGHTS}, or best/ or last/ with them); train one with `nanogpt train`"
-    )
+        found.append(recover_dir(p))
+    if not found:
+        raise UserError(
+            f"{p} holds no checkpoint ({CONFIG} + {WEIGHTS}, or best/ or last/ with them); "
+            "train one with `nanogpt train`"
+        )
+    folder = found[0]
+    try:
+        conf = json.loads((folder / CONFIG).read_text())
+    except (OSError, ValueError):
+        return folder  # ModelConfig.load names what is wrong with it
+    if not isinstance(conf, dict):
+        raise UserError(
+            f"{folder / CONFIG} is not a nanogpt model config: it holds {json.dumps(conf)[:30]}, not a JSON "
+            "object; pass a checkpoint written by `nanogpt train` or `nanogpt import`"
+        )
+    kind = conf.get("model_type")
+    if kind in ("gpt2", "nanogpt"):  # what `nanogpt export` writes (remote-code or native GPT-2)
+        raise UserError(
+            f"{p} is a Hugging Face export (model_type {kind!r}), not a nanogpt checkpoint; "
+            f"convert it with `nanogpt import --hf {p} --out RUN`"
+        )
+    if isinstance(kind, str):
+        raise UserError(
+            f"{p} is a Hugging Face {kind!r} model, not a nanogpt checkpoint; `nanogpt import --hf DIR --out RUN` "
+            "converts only GPT-2 (model_type 'gpt2') and nanogpt's own exports"
+        )
+    return folder
 
 
 def load_config_of(path: str | Path) -> ModelConfig:

@@ -243,7 +243,7 @@ def check_settings(n_tokens: int, context: int, stride: int, batch_size: int, mo
     if context <= 0 or context > model_context:
         raise UserError(
             f"--context {context} is outside 1..{model_context} (the model's context_length); "
-            "pass a smaller --context or leave it unset"
+            f"pass a --context in 1..{model_context} or leave it unset"
         )
     if stride <= 0 or stride > context:
         raise UserError(
@@ -262,6 +262,11 @@ def check_settings(n_tokens: int, context: int, stride: int, batch_size: int, mo
 
 def split_tokens(data_dir: str | Path, split: str = "val", max_tokens: int | None = None) -> torch.Tensor:
     """A prepared data folder's split, its shards concatenated (at most `max_tokens`), as int64 (N,)."""
+    if Path(data_dir).is_file():
+        raise UserError(
+            f"--data {data_dir} is a file, not a data folder; pass a `nanogpt prepare` folder, "
+            "or a text file with --text"
+        )
     parts, total = [], 0
     for shard in TokenData(data_dir).split(split):
         take = len(shard) if max_tokens is None else min(len(shard), max_tokens - total)
@@ -275,6 +280,10 @@ def split_tokens(data_dir: str | Path, split: str = "val", max_tokens: int | Non
 def read_documents(path: str | Path, text_field: str = "text") -> list[str]:
     """A `.jsonl` file's `text_field` values (one document per line), or any other file as one document."""
     p = Path(path)
+    if p.is_dir():
+        raise UserError(
+            f"--text {p} is a folder; pass a .txt or .jsonl file, or a prepared data folder with --data"
+        )
     if not p.is_file():
         raise UserError(f"text file {p} not found; pass an existing .txt or .jsonl file to --text")
     try:

@@ -29,6 +29,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TextIO
 
 import torch
@@ -48,14 +49,21 @@ NEG_INF = float("-inf")
 # ---------------------------------------------------------------------------------------------------
 
 
-def check_sampling(temperature: float, top_k: int | None, top_p: float) -> None:
-    """Refuse sampling settings that mean nothing, with a one-line fix."""
+MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes a uint64 (and MLX's random.key too)
+
+
+def check_sampling(temperature: float, top_k: int | None, top_p: float, seed: int | None = None) -> None:
+    """Refuse sampling settings that mean nothing (nan and inf included), with a one-line fix."""
     if not (math.isfinite(temperature) and temperature >= 0):
-        raise UserError(f"temperature={temperature} must be >= 0 (0 means greedy); e.g. --temperature 0.8")
+        raise UserError(
+            f"temperature={temperature} must be a finite number >= 0 (0 means greedy); e.g. --temperature 0.8"
+        )
     if top_k is not None and top_k < 0:
         raise UserError(f"top_k={top_k} must be >= 0 (0 disables it); e.g. --top-k 50")
-    if not 0.0 < top_p <= 1.0:
+    if not 0.0 < top_p <= 1.0:  # nan fails every comparison, so it lands here too
         raise UserError(f"top_p={top_p} must be in (0, 1] (1 disables it); e.g. --top-p 0.9")
+    if seed is not None and not 0 <= seed <= MAX_SEED:
+        raise UserError(f"seed={seed} must be in 0..2**64-1; e.g. --seed 1337")
 
 
 @dataclass(frozen=True)
@@ -171,7 +179,7 @@ def decode_steps(
     Arguments are checked now, so bad input raises `UserError` at the call, not at the first `next()`.
     Puts the model in eval mode (dropout off); a training loop that samples must call `.train()` again.
     """
-    check_sampling(temperature, top_k, top_p)
+    check_sampling(temperature, top_k, top_p, seed)
     if max_new_tokens < 0:
         raise UserError(f"max_new_tokens={max_new_tokens} must be >= 0")
     if seed is not None and generator is not None:
@@ -372,7 +380,9 @@ def build_parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="a run folder or a checkpoint folder")
     src.add_argument("--preset", choices=list(PRESETS), help="a random-init model (smoke tests)")
-    p.add_argument("--prompt", default="", help="text to continue (default: start a new document)")
+    text = p.add_mutually_exclusive_group()
+    text.add_argument("--prompt", default="", help="text to continue (default: start a new document)")
+    text.add_argument("--prompt-file", help="a UTF-8 text file whose whole content is the prompt")
     p.add_argument("--max-new-tokens", type=int, default=100)
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (argmax)")
     p.add_argument("--top-k", type=int, default=50, help="keep the k most likely tokens; 0 disables")
@@ -437,12 +447,32 @@ def _torch_token_streams(
         )
 
 
+def read_prompt_file(path: str | Path) -> str:
+    """The whole text of a prompt file (UTF-8); an empty file starts a new document, as `--prompt ""` does."""
+    p = Path(path)
+    if p.is_dir():
+        raise UserError(f"prompt file {p} is a folder; pass a text file to --prompt-file")
+    if not p.is_file():
+        raise UserError(f"prompt file {p} not found; pass an existing text file to --prompt-file")
+    try:
+        return p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"prompt file {p} is not UTF-8 text; convert it to UTF-8") from None
+    except OSError as e:
+        raise UserError(f"prompt file {p} cannot be read ({e.strerror}); check its permissions") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     top_k = args.top_k or None
-    check_sampling(args.temperature, top_k, args.top_p)
+    # every flag is checked before the model loads: a typo costs no loading time
+    check_sampling(args.temperature, top_k, args.top_p, args.seed)
+    if args.max_new_tokens < 0:
+        raise UserError(f"--max-new-tokens {args.max_new_tokens} must be >= 0; e.g. --max-new-tokens 100")
     if args.num_samples < 1:
-        raise UserError(f"--num-samples {args.num_samples} must be at least 1")
+        raise UserError(f"--num-samples {args.num_samples} must be at least 1; e.g. --num-samples 1")
+    if args.prompt_file is not None:
+        args.prompt = read_prompt_file(args.prompt_file)
     tok = get_tokenizer()
     prompt_ids = encode_prompt(tok, args.prompt)
     if args.backend == "mlx":

@@ -10,8 +10,10 @@ A base model has no chat format, so chat uses a plain concatenation template, on
 per message and then "assistant:" (see `chat_prompt`). `return_tokens_as_token_ids: true` (vLLM's name)
 writes tokens as "token_id:N" so clients get exact ids even for partial UTF-8 bytes.
 
-Binds 127.0.0.1 unless told otherwise; `--api-key-env NAME` requires `Authorization: Bearer $NAME`.
-Malformed requests get a 400 JSON error; at most `--max-concurrent` generations run at once; one log line
+Binds 127.0.0.1 unless told otherwise (`--port 0`: any free port), before the model loads, and prints its
+"on http://HOST:PORT/v1" line only once the socket is bound; `--api-key-env NAME` requires
+`Authorization: Bearer $NAME`. Malformed requests (NaN or Infinity, a wrong type, a penalty this server
+does not apply) get a 400 JSON error; at most `--max-concurrent` generations run at once; one log line
 per request goes to stderr (method, path, status, milliseconds; never a header).
 
     nanogpt serve --model runs/tiny --port 8000
@@ -19,9 +21,11 @@ per request goes to stderr (method, path, status, milliseconds; never a header).
 # no `from __future__ import annotations`: FastAPI must see the real `Request` class on the handlers
 
 import argparse
+import errno
 import json
 import os
 import secrets
+import socket
 import sys
 import threading
 import time
@@ -202,6 +206,8 @@ def create_app(engine: Engine, api_key: str | None = None):
             body = json.loads(await request.body())
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise BadRequest("the request body is not valid JSON") from None
+        except (ValueError, RecursionError):  # an integer of over 4,300 digits; nesting deeper than the stack
+            raise BadRequest("the request body holds a number too long or nesting too deep to read") from None
         if not isinstance(body, dict):
             raise BadRequest("the request body must be a JSON object")
         return body
@@ -360,9 +366,7 @@ def _role_chunk(cid: str, name: str) -> dict[str, Any]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = ArgumentParser(
-        prog="nanogpt serve", description="an OpenAI-compatible server for a checkpoint"
-    )
+    p = ArgumentParser(prog="nanogpt serve", description="an OpenAI-compatible server for a checkpoint")
     p.add_argument("--model", required=True, help="run or checkpoint folder")
     p.add_argument("--name", help="model id in the API (default: the folder's name)")
     p.add_argument(
@@ -384,6 +388,43 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def bind(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to (host, port), not yet listening; a port that cannot be had is one UserError.
+
+    The command binds before it loads the model and says where it listens only once this succeeded; the
+    bound socket itself goes to uvicorn, so no other process can take the port in between.
+    """
+    if not 0 <= port <= 65535:
+        raise UserError(f"--port {port} is not a TCP port; pass one in 1..65535 (or 0 for any free port)")
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except (socket.gaierror, UnicodeError) as e:
+        raise UserError(
+            f"--host {host!r} is not an address of this machine ({e}); pass 127.0.0.1, 0.0.0.0 or one of its IPs"
+        ) from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: rebind despite TIME_WAIT
+    try:
+        sock.bind(addr)
+    except OSError as e:
+        sock.close()
+        where = f"{host} port {port}"
+        if e.errno == errno.EADDRINUSE:
+            fix = "stop the server using it or pass another --port (0 picks a free one)"
+            raise UserError(f"{where} is already in use; {fix}") from None
+        if e.errno == errno.EADDRNOTAVAIL:
+            fix = "pass --host 127.0.0.1 (this machine only), 0.0.0.0 (every interface) or one of its IPs"
+            raise UserError(f"cannot bind {where}: {host} is not an address of this machine; {fix}") from None
+        if e.errno == errno.EACCES:
+            raise UserError(
+                f"cannot bind {where}: permission denied; pass a --port of 1024 or more"
+            ) from None
+        raise UserError(f"cannot bind {where} ({e.strerror}); pass another --host or --port") from None
+    return sock
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -393,24 +434,33 @@ def main(argv: list[str] | None = None) -> int:
     from nanogpt.checkpoint import load_model
     from nanogpt.device import resolve_device
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     if args.max_concurrent < 1:
         raise UserError(f"--max-concurrent {args.max_concurrent} must be >= 1")
+    if args.threads is not None and args.threads < 1:
+        raise UserError(f"--threads {args.threads} must be at least 1 (or leave it unset)")
     api_key = None
     if args.api_key_env:
         api_key = os.environ.get(args.api_key_env)
         if not api_key:
             raise UserError(f"--api-key-env {args.api_key_env}: that environment variable is empty or unset")
-    model = load_model(args.model, device=resolve_device(args.device))
-    name = args.name or Path(args.model).resolve().name
-    app = create_app(Engine(model, name, args.max_concurrent, args.dtype), api_key)
-    print(
-        f"nanogpt serve: {name} ({args.dtype}) on http://{args.host}:{args.port}/v1",
-        file=sys.stderr,
-        flush=True,
-    )
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
+    device = resolve_device(args.device)
+    sock = bind(args.host, args.port)  # before the model loads: a taken port costs no loading time
+    with sock:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        model = load_model(args.model, device=device)
+        name = args.name or Path(args.model).resolve().name
+        app = create_app(Engine(model, name, args.max_concurrent, args.dtype), api_key)
+        sock.listen(2048)  # from now on clients queue instead of being refused; uvicorn accepts them
+        host, port = sock.getsockname()[:2]
+        url_host = f"[{host}]" if ":" in host else host
+        print(
+            f"nanogpt serve: {name} ({args.dtype}) on http://{url_host}:{port}/v1",
+            file=sys.stderr,
+            flush=True,
+        )
+        config = uvicorn.Config(app, log_level="warning", access_log=False)
+        uvicorn.Server(config).run(sockets=[sock])
     return 0
 
 

@@ -5,9 +5,11 @@ Each malformed field raises `BadRequest` with a message that names it; the serve
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
+from nanogpt.generate import MAX_SEED
 from nanogpt.tokenizer import EOT_ID, Tokenizer
 
 MAX_LOGPROBS = 100  # vLLM's default cap is 20; teachers may want more
@@ -39,15 +41,50 @@ def _num(
     lo: float | None = None,
     hi: float | None = None,
 ):
+    """body[name] as a finite int or float in [lo, hi]; null or absent is `default`.
+
+    Python's json module reads NaN and Infinity, which no comparison refuses: they are refused here, by name.
+    """
     v = body.get(name, default)
     if v is None:
         return default
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind is int and not float(v).is_integer()):
-        raise BadRequest(f"'{name}' must be a{'n integer' if kind is int else ' number'}, got {v!r}")
-    v = kind(v)
-    if (lo is not None and v < lo) or (hi is not None and v > hi):
-        raise BadRequest(f"'{name}'={v} is out of range [{lo}, {hi}]")
+    what = "an integer" if kind is int else "a finite number"
+    bad_float = isinstance(v, float) and not (math.isfinite(v) and (kind is float or v.is_integer()))
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or bad_float:
+        raise BadRequest(f"'{name}' must be {what}, got {v!r}")
+    span = f"in [{lo}, {hi}]" if hi is not None else f">= {lo}"
+    # no field takes a 65-bit integer, and float() of a huge one would overflow
+    if (
+        (isinstance(v, int) and v.bit_length() > 64)
+        or (lo is not None and v < lo)
+        or (hi is not None and v > hi)
+    ):
+        shown = v if abs(v) < 10**30 else f"an integer of {int(v).bit_length()} bits"
+        raise BadRequest(f"'{name}'={shown} is out of range: it must be {span}")
+    return kind(v)
+
+
+def _flag(body: dict[str, Any], name: str) -> bool:
+    """body[name] as a JSON boolean (absent or null: false); the string "false" is not false."""
+    v = body.get(name)
+    if v is None:
+        return False
+    if not isinstance(v, bool):
+        raise BadRequest(f"'{name}' must be true or false, got {v!r}")
     return v
+
+
+def _no_penalty(body: dict[str, Any]) -> None:
+    """Penalties are checked as OpenAI/vLLM define them; any other than the neutral value is refused.
+
+    This server samples without penalties: answering a request that asked for one as if it had been
+    applied would be a silent lie.
+    """
+    for name in ("presence_penalty", "frequency_penalty"):
+        if _num(body, name, 0.0, float, -2.0, 2.0) != 0.0:
+            raise BadRequest(f"'{name}' is not supported by this server; leave it 0 or unset")
+    if _num(body, "repetition_penalty", 1.0, float, 1e-9, None) != 1.0:
+        raise BadRequest("'repetition_penalty' is not supported by this server; leave it 1 or unset")
 
 
 def parse_sampling(body: dict[str, Any], default_max_tokens: int = 16) -> Sampling:
@@ -65,18 +102,19 @@ def parse_sampling(body: dict[str, Any], default_max_tokens: int = 16) -> Sampli
         logprobs = _num(body, "logprobs", None, int, 0, MAX_LOGPROBS)
     n = _num(body, "n", 1, int, 1, 1)  # one choice per prompt
     del n
+    _no_penalty(body)
     top_k = _num(body, "top_k", None, int, -1, None)
     return Sampling(
         max_tokens=_num(body, "max_tokens", default_max_tokens, int, 0, 1_000_000),
         temperature=_num(body, "temperature", 1.0, float, 0.0, 100.0),
         top_p=_num(body, "top_p", 1.0, float, 1e-9, 1.0),
         top_k=None if top_k in (None, -1, 0) else top_k,
-        seed=_num(body, "seed", None, int, None, None),
+        seed=_num(body, "seed", None, int, 0, MAX_SEED),
         stop=stop,
         logprobs=logprobs,
-        echo=bool(body.get("echo", False)),
-        stream=bool(body.get("stream", False)),
-        token_ids=bool(body.get("return_tokens_as_token_ids", False)),
+        echo=_flag(body, "echo"),
+        stream=_flag(body, "stream"),
+        token_ids=_flag(body, "return_tokens_as_token_ids"),
     )
 
 
