@@ -207,6 +207,10 @@ def test_every_row_positive_with_a_peer_ratio(cli_run):
     rows = {r["key"]: r for r in data["rows"]}
     assert set(rows) == KEYS
     for key, r in rows.items():
+        if r["invalid"]:  # e.g. a tiny model's MFU above the measured peak: withheld, never written as a result
+            assert r["ratio"] is None and any(w.startswith(key) for w in data["warnings"]), key
+            assert all(r["value" if who == "ours" else "peer"] is None for who in r["invalid"]), key
+            continue
         assert r["value"] > 0 and math.isfinite(r["value"]), key
         assert r["peer"] > 0, key
         assert r["ratio"] == pytest.approx(r["value"] / r["peer"]), key

@@ -56,7 +56,7 @@ from nanogpt.bench_workloads import (
     torch_fns,
 )
 from nanogpt.config import PRESETS, ModelConfig, preset
-from nanogpt.device import resolve_device, torch_dtype
+from nanogpt.device import resolve_device, set_threads, torch_dtype
 from nanogpt.errors import ArgumentParser, UserError
 
 # --- the run ------------------------------------------------------------------------------------------
@@ -476,10 +476,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     args = p.parse_args(argv)
 
-    if args.threads is not None:
-        if args.threads < 1:
-            raise UserError(f"--threads {args.threads} must be at least 1")
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     device = resolve_device(args.device)
     if args.model:
         from nanogpt.checkpoint import load_model

@@ -183,13 +183,15 @@ def check_weights(
     if missing or unexpected:
         what = f"is missing {missing[0]!r}" if missing else f"has unexpected {unexpected[0]!r}"
         raise UserError(
-            f"weights in {source} do not match config.json: the file {what}; the checkpoint is mismatched"
+            f"weights in {source} do not match config.json: the file {what}; the checkpoint is mismatched, "
+            "use the config.json these weights were saved with or another checkpoint"
         )
     for k, shape in expected.items():
         if tuple(found[k]) != tuple(shape):
             raise UserError(
                 f"weights in {source} do not match config.json: {k} has shape {tuple(found[k])}, "
-                f"config expects {tuple(shape)}; the checkpoint is mismatched"
+                f"config expects {tuple(shape)}; the checkpoint is mismatched, use the config.json these weights "
+                "were saved with or another checkpoint"
             )
 
 

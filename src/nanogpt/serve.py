@@ -432,22 +432,19 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         raise missing_extra("nanogpt serve needs FastAPI and uvicorn", "serve") from None
     from nanogpt.checkpoint import load_model
-    from nanogpt.device import resolve_device
+    from nanogpt.device import resolve_device, set_threads
 
     if args.max_concurrent < 1:
         raise UserError(f"--max-concurrent {args.max_concurrent} must be >= 1")
-    if args.threads is not None and args.threads < 1:
-        raise UserError(f"--threads {args.threads} must be at least 1 (or leave it unset)")
     api_key = None
     if args.api_key_env:
         api_key = os.environ.get(args.api_key_env)
         if not api_key:
             raise UserError(f"--api-key-env {args.api_key_env}: that environment variable is empty or unset")
+    set_threads(args.threads)
     device = resolve_device(args.device)
     sock = bind(args.host, args.port)  # before the model loads: a taken port costs no loading time
     with sock:
-        if args.threads:
-            torch.set_num_threads(args.threads)
         model = load_model(args.model, device=device)
         name = args.name or Path(args.model).resolve().name
         app = create_app(Engine(model, name, args.max_concurrent, args.dtype), api_key)
