@@ -257,7 +257,7 @@ def test_train_resume_prints_the_step(capsys, small_data, config, copy_of):
     assert f"resumed {copy_of} at step 6 of 8" in capsys.readouterr().out
 
 
-def test_warmup_covering_most_of_the_run_warns_in_one_line(capsys, small_data, config, tmp_path):
+def test_train_warmup_covering_most_of_the_run_warns_in_one_line(capsys, small_data, config, tmp_path):
     assert schedule_warning(TrainConfig(max_iters=30)) is not None  # the card's 500 warmup iterations
     assert schedule_warning(TrainConfig(max_iters=20000)) is None
     argv = ["train", "--data", str(small_data), "--out", str(tmp_path / "w"), "--config", str(config)]
