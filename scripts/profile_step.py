@@ -14,11 +14,11 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from nanogpt.bench_workloads import Inputs, train_and_forward
+from nanogpt.bench.workloads import Inputs, train_and_forward
 from nanogpt.config import PRESETS, preset
 from nanogpt.device import resolve_device, tune_cpu_allocator
-from nanogpt.model import NanoGPTLMHeadModel
-from nanogpt.optim import cross_entropy_loss
+from nanogpt.model.gpt import NanoGPTLMHeadModel
+from nanogpt.train.optim import cross_entropy_loss
 
 
 def main() -> None:

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from nanogpt.config import ModelConfig
-from nanogpt.data import ShardWriter, write_meta
-from nanogpt.tokenizer import get_tokenizer
+from nanogpt.data.shards import ShardWriter, write_meta
+from nanogpt.data.tokenizer import get_tokenizer
 
 
 @pytest.fixture

@@ -21,12 +21,12 @@ import torch
 from safetensors.torch import save_file
 
 from nanogpt import cli
-from nanogpt import data as data_mod
 from nanogpt.config import ModelConfig
-from nanogpt.data import HEADER, META, TokenData, write_meta
+from nanogpt.data import shards as data_mod
+from nanogpt.data.prepare import STATE, WINDOW
+from nanogpt.data.shards import HEADER, META, TokenData, write_meta
 from nanogpt.export import hf
-from nanogpt.model import NanoGPTLMHeadModel
-from nanogpt.prepare import STATE, WINDOW
+from nanogpt.model.gpt import NanoGPTLMHeadModel
 from tests.bad_input import mount_tmpfs, refuse
 from tests.bad_input import small_disk as disk
 from tests.conftest import builtin_works

@@ -20,13 +20,13 @@ from pathlib import Path
 import pytest
 
 from nanogpt import cli
-from nanogpt.checkpoint import load_model, save_model
 from nanogpt.config import ModelConfig, TrainConfig
 from nanogpt.folders import LOCK, MARKER, folder_kind
-from nanogpt.model import NanoGPTLMHeadModel
-from nanogpt.optim import schedule_warning
-from nanogpt.plot import read_log
-from nanogpt.train import train
+from nanogpt.model.gpt import NanoGPTLMHeadModel
+from nanogpt.train.checkpoint import load_model, save_model
+from nanogpt.train.loop import train
+from nanogpt.train.optim import schedule_warning
+from nanogpt.train.plot import read_log
 from tests.bad_input import refuse, refuse_subprocess, run_nanogpt
 from tests.bad_input import small_disk as disk
 
@@ -461,7 +461,7 @@ def test_train_disk_full_at_a_checkpoint_keeps_last(
     capsys, small_data, config, tmp_path, small_disk, monkeypatch
 ):
     if small_disk is None:  # no small filesystem here: the same OSError from the write itself
-        import nanogpt.checkpoint as ckpt
+        import nanogpt.train.checkpoint as ckpt
 
         calls = {"n": 0}
         real = ckpt.save_file

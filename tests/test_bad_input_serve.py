@@ -24,11 +24,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from nanogpt.checkpoint import save_model
 from nanogpt.config import ModelConfig
-from nanogpt.data import ShardWriter, write_meta
-from nanogpt.model import NanoGPTLMHeadModel
-from nanogpt.tokenizer import get_tokenizer
+from nanogpt.data.shards import ShardWriter, write_meta
+from nanogpt.data.tokenizer import get_tokenizer
+from nanogpt.model.gpt import NanoGPTLMHeadModel
+from nanogpt.train.checkpoint import save_model
 from tests.bad_input import refuse, refuse_subprocess
 
 CONTEXT = 16

@@ -21,11 +21,11 @@ import pytest
 import torch
 
 from nanogpt import cli
-from nanogpt.checkpoint import save_model
 from nanogpt.config import ModelConfig
-from nanogpt.model import NanoGPTLMHeadModel
-from nanogpt.teachers import AnswerCache, ApiClient, ApiConfig, TeacherError, parse_topk, redact
-from nanogpt.tokenizer import get_tokenizer
+from nanogpt.data.tokenizer import get_tokenizer
+from nanogpt.distill.api import AnswerCache, ApiClient, ApiConfig, TeacherError, parse_topk, redact
+from nanogpt.model.gpt import NanoGPTLMHeadModel
+from nanogpt.train.checkpoint import save_model
 from tests.bad_input import refuse, refuse_subprocess
 
 KEY = "sk-test-9f8e7d6c5b4a"

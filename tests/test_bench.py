@@ -9,8 +9,9 @@ from dataclasses import replace
 import pytest
 import torch
 
-from nanogpt import bench
-from nanogpt.bench import (
+from nanogpt.bench import run as bench
+from nanogpt.bench.measure import impossible
+from nanogpt.bench.run import (
     NEW_TOKENS,
     Row,
     Stat,
@@ -23,11 +24,10 @@ from nanogpt.bench import (
     run_bench,
     time_row,
 )
-from nanogpt.bench_measure import impossible
-from nanogpt.checkpoint import save_model
 from nanogpt.errors import UserError
-from nanogpt.model import NanoGPTLMHeadModel
-from nanogpt.train import flops_per_token
+from nanogpt.model.gpt import NanoGPTLMHeadModel
+from nanogpt.train.checkpoint import save_model
+from nanogpt.train.loop import flops_per_token
 
 # every row a run writes; with --peers each also has a peer value
 KEYS = {
@@ -234,9 +234,9 @@ def test_activation_memory_is_measured_near_the_estimate(cli_run):
 
 def test_peer_and_ours_evaluate_the_same_windows(tiny_cfg):
     """With our weights loaded into the HF peer, both eval rows give the same mean NLL at both strides."""
-    from nanogpt.bench_workloads import Inputs, peer_fns, peer_model, torch_fns
-    from nanogpt.checkpoint import model_state
+    from nanogpt.bench.workloads import Inputs, peer_fns, peer_model, torch_fns
     from nanogpt.export.hf import to_gpt2_state
+    from nanogpt.train.checkpoint import model_state
 
     torch.manual_seed(0)
     cfg = replace(tiny_cfg, activation="gelu_tanh")  # GPT-2's own GELU, so the peer is the same function
@@ -262,7 +262,7 @@ def test_run_bench_without_peers_and_bf16(tiny_cfg):
 
 
 def test_accuracy_cost_format():
-    from nanogpt.bench import fmt
+    from nanogpt.bench.run import fmt
 
     assert fmt(0.0, "nats") == "0 (equal in float32)" and fmt(2.19e-05, "nats") == "2.19e-05"
 

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from nanogpt.data import HEADER, BatchSampler, TokenData, read_shard, write_shard
+from nanogpt.data.shards import HEADER, BatchSampler, TokenData, read_shard, write_shard
 from nanogpt.errors import UserError
 
 

@@ -8,8 +8,8 @@ import os
 import subprocess
 import sys
 
-from nanogpt.checkpoint import load_model
-from nanogpt.plot import read_log
+from nanogpt.train.checkpoint import load_model
+from nanogpt.train.plot import read_log
 
 MODEL = {"d_model": 32, "n_layers": 2, "n_heads": 4, "d_ff": 128, "context_length": 32, "dropout": 0.0}
 

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from nanogpt.cli import main
-from nanogpt.demo import WIDGET_PROMPTS, demo_train_config
+from nanogpt.commands.demo import WIDGET_PROMPTS, demo_train_config
 
 
 def test_demo_train_config_fits_the_budget():

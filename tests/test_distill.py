@@ -8,9 +8,8 @@ import math
 import pytest
 import torch
 
-from nanogpt.checkpoint import save_model
 from nanogpt.config import ModelConfig, TrainConfig
-from nanogpt.distill import (
+from nanogpt.distill.losses import (
     DistillLossFn,
     distill_loss,
     distill_parts,
@@ -21,8 +20,9 @@ from nanogpt.distill import (
     sparse_kl,
 )
 from nanogpt.errors import UserError
-from nanogpt.model import NanoGPTLMHeadModel
-from nanogpt.train import train
+from nanogpt.model.gpt import NanoGPTLMHeadModel
+from nanogpt.train.checkpoint import save_model
+from nanogpt.train.loop import train
 
 LN = math.log
 
@@ -249,7 +249,7 @@ def test_distill_command_local_teacher_and_resume(runs, small_data, tmp_path, ca
 
 
 def test_card_preset_gives_the_card_stage():
-    from nanogpt.distill import build_parser, resolve_train_config
+    from nanogpt.distill.losses import build_parser, resolve_train_config
 
     args = build_parser().parse_args(["--teacher", "t", "--out", "/nonexistent/o", "--preset", "card"])
     cfg = resolve_train_config(args)

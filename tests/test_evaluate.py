@@ -11,11 +11,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nanogpt import evaluate
-from nanogpt.checkpoint import save_model
-from nanogpt.data import TokenData
+from nanogpt.data.shards import TokenData
+from nanogpt.data.tokenizer import get_tokenizer
 from nanogpt.errors import UserError
-from nanogpt.evaluate import (
+from nanogpt.infer import evaluate
+from nanogpt.infer.evaluate import (
     bits_per_byte,
     iter_windows,
     perplexity,
@@ -23,8 +23,8 @@ from nanogpt.evaluate import (
     split_tokens,
     text_tokens,
 )
-from nanogpt.model import NanoGPTLMHeadModel
-from nanogpt.tokenizer import get_tokenizer
+from nanogpt.model.gpt import NanoGPTLMHeadModel
+from nanogpt.train.checkpoint import save_model
 
 TEXT = (
     "Now is the winter of our discontent made glorious summer by this sun of York; "

@@ -21,12 +21,12 @@ from safetensors.torch import load_file  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel  # noqa: E402
 
 from nanogpt import cli  # noqa: E402
-from nanogpt.checkpoint import save_model  # noqa: E402
 from nanogpt.config import ModelConfig, preset  # noqa: E402
 from nanogpt.errors import UserError  # noqa: E402
 from nanogpt.export import hf  # noqa: E402
 from nanogpt.folders import MARKER  # noqa: E402
-from nanogpt.model import NanoGPTLMHeadModel  # noqa: E402
+from nanogpt.model.gpt import NanoGPTLMHeadModel  # noqa: E402
+from nanogpt.train.checkpoint import save_model  # noqa: E402
 
 PROMPTS = ["Once upon a time", "The capital of France is a city that"]
 
@@ -44,7 +44,7 @@ def make_ckpt(path: Path, cfg: ModelConfig, seed: int = 0) -> NanoGPTLMHeadModel
 
 
 def tokenize(text: str) -> list[int]:
-    from nanogpt.tokenizer import get_tokenizer
+    from nanogpt.data.tokenizer import get_tokenizer
 
     return get_tokenizer().encode(text)
 
@@ -55,7 +55,7 @@ def load_hf(folder: Path):
 
 def greedy_ours(model: NanoGPTLMHeadModel, ids: list[int], n: int) -> list[int]:
     try:
-        from nanogpt.generate import generate
+        from nanogpt.infer.generate import generate
     except ImportError:  # generate.py not there yet: a plain greedy loop without a cache
         out = list(ids)
         with torch.no_grad():
@@ -284,7 +284,7 @@ def test_import_stock_transformers_gpt2(tmp_path, weights):
         conf.save_pretrained(tmp_path / "gpt2")
         torch.save(ref.state_dict(), tmp_path / "gpt2" / "pytorch_model.bin")
     hf.import_hf(tmp_path / "gpt2", tmp_path / "ours")
-    from nanogpt.checkpoint import load_model
+    from nanogpt.train.checkpoint import load_model
 
     ours = load_model(tmp_path / "ours")
     assert ours.config.activation == "gelu_tanh" and ours.config.d_ff == 128
@@ -324,7 +324,7 @@ def test_model_card_readme(tmp_path, small_data):
 
 
 def test_model_card_takes_the_bench_table(exported, tmp_path):
-    from nanogpt.bench import fmt, markdown_table, run_bench, write_outputs
+    from nanogpt.bench.run import fmt, markdown_table, run_bench, write_outputs
 
     res = run_bench(NanoGPTLMHeadModel(tiny()), batch=1, seq=16, repeats=1, warmup=0)  # bench trains it
     write_outputs(res, tmp_path / "bench")

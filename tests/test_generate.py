@@ -4,12 +4,11 @@ import threading
 import pytest
 import torch
 
-from nanogpt import cli, decode_weights
-from nanogpt.checkpoint import save_model
+from nanogpt import cli
 from nanogpt.config import ModelConfig
-from nanogpt.decode_weights import cpu_decode_kernel, drop_decode_weights
+from nanogpt.data.tokenizer import EOT_ID, get_tokenizer
 from nanogpt.errors import UserError
-from nanogpt.generate import (
+from nanogpt.infer.generate import (
     SampleStats,
     candidates,
     check_sampling,
@@ -20,8 +19,10 @@ from nanogpt.generate import (
     stream_text,
     top_p_filter,
 )
-from nanogpt.model import DECODE_DTYPE, Linear, NanoGPTLMHeadModel
-from nanogpt.tokenizer import EOT_ID, get_tokenizer
+from nanogpt.kernels import decode as decode_weights
+from nanogpt.kernels.decode import cpu_decode_kernel, drop_decode_weights
+from nanogpt.model.gpt import DECODE_DTYPE, Linear, NanoGPTLMHeadModel
+from nanogpt.train.checkpoint import save_model
 
 PROMPT = [464, 3290, 286, 4881, 318, 6342, 11, 290]  # 8 ordinary GPT-2 token ids
 

@@ -16,15 +16,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nanogpt.bench import run_bench
-from nanogpt.checkpoint import load_model
+from nanogpt.bench.run import run_bench
 from nanogpt.config import ModelConfig
-from nanogpt.kv_cache import KVCache
-from nanogpt.model import NanoGPTLMHeadModel
-from nanogpt.ops import linear_cross_entropy
-from nanogpt.optim import make_optimizer
-from nanogpt.plot import read_log
-from nanogpt.train import train
+from nanogpt.kernels.ops import linear_cross_entropy
+from nanogpt.model.gpt import NanoGPTLMHeadModel
+from nanogpt.model.kv_cache import KVCache
+from nanogpt.train.checkpoint import load_model
+from nanogpt.train.loop import train
+from nanogpt.train.optim import make_optimizer
+from nanogpt.train.plot import read_log
 from tests.test_train import quick_cfg
 
 pytestmark = pytest.mark.gpu
@@ -126,7 +126,7 @@ def test_kv_cache_decode_matches_the_full_forward(dev):
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_decode_steps_match_the_full_forward(dev, dtype):
-    from nanogpt.generate import decode_steps
+    from nanogpt.infer.generate import decode_steps
 
     torch.manual_seed(0)
     model = NanoGPTLMHeadModel(small_cfg()).to(dev).eval()

@@ -18,9 +18,8 @@ import torch
 
 mx = pytest.importorskip("mlx.core", reason="MLX is not installable here (pip install 'mlx[cpu]' on Linux)")
 
-from nanogpt.checkpoint import load_model, load_weights, save_model  # noqa: E402
 from nanogpt.config import ModelConfig, TrainConfig, preset  # noqa: E402
-from nanogpt.data import BatchSampler, TokenData  # noqa: E402
+from nanogpt.data.shards import BatchSampler, TokenData  # noqa: E402
 from nanogpt.mlx.checkpoint import load_mlx_model, load_mlx_weights, mlx_model_state, save_mlx_model  # noqa: E402
 from nanogpt.mlx.generate import generate, sample_next, top_k_filter, top_p_filter  # noqa: E402
 from nanogpt.mlx.kv_cache import KVCache  # noqa: E402
@@ -34,10 +33,17 @@ from nanogpt.mlx.train import (  # noqa: E402
     to_mx,
     train_mlx,
 )
-from nanogpt.model import NanoGPTLMHeadModel as TorchGPT  # noqa: E402
-from nanogpt.optim import backward_micro_batches, cross_entropy_loss, lr_at, optimizer_step, param_groups  # noqa: E402
-from nanogpt.optim import make_optimizer as torch_optimizer  # noqa: E402
-from nanogpt.plot import read_log  # noqa: E402
+from nanogpt.model.gpt import NanoGPTLMHeadModel as TorchGPT  # noqa: E402
+from nanogpt.train.checkpoint import load_model, load_weights, save_model  # noqa: E402
+from nanogpt.train.optim import (  # noqa: E402
+    backward_micro_batches,
+    cross_entropy_loss,
+    lr_at,
+    optimizer_step,
+    param_groups,
+)
+from nanogpt.train.optim import make_optimizer as torch_optimizer  # noqa: E402
+from nanogpt.train.plot import read_log  # noqa: E402
 
 
 def torch_and_mlx(cfg: ModelConfig, tmp_path, seed: int = 0):
@@ -218,7 +224,7 @@ def test_resume_is_exact(tiny_cfg, small_data, tmp_path):
 
 def test_rest_of_package_does_not_import_mlx():
     code = (
-        "import sys, nanogpt.cli, nanogpt.train, nanogpt.train_cli, nanogpt.generate, nanogpt.checkpoint, nanogpt.evaluate\n"
+        "import sys, nanogpt.cli, nanogpt.train.loop, nanogpt.commands.train, nanogpt.infer.generate, nanogpt.train.checkpoint, nanogpt.infer.evaluate\n"
         "assert not any(m == 'mlx' or m.startswith('mlx.') for m in sys.modules), 'mlx imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

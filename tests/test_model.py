@@ -5,8 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from nanogpt.config import ModelConfig, preset
-from nanogpt.kv_cache import KVCache
-from nanogpt.model import NanoGPTLMHeadModel
+from nanogpt.model.gpt import NanoGPTLMHeadModel
+from nanogpt.model.kv_cache import KVCache
 
 CARD_TREE = """\
 NanoGPTLMHeadModel(

@@ -127,7 +127,7 @@ def test_card_json_is_the_cards_block():
 
 
 def test_card_json_through_train_and_info(tmp_path, capsys):
-    from nanogpt import train_cli
+    from nanogpt.commands import train as train_cli
 
     args = train_cli.build_parser().parse_args(["--config", str(CARD_JSON), "--out", str(tmp_path / "run")])
     model, train = train_cli.resolve_configs(args)
@@ -287,10 +287,10 @@ def test_exported_model_card_title_and_links(tmp_path):
     pytest.importorskip("tokenizers")
     import torch
 
-    from nanogpt.checkpoint import save_model
     from nanogpt.config import ModelConfig
     from nanogpt.export import hf
-    from nanogpt.model import NanoGPTLMHeadModel
+    from nanogpt.model.gpt import NanoGPTLMHeadModel
+    from nanogpt.train.checkpoint import save_model
 
     cfg = ModelConfig(d_model=32, n_layers=2, n_heads=4, d_ff=128, context_length=128, dropout=0.0)
     torch.manual_seed(0)

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nanogpt import ops
+from nanogpt.kernels import ops
 
 
 @pytest.mark.parametrize("n,vocab", [(37, 50), (300, 1000)])
@@ -77,7 +77,7 @@ def test_no_grad_cpu_loss_matches_stock_loss(dtype, monkeypatch) -> None:
 
 def test_model_loss_with_targets_equals_cross_entropy_of_logits() -> None:
     from nanogpt.config import preset
-    from nanogpt.model import NanoGPTLMHeadModel
+    from nanogpt.model.gpt import NanoGPTLMHeadModel
 
     torch.manual_seed(0)
     model = NanoGPTLMHeadModel(preset("tiny")).eval()

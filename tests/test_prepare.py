@@ -11,13 +11,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nanogpt import cli, sources
-from nanogpt import prepare as prep
-from nanogpt.data import META, TokenData, read_shard
+from nanogpt import cli
+from nanogpt.data import prepare as prep
+from nanogpt.data import sources
+from nanogpt.data.prepare import STATE, is_val, parse_count, prepare, val_every
+from nanogpt.data.shards import META, TokenData, read_shard
+from nanogpt.data.sources import hf_documents, iter_documents
+from nanogpt.data.tokenizer import get_tokenizer
 from nanogpt.errors import UserError, install_command
-from nanogpt.prepare import STATE, is_val, parse_count, prepare, val_every
-from nanogpt.sources import hf_documents, iter_documents
-from nanogpt.tokenizer import get_tokenizer
 from tests.conftest import builtin_works
 
 EOT = 50256

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from nanogpt.checkpoint import load_model, recover_dir
-from nanogpt.plot import read_log
+from nanogpt.train.checkpoint import load_model, recover_dir
+from nanogpt.train.plot import read_log
 
 # dropout 0.1: the resumed run must also restore the torch RNG to draw the same dropout masks
 MODEL = {"d_model": 32, "n_layers": 2, "n_heads": 4, "d_ff": 128, "context_length": 32, "dropout": 0.1}

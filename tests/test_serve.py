@@ -18,13 +18,9 @@ import torch
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
-from nanogpt.checkpoint import save_model  # noqa: E402
 from nanogpt.config import ModelConfig  # noqa: E402
-from nanogpt.distill import main as distill_main  # noqa: E402
-from nanogpt.errors import UserError  # noqa: E402
-from nanogpt.model import NanoGPTLMHeadModel  # noqa: E402
-from nanogpt.serve_requests import BadRequest, chat_prompt, parse_prompts, parse_sampling  # noqa: E402
-from nanogpt.teachers import (  # noqa: E402
+from nanogpt.data.tokenizer import get_tokenizer  # noqa: E402
+from nanogpt.distill.api import (  # noqa: E402
     ApiClient,
     ApiConfig,
     TeacherError,
@@ -32,7 +28,11 @@ from nanogpt.teachers import (  # noqa: E402
     retry_after_seconds,
     token_id_of,
 )
-from nanogpt.tokenizer import get_tokenizer  # noqa: E402
+from nanogpt.distill.losses import main as distill_main  # noqa: E402
+from nanogpt.errors import UserError  # noqa: E402
+from nanogpt.model.gpt import NanoGPTLMHeadModel  # noqa: E402
+from nanogpt.serve.requests import BadRequest, chat_prompt, parse_prompts, parse_sampling  # noqa: E402
+from nanogpt.train.checkpoint import save_model  # noqa: E402
 
 KEY_ENV = "NANOGPT_TEST_SERVE_KEY"
 
@@ -53,7 +53,7 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        args = [sys.executable, "-m", "nanogpt.serve", "--model", str(model), "--port", str(self.port)]
+        args = [sys.executable, "-m", "nanogpt.serve.app", "--model", str(model), "--port", str(self.port)]
         args += ["--name", "tiny", "--threads", "1", "--dtype", dtype]
         if key:
             env[KEY_ENV] = key
@@ -191,8 +191,8 @@ def test_completions_generate_and_echo_logprobs(server):
 
 
 def test_bf16_server_decodes_and_scores_as_the_library_does(tiny_model, tmp_path):
-    from nanogpt.checkpoint import load_model
-    from nanogpt.generate import decode_steps
+    from nanogpt.infer.generate import decode_steps
+    from nanogpt.train.checkpoint import load_model
 
     ids = get_tokenizer().encode("The king")
     srv = Server(tiny_model, tmp_path / "serve.log", dtype="bf16")

@@ -2,7 +2,7 @@ import socket
 
 import pytest
 
-from nanogpt.tokenizer import EOT_ID, get_tokenizer
+from nanogpt.data.tokenizer import EOT_ID, get_tokenizer
 
 
 @pytest.fixture

@@ -10,12 +10,14 @@ import pytest
 import torch
 
 from nanogpt import cli
-from nanogpt.checkpoint import load_model, load_train_state, save_train_state
+from nanogpt.commands.train import build_parser, resolve_configs
 from nanogpt.config import ModelConfig, TrainConfig
-from nanogpt.data import BatchSampler, TokenData
+from nanogpt.data.shards import BatchSampler, TokenData
 from nanogpt.errors import UserError
-from nanogpt.model import NanoGPTLMHeadModel
-from nanogpt.optim import (
+from nanogpt.model.gpt import NanoGPTLMHeadModel
+from nanogpt.train.checkpoint import load_model, load_train_state, save_train_state
+from nanogpt.train.loop import estimate_loss, first_difference, train
+from nanogpt.train.optim import (
     backward_micro_batches,
     cross_entropy_loss,
     flops_per_token,
@@ -24,9 +26,7 @@ from nanogpt.optim import (
     optimizer_step,
     param_groups,
 )
-from nanogpt.plot import read_log
-from nanogpt.train import estimate_loss, first_difference, train
-from nanogpt.train_cli import build_parser, resolve_configs
+from nanogpt.train.plot import read_log
 
 CPU = torch.device("cpu")
 

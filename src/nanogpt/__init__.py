@@ -1,7 +1,7 @@
 """nanogpt: train, distill, evaluate, benchmark and publish small GPT language models.
 
 from nanogpt.config import preset
-from nanogpt.model import NanoGPTLMHeadModel
+from nanogpt.model.gpt import NanoGPTLMHeadModel
 model = NanoGPTLMHeadModel(preset("card"))
 """
 

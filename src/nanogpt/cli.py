@@ -17,34 +17,34 @@ from nanogpt.errors import ArgumentParser, UserError
 # command -> (module, function taking argv, one-line help)
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "demo": (
-        "nanogpt.demo",
+        "nanogpt.commands.demo",
         "main",
         "the main job: prepare the builtin corpus, train, evaluate, export, sample",
     ),
     "prepare": (
-        "nanogpt.prepare",
+        "nanogpt.data.prepare",
         "main",
         "turn a corpus (builtin, text, JSONL, Parquet, HF dataset) into token shards",
     ),
-    "train": ("nanogpt.train_cli", "main", "train a model (CPU, CUDA, torchrun DDP); resumable"),
-    "eval": ("nanogpt.evaluate", "main", "held-out perplexity and bits per byte of a checkpoint"),
-    "sample": ("nanogpt.generate", "main", "generate text from a checkpoint (KV cache, streaming)"),
-    "distill": ("nanogpt.distill", "main", "knowledge distillation from a local or API teacher"),
-    "serve": ("nanogpt.serve", "main", "an OpenAI-compatible HTTP server for a checkpoint (127.0.0.1)"),
+    "train": ("nanogpt.commands.train", "main", "train a model (CPU, CUDA, torchrun DDP); resumable"),
+    "eval": ("nanogpt.infer.evaluate", "main", "held-out perplexity and bits per byte of a checkpoint"),
+    "sample": ("nanogpt.infer.generate", "main", "generate text from a checkpoint (KV cache, streaming)"),
+    "distill": ("nanogpt.distill.losses", "main", "knowledge distillation from a local or API teacher"),
+    "serve": ("nanogpt.serve.app", "main", "an OpenAI-compatible HTTP server for a checkpoint (127.0.0.1)"),
     "export": ("nanogpt.export.hf", "main", "write a Hugging Face folder (remote-code or native GPT-2)"),
     "import": (
         "nanogpt.export.hf",
         "import_main",
         "a GPT-2-format or remote-code HF folder -> a nanogpt checkpoint",
     ),
-    "bench": ("nanogpt.bench", "main", "the card's benchmark table, measured (optionally vs HF GPT-2)"),
+    "bench": ("nanogpt.bench.run", "main", "the card's benchmark table, measured (optionally vs HF GPT-2)"),
     "info": ("nanogpt.cli", "info_main", "print a config's network, parameter counts and weight memory"),
 }
 
 
 def info_main(argv: list[str] | None = None) -> int:
     from nanogpt.config import PRESETS, resolve_model_config
-    from nanogpt.model import NanoGPTLMHeadModel
+    from nanogpt.model.gpt import NanoGPTLMHeadModel
 
     p = ArgumentParser(prog="nanogpt info", description=COMMANDS["info"][2])
     src = p.add_mutually_exclusive_group()
@@ -53,7 +53,7 @@ def info_main(argv: list[str] | None = None) -> int:
     src.add_argument("--model", help="a checkpoint or run folder")
     args = p.parse_args(argv)
     if args.model:
-        from nanogpt.checkpoint import load_config_of
+        from nanogpt.train.checkpoint import load_config_of
 
         cfg = load_config_of(args.model)
     else:

@@ -31,7 +31,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from nanogpt import __version__
-from nanogpt.checkpoint import (
+from nanogpt.config import ModelConfig
+from nanogpt.data.tokenizer import EOT_ID, EOT_TOKEN, bpe_files
+from nanogpt.errors import ArgumentParser, UserError, missing_extra
+from nanogpt.export.model_card import ParamCounts, read_run_facts, render_model_card
+from nanogpt.folders import claim, mark
+from nanogpt.model.gpt import NanoGPTLMHeadModel
+from nanogpt.train.checkpoint import (
     CONFIG,
     TIED_KEY,
     WEIGHTS,
@@ -44,12 +50,6 @@ from nanogpt.checkpoint import (
     write_json,
     write_model_files,
 )
-from nanogpt.config import ModelConfig
-from nanogpt.errors import ArgumentParser, UserError, missing_extra
-from nanogpt.export.model_card import ParamCounts, read_run_facts, render_model_card
-from nanogpt.folders import claim, mark
-from nanogpt.model import NanoGPTLMHeadModel
-from nanogpt.tokenizer import EOT_ID, EOT_TOKEN, bpe_files
 
 FORMATS = ("remote-code", "gpt2")
 TEMPLATES = Path(__file__).parent / "templates"
@@ -283,8 +283,8 @@ def generation_config() -> dict:
 
 def bench_section(bench: str | Path, cfg: ModelConfig) -> str:
     """The model card's benchmark table from a `nanogpt bench` run of this model's configuration."""
-    from nanogpt.bench import load_bench, markdown_table
-    from nanogpt.train import first_difference
+    from nanogpt.bench.run import load_bench, markdown_table
+    from nanogpt.train.loop import first_difference
 
     res = load_bench(bench)
     ours = cfg.to_dict()

@@ -1,6 +1,6 @@
 """The Apple MLX backend: the same network, checkpoints, sampling and training recipe as PyTorch.
 
-`model.py` mirrors `nanogpt.model` parameter for parameter, `checkpoint.py` reads and writes the shared
+`model.py` mirrors `nanogpt.model.gpt` parameter for parameter, `checkpoint.py` reads and writes the shared
 `config.json` + `model.safetensors` folder, `generate.py` samples with an MLX KV cache, `train.py` is the
 trainer with an `mx.compile`d step. Nothing else in nanogpt imports this package, so MLX stays optional;
 importing it without MLX installed raises a one-line `UserError` saying how to install it.

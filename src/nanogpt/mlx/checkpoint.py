@@ -1,6 +1,6 @@
 """MLX checkpoints in the shared format: a folder with `config.json` + `model.safetensors`.
 
-The tensor names, shapes and dtypes are those `nanogpt.checkpoint` writes from PyTorch (a tied
+The tensor names, shapes and dtypes are those `nanogpt.train.checkpoint` writes from PyTorch (a tied
 `lm_head.weight` is not stored), so a checkpoint saved by either backend loads in the other. Folders
 are written atomically with `nanogpt.checkpoint.atomic_dir`; reading goes through `resolve_checkpoint`
 (a run folder's best/ then last/, or a checkpoint folder; `.old` after a crash).
@@ -16,10 +16,10 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
-from nanogpt.checkpoint import CONFIG, TIED_KEY, WEIGHTS, atomic_dir, check_weights, resolve_checkpoint
 from nanogpt.config import ModelConfig
 from nanogpt.errors import UserError
 from nanogpt.mlx.model import NanoGPTLMHeadModel
+from nanogpt.train.checkpoint import CONFIG, TIED_KEY, WEIGHTS, atomic_dir, check_weights, resolve_checkpoint
 
 # same metadata as the PyTorch writer: the file is layout-identical to a torch export
 METADATA = {"format": "pt", "library": "nanogpt"}

@@ -1,4 +1,4 @@
-"""Sampling from an MLX model with the KV cache, as a generator of token ids (mirrors `nanogpt.generate`).
+"""Sampling from an MLX model with the KV cache, as a generator of token ids (mirrors `nanogpt.infer.generate`).
 
 The policy is the PyTorch one: temperature 0 is greedy, otherwise logits / temperature, then top-k
 (exactly k kept), then top-p on what is left, then one draw. Randomness comes from an explicit MLX PRNG
@@ -6,7 +6,7 @@ key seeded by `seed` and split once per token, so the same seed gives the same t
 `mx.random` (the draws differ from torch's: the two PRNGs are different). The prompt is prefilled into
 the preallocated `KVCache` once, then one token per step; when the cache is full the window slides (the
 last `context_length // 2` tokens are re-prefilled into the reset cache), as in PyTorch. Argument checks
-and prompt rules are shared with `nanogpt.generate`.
+and prompt rules are shared with `nanogpt.infer.generate`.
 
     ids = list(generate(model, tok.encode("Once upon a time"), 100, temperature=0.8, top_k=50, seed=1337))
 """
@@ -18,11 +18,11 @@ from collections.abc import Iterator, Sequence
 
 import mlx.core as mx
 
+from nanogpt.data.tokenizer import EOT_ID
 from nanogpt.errors import UserError
-from nanogpt.generate import check_sampling, prepare_prompt, tokens_until
+from nanogpt.infer.generate import check_sampling, prepare_prompt, tokens_until
 from nanogpt.mlx.kv_cache import KVCache
 from nanogpt.mlx.model import NanoGPTLMHeadModel
-from nanogpt.tokenizer import EOT_ID
 
 
 def top_k_filter(logits: mx.array, k: int | None) -> mx.array:

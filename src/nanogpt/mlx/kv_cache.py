@@ -1,4 +1,4 @@
-"""A preallocated key/value cache for incremental decoding in MLX, mirroring `nanogpt.kv_cache`.
+"""A preallocated key/value cache for incremental decoding in MLX, mirroring `nanogpt.model.kv_cache`.
 
 Each layer owns one key and one value array sized for the whole context up front; `update` writes the
 new positions in place (MLX slice assignment) and returns the filled prefix, and the model calls

@@ -1,4 +1,4 @@
-"""The GPT network of the model card in Apple MLX, mirroring `nanogpt.model` line for line.
+"""The GPT network of the model card in Apple MLX, mirroring `nanogpt.model.gpt` line for line.
 
 Same class names, same parameter names and shapes (`transformer.token_embedding.weight`,
 `transformer.blocks.N.attn.qkv_proj.weight`, ...), same `ModelConfig`, so one `config.json` +

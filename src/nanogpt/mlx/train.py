@@ -1,4 +1,4 @@
-"""The MLX trainer: the PyTorch trainer's recipe (`nanogpt.train`) with an `mx.compile`d step.
+"""The MLX trainer: the PyTorch trainer's recipe (`nanogpt.train.loop`) with an `mx.compile`d step.
 
 Same schedule (`nanogpt.train.lr_at`), same AdamW decay groups (decay on the Linear weight matrices only,
 never on embeddings, LayerNorm or biases), same clipping, accumulation, held-out eval (a fixed-seed
@@ -32,17 +32,10 @@ import numpy as np
 import torch
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
-from nanogpt.checkpoint import (
-    STATE_JSON,
-    STATE_TENSORS,
-    atomic_dir,
-    resolve_checkpoint,
-    write_json,
-)
 from nanogpt.config import ModelConfig, TrainConfig
-from nanogpt.data import BatchSampler, TokenData
+from nanogpt.data.shards import BatchSampler, TokenData
 from nanogpt.errors import UserError
-from nanogpt.evaluate import perplexity
+from nanogpt.infer.evaluate import perplexity
 from nanogpt.mlx.checkpoint import (
     load_mlx_state_into,
     load_mlx_weights,
@@ -50,9 +43,16 @@ from nanogpt.mlx.checkpoint import (
     write_mlx_model_files,
 )
 from nanogpt.mlx.model import NanoGPTLMHeadModel
-from nanogpt.optim import default_peak_flops, flops_per_token, lr_at, schedule_warning
-from nanogpt.plot import LOG, PLOT, append_log, plot_log, read_log, truncate_log
-from nanogpt.train import EVAL_SEED, TrainResult, run_folder
+from nanogpt.train.checkpoint import (
+    STATE_JSON,
+    STATE_TENSORS,
+    atomic_dir,
+    resolve_checkpoint,
+    write_json,
+)
+from nanogpt.train.loop import EVAL_SEED, TrainResult, run_folder
+from nanogpt.train.optim import default_peak_flops, flops_per_token, lr_at, schedule_warning
+from nanogpt.train.plot import LOG, PLOT, append_log, plot_log, read_log, truncate_log
 
 MLXLossFn = Callable[[nn.Module, mx.array, mx.array], mx.array]
 OPT_PREFIX = "mlx_optimizer."

@@ -35,12 +35,12 @@ from typing import Any, TextIO
 import torch
 
 from nanogpt.config import PRESETS, preset
-from nanogpt.decode_weights import decode_kernel, prepare_decode_weights
+from nanogpt.data.tokenizer import EOT_ID, Tokenizer, get_tokenizer
 from nanogpt.device import DTYPES, autocast, resolve_device, torch_dtype
 from nanogpt.errors import ArgumentParser, UserError
-from nanogpt.kv_cache import KVCache
-from nanogpt.model import DECODE_DTYPE, NanoGPTLMHeadModel
-from nanogpt.tokenizer import EOT_ID, Tokenizer, get_tokenizer
+from nanogpt.kernels.decode import decode_kernel, prepare_decode_weights
+from nanogpt.model.gpt import DECODE_DTYPE, NanoGPTLMHeadModel
+from nanogpt.model.kv_cache import KVCache
 
 NEG_INF = float("-inf")
 
@@ -363,7 +363,7 @@ def load_sampling_model(
 ) -> NanoGPTLMHeadModel:
     """A trained checkpoint, or a random-init preset (seeded, without touching the global RNG)."""
     if model_path is not None:
-        from nanogpt.checkpoint import load_model
+        from nanogpt.train.checkpoint import load_model
 
         return load_model(model_path, device=device)
     cfg = preset(preset_name or "card")

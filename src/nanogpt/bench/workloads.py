@@ -22,11 +22,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from nanogpt.bench_measure import NEW_TOKENS, PROMPT_TOKENS
+from nanogpt.bench.measure import NEW_TOKENS, PROMPT_TOKENS
 from nanogpt.config import ModelConfig, TrainConfig
 from nanogpt.device import autocast
 from nanogpt.errors import UserError, missing_extra
-from nanogpt.optim import LossFn, cross_entropy_loss
+from nanogpt.train.optim import LossFn, cross_entropy_loss
 
 # --- what is timed: ours (torch or MLX) and the peer --------------------------------------------------
 
@@ -70,7 +70,7 @@ def train_and_forward(
 
     With `compile`, both go through `torch.compile(model)` (the warm-up run pays for the compilation).
     """
-    from nanogpt.optim import make_optimizer, optimizer_step
+    from nanogpt.train.optim import make_optimizer, optimizer_step
 
     tcfg = TrainConfig()
     x, y = inp.x.to(device), inp.y.to(device)
@@ -95,8 +95,8 @@ def train_and_forward(
 def torch_fns(
     model: torch.nn.Module, inp: Inputs, dtype: str, device: torch.device, compile: bool = False
 ) -> dict[str, Callable]:
-    from nanogpt.evaluate import sliding_window_nll
-    from nanogpt.generate import decode_steps
+    from nanogpt.infer.evaluate import sliding_window_nll
+    from nanogpt.infer.generate import decode_steps
 
     seq, batch = inp.x.shape[1], inp.x.shape[0]
 
@@ -155,7 +155,7 @@ def peer_fns(
     peer: torch.nn.Module, inp: Inputs, dtype: str, device: torch.device, compile: bool = False
 ) -> dict[str, Callable]:
     """The same work through HF: its training step, `generate` with its KV cache, forward and eval."""
-    from nanogpt.evaluate import score_windows
+    from nanogpt.infer.evaluate import score_windows
 
     seq, batch = inp.x.shape[1], inp.x.shape[0]
 
@@ -209,12 +209,12 @@ def mlx_fns(model: torch.nn.Module, inp: Inputs, dtype: str) -> dict[str, Callab
         raise UserError("--backend mlx needs the nanogpt.mlx package, which this install lacks") from None
     import mlx.core as mx
 
-    from nanogpt.checkpoint import model_state
-    from nanogpt.evaluate import sliding_window_nll_mlx
+    from nanogpt.infer.evaluate import sliding_window_nll_mlx
     from nanogpt.mlx.checkpoint import load_mlx_state_into
     from nanogpt.mlx.generate import decode_steps
     from nanogpt.mlx.model import NanoGPTLMHeadModel as MLXModel
     from nanogpt.mlx.train import make_optimizer, make_train_step
+    from nanogpt.train.checkpoint import model_state
 
     cfg, tcfg = model.config, TrainConfig()
     m = MLXModel(cfg)
@@ -312,7 +312,7 @@ def activation_probe(
     peak allocated minus allocated before. On CPU, call it in a fresh process (`measure_activation_memory`):
     peak RSS (VmHWM, reset just before the step) minus RSS before.
     """
-    from nanogpt.model import NanoGPTLMHeadModel
+    from nanogpt.model.gpt import NanoGPTLMHeadModel
 
     torch.manual_seed(0)
     model = (NanoGPTLMHeadModel(cfg) if which == "ours" else peer_model(cfg)).to(device).train()
@@ -353,7 +353,7 @@ def measure_activation_memory(
     """`activation_probe` in this process on CUDA; on CPU in a fresh one (RSS is per process)."""
     if device.type != "cpu":
         return activation_probe(cfg, batch, seq, dtype, which, device)
-    code = "import sys; from nanogpt.bench_workloads import probe_main; sys.exit(probe_main(sys.argv[1:]))"
+    code = "import sys; from nanogpt.bench.workloads import probe_main; sys.exit(probe_main(sys.argv[1:]))"
     arg = {"cfg": cfg.to_dict(), "batch": batch, "seq": seq, "dtype": dtype, "which": which}
     arg = json.dumps({**arg, "threads": torch.get_num_threads()})
     # a fixed mmap threshold: every large tensor is its own mapping, so freeing one lowers the RSS

@@ -27,13 +27,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from nanogpt.checkpoint import load_model, unwrap
 from nanogpt.config import ModelConfig
-from nanogpt.data import TokenData
+from nanogpt.data.shards import TokenData
+from nanogpt.data.tokenizer import get_tokenizer
 from nanogpt.device import autocast, resolve_device, torch_dtype
 from nanogpt.errors import ArgumentParser, UserError
-from nanogpt.ops import linear_cross_entropy
-from nanogpt.tokenizer import get_tokenizer
+from nanogpt.kernels.ops import linear_cross_entropy
+from nanogpt.train.checkpoint import load_model, unwrap
 
 
 @dataclass(frozen=True)

@@ -47,10 +47,8 @@ import numpy as np
 from tqdm import tqdm
 
 from nanogpt.config import ModelConfig
-from nanogpt.data import META, ShardWriter, TokenData, read_header, write_meta
-from nanogpt.errors import ArgumentParser, UserError
-from nanogpt.folders import claim, mark
-from nanogpt.sources import (
+from nanogpt.data.shards import META, ShardWriter, TokenData, read_header, write_meta
+from nanogpt.data.sources import (
     BUILTIN,
     Source,
     default_out_dir,
@@ -59,7 +57,9 @@ from nanogpt.sources import (
     resolve_source,
     source_fingerprint,
 )
-from nanogpt.tokenizer import get_tokenizer
+from nanogpt.data.tokenizer import get_tokenizer
+from nanogpt.errors import ArgumentParser, UserError
+from nanogpt.folders import claim, mark
 
 SPLITS = ("train", "val")
 STATE = "prepare.state.json"  # progress of an unfinished run; removed once meta.json is written

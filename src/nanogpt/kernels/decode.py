@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch.torch_version import TorchVersion
 
-from nanogpt.model import Linear
+from nanogpt.model.gpt import Linear
 
 # On CPU, ATen's own one-row bf16/fp16 kernel (fp32 accumulation) reads the stock (out, in) weights at about
 # twice the speed of oneDNN's, which PyTorch picks whenever oneDNN is on (measured on the card's 50,257 x 384

@@ -179,7 +179,7 @@ def activation_estimate(
     ours (`ops.linear_cross_entropy`) adds the gradient of h (d per token), one fp32 (V, chunk) buffer and
     the fp32 gradient of the head weight, which it computes in the forward pass.
     """
-    from nanogpt.ops import ATTENTION_BLOCKS, chunk_size
+    from nanogpt.kernels.ops import ATTENTION_BLOCKS, chunk_size
 
     tokens = batch * seq
     per_layer = (9 * cfg.d_model + 2 * cfg.d_ff) * bytes_per_el

@@ -13,7 +13,7 @@ Two kinds, because what an API returns decides what can be distilled:
   training split; prompts, replies and the model name are stored in `replies.jsonl`, the texts become a
   token shard, and the student learns them with the hard loss, mixed with the original data.
 
-The HTTP side (retries, the answer cache, redirects, key redaction) is `nanogpt.teacher_client`; an
+The HTTP side (retries, the answer cache, redirects, key redaction) is `nanogpt.distill.client`; an
 answer is cached only once it parsed here (top-k targets, a chat reply), so garbage is asked again.
 Failures (unreachable API, HTTP errors, garbage JSON, no logprobs, another tokenizer) raise `TeacherError`,
 a one-line `UserError`, or are counted and skipped with `skip_bad`.
@@ -36,9 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nanogpt.distill import LossParts, record_parts, sparse_kl
-from nanogpt.errors import UserError
-from nanogpt.teacher_client import (  # noqa: F401  (the client's names are part of this module's API)
+from nanogpt.data.tokenizer import EOT_ID, VOCAB_SIZE, Tokenizer, get_tokenizer
+from nanogpt.distill.client import (  # noqa: F401  (the client's names are part of this module's API)
     AnswerCache,
     ApiClient,
     ApiConfig,
@@ -47,7 +46,8 @@ from nanogpt.teacher_client import (  # noqa: F401  (the client's names are part
     redact,
     retry_after_seconds,
 )
-from nanogpt.tokenizer import EOT_ID, VOCAB_SIZE, Tokenizer, get_tokenizer
+from nanogpt.distill.losses import LossParts, record_parts, sparse_kl
+from nanogpt.errors import UserError
 
 OTHER_TOKENIZER = "teacher uses another tokenizer"
 
@@ -257,7 +257,7 @@ def build_chat_data(
 
     Each answer is cached as it arrives; calling again (a resumed run) re-reads the cache for free.
     """
-    from nanogpt.data import ShardWriter, TokenData, write_meta
+    from nanogpt.data.shards import ShardWriter, TokenData, write_meta
 
     tok = get_tokenizer()
     prompts = draw_prompts(TokenData(data_dir).split("train"), n_prompts, prompt_tokens, seed)
@@ -311,7 +311,7 @@ class MixedDataLoss:
     def __init__(
         self, data_dir: str | Path, context_length: int, alpha: float = 0.5, log_path: Path | None = None
     ):
-        from nanogpt.data import TokenData
+        from nanogpt.data.shards import TokenData
 
         self.shards = [s for s in TokenData(data_dir).split("train") if len(s) > context_length]
         if not self.shards:

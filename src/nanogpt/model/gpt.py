@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanogpt.config import ModelConfig
-from nanogpt.kv_cache import KVCache
-from nanogpt.ops import causal_attention, dropout, linear_cross_entropy
+from nanogpt.kernels.ops import causal_attention, dropout, linear_cross_entropy
+from nanogpt.model.kv_cache import KVCache
 
 # The decode dtype of the running decode step, set by the generator around each step and per thread (a
 # ContextVar), so a concurrent stream or a training step in another thread never sees another's copies.

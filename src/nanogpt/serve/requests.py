@@ -9,8 +9,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from nanogpt.generate import MAX_SEED
-from nanogpt.tokenizer import EOT_ID, Tokenizer
+from nanogpt.data.tokenizer import EOT_ID, Tokenizer
+from nanogpt.infer.generate import MAX_SEED
 
 MAX_LOGPROBS = 100  # vLLM's default cap is 20; teachers may want more
 

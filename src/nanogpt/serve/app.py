@@ -38,18 +38,18 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from nanogpt.decode_weights import decode_kernel
+from nanogpt.data.tokenizer import EOT_ID, Tokenizer, get_tokenizer
 from nanogpt.device import DTYPES, autocast, torch_dtype
 from nanogpt.errors import ArgumentParser, UserError, missing_extra
-from nanogpt.model import NanoGPTLMHeadModel
-from nanogpt.serve_requests import (
+from nanogpt.kernels.decode import decode_kernel
+from nanogpt.model.gpt import NanoGPTLMHeadModel
+from nanogpt.serve.requests import (
     BadRequest,
     Sampling,
     chat_prompt,
     parse_prompts,
     parse_sampling,
 )
-from nanogpt.tokenizer import EOT_ID, Tokenizer, get_tokenizer
 
 # --- output formatting ----------------------------------------------------------------------------------------
 
@@ -106,7 +106,7 @@ class Engine:
         return {"tokens": tokens, "token_logprobs": token_lp, "top_logprobs": top}
 
     def steps(self, ids: list[int], s: Sampling) -> Iterator[tuple[int, torch.Tensor]]:
-        from nanogpt.generate import decode_steps
+        from nanogpt.infer.generate import decode_steps
 
         if len(ids) > self.ctx:
             raise BadRequest(f"prompt is {len(ids)} tokens, the model's context is {self.ctx}")
@@ -431,8 +431,8 @@ def main(argv: list[str] | None = None) -> int:
         import uvicorn
     except ImportError:
         raise missing_extra("nanogpt serve needs FastAPI and uvicorn", "serve") from None
-    from nanogpt.checkpoint import load_model
     from nanogpt.device import resolve_device, set_threads
+    from nanogpt.train.checkpoint import load_model
 
     if args.max_concurrent < 1:
         raise UserError(f"--max-concurrent {args.max_concurrent} must be >= 1")

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from nanogpt.bench_measure import (
+from nanogpt.bench.measure import (
     MIB,
     NEW_TOKENS,
     PEER_NAME,
@@ -46,7 +46,7 @@ from nanogpt.bench_measure import (
     time_row,
     timed,
 )
-from nanogpt.bench_workloads import (
+from nanogpt.bench.workloads import (
     Inputs,
     measure_activation_memory,
     mlx_fns,
@@ -479,11 +479,11 @@ def main(argv: list[str] | None = None) -> int:
     set_threads(args.threads)
     device = resolve_device(args.device)
     if args.model:
-        from nanogpt.checkpoint import load_model
+        from nanogpt.train.checkpoint import load_model
 
         model = load_model(args.model, device)
     else:
-        from nanogpt.model import NanoGPTLMHeadModel
+        from nanogpt.model.gpt import NanoGPTLMHeadModel
 
         torch.manual_seed(0)
         model = NanoGPTLMHeadModel(preset(args.preset or "card")).to(device)

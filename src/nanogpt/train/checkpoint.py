@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 
 from nanogpt.config import ModelConfig, read_json
 from nanogpt.errors import UserError
-from nanogpt.model import NanoGPTLMHeadModel
+from nanogpt.model.gpt import NanoGPTLMHeadModel
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"

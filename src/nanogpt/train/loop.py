@@ -11,7 +11,7 @@ rank, rank 0 alone logs, evaluates and writes checkpoints). A run folder holds:
 `--resume` restores weights, AdamW moments and step counts, the torch/python/numpy RNGs and the data
 sampler, so a killed CPU run continues with bit-identical losses. Distillation reuses this loop through
 the `loss_fn(model, x, y) -> loss` hook (default: cross-entropy on the data). The command's flags and
-config resolution are `nanogpt.train_cli`.
+config resolution are `nanogpt.commands.train`.
 
     nanogpt train --data data/builtin --out runs/tiny --preset tiny --max-iters 2000
 
@@ -43,7 +43,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from nanogpt.checkpoint import (
+from nanogpt.config import ModelConfig, TrainConfig
+from nanogpt.data.shards import BatchSampler, TokenData
+from nanogpt.device import autocast
+from nanogpt.errors import UserError
+from nanogpt.folders import LOCK, MARKER, RunLock, claim, clear, has_checkpoint, mark
+from nanogpt.infer.evaluate import perplexity
+from nanogpt.model.gpt import NanoGPTLMHeadModel
+from nanogpt.train.checkpoint import (
     STATE_JSON,
     atomic_dir,
     join_rank_state,
@@ -60,15 +67,8 @@ from nanogpt.checkpoint import (
     write_json,
     write_model_files,
 )
-from nanogpt.config import ModelConfig, TrainConfig
-from nanogpt.data import BatchSampler, TokenData
-from nanogpt.device import autocast
-from nanogpt.distributed import DistInfo, all_gather, setup_distributed
-from nanogpt.errors import UserError
-from nanogpt.evaluate import perplexity
-from nanogpt.folders import LOCK, MARKER, RunLock, claim, clear, has_checkpoint, mark
-from nanogpt.model import NanoGPTLMHeadModel
-from nanogpt.optim import (
+from nanogpt.train.distributed import DistInfo, all_gather, setup_distributed
+from nanogpt.train.optim import (
     LossFn,
     backward_micro_batches,
     cross_entropy_loss,
@@ -79,7 +79,7 @@ from nanogpt.optim import (
     optimizer_step,
     schedule_warning,
 )
-from nanogpt.plot import LOG, PLOT, append_log, plot_log, read_log, truncate_log
+from nanogpt.train.plot import LOG, PLOT, append_log, plot_log, read_log, truncate_log
 
 EVAL_SEED = 0  # one fixed stream of val windows for every run and seed: val losses are comparable
 KILL_ENV = "NANOGPT_TEST_KILL"  # test hook: "step:N" or "checkpoint:N" SIGKILLs the process there

@@ -16,12 +16,12 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from nanogpt.checkpoint import load_config_of, saved_data_dir
 from nanogpt.config import PRESETS, ModelConfig, TrainConfig, override, preset, read_json
 from nanogpt.device import set_threads
 from nanogpt.errors import ArgumentParser, UserError
-from nanogpt.plot import plot_run
-from nanogpt.train import train
+from nanogpt.train.checkpoint import load_config_of, saved_data_dir
+from nanogpt.train.loop import train
+from nanogpt.train.plot import plot_run
 
 
 def _number(kind: type) -> Callable[[str], Any]:

@@ -46,7 +46,7 @@ def seconds_per_iter(model_cfg: Any, cfg: TrainConfig, repeats: int = 2) -> floa
     """Time a few real training steps at the demo's shapes to size the run to its time budget."""
     import torch.nn.functional as F
 
-    from nanogpt.model import NanoGPTLMHeadModel
+    from nanogpt.model.gpt import NanoGPTLMHeadModel
 
     torch.manual_seed(cfg.seed)
     model = NanoGPTLMHeadModel(model_cfg).train()
@@ -98,13 +98,13 @@ def run_demo(
     iters: int | None = None,
     eval_tokens: int = 40_000,
 ) -> DemoResult:
-    from nanogpt.checkpoint import load_model
-    from nanogpt.evaluate import sliding_window_nll, split_tokens
-    from nanogpt.generate import generate
-    from nanogpt.model import NanoGPTLMHeadModel
-    from nanogpt.prepare import prepare
-    from nanogpt.tokenizer import get_tokenizer
-    from nanogpt.train import train
+    from nanogpt.data.prepare import prepare
+    from nanogpt.data.tokenizer import get_tokenizer
+    from nanogpt.infer.evaluate import sliding_window_nll, split_tokens
+    from nanogpt.infer.generate import generate
+    from nanogpt.model.gpt import NanoGPTLMHeadModel
+    from nanogpt.train.checkpoint import load_model
+    from nanogpt.train.loop import train
 
     claim(out, "demo", force=force)  # before any work: only an earlier demo's folder is replaced
     say = print if progress else (lambda *a, **k: None)

@@ -8,7 +8,7 @@ computed depends on what the teacher exposes, so a teacher SPEC picks one of thr
   vocabulary): full-vocabulary soft targets on the fly, under no_grad, teacher in eval mode;
 - `completions:MODEL@BASE_URL`: an OpenAI-compatible /v1/completions server for a model with *our*
   tokenizer that returns prompt-token top-k logprobs (`nanogpt serve`, vLLM, llama.cpp): sparse top-k KD
-  (`sparse_kl`, top-k + one "rest of the mass" bucket), see `nanogpt.teachers`;
+  (`sparse_kl`, top-k + one "rest of the mass" bucket), see `nanogpt.distill.api`;
 - `chat:MODEL@BASE_URL`: any chat API with any tokenizer (the card's GPT-OSS-20B on Groq): no logprobs
   exist, so the teacher writes continuations of corpus prompts and the student learns them with the
   hard loss (sequence-level KD), mixed `alpha` : `1 - alpha` with the original data.
@@ -38,11 +38,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanogpt.config import ModelConfig, TrainConfig, override, read_json
+from nanogpt.data.tokenizer import VOCAB_SIZE
 from nanogpt.device import autocast, resolve_device, set_threads, torch_dtype
+from nanogpt.distill.client import ApiConfig, cached_answers, check_base_url
 from nanogpt.errors import ArgumentParser, UserError, missing_extra
 from nanogpt.folders import claim, has_checkpoint
-from nanogpt.teacher_client import ApiConfig, cached_answers, check_base_url
-from nanogpt.tokenizer import VOCAB_SIZE
 
 KINDS = ("forward_kl", "reverse_kl", "jsd")
 TEACHER_KINDS = (
@@ -235,7 +235,7 @@ def _gpt2_vocab_ok(folder: Path) -> bool | None:
     vocab = folder / "vocab.json"
     if not vocab.is_file():
         return None
-    from nanogpt.tokenizer import bpe_files
+    from nanogpt.data.tokenizer import bpe_files
 
     return json.loads(vocab.read_text()) == json.loads(bpe_files()[0].read_text())
 
@@ -244,7 +244,7 @@ def load_local_teacher(
     path: str | Path, device: str | torch.device = "cpu", dtype: str = "fp32"
 ) -> LocalTeacher:
     """A nanogpt run/checkpoint folder or a Hugging Face causal-LM folder (offline), checked for our vocab."""
-    from nanogpt.checkpoint import CONFIG, load_model, resolve_checkpoint
+    from nanogpt.train.checkpoint import CONFIG, load_model, resolve_checkpoint
 
     p = Path(path)
     torch_dtype(dtype)
@@ -360,7 +360,7 @@ def parse_teacher(spec: str) -> TeacherSpec:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from nanogpt.train_cli import add_train_config_flags
+    from nanogpt.commands.train import add_train_config_flags
 
     p = ArgumentParser(
         prog="nanogpt distill",
@@ -430,7 +430,7 @@ def make_loss_fn(
     if spec.kind == "local":
         teacher = load_local_teacher(spec.path, resolve_device(cfg.device), args.teacher_dtype)
         return DistillLossFn(teacher, alpha, T, args.kind, args.beta, log_path)
-    from nanogpt import teachers
+    from nanogpt.distill import api as teachers
 
     client = teachers.ApiClient(
         api_config(spec, args),
@@ -522,7 +522,7 @@ def resolve_teacher_settings(args: argparse.Namespace, saved: Path) -> TeacherSp
 def drop_unused_teacher_folder(cache_dir: Path, run: Path) -> None:
     """After a failed run that created `cache_dir`: remove it unless it holds answers, data or a log worth
     keeping, or OUT has a checkpoint whose --resume needs its distill.json."""
-    from nanogpt.checkpoint import STATE_JSON, recover_dir
+    from nanogpt.train.checkpoint import STATE_JSON, recover_dir
 
     kept = ("distill_log.jsonl", "chat_data")
     if (recover_dir(run / "last") / STATE_JSON).is_file() or any((cache_dir / k).exists() for k in kept):
@@ -532,8 +532,8 @@ def drop_unused_teacher_folder(cache_dir: Path, run: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from nanogpt.checkpoint import load_config_of, saved_data_dir
-    from nanogpt.train import train
+    from nanogpt.train.checkpoint import load_config_of, saved_data_dir
+    from nanogpt.train.loop import train
 
     args = build_parser().parse_args(argv)
     set_threads(args.threads)
