@@ -11,12 +11,12 @@ import torch
 
 from nanogpt import cli
 from nanogpt.commands.train import build_parser, resolve_configs
-from nanogpt.config import ModelConfig, TrainConfig
+from nanogpt.config import ModelConfig, TrainConfig, first_difference
 from nanogpt.data.shards import BatchSampler, TokenData
 from nanogpt.errors import UserError
 from nanogpt.model.gpt import NanoGPTLMHeadModel
 from nanogpt.train.checkpoint import load_model, load_train_state, save_train_state
-from nanogpt.train.loop import estimate_loss, first_difference, train
+from nanogpt.train.loop import estimate_loss, train
 from nanogpt.train.optim import (
     backward_micro_batches,
     cross_entropy_loss,

@@ -232,6 +232,14 @@ def read_json(path: str | Path, what: str = "config file") -> dict[str, Any]:
     return d
 
 
+def first_difference(a: dict[str, Any], b: dict[str, Any]) -> str | None:
+    """The first key (in a's order, then b's) whose value differs between two config dicts."""
+    for key in [*a, *(k for k in b if k not in a)]:
+        if a.get(key) != b.get(key):
+            return key
+    return None
+
+
 __all__ = [
     "ModelConfig",
     "TrainConfig",
@@ -241,4 +249,5 @@ __all__ = [
     "load_config",
     "override",
     "read_json",
+    "first_difference",
 ]

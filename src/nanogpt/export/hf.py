@@ -31,7 +31,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from nanogpt import __version__
-from nanogpt.config import ModelConfig
+from nanogpt.config import ModelConfig, first_difference
 from nanogpt.data.tokenizer import EOT_ID, EOT_TOKEN, bpe_files
 from nanogpt.errors import ArgumentParser, UserError, missing_extra
 from nanogpt.export.model_card import ParamCounts, read_run_facts, render_model_card
@@ -284,7 +284,6 @@ def generation_config() -> dict:
 def bench_section(bench: str | Path, cfg: ModelConfig) -> str:
     """The model card's benchmark table from a `nanogpt bench` run of this model's configuration."""
     from nanogpt.bench.run import load_bench, markdown_table
-    from nanogpt.train.loop import first_difference
 
     res = load_bench(bench)
     ours = cfg.to_dict()

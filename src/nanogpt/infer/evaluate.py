@@ -34,6 +34,7 @@ from nanogpt.device import autocast, resolve_device, torch_dtype
 from nanogpt.errors import ArgumentParser, UserError
 from nanogpt.kernels.ops import linear_cross_entropy
 from nanogpt.train.checkpoint import load_model, unwrap
+from nanogpt.train.loop import perplexity
 
 
 @dataclass(frozen=True)
@@ -73,10 +74,6 @@ def iter_windows(n_tokens: int, context: int, stride: int) -> Iterator[Window]:
         yield Window(start, end - start, end - last)
         last = end
         start += stride
-
-
-def perplexity(mean_nll: float) -> float:
-    return math.exp(min(mean_nll, 700.0))  # exp overflows a float past ~709
 
 
 def bits_per_byte(total_nll: float, n_bytes: int) -> float:

@@ -35,7 +35,6 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 from nanogpt.config import ModelConfig, TrainConfig
 from nanogpt.data.shards import BatchSampler, TokenData
 from nanogpt.errors import UserError
-from nanogpt.infer.evaluate import perplexity
 from nanogpt.mlx.checkpoint import (
     load_mlx_state_into,
     load_mlx_weights,
@@ -50,7 +49,7 @@ from nanogpt.train.checkpoint import (
     resolve_checkpoint,
     write_json,
 )
-from nanogpt.train.loop import EVAL_SEED, TrainResult, run_folder
+from nanogpt.train.loop import EVAL_SEED, TrainResult, perplexity, run_folder
 from nanogpt.train.optim import default_peak_flops, flops_per_token, lr_at, schedule_warning
 from nanogpt.train.plot import LOG, PLOT, append_log, plot_log, read_log, truncate_log
 

@@ -43,12 +43,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from nanogpt.config import ModelConfig, TrainConfig
+from nanogpt.config import ModelConfig, TrainConfig, first_difference
 from nanogpt.data.shards import BatchSampler, TokenData
 from nanogpt.device import autocast
 from nanogpt.errors import UserError
 from nanogpt.folders import LOCK, MARKER, RunLock, claim, clear, has_checkpoint, mark
-from nanogpt.infer.evaluate import perplexity
 from nanogpt.model.gpt import NanoGPTLMHeadModel
 from nanogpt.train.checkpoint import (
     STATE_JSON,
@@ -147,12 +146,9 @@ class Counters:
     best_val_loss: float | None = None
 
 
-def first_difference(a: dict[str, Any], b: dict[str, Any]) -> str | None:
-    """The first key (in a's order, then b's) whose value differs between two config dicts."""
-    for key in [*a, *(k for k in b if k not in a)]:
-        if a.get(key) != b.get(key):
-            return key
-    return None
+def perplexity(mean_nll: float) -> float:
+    """exp(mean negative log-likelihood), the figure every log and report prints beside the loss."""
+    return math.exp(min(mean_nll, 700.0))  # exp overflows a float past ~709
 
 
 def _check_resume(run: Path, model_cfg: ModelConfig) -> Path:
