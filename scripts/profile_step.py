@@ -16,7 +16,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from nanogpt.bench.workloads import Inputs, train_and_forward
 from nanogpt.config import PRESETS, preset
-from nanogpt.device import resolve_device, tune_cpu_allocator
+from nanogpt.kernels.device import resolve_device, tune_cpu_allocator
 from nanogpt.model.gpt import NanoGPTLMHeadModel
 from nanogpt.train.optim import cross_entropy_loss
 

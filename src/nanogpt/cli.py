@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"nanogpt: unknown command {name!r}; commands: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
-    from nanogpt.device import tune_cpu_allocator
+    from nanogpt.kernels.device import tune_cpu_allocator
 
     tune_cpu_allocator()
     try:

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from nanogpt.config import ModelConfig
-from nanogpt.device import torch_dtype
+from nanogpt.kernels.device import torch_dtype
 
 MIB = 1024**2
 PROMPT_TOKENS = 8  # the decode row's prompt

@@ -56,8 +56,8 @@ from nanogpt.bench.workloads import (
     torch_fns,
 )
 from nanogpt.config import PRESETS, ModelConfig, preset
-from nanogpt.device import resolve_device, set_threads, torch_dtype
 from nanogpt.errors import ArgumentParser, UserError
+from nanogpt.kernels.device import resolve_device, set_threads, torch_dtype
 
 # --- the run ------------------------------------------------------------------------------------------
 

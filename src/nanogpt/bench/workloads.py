@@ -24,8 +24,8 @@ import torch.nn.functional as F
 
 from nanogpt.bench.measure import NEW_TOKENS, PROMPT_TOKENS
 from nanogpt.config import ModelConfig, TrainConfig
-from nanogpt.device import autocast
 from nanogpt.errors import UserError, missing_extra
+from nanogpt.kernels.device import autocast
 from nanogpt.train.optim import LossFn, cross_entropy_loss
 
 # --- what is timed: ours (torch or MLX) and the peer --------------------------------------------------

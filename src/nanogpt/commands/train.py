@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from nanogpt.config import PRESETS, ModelConfig, TrainConfig, override, preset, read_json
-from nanogpt.device import set_threads
 from nanogpt.errors import ArgumentParser, UserError
+from nanogpt.kernels.device import set_threads
 from nanogpt.train.checkpoint import load_config_of, saved_data_dir
 from nanogpt.train.loop import train
 from nanogpt.train.plot import plot_run

@@ -39,10 +39,10 @@ from torch import nn
 
 from nanogpt.config import ModelConfig, TrainConfig, override, read_json
 from nanogpt.data.tokenizer import VOCAB_SIZE
-from nanogpt.device import autocast, resolve_device, set_threads, torch_dtype
 from nanogpt.distill.client import ApiConfig, cached_answers, check_base_url
 from nanogpt.errors import ArgumentParser, UserError, missing_extra
 from nanogpt.folders import claim, has_checkpoint
+from nanogpt.kernels.device import autocast, resolve_device, set_threads, torch_dtype
 
 KINDS = ("forward_kl", "reverse_kl", "jsd")
 TEACHER_KINDS = (

@@ -30,8 +30,8 @@ from tqdm import tqdm
 from nanogpt.config import ModelConfig
 from nanogpt.data.shards import TokenData
 from nanogpt.data.tokenizer import get_tokenizer
-from nanogpt.device import autocast, resolve_device, torch_dtype
 from nanogpt.errors import ArgumentParser, UserError
+from nanogpt.kernels.device import autocast, resolve_device, torch_dtype
 from nanogpt.kernels.ops import linear_cross_entropy
 from nanogpt.train.checkpoint import load_model, unwrap
 from nanogpt.train.loop import perplexity

@@ -36,9 +36,9 @@ import torch
 
 from nanogpt.config import PRESETS, preset
 from nanogpt.data.tokenizer import EOT_ID, Tokenizer, get_tokenizer
-from nanogpt.device import DTYPES, autocast, resolve_device, torch_dtype
 from nanogpt.errors import ArgumentParser, UserError
 from nanogpt.kernels.decode import decode_kernel, prepare_decode_weights
+from nanogpt.kernels.device import DTYPES, autocast, resolve_device, torch_dtype
 from nanogpt.model.gpt import DECODE_DTYPE, NanoGPTLMHeadModel
 from nanogpt.model.kv_cache import KVCache
 

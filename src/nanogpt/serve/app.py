@@ -39,9 +39,9 @@ import torch
 import torch.nn.functional as F
 
 from nanogpt.data.tokenizer import EOT_ID, Tokenizer, get_tokenizer
-from nanogpt.device import DTYPES, autocast, torch_dtype
 from nanogpt.errors import ArgumentParser, UserError, missing_extra
 from nanogpt.kernels.decode import decode_kernel
+from nanogpt.kernels.device import DTYPES, autocast, torch_dtype
 from nanogpt.model.gpt import NanoGPTLMHeadModel
 from nanogpt.serve.requests import (
     BadRequest,
@@ -431,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
         import uvicorn
     except ImportError:
         raise missing_extra("nanogpt serve needs FastAPI and uvicorn", "serve") from None
-    from nanogpt.device import resolve_device, set_threads
+    from nanogpt.kernels.device import resolve_device, set_threads
     from nanogpt.train.checkpoint import load_model
 
     if args.max_concurrent < 1:

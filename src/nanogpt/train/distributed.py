@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-from nanogpt.device import resolve_device
 from nanogpt.errors import UserError
+from nanogpt.kernels.device import resolve_device
 
 
 @dataclass(frozen=True)

@@ -45,9 +45,9 @@ from torch import nn
 
 from nanogpt.config import ModelConfig, TrainConfig, first_difference
 from nanogpt.data.shards import BatchSampler, TokenData
-from nanogpt.device import autocast
 from nanogpt.errors import UserError
 from nanogpt.folders import LOCK, MARKER, RunLock, claim, clear, has_checkpoint, mark
+from nanogpt.kernels.device import autocast
 from nanogpt.model.gpt import NanoGPTLMHeadModel
 from nanogpt.train.checkpoint import (
     STATE_JSON,

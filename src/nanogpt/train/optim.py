@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from nanogpt.config import ModelConfig, TrainConfig
-from nanogpt.device import autocast
+from nanogpt.kernels.device import autocast
 
 # loss_fn(model, x, y) -> loss. A loss object that keeps its own JSONL log (a `log_path` attribute, as the
 # distillation losses do) gets `step` set to the optimizer step it is computing, so that its records carry
