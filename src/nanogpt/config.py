@@ -19,7 +19,7 @@ from nanogpt.errors import UserError
 
 NORM_POSITIONS = ("pre", "post")
 ACTIVATIONS = ("gelu", "gelu_tanh")  # exact erf GELU (the card, BERT) or GPT-2's tanh approximation
-DTYPE_NAMES = ("fp32", "bf16", "fp16")  # training/inference precisions (torch dtypes in device.py)
+DTYPE_NAMES = ("fp32", "bf16", "fp16")  # training/inference precisions (torch dtypes in kernels/device.py)
 
 
 # --- validation: every config, however it was made (JSON, flags, code), is checked when it is built ----

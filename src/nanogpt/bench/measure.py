@@ -157,7 +157,7 @@ def forward_flops_per_token(cfg: ModelConfig, n_unique: int, seq: int) -> float:
     """Forward FLOPs per token at sequence length `seq`: 2N for the weights + 4·L·seq·d for attention.
 
     N is the unique parameter count less the position table (a lookup, no matmul); the tied token table
-    is counted once, as the lm_head matmul. A third of `train.flops_per_token` (the PaLM estimate) at
+    is counted once, as the lm_head matmul. A third of `train.optim.flops_per_token` (the PaLM estimate) at
     seq = context_length; training is 3x this (backward = 2x forward).
     """
     n = n_unique - cfg.context_length * cfg.d_model
@@ -174,10 +174,10 @@ def activation_estimate(
     3 dropouts per layer, and attention leaves the fused kernel (PyTorch's CPU flash kernel has no
     dropout): the math path keeps each layer's softmax, its dropped copy and the mask (4 + 4 + 1 bytes per
     score), (B, nh, T, T) for a stock model, the (n + 1) / 2n of it under the diagonal for our n query
-    blocks (`ops.causal_attention`). Head, both kinds: ln_f in/out (2d per token). A stock head (HF's,
+    blocks (`kernels.ops.causal_attention`). Head, both kinds: ln_f in/out (2d per token). A stock head (HF's,
     `stock=True`) adds the logits, their fp32 log-softmax and the logits' gradient (3·V fp32 per token);
-    ours (`ops.linear_cross_entropy`) adds the gradient of h (d per token), one fp32 (V, chunk) buffer and
-    the fp32 gradient of the head weight, which it computes in the forward pass.
+    ours (`kernels.ops.linear_cross_entropy`) adds the gradient of h (d per token), one fp32 (V, chunk)
+    buffer and the fp32 gradient of the head weight, which it computes in the forward pass.
     """
     from nanogpt.kernels.ops import ATTENTION_BLOCKS, chunk_size
 

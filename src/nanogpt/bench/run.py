@@ -2,8 +2,8 @@
 
 The card's table mixes measurements: its "training throughput" was a forward pass only and its
 "activation memory" an estimate. Here training throughput is forward + backward + AdamW step (the real
-`train.py` step: fp32 cross-entropy, gradient clipping), forward-only throughput is its own row, decode is
-batch 1 with the KV cache (`generate.decode_steps`, greedy), and activation memory is measured: on CUDA
+`train.loop` step: fp32 cross-entropy, gradient clipping), forward-only throughput is its own row, decode is
+batch 1 with the KV cache (`infer.generate.decode_steps`, greedy), and activation memory is measured: on CUDA
 `torch.cuda.max_memory_allocated`; on CPU the peak RSS (VmHWM, reset) of a fresh subprocess during one
 forward + backward minus its RSS once weights, gradients and AdamW moments are allocated (glibc's mmap
 threshold is pinned so freed tensors leave the RSS). MFU is measured against this machine's own matmul

@@ -66,7 +66,7 @@ def peer_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch
 def train_and_forward(
     model: torch.nn.Module, inp: Inputs, dtype: str, device: torch.device, loss_fn: LossFn, compile: bool
 ) -> dict[str, Callable]:
-    """A training step (as `train.py`: fp32 loss, clip at 1.0, AdamW) and an inference forward.
+    """A training step (as in `train.loop`: fp32 loss, clip at 1.0, AdamW) and an inference forward.
 
     With `compile`, both go through `torch.compile(model)` (the warm-up run pays for the compilation).
     """

@@ -1,7 +1,7 @@
 """The `nanogpt train` command: one flag per TrainConfig field, config resolution, and `main`.
 
 Settings come, in order, from a preset or a `--config` file (or the run's own on `--resume`), then flags;
-`nanogpt.train.train` does the work (`nanogpt.mlx.train.train_mlx` with `--backend mlx`).
+`nanogpt.train.loop.train` does the work (`nanogpt.mlx.train.train_mlx` with `--backend mlx`).
 
     nanogpt train --data data/builtin --out runs/tiny --preset tiny --max-iters 2000
 """

@@ -1,7 +1,7 @@
 """`nanogpt prepare`: a corpus (builtin, text, JSONL, Parquet, Hugging Face dataset) -> a prepared data folder.
 
 Documents stream from the source, are tokenized in batches on every core and are written straight to
-token shards (data.py's format), each followed by `<|endoftext|>`: the corpus is never held in memory.
+token shards (`shards.py`'s format), each followed by `<|endoftext|>`: the corpus is never held in memory.
 
 Train/val split, held out by document, in one pass: documents are taken in consecutive blocks of
 k = round(1 / val_fraction) (k >= 2, so the val share is 1/k); in each block the document at position

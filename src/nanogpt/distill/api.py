@@ -7,7 +7,7 @@ Two kinds, because what an API returns decides what can be distilled:
   prompt position: `nanogpt serve`, vLLM or llama.cpp serving GPT-2. Each training window is sent as a
   token-id prompt; the returned tokens ("token_id:N" or token strings) are mapped back to our ids, and a
   string that is not exactly one of our tokens means the teacher uses another tokenizer: refused. The
-  soft loss is `distill.sparse_kl` (top-k + a rest-of-mass bucket).
+  soft loss is `losses.sparse_kl` (top-k + a rest-of-mass bucket).
 - sequence level (`build_chat_data` + `MixedDataLoss`): any /v1/chat/completions endpoint, any tokenizer
   (the card's GPT-OSS-20B on Groq returns no logprobs). The teacher continues prompts drawn from the
   training split; prompts, replies and the model name are stored in `replies.jsonl`, the texts become a

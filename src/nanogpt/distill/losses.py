@@ -13,7 +13,7 @@ computed depends on what the teacher exposes, so a teacher SPEC picks one of thr
   exist, so the teacher writes continuations of corpus prompts and the student learns them with the
   hard loss (sequence-level KD), mixed `alpha` : `1 - alpha` with the original data.
 
-Every path goes through `train.train(..., init_from=student, loss_fn=...)`, so checkpoints, exact
+Every path goes through `nanogpt.train.loop.train(..., init_from=student, loss_fn=...)`, so checkpoints, exact
 resume, eval, logs and plots are the trainer's.
 
     nanogpt distill --student runs/base --teacher runs/big --data data/builtin --out runs/kd --max-iters 500

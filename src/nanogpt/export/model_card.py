@@ -182,7 +182,7 @@ def render_model_card(
 ) -> str:
     """README.md text for an export in `fmt` ("remote-code" | "gpt2") found at `folder`.
 
-    `benchmarks`: a `nanogpt bench` markdown table of this configuration (`bench.markdown_table`).
+    `benchmarks`: a `nanogpt bench` markdown table of this configuration (`nanogpt.bench.run.markdown_table`).
     """
     millions = counts.unique / 1e6  # the weights the model holds: the tied matrix counts once
     short = "Pre-LN" if cfg.norm_position == "pre" else "Post-LN"

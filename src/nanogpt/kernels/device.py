@@ -54,10 +54,10 @@ def tune_cpu_allocator() -> bool:
 
     glibc serves every allocation above 32 MiB (the card's attention maps, logits chunks, the embedding's
     gradient) with a fresh mmap and unmaps it on free, so each training step page-faults hundreds of MB
-    of zeroed pages back in: on the 2-core benchmark machine that was ~40% of an fp32 step of the card's
-    model (docs/benchmarks.md). With mmap off and trimming off, freed blocks are reused. The cost is that
-    the resident size stays at its peak. Called by the `nanogpt` CLI; NANOGPT_MALLOC_TUNING=0 turns it off.
-    Returns whether it was applied.
+    of zeroed pages back in, a large share of a CPU step (measured: docs/benchmarks.md, "What changed").
+    With mmap off and trimming off, freed blocks are reused. The cost is that the resident size stays at
+    its peak. Called by the `nanogpt` CLI; NANOGPT_MALLOC_TUNING=0 turns it off. Returns whether it was
+    applied.
     """
     if not sys.platform.startswith("linux") or os.environ.get("NANOGPT_MALLOC_TUNING", "1") == "0":
         return False

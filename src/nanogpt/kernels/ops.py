@@ -270,8 +270,8 @@ def causal_attention(
     What SDPA's math path computes, written out so the dropout uses `keep_mask`: on CPU, SDPA has no fused
     kernel with dropout and its own mask draw took longer than the attention matmuls. The queries go in
     `n_blocks` row blocks, each against the keys up to its own end only, which skips most of the masked
-    upper triangle: with 4 blocks, 5/8 of the (T, T) work, measured 60-90 vs 100-110 ms per layer forward +
-    backward at the card's shapes. The 1 / (1 - p) rescaling is applied to the (T, hs) output.
+    upper triangle: with 4 blocks, 5/8 of the (T, T) work (the timings at the card's shapes are in
+    docs/benchmarks.md, "What changed"). The 1 / (1 - p) rescaling is applied to the (T, hs) output.
     """
     B, nh, T, hs = q.shape
     q, k, v = (t.reshape(B * nh, T, hs) for t in (q, k, v))

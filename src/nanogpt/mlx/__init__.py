@@ -2,8 +2,9 @@
 
 `model.py` mirrors `nanogpt.model.gpt` parameter for parameter, `checkpoint.py` reads and writes the shared
 `config.json` + `model.safetensors` folder, `generate.py` samples with an MLX KV cache, `train.py` is the
-trainer with an `mx.compile`d step. Nothing else in nanogpt imports this package, so MLX stays optional;
-importing it without MLX installed raises a one-line `UserError` saying how to install it.
+trainer with an `mx.compile`d step. No module imports it at its top: the code behind `--backend mlx`
+(`commands/`, `bench/`; only layers above this one may) imports it inside the function that needs it, so
+MLX stays optional. Importing it without MLX installed raises a one-line `UserError` saying how to install it.
 
     from nanogpt.mlx import load_mlx_model, generate
     ids = list(generate(load_mlx_model("runs/demo"), [50256], 50, seed=1337))

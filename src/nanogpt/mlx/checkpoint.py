@@ -2,7 +2,7 @@
 
 The tensor names, shapes and dtypes are those `nanogpt.train.checkpoint` writes from PyTorch (a tied
 `lm_head.weight` is not stored), so a checkpoint saved by either backend loads in the other. Folders
-are written atomically with `nanogpt.checkpoint.atomic_dir`; reading goes through `resolve_checkpoint`
+are written atomically with `nanogpt.train.checkpoint.atomic_dir`; reading goes through `resolve_checkpoint`
 (a run folder's best/ then last/, or a checkpoint folder; `.old` after a crash).
 
     save_mlx_model("runs/mlx/last", model)

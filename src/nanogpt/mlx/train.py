@@ -1,7 +1,7 @@
 """The MLX trainer: the PyTorch trainer's recipe (`nanogpt.train.loop`) with an `mx.compile`d step.
 
-Same schedule (`nanogpt.train.lr_at`), same AdamW decay groups (decay on the Linear weight matrices only,
-never on embeddings, LayerNorm or biases), same clipping, accumulation, held-out eval (a fixed-seed
+Same schedule (`nanogpt.train.optim.lr_at`), same AdamW decay groups (decay on the Linear weight matrices
+only, never on embeddings, LayerNorm or biases), same clipping, accumulation, held-out eval (a fixed-seed
 sampler re-created per eval), same data stream (`TokenData` + `BatchSampler`), same `log.jsonl` keys and
 the same run folder: `config.json`, `train_config.json`, `log.jsonl`, `loss.png`, `best/` and `last/`
 in the shared checkpoint format, so `nanogpt sample/eval/export` read an MLX run as they read a torch run.
@@ -68,12 +68,12 @@ def token_nll(model: nn.Module, x: mx.array, y: mx.array) -> mx.array:
 
 
 def cross_entropy_loss(model: nn.Module, x: mx.array, y: mx.array) -> mx.array:
-    """The default loss: mean next-token cross-entropy, in fp32 (as `nanogpt.train.cross_entropy_loss`)."""
+    """The default loss: mean next-token cross-entropy in fp32 (as `train.optim.cross_entropy_loss`)."""
     return token_nll(model, x, y).mean()
 
 
 def decay_names(model: NanoGPTLMHeadModel) -> set[str]:
-    """Parameter names that get weight decay: the 2-D weights of Linear layers (as `train.param_groups`).
+    """Parameter names that get weight decay: the 2-D Linear weights (as `train.optim.param_groups`).
 
     Embeddings (the token table is also the tied head), LayerNorm and biases are not decayed; an untied
     lm_head is a Linear and is decayed.
@@ -236,7 +236,7 @@ def train_mlx(
 ) -> TrainResult:
     """Train `model_cfg` on `data_dir` into the run folder `out_dir` with MLX (see the module docstring).
 
-    The arguments mean what they mean for `nanogpt.train.train`; `dtype` must be fp32, and `device`
+    The arguments mean what they mean for `nanogpt.train.loop.train`; `dtype` must be fp32, and `device`
     and `compile` are ignored (MLX runs on its default device and the step is always compiled).
     """
     if train_cfg.dtype != "fp32":

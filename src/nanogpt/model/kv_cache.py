@@ -1,8 +1,9 @@
 """A preallocated key/value cache for incremental decoding.
 
 Keys and values for every layer live in two tensors sized for the whole context up front, so decoding
-never reallocates or concatenates. The model writes the new positions of each layer with `update`, and
-the generator calls `advance` once per forward pass.
+never reallocates or concatenates. Each attention layer writes its new positions with `update`, and the
+model (`NanoGPTModel.forward`) calls `advance` once per forward pass, after the last layer; the generator
+(`nanogpt.infer.generate`) only creates the cache and `reset`s it when the window slides.
 
     cache = KVCache.for_model(cfg, batch_size=1, device="cpu", dtype=torch.float32)
     logits = model(prompt, cache=cache)          # prefill

@@ -1,7 +1,7 @@
 """The optimisation math shared by every trainer: schedule, AdamW groups, one step, FLOPs.
 
-Pure functions, unit-tested on their own; `train.py` (PyTorch), `mlx/train.py` (its mirror) and
-`distill.py` build their loops from them.
+Pure functions, unit-tested on their own; `train/loop.py` (PyTorch), `mlx/train.py` (its mirror) and
+`distill/losses.py` build their loops from them.
 
     opt = make_optimizer(model, cfg, device)
     loss = backward_micro_batches(model, batches, cross_entropy_loss, device)
@@ -79,8 +79,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW over `param_groups`; the fused kernel on CUDA and CPU (17 ms vs 50-94 ms per step for the
-    card's model on the 2-core benchmark machine), torch's default implementation elsewhere."""
+    """AdamW over `param_groups`; the fused kernel on CUDA and CPU (3-5x faster than the default one on
+    CPU: docs/benchmarks.md, "What changed"), torch's default implementation elsewhere."""
     extra = {"fused": True} if device.type in ("cuda", "cpu") else {}
     return torch.optim.AdamW(
         param_groups(model, cfg.weight_decay), lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), **extra
