@@ -53,7 +53,7 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        args = [sys.executable, "-m", "nanogpt.serve.app", "--model", str(model), "--port", str(self.port)]
+        args = [sys.executable, "-m", "nanogpt.commands.serve", "--model", str(model), "--port", str(self.port)]
         args += ["--name", "tiny", "--threads", "1", "--dtype", dtype]
         if key:
             env[KEY_ENV] = key

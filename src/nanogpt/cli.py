@@ -22,7 +22,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "the main job: prepare the builtin corpus, train, evaluate, export, sample",
     ),
     "prepare": (
-        "nanogpt.data.prepare",
+        "nanogpt.commands.prepare",
         "main",
         "turn a corpus (builtin, text, JSONL, Parquet, HF dataset) into token shards",
     ),
@@ -30,14 +30,22 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "eval": ("nanogpt.commands.eval", "main", "held-out perplexity and bits per byte of a checkpoint"),
     "sample": ("nanogpt.commands.sample", "main", "generate text from a checkpoint (KV cache, streaming)"),
     "distill": ("nanogpt.distill.losses", "main", "knowledge distillation from a local or API teacher"),
-    "serve": ("nanogpt.serve.app", "main", "an OpenAI-compatible HTTP server for a checkpoint (127.0.0.1)"),
-    "export": ("nanogpt.export.hf", "main", "write a Hugging Face folder (remote-code or native GPT-2)"),
+    "serve": ("nanogpt.commands.serve", "main", "an OpenAI-compatible HTTP server for a checkpoint (127.0.0.1)"),
+    "export": (
+        "nanogpt.commands.export",
+        "main",
+        "write a Hugging Face folder (remote-code or native GPT-2)",
+    ),
     "import": (
-        "nanogpt.export.hf",
-        "import_main",
+        "nanogpt.commands.import_",
+        "main",
         "a GPT-2-format or remote-code HF folder -> a nanogpt checkpoint",
     ),
-    "bench": ("nanogpt.bench.run", "main", "the card's benchmark table, measured (optionally vs HF GPT-2)"),
+    "bench": (
+        "nanogpt.commands.bench",
+        "main",
+        "the card's benchmark table, measured (optionally vs HF GPT-2)",
+    ),
     "info": ("nanogpt.cli", "info_main", "print a config's network, parameter counts and weight memory"),
 }
 
