@@ -29,8 +29,12 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "train": ("nanogpt.commands.train", "main", "train a model (CPU, CUDA, torchrun DDP); resumable"),
     "eval": ("nanogpt.commands.eval", "main", "held-out perplexity and bits per byte of a checkpoint"),
     "sample": ("nanogpt.commands.sample", "main", "generate text from a checkpoint (KV cache, streaming)"),
-    "distill": ("nanogpt.distill.losses", "main", "knowledge distillation from a local or API teacher"),
-    "serve": ("nanogpt.commands.serve", "main", "an OpenAI-compatible HTTP server for a checkpoint (127.0.0.1)"),
+    "distill": ("nanogpt.commands.distill", "main", "knowledge distillation from a local or API teacher"),
+    "serve": (
+        "nanogpt.commands.serve",
+        "main",
+        "an OpenAI-compatible HTTP server for a checkpoint (127.0.0.1)",
+    ),
     "export": (
         "nanogpt.commands.export",
         "main",
