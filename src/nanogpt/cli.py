@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-from nanogpt.errors import ArgumentParser, UserError
+from nanogpt.errors import UserError
 
 # command -> (module, function taking argv, one-line help)
 COMMANDS: dict[str, tuple[str, str, str]] = {
@@ -50,35 +50,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "main",
         "the card's benchmark table, measured (optionally vs HF GPT-2)",
     ),
-    "info": ("nanogpt.cli", "info_main", "print a config's network, parameter counts and weight memory"),
+    "info": ("nanogpt.commands.info", "main", "print a config's network, parameter counts and weight memory"),
 }
-
-
-def info_main(argv: list[str] | None = None) -> int:
-    from nanogpt.config import PRESETS, resolve_model_config
-    from nanogpt.model.gpt import NanoGPTLMHeadModel
-
-    p = ArgumentParser(prog="nanogpt info", description=COMMANDS["info"][2])
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--preset", choices=list(PRESETS), help="a named model config (default: card)")
-    src.add_argument("--config", help="a JSON config file (model keys, or the card's mixed block)")
-    src.add_argument("--model", help="a checkpoint or run folder")
-    args = p.parse_args(argv)
-    if args.model:
-        from nanogpt.train.checkpoint import load_config_of
-
-        cfg = load_config_of(args.model)
-    else:
-        cfg = resolve_model_config(args.preset, args.config)
-    model = NanoGPTLMHeadModel(cfg)
-    total, unique = model.num_params(unique=False), model.num_params(unique=True)
-    mib = 1024**2
-    print(model)
-    print(f"config: {cfg.to_dict()}")
-    print(f"parameters: {total:,} counting the tied embedding twice (the card's figure), {unique:,} unique")
-    print(f"weights fp32: {total * 4 / mib:.1f} MiB ({unique * 4 / mib:.1f} MiB unique)")
-    print(f"weights fp16: {total * 2 / mib:.1f} MiB ({unique * 2 / mib:.1f} MiB unique)")
-    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
