@@ -1,3 +1,3 @@
-"""One module per CLI command that is more than a call into a package: flags, backend dispatch, printing.
-Nothing in the library imports this package.
+"""One module per CLI command (flags, backend dispatch, printing), and `options.py`, the flags they share.
+Nothing in the library imports this package; `nanogpt.cli` imports a command's module when it runs.
 """
