@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import save_file
 
 from nanogpt import cli
+from nanogpt.commands.import_ import main as import_main
 from nanogpt.config import ModelConfig
 from nanogpt.data import shards as data_mod
 from nanogpt.data.prepare import STATE, WINDOW
@@ -343,7 +344,7 @@ def gpt2_folder(tmp_path) -> Path:
 
 def test_import_control_the_folder_imports(tmp_path, gpt2_folder):
     """The fixture itself is good: each case below breaks one thing of an importable folder."""
-    assert hf.import_main(["--hf", str(gpt2_folder), "--out", str(tmp_path / "ok")]) == 0
+    assert import_main(["--hf", str(gpt2_folder), "--out", str(tmp_path / "ok")]) == 0
 
 
 def edit_config(folder: Path, **changes) -> None:

@@ -24,6 +24,7 @@ from nanogpt.bench.run import (
     run_bench,
     time_row,
 )
+from nanogpt.commands import bench as bench_command
 from nanogpt.errors import UserError
 from nanogpt.model.gpt import NanoGPTLMHeadModel
 from nanogpt.train.checkpoint import save_model
@@ -181,7 +182,7 @@ def cli_run(tmp_path_factory):
     save_model(tmp / "ckpt", NanoGPTLMHeadModel(cfg))
     out = tmp / "out"
     argv = ["--model", str(tmp / "ckpt"), "--peers", "--repeats", "1", "--batch", "2", "--seq", "32"]
-    assert bench.main([*argv, "--out", str(out), "--device", "cpu"]) == 0
+    assert bench_command.main([*argv, "--out", str(out), "--device", "cpu"]) == 0
     return json.loads((out / "bench.json").read_text()), out
 
 

@@ -8,17 +8,11 @@ import math
 import pytest
 import torch
 
+from nanogpt.commands.distill import main
 from nanogpt.config import ModelConfig, TrainConfig
-from nanogpt.distill.losses import (
-    DistillLossFn,
-    distill_loss,
-    distill_parts,
-    divergence,
-    load_local_teacher,
-    main,
-    parse_teacher,
-    sparse_kl,
-)
+from nanogpt.distill.local import DistillLossFn, load_local_teacher
+from nanogpt.distill.losses import distill_loss, distill_parts, divergence, sparse_kl
+from nanogpt.distill.teachers import parse_teacher
 from nanogpt.errors import UserError
 from nanogpt.model.gpt import NanoGPTLMHeadModel
 from nanogpt.train.checkpoint import save_model
@@ -249,7 +243,7 @@ def test_distill_command_local_teacher_and_resume(runs, small_data, tmp_path, ca
 
 
 def test_card_preset_gives_the_card_stage():
-    from nanogpt.distill.losses import build_parser, resolve_train_config
+    from nanogpt.commands.distill import build_parser, resolve_train_config
 
     args = build_parser().parse_args(["--teacher", "t", "--out", "/nonexistent/o", "--preset", "card"])
     cfg = resolve_train_config(args)

@@ -11,10 +11,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from nanogpt.commands import eval as eval_command
 from nanogpt.data.shards import TokenData
 from nanogpt.data.tokenizer import get_tokenizer
 from nanogpt.errors import UserError
-from nanogpt.infer import evaluate
 from nanogpt.infer.evaluate import (
     bits_per_byte,
     iter_windows,
@@ -184,7 +184,7 @@ def ckpt(model, tmp_path):
 
 def test_cli_on_data_folder(ckpt, model, small_data, capsys):
     assert (
-        evaluate.main(["--model", str(ckpt), "--data", str(small_data), "--max-tokens", "600", "--json"]) == 0
+        eval_command.main(["--model", str(ckpt), "--data", str(small_data), "--max-tokens", "600", "--json"]) == 0
     )
     out = json.loads(capsys.readouterr().out)
     tokens = split_tokens(small_data, "val", max_tokens=600)
@@ -194,7 +194,7 @@ def test_cli_on_data_folder(ckpt, model, small_data, capsys):
     assert out["bits_per_byte"] == pytest.approx(direct.bits_per_byte, rel=1e-5)
     assert out["tokens_per_s"] > 0
     args = ["--model", str(ckpt), "--data", str(small_data), "--max-tokens", "300", "--stride", "16"]
-    assert evaluate.main(args) == 0
+    assert eval_command.main(args) == 0
     text = capsys.readouterr().out
     for label in ("tokens scored: 299", "mean NLL:", "perplexity:", "bits per byte:", "tokens/s"):
         assert label in text
@@ -219,20 +219,20 @@ def test_cli_on_text_file_in_a_subprocess(ckpt, tmp_path):
 def test_cli_bad_inputs(ckpt, tmp_path):
     base = ["--model", str(ckpt)]
     with pytest.raises(UserError, match="not found"):
-        evaluate.main([*base, "--text", str(tmp_path / "missing.txt")])
+        eval_command.main([*base, "--text", str(tmp_path / "missing.txt")])
     (tmp_path / "empty.txt").write_text("  \n")
     with pytest.raises(UserError, match="no text"):
-        evaluate.main([*base, "--text", str(tmp_path / "empty.txt")])
+        eval_command.main([*base, "--text", str(tmp_path / "empty.txt")])
     (tmp_path / "one.txt").write_text("Hello")
     with pytest.raises(UserError, match="at least 2"):
-        evaluate.main([*base, "--text", str(tmp_path / "one.txt")])
+        eval_command.main([*base, "--text", str(tmp_path / "one.txt")])
     (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{oops\n')
     with pytest.raises(UserError, match="line 2 is not valid JSON"):
-        evaluate.main([*base, "--text", str(tmp_path / "bad.jsonl")])
+        eval_command.main([*base, "--text", str(tmp_path / "bad.jsonl")])
     (tmp_path / "ok.txt").write_text(TEXT)
     with pytest.raises(UserError, match="--context 1000"):
-        evaluate.main([*base, "--text", str(tmp_path / "ok.txt"), "--context", "1000"])
+        eval_command.main([*base, "--text", str(tmp_path / "ok.txt"), "--context", "1000"])
     with pytest.raises(UserError, match="--stride -1"):
-        evaluate.main([*base, "--text", str(tmp_path / "ok.txt"), "--stride", "-1"])
+        eval_command.main([*base, "--text", str(tmp_path / "ok.txt"), "--stride", "-1"])
     with pytest.raises(UserError, match="checkpoint .* not found"):
-        evaluate.main(["--model", str(tmp_path / "nope"), "--text", str(tmp_path / "ok.txt")])
+        eval_command.main(["--model", str(tmp_path / "nope"), "--text", str(tmp_path / "ok.txt")])

@@ -21,6 +21,8 @@ from safetensors.torch import load_file  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel  # noqa: E402
 
 from nanogpt import cli  # noqa: E402
+from nanogpt.commands.export import main as export_main  # noqa: E402
+from nanogpt.commands.import_ import main as import_main  # noqa: E402
 from nanogpt.config import ModelConfig, preset  # noqa: E402
 from nanogpt.errors import UserError  # noqa: E402
 from nanogpt.export import hf  # noqa: E402
@@ -259,7 +261,7 @@ def test_hidden_states_labels_and_cache_object(exported):
 
 @pytest.mark.parametrize("fmt", hf.FORMATS)
 def test_round_trip_is_bit_identical(exported, tmp_path, fmt):
-    hf.import_main(["--hf", str(exported[fmt]), "--out", str(tmp_path / "imported")])
+    import_main(["--hf", str(exported[fmt]), "--out", str(tmp_path / "imported")])
     original = load_file(str(exported["ckpt"] / "model.safetensors"))
     imported = load_file(str(tmp_path / "imported" / "model.safetensors"))
     assert original.keys() == imported.keys()
@@ -413,7 +415,7 @@ def test_bad_checkpoint_and_bad_hf_folders(exported, tmp_path):
     llama.mkdir()
     (llama / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 32}))
     with pytest.raises(UserError, match="'llama' model"):
-        hf.import_main(["--hf", str(llama), "--out", str(tmp_path / "o3")])
+        import_main(["--hf", str(llama), "--out", str(tmp_path / "o3")])
     with pytest.raises(UserError, match="config.json not found"):
         hf.import_hf(tmp_path / "nowhere", tmp_path / "o4")
 
@@ -422,5 +424,5 @@ def test_push_to_hub_without_token_fails_before_any_work(exported, tmp_path, mon
     monkeypatch.delenv("HF_TOKEN", raising=False)
     out = tmp_path / "o"
     with pytest.raises(UserError, match="HF_TOKEN"):
-        hf.main(["--model", str(exported["ckpt"]), "--out", str(out), "--push-to-hub", "me/nanogpt"])
+        export_main(["--model", str(exported["ckpt"]), "--out", str(out), "--push-to-hub", "me/nanogpt"])
     assert not out.exists()

@@ -5,11 +5,11 @@ import pytest
 import torch
 
 from nanogpt import cli
+from nanogpt.commands.sample import SampleStats
 from nanogpt.config import ModelConfig
 from nanogpt.data.tokenizer import EOT_ID, get_tokenizer
 from nanogpt.errors import UserError
 from nanogpt.infer.generate import (
-    SampleStats,
     candidates,
     check_sampling,
     decode_steps,

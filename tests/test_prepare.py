@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 
 from nanogpt import cli
+from nanogpt.commands.prepare import parse_count
 from nanogpt.data import prepare as prep
 from nanogpt.data import sources
-from nanogpt.data.prepare import STATE, is_val, parse_count, prepare, val_every
+from nanogpt.data.prepare import STATE, is_val, prepare, val_every
 from nanogpt.data.shards import META, TokenData, read_shard
 from nanogpt.data.sources import hf_documents, iter_documents
 from nanogpt.data.tokenizer import get_tokenizer

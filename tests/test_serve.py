@@ -18,6 +18,7 @@ import torch
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
+from nanogpt.commands.distill import main as distill_main  # noqa: E402
 from nanogpt.config import ModelConfig  # noqa: E402
 from nanogpt.data.tokenizer import get_tokenizer  # noqa: E402
 from nanogpt.distill.api import (  # noqa: E402
@@ -28,7 +29,6 @@ from nanogpt.distill.api import (  # noqa: E402
     retry_after_seconds,
     token_id_of,
 )
-from nanogpt.distill.losses import main as distill_main  # noqa: E402
 from nanogpt.errors import UserError  # noqa: E402
 from nanogpt.model.gpt import NanoGPTLMHeadModel  # noqa: E402
 from nanogpt.serve.requests import BadRequest, chat_prompt, parse_prompts, parse_sampling  # noqa: E402
@@ -53,7 +53,7 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        args = [sys.executable, "-m", "nanogpt.serve.app", "--model", str(model), "--port", str(self.port)]
+        args = [sys.executable, "-m", "nanogpt.commands.serve", "--model", str(model), "--port", str(self.port)]
         args += ["--name", "tiny", "--threads", "1", "--dtype", dtype]
         if key:
             env[KEY_ENV] = key

@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-from nanogpt.errors import ArgumentParser, UserError
+from nanogpt.errors import UserError
 
 # command -> (module, function taking argv, one-line help)
 COMMANDS: dict[str, tuple[str, str, str]] = {
@@ -22,51 +22,36 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "the main job: prepare the builtin corpus, train, evaluate, export, sample",
     ),
     "prepare": (
-        "nanogpt.data.prepare",
+        "nanogpt.commands.prepare",
         "main",
         "turn a corpus (builtin, text, JSONL, Parquet, HF dataset) into token shards",
     ),
     "train": ("nanogpt.commands.train", "main", "train a model (CPU, CUDA, torchrun DDP); resumable"),
-    "eval": ("nanogpt.infer.evaluate", "main", "held-out perplexity and bits per byte of a checkpoint"),
-    "sample": ("nanogpt.infer.generate", "main", "generate text from a checkpoint (KV cache, streaming)"),
-    "distill": ("nanogpt.distill.losses", "main", "knowledge distillation from a local or API teacher"),
-    "serve": ("nanogpt.serve.app", "main", "an OpenAI-compatible HTTP server for a checkpoint (127.0.0.1)"),
-    "export": ("nanogpt.export.hf", "main", "write a Hugging Face folder (remote-code or native GPT-2)"),
+    "eval": ("nanogpt.commands.eval", "main", "held-out perplexity and bits per byte of a checkpoint"),
+    "sample": ("nanogpt.commands.sample", "main", "generate text from a checkpoint (KV cache, streaming)"),
+    "distill": ("nanogpt.commands.distill", "main", "knowledge distillation from a local or API teacher"),
+    "serve": (
+        "nanogpt.commands.serve",
+        "main",
+        "an OpenAI-compatible HTTP server for a checkpoint (127.0.0.1)",
+    ),
+    "export": (
+        "nanogpt.commands.export",
+        "main",
+        "write a Hugging Face folder (remote-code or native GPT-2)",
+    ),
     "import": (
-        "nanogpt.export.hf",
-        "import_main",
+        "nanogpt.commands.import_",
+        "main",
         "a GPT-2-format or remote-code HF folder -> a nanogpt checkpoint",
     ),
-    "bench": ("nanogpt.bench.run", "main", "the card's benchmark table, measured (optionally vs HF GPT-2)"),
-    "info": ("nanogpt.cli", "info_main", "print a config's network, parameter counts and weight memory"),
+    "bench": (
+        "nanogpt.commands.bench",
+        "main",
+        "the card's benchmark table, measured (optionally vs HF GPT-2)",
+    ),
+    "info": ("nanogpt.commands.info", "main", "print a config's network, parameter counts and weight memory"),
 }
-
-
-def info_main(argv: list[str] | None = None) -> int:
-    from nanogpt.config import PRESETS, resolve_model_config
-    from nanogpt.model.gpt import NanoGPTLMHeadModel
-
-    p = ArgumentParser(prog="nanogpt info", description=COMMANDS["info"][2])
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--preset", choices=list(PRESETS), help="a named model config (default: card)")
-    src.add_argument("--config", help="a JSON config file (model keys, or the card's mixed block)")
-    src.add_argument("--model", help="a checkpoint or run folder")
-    args = p.parse_args(argv)
-    if args.model:
-        from nanogpt.train.checkpoint import load_config_of
-
-        cfg = load_config_of(args.model)
-    else:
-        cfg = resolve_model_config(args.preset, args.config)
-    model = NanoGPTLMHeadModel(cfg)
-    total, unique = model.num_params(unique=False), model.num_params(unique=True)
-    mib = 1024**2
-    print(model)
-    print(f"config: {cfg.to_dict()}")
-    print(f"parameters: {total:,} counting the tied embedding twice (the card's figure), {unique:,} unique")
-    print(f"weights fp32: {total * 4 / mib:.1f} MiB ({unique * 4 / mib:.1f} MiB unique)")
-    print(f"weights fp16: {total * 2 / mib:.1f} MiB ({unique * 2 / mib:.1f} MiB unique)")
-    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

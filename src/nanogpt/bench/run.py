@@ -12,14 +12,13 @@ Every timed row has a warm-up, then `repeats` runs; the value is the median, the
 With `--peers` a Hugging Face `GPT2LMHeadModel` of the same shapes (random init, no download) runs the
 same rows in the same process, alternating with ours run by run so that machine load hits both alike.
 
-    nanogpt bench --preset card --peers --out bench/
+    write_outputs(run_bench(load_model("runs/demo"), peers=True), "bench/")
 """
 
 from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -55,9 +54,9 @@ from nanogpt.bench.workloads import (
     peer_model,
     torch_fns,
 )
-from nanogpt.config import PRESETS, ModelConfig, preset
-from nanogpt.errors import ArgumentParser, UserError
-from nanogpt.kernels.device import resolve_device, set_threads, torch_dtype
+from nanogpt.config import ModelConfig
+from nanogpt.errors import UserError
+from nanogpt.kernels.device import torch_dtype
 
 # --- the run ------------------------------------------------------------------------------------------
 
@@ -447,67 +446,3 @@ def write_outputs(res: BenchResult, out: str | Path) -> Path:
     (out / "bench.md").write_text(markdown_table(res))
     plot_bench(res, out / "bench.png")
     return out
-
-
-# --- command ------------------------------------------------------------------------------------------
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = ArgumentParser(
-        prog="nanogpt bench",
-        description="The model card's benchmark table, each row measured for what it says.",
-    )
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--model", help="a checkpoint or run folder")
-    src.add_argument("--preset", choices=list(PRESETS), help="a named config, random init (default: card)")
-    p.add_argument("--backend", default="torch", choices=["torch", "mlx"], help="whose rows to measure")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="fp32, or bf16 autocast")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
-    p.add_argument("--peers", action="store_true", help="also run HF GPT2LMHeadModel at the same shapes")
-    p.add_argument(
-        "--compile", action="store_true", help="torch.compile both models for the training and forward rows"
-    )
-    p.add_argument(
-        "--out", default="bench", help="folder for bench.json, bench.md, bench.png (default: bench)"
-    )
-    p.add_argument("--repeats", type=int, default=3, help="timed runs per row after one warm-up (default: 3)")
-    p.add_argument("--batch", type=int, default=4, help="sequences per batch (default: 4, the card's)")
-    p.add_argument("--seq", type=int, default=512, help="tokens per sequence (default: 512, the card's)")
-    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
-    args = p.parse_args(argv)
-
-    set_threads(args.threads)
-    device = resolve_device(args.device)
-    if args.model:
-        from nanogpt.train.checkpoint import load_model
-
-        model = load_model(args.model, device)
-    else:
-        from nanogpt.model.gpt import NanoGPTLMHeadModel
-
-        torch.manual_seed(0)
-        model = NanoGPTLMHeadModel(preset(args.preset or "card")).to(device)
-    seq = min(args.seq, model.config.context_length)
-    check_settings(model.config, args.batch, seq, args.repeats, 1, args.dtype, args.backend, args.compile)
-    make_out_dir(args.out)  # after the checks: a refused run leaves no folder behind
-    res = run_bench(
-        model,
-        batch=args.batch,
-        seq=seq,
-        dtype=args.dtype,
-        repeats=args.repeats,
-        peers=args.peers,
-        backend=args.backend,
-        compile=args.compile,
-        progress=lambda s: print(f"[bench] {s}", file=sys.stderr, flush=True),
-    )
-    out = write_outputs(res, args.out)
-    print(markdown_table(res))
-    for w in res.warnings:
-        print(f"nanogpt bench: warning: {w}", file=sys.stderr)
-    print(f"wrote {out / 'bench.json'}, {out / 'bench.md'}, {out / 'bench.png'} ({res.seconds:.0f} s)")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -209,8 +209,8 @@ def mlx_fns(model: torch.nn.Module, inp: Inputs, dtype: str) -> dict[str, Callab
         raise UserError("--backend mlx needs the nanogpt.mlx package, which this install lacks") from None
     import mlx.core as mx
 
-    from nanogpt.infer.evaluate import sliding_window_nll_mlx
     from nanogpt.mlx.checkpoint import load_mlx_state_into
+    from nanogpt.mlx.evaluate import sliding_window_nll as sliding_window_nll_mlx
     from nanogpt.mlx.generate import decode_steps
     from nanogpt.mlx.model import NanoGPTLMHeadModel as MLXModel
     from nanogpt.mlx.train import make_optimizer, make_train_step

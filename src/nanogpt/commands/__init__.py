@@ -1,6 +1,3 @@
-"""One module per CLI command that is more than a call into a package: its flags, turning flags into
-configs, the backend choice (`--backend torch|mlx`: the one place the layer rules allow it) and printing.
-Only `nanogpt.cli` reaches this package, by module name when the command runs; nothing else imports it.
-
-    nanogpt train --preset tiny --data data/builtin --out runs/tiny   # nanogpt.commands.train.main
+"""One module per CLI command (flags, backend dispatch, printing), and `options.py`, the flags they share.
+Nothing in the library imports this package; `nanogpt.cli` imports a command's module when it runs.
 """

@@ -16,9 +16,16 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+from nanogpt.commands.options import (
+    DEVICE_HELP,
+    add_backend,
+    add_device,
+    add_dtype,
+    add_threads,
+    apply_threads,
+)
 from nanogpt.config import PRESETS, ModelConfig, TrainConfig, override, preset, read_json
 from nanogpt.errors import ArgumentParser, UserError
-from nanogpt.kernels.device import set_threads
 from nanogpt.train.checkpoint import load_config_of, saved_data_dir
 from nanogpt.train.loop import train
 from nanogpt.train.plot import plot_run
@@ -47,7 +54,11 @@ def add_train_config_flags(p: argparse.ArgumentParser, skip_prefix: str | None =
         if skip_prefix and f.name.startswith(skip_prefix):
             continue
         flag, default = "--" + f.name.replace("_", "-"), getattr(defaults, f.name)
-        if f.type == "bool":
+        if f.name == "device":  # the shared options, unset (None) here: the config's value stays
+            add_device(g, default=None, help=f"{DEVICE_HELP}; default {default}")
+        elif f.name == "dtype":
+            add_dtype(g, default=None, help=f"default {default}")
+        elif f.type == "bool":
             g.add_argument(
                 flag, action=argparse.BooleanOptionalAction, default=None, help=f"default {default}"
             )
@@ -84,11 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init-from", metavar="CKPT", help="start from this checkpoint's weights (fine-tuning)")
     p.add_argument("--plot", metavar="RUN", help="only regenerate RUN/loss.png from RUN/log.jsonl")
     p.add_argument("--peak-flops", type=float, help="peak FLOP/s per device for the MFU estimate")
-    p.add_argument("--threads", type=int, help="torch CPU threads (fix it for bit-identical resumes)")
+    add_threads(p, help="torch CPU threads (fix it for bit-identical resumes)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument(
-        "--backend", choices=("torch", "mlx"), default="torch", help="PyTorch (default) or Apple MLX (fp32)"
-    )
+    add_backend(p, help="PyTorch (default) or Apple MLX (fp32)")
     add_train_config_flags(p)
     return p
 
@@ -125,7 +134,7 @@ def resolve_configs(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig]
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    set_threads(args.threads)
+    apply_threads(args)
     if args.plot:
         print(plot_run(args.plot))
         return 0

@@ -1,6 +1,7 @@
-"""Knowledge distillation, the card's second stage: the losses and local teachers (`losses.py`), API
-teachers (`api.py`: top-k logprobs and chat data) and their HTTP client with its answer cache and key
-redaction (`client.py`). Training itself is `nanogpt.train.loop.train` with a distillation `loss_fn`.
+"""Knowledge distillation, the card's second stage: the losses (`losses.py`), local teachers (`local.py`), API
+teachers (`api.py`: top-k logprobs and chat data) with their HTTP client, answer cache and key redaction
+(`client.py`), and the teacher SPEC with the trainer's loss for each kind (`teachers.py`). Training itself is
+`nanogpt.train.loop.train` with a distillation `loss_fn`.
 
     nanogpt distill --student runs/base --teacher runs/big --data data/builtin --out runs/kd
 """

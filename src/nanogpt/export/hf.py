@@ -1,4 +1,4 @@
-"""Hugging Face export and import: `nanogpt export` and `nanogpt import`.
+"""Hugging Face export and import (the work of `nanogpt export` and `nanogpt import`).
 
 Two export formats:
 - `remote-code` (default): the card's format, loaded with `trust_remote_code=True`. The folder carries
@@ -12,8 +12,7 @@ Both write the GPT-2 tokenizer (built offline from our BPE files), `generation_c
 model card with measured numbers, and a marker file so a later export may overwrite the folder.
 Tied weights are stored once (the token embedding), as transformers itself saves them.
 
-    nanogpt export --model runs/demo --out exports/demo [--format remote-code|gpt2]
-    nanogpt import --hf exports/demo --out runs/imported
+    export("runs/demo", "exports/demo", "gpt2"); import_hf("exports/demo", "runs/imported")
 """
 
 from __future__ import annotations
@@ -33,7 +32,7 @@ from safetensors.torch import load_file, save_file
 from nanogpt import __version__
 from nanogpt.config import ModelConfig, first_difference
 from nanogpt.data.tokenizer import EOT_ID, EOT_TOKEN, bpe_files
-from nanogpt.errors import ArgumentParser, UserError, missing_extra
+from nanogpt.errors import UserError, missing_extra
 from nanogpt.export.model_card import ParamCounts, read_run_facts, render_model_card
 from nanogpt.folders import claim, mark
 from nanogpt.model.gpt import NanoGPTLMHeadModel
@@ -461,48 +460,3 @@ def push_to_hub(folder: Path, repo: str, token: str) -> str:
         repo_id=repo, folder_path=str(folder), commit_message=f"Upload nanogpt {__version__} export"
     )
     return str(url)
-
-
-# ---------------------------------------------------------------- commands
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = ArgumentParser(
-        prog="nanogpt export", description="write a Hugging Face folder from a checkpoint"
-    )
-    p.add_argument("--model", required=True, help="a run folder or checkpoint folder")
-    p.add_argument("--out", required=True, help="the folder to write")
-    p.add_argument(
-        "--format", choices=FORMATS, default="remote-code", help="remote-code (default) or gpt2 (native)"
-    )
-    p.add_argument("--force", action="store_true", help="replace --out even if nanogpt did not write it")
-    p.add_argument(
-        "--bench", metavar="DIR", help="a `nanogpt bench --out DIR` of this model: its table goes in the card"
-    )
-    p.add_argument(
-        "--push-to-hub", metavar="REPO", help="also upload the folder to this Hub repo (token: HF_TOKEN)"
-    )
-    args = p.parse_args(argv)
-    token = hub_token() if args.push_to_hub else None  # fail before the work, not after
-    res = export(args.model, args.out, args.format, args.force, args.bench)
-    print(
-        f"wrote {res.out} ({res.format}): {res.counts.total:,} parameters "
-        f"({res.counts.unique:,} unique), files: {', '.join(res.files)}"
-    )
-    if args.push_to_hub and token:
-        print(f"pushed to {push_to_hub(res.out, args.push_to_hub, token)}")
-    return 0
-
-
-def import_main(argv: list[str] | None = None) -> int:
-    p = ArgumentParser(
-        prog="nanogpt import",
-        description="turn a Hugging Face GPT-2 or nanogpt folder into a nanogpt checkpoint",
-    )
-    p.add_argument("--hf", required=True, help="a Hugging Face model folder (GPT-2 or a nanogpt export)")
-    p.add_argument("--out", required=True, help="the checkpoint folder to write")
-    p.add_argument("--force", action="store_true", help="replace --out even if it is not an earlier import")
-    args = p.parse_args(argv)
-    out = import_hf(args.hf, args.out, args.force)
-    print(f"wrote {out}")
-    return 0

@@ -11,7 +11,7 @@ chunks (the training loss's view, fast); a smaller stride gives every scored tok
 Bits per byte divides the total NLL (in bits) by the UTF-8 bytes the scored tokens decode to, so it
 compares models with different tokenizers; perplexity is per GPT-2 token.
 
-    nanogpt eval --model runs/demo --data data/builtin --split val --stride 256
+    result = sliding_window_nll(load_model("runs/demo"), split_tokens("data/builtin", "val"), stride=256)
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,10 +30,10 @@ from tqdm import tqdm
 from nanogpt.config import ModelConfig
 from nanogpt.data.shards import TokenData
 from nanogpt.data.tokenizer import get_tokenizer
-from nanogpt.errors import ArgumentParser, UserError
-from nanogpt.kernels.device import autocast, resolve_device, torch_dtype
+from nanogpt.errors import UserError
+from nanogpt.kernels.device import autocast, torch_dtype
 from nanogpt.kernels.ops import linear_cross_entropy
-from nanogpt.train.checkpoint import load_model, unwrap
+from nanogpt.train.checkpoint import unwrap
 from nanogpt.train.loop import perplexity
 
 
@@ -207,34 +207,6 @@ def sliding_window_nll(
         net.train(was_training)
 
 
-def sliding_window_nll_mlx(
-    model: object,
-    tokens: torch.Tensor,
-    *,
-    context: int | None = None,
-    stride: int | None = None,
-    batch_size: int = 8,
-    progress: bool = False,
-) -> EvalResult:
-    """The same measurement for an MLX model (`nanogpt.mlx`), fp32."""
-    import mlx.core as mx
-
-    from nanogpt.mlx.train import token_nll
-
-    cfg = model.config  # type: ignore[attr-defined]
-    context = cfg.context_length if context is None else context
-    stride = context if stride is None else stride
-    tokens = check_tokens(tokens, cfg, context, stride, batch_size)
-
-    def score(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> float:
-        nll = token_nll(model, mx.array(x.numpy()), mx.array(y.numpy()))  # (B, L) fp32
-        return float((nll * mx.array(mask.numpy())).sum().item())
-
-    return score_windows(
-        tokens, score, context=context, stride=stride, batch_size=batch_size, progress=progress
-    )
-
-
 def check_settings(n_tokens: int, context: int, stride: int, batch_size: int, model_context: int) -> None:
     """One-line errors for settings the sliding window cannot use."""
     if context <= 0 or context > model_context:
@@ -321,70 +293,3 @@ def text_tokens(path: str | Path, text_field: str = "text", max_tokens: int | No
         if max_tokens is not None and len(ids) >= max_tokens:
             break
     return torch.tensor(ids[:max_tokens] if max_tokens is not None else ids, dtype=torch.long)
-
-
-# ---- command ---------------------------------------------------------------------------------------
-
-
-def format_result(r: EvalResult) -> str:
-    return "\n".join(
-        [
-            f"tokens scored: {r.tokens_scored:,} (context {r.context}, stride {r.stride}, {r.n_bytes:,} bytes)",
-            f"mean NLL:      {r.mean_nll:.4f} nats/token",
-            f"perplexity:    {r.perplexity:.2f}",
-            f"bits per byte: {r.bits_per_byte:.4f}",
-            f"speed:         {r.tokens_per_s:,.0f} tokens/s ({r.seconds:.1f} s)",
-        ]
-    )
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = ArgumentParser(
-        prog="nanogpt eval", description="Held-out perplexity and bits per byte of a checkpoint."
-    )
-    p.add_argument("--model", required=True, help="a checkpoint or run folder")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--data", help="a prepared data folder (`nanogpt prepare`)")
-    src.add_argument("--text", help="a UTF-8 text file, or a .jsonl file of documents")
-    p.add_argument("--split", default="val", help="split of --data to score (default: val)")
-    p.add_argument("--text-field", default="text", help="JSONL field holding the text (default: text)")
-    p.add_argument("--max-tokens", type=int, help="score at most this many tokens from the start")
-    p.add_argument("--context", type=int, help="window length (default: the model's context_length)")
-    p.add_argument(
-        "--stride", type=int, help="window step; smaller = more history per token (default: context)"
-    )
-    p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default: 8)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
-    p.add_argument("--dtype", default="fp32", help="fp32 | bf16 | fp16 (autocast; log-softmax stays fp32)")
-    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
-    p.add_argument("--backend", choices=("torch", "mlx"), default="torch", help="PyTorch or Apple MLX (fp32)")
-    args = p.parse_args(argv)
-
-    if args.max_tokens is not None and args.max_tokens < 2:
-        raise UserError(f"--max-tokens {args.max_tokens} is too small; perplexity needs at least 2 tokens")
-    torch_dtype(args.dtype)
-    dev = resolve_device(args.device)
-    if args.data:
-        tokens = split_tokens(args.data, args.split, args.max_tokens)
-    else:
-        tokens = text_tokens(args.text, args.text_field, args.max_tokens)
-    window = {
-        "context": args.context,
-        "stride": args.stride,
-        "batch_size": args.batch_size,
-        "progress": not args.json,
-    }
-    if args.backend == "mlx":
-        from nanogpt.mlx import load_mlx_model
-
-        result = sliding_window_nll_mlx(load_mlx_model(args.model), tokens, **window)
-    else:
-        result = sliding_window_nll(
-            load_model(args.model, dev), tokens, device=dev, dtype=args.dtype, **window
-        )
-    print(json.dumps(asdict(result)) if args.json else format_result(result))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

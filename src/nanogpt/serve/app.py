@@ -16,32 +16,27 @@ Binds 127.0.0.1 unless told otherwise (`--port 0`: any free port), before the mo
 does not apply) get a 400 JSON error; at most `--max-concurrent` generations run at once; one log line
 per request goes to stderr (method, path, status, milliseconds; never a header).
 
-    nanogpt serve --model runs/tiny --port 8000
+    app = create_app(Engine(load_model("runs/tiny"), "tiny"))  # `nanogpt serve` runs it with uvicorn
 """
 # no `from __future__ import annotations`: FastAPI must see the real `Request` class on the handlers
 
-import argparse
-import errno
 import json
-import os
 import secrets
-import socket
 import sys
 import threading
 import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from nanogpt.data.tokenizer import EOT_ID, Tokenizer, get_tokenizer
-from nanogpt.errors import ArgumentParser, UserError, missing_extra
+from nanogpt.errors import UserError
 from nanogpt.kernels.decode import decode_kernel
-from nanogpt.kernels.device import DTYPES, autocast, torch_dtype
+from nanogpt.kernels.device import autocast, torch_dtype
 from nanogpt.model.gpt import NanoGPTLMHeadModel
 from nanogpt.serve.requests import (
     BadRequest,
@@ -360,106 +355,3 @@ def _role_chunk(cid: str, name: str) -> dict[str, Any]:
         "model": name,
         "choices": [choice],
     }
-
-
-# --- the command -------------------------------------------------------------------------------------------
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = ArgumentParser(prog="nanogpt serve", description="an OpenAI-compatible server for a checkpoint")
-    p.add_argument("--model", required=True, help="run or checkpoint folder")
-    p.add_argument("--name", help="model id in the API (default: the folder's name)")
-    p.add_argument(
-        "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)"
-    )
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument(
-        "--api-key-env", help="require `Authorization: Bearer $NAME` (the key is read from env var NAME)"
-    )
-    p.add_argument("--max-concurrent", type=int, default=2, help="generations running at once (others wait)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto")
-    p.add_argument(
-        "--dtype",
-        default="fp32",
-        choices=list(DTYPES),
-        help="fp32, or bf16/fp16 autocast with decode on bf16/fp16 weight copies (~2x faster decode on CPU)",
-    )
-    p.add_argument("--threads", type=int, help="torch CPU threads")
-    return p
-
-
-def bind(host: str, port: int) -> socket.socket:
-    """A TCP socket bound to (host, port), not yet listening; a port that cannot be had is one UserError.
-
-    The command binds before it loads the model and says where it listens only once this succeeded; the
-    bound socket itself goes to uvicorn, so no other process can take the port in between.
-    """
-    if not 0 <= port <= 65535:
-        raise UserError(f"--port {port} is not a TCP port; pass one in 1..65535 (or 0 for any free port)")
-    try:
-        family, kind, proto, _, addr = socket.getaddrinfo(
-            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )[0]
-    except (socket.gaierror, UnicodeError) as e:
-        raise UserError(
-            f"--host {host!r} is not an address of this machine ({e}); pass 127.0.0.1, 0.0.0.0 or one of its IPs"
-        ) from None
-    sock = socket.socket(family, kind, proto)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: rebind despite TIME_WAIT
-    try:
-        sock.bind(addr)
-    except OSError as e:
-        sock.close()
-        where = f"{host} port {port}"
-        if e.errno == errno.EADDRINUSE:
-            fix = "stop the server using it or pass another --port (0 picks a free one)"
-            raise UserError(f"{where} is already in use; {fix}") from None
-        if e.errno == errno.EADDRNOTAVAIL:
-            fix = "pass --host 127.0.0.1 (this machine only), 0.0.0.0 (every interface) or one of its IPs"
-            raise UserError(f"cannot bind {where}: {host} is not an address of this machine; {fix}") from None
-        if e.errno == errno.EACCES:
-            raise UserError(
-                f"cannot bind {where}: permission denied; pass a --port of 1024 or more"
-            ) from None
-        raise UserError(f"cannot bind {where} ({e.strerror}); pass another --host or --port") from None
-    return sock
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        import uvicorn
-    except ImportError:
-        raise missing_extra("nanogpt serve needs FastAPI and uvicorn", "serve") from None
-    from nanogpt.kernels.device import resolve_device, set_threads
-    from nanogpt.train.checkpoint import load_model
-
-    if args.max_concurrent < 1:
-        raise UserError(f"--max-concurrent {args.max_concurrent} must be >= 1")
-    api_key = None
-    if args.api_key_env:
-        api_key = os.environ.get(args.api_key_env)
-        if not api_key:
-            raise UserError(f"--api-key-env {args.api_key_env}: that environment variable is empty or unset")
-    set_threads(args.threads)
-    device = resolve_device(args.device)
-    sock = bind(args.host, args.port)  # before the model loads: a taken port costs no loading time
-    with sock:
-        model = load_model(args.model, device=device)
-        name = args.name or Path(args.model).resolve().name
-        app = create_app(Engine(model, name, args.max_concurrent, args.dtype), api_key)
-        sock.listen(2048)  # from now on clients queue instead of being refused; uvicorn accepts them
-        host, port = sock.getsockname()[:2]
-        url_host = f"[{host}]" if ":" in host else host
-        print(
-            f"nanogpt serve: {name} ({args.dtype}) on http://{url_host}:{port}/v1",
-            file=sys.stderr,
-            flush=True,
-        )
-        config = uvicorn.Config(app, log_level="warning", access_log=False)
-        uvicorn.Server(config).run(sockets=[sock])
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

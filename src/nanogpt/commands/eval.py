@@ -1,0 +1,82 @@
+"""The `nanogpt eval` command: held-out perplexity and bits per byte of a checkpoint, in either backend.
+
+The measurement is `nanogpt.infer.evaluate.sliding_window_nll` (`nanogpt.mlx.evaluate`'s with
+`--backend mlx`); this module reads the flags, picks the backend and prints the result.
+
+    nanogpt eval --model runs/demo --data data/builtin --split val --stride 256
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+
+from nanogpt.commands.options import add_backend, add_device, add_dtype, refuse_mlx_dtype
+from nanogpt.errors import ArgumentParser, UserError
+from nanogpt.infer.evaluate import EvalResult, sliding_window_nll, split_tokens, text_tokens
+from nanogpt.kernels.device import resolve_device
+from nanogpt.train.checkpoint import load_model
+
+
+def format_result(r: EvalResult) -> str:
+    return "\n".join(
+        [
+            f"tokens scored: {r.tokens_scored:,} (context {r.context}, stride {r.stride}, {r.n_bytes:,} bytes)",
+            f"mean NLL:      {r.mean_nll:.4f} nats/token",
+            f"perplexity:    {r.perplexity:.2f}",
+            f"bits per byte: {r.bits_per_byte:.4f}",
+            f"speed:         {r.tokens_per_s:,.0f} tokens/s ({r.seconds:.1f} s)",
+        ]
+    )
+
+
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(
+        prog="nanogpt eval", description="Held-out perplexity and bits per byte of a checkpoint."
+    )
+    p.add_argument("--model", required=True, help="a checkpoint or run folder")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--data", help="a prepared data folder (`nanogpt prepare`)")
+    src.add_argument("--text", help="a UTF-8 text file, or a .jsonl file of documents")
+    p.add_argument("--split", default="val", help="split of --data to score (default: val)")
+    p.add_argument("--text-field", default="text", help="JSONL field holding the text (default: text)")
+    p.add_argument("--max-tokens", type=int, help="score at most this many tokens from the start")
+    p.add_argument("--context", type=int, help="window length (default: the model's context_length)")
+    p.add_argument(
+        "--stride", type=int, help="window step; smaller = more history per token (default: context)"
+    )
+    p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default: 8)")
+    add_device(p)
+    add_dtype(p, help="autocast precision (log-softmax stays fp32)")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    add_backend(p)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.max_tokens is not None and args.max_tokens < 2:
+        raise UserError(f"--max-tokens {args.max_tokens} is too small; perplexity needs at least 2 tokens")
+    refuse_mlx_dtype(args)
+    dev = resolve_device(args.device)
+    if args.data:
+        tokens = split_tokens(args.data, args.split, args.max_tokens)
+    else:
+        tokens = text_tokens(args.text, args.text_field, args.max_tokens)
+    window = {
+        "context": args.context,
+        "stride": args.stride,
+        "batch_size": args.batch_size,
+        "progress": not args.json,
+    }
+    if args.backend == "mlx":  # imported only here: MLX is optional
+        from nanogpt.mlx import load_mlx_model
+        from nanogpt.mlx.evaluate import sliding_window_nll as mlx_sliding_window_nll
+
+        result = mlx_sliding_window_nll(load_mlx_model(args.model), tokens, **window)
+    else:
+        result = sliding_window_nll(
+            load_model(args.model, dev), tokens, device=dev, dtype=args.dtype, **window
+        )
+    print(json.dumps(asdict(result)) if args.json else format_result(result))
+    return 0

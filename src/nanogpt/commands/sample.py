@@ -1,0 +1,213 @@
+"""The `nanogpt sample` command: stream text from a checkpoint (or a random-init preset), either backend.
+
+Sampling and the KV-cached generator are `nanogpt.infer.generate` (`nanogpt.mlx.generate` with
+`--backend mlx`); this module reads the flags, checks them all before the model loads, picks the backend,
+and writes the text as it arrives, with one timing line per sample on stderr.
+
+    nanogpt sample --model runs/demo --prompt "Once upon a time" --max-new-tokens 100 --seed 1337
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+import torch
+
+from nanogpt.commands.options import add_backend, add_device, add_dtype, refuse_mlx_dtype
+from nanogpt.config import PRESETS, preset
+from nanogpt.data.tokenizer import Tokenizer, get_tokenizer
+from nanogpt.errors import ArgumentParser, UserError
+from nanogpt.infer.generate import check_sampling, generate, make_generator, stream_text
+from nanogpt.kernels.device import resolve_device
+from nanogpt.model.gpt import NanoGPTLMHeadModel
+from nanogpt.train.checkpoint import load_model
+
+
+@dataclass(frozen=True)
+class SampleStats:
+    tokens: int
+    first_token_s: float  # prefill + first sample
+    total_s: float
+
+    @property
+    def decode_tok_s(self) -> float:
+        """Tokens per second after the first one (the incremental decode rate, prefill excluded)."""
+        if self.tokens < 2 or self.total_s <= self.first_token_s:
+            return 0.0
+        return (self.tokens - 1) / (self.total_s - self.first_token_s)
+
+    def line(self) -> str:
+        overall = self.tokens / self.total_s if self.total_s > 0 else 0.0
+        return (
+            f"{self.tokens} tokens in {self.total_s:.2f} s ({overall:.1f} tok/s; first token after "
+            f"{self.first_token_s * 1000:.0f} ms, then {self.decode_tok_s:.1f} tok/s)"
+        )
+
+
+def encode_prompt(tok: Tokenizer, prompt: str) -> list[int]:
+    """Prompt token ids; an empty prompt starts a new document: `<|endoftext|>` alone, as in training data."""
+    return tok.encode(prompt) if prompt else [tok.eot_id]
+
+
+def write_stream(out: TextIO, prompt: str, tokens: Iterable[int], tok: Tokenizer) -> SampleStats:
+    """Echo `prompt`, then write the text of `tokens` to `out` as each one arrives; timed.
+
+    `tokens` is usually a fresh `generate(...)`: it is lazy, so the clock starts before the prefill.
+    """
+    start = time.perf_counter()
+    times: list[float] = []
+
+    def timed() -> Iterator[int]:
+        for t in tokens:
+            times.append(time.perf_counter())
+            yield t
+
+    out.write(prompt)
+    out.flush()
+    for piece in stream_text(timed(), tok):
+        if piece:
+            out.write(piece)
+            out.flush()
+    end = time.perf_counter()
+    first = (times[0] if times else end) - start
+    return SampleStats(tokens=len(times), first_token_s=first, total_s=end - start)
+
+
+def load_sampling_model(
+    model_path: str | None, preset_name: str | None, device: torch.device, seed: int
+) -> NanoGPTLMHeadModel:
+    """A trained checkpoint, or a random-init preset (seeded, without touching the global RNG)."""
+    if model_path is not None:
+        return load_model(model_path, device=device)
+    cfg = preset(preset_name or "card")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = NanoGPTLMHeadModel(cfg)
+    return model.to(device).eval()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = ArgumentParser(
+        prog="nanogpt sample", description="generate text from a checkpoint (KV cache, streaming)"
+    )
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="a run folder or a checkpoint folder")
+    src.add_argument("--preset", choices=list(PRESETS), help="a random-init model (smoke tests)")
+    text = p.add_mutually_exclusive_group()
+    text.add_argument("--prompt", default="", help="text to continue (default: start a new document)")
+    text.add_argument("--prompt-file", help="a UTF-8 text file whose whole content is the prompt")
+    p.add_argument("--max-new-tokens", type=int, default=100)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (argmax)")
+    p.add_argument("--top-k", type=int, default=50, help="keep the k most likely tokens; 0 disables")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass; 1 disables")
+    p.add_argument("--seed", type=int, default=1337, help="the same seed gives the same text")
+    p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument(
+        "--crop", action="store_true", help="keep the last context_length tokens of a too-long prompt"
+    )
+    add_device(p)
+    add_dtype(p)
+    add_backend(p)
+    return p
+
+
+def _mlx_token_streams(
+    args: argparse.Namespace, prompt_ids: list[int], top_k: int | None
+) -> Iterator[Iterator[int]]:
+    """One MLX token generator per sample (seed + i: MLX draws from keys, not a stateful generator)."""
+    from nanogpt.mlx import load_mlx_model
+    from nanogpt.mlx.generate import generate as mlx_generate
+
+    if args.model is None:
+        raise UserError("--backend mlx needs --model (a checkpoint); --preset random init is PyTorch only")
+    model = load_mlx_model(args.model)
+    for i in range(args.num_samples):
+        yield mlx_generate(
+            model,
+            prompt_ids,
+            args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=top_k,
+            top_p=args.top_p,
+            seed=args.seed + i,
+            crop=args.crop,
+        )
+
+
+def _torch_token_streams(
+    args: argparse.Namespace, prompt_ids: list[int], top_k: int | None, vocab_size: int
+) -> Iterator[Iterator[int]]:
+    device = resolve_device(args.device)
+    model = load_sampling_model(args.model, args.preset, device, args.seed)
+    if model.config.vocab_size != vocab_size:
+        raise UserError(
+            f"the model's vocab_size is {model.config.vocab_size}, the GPT-2 tokenizer has {vocab_size}; "
+            "sample from a model trained with that tokenizer"
+        )
+    # one generator for the whole run: samples differ from each other, the run repeats with its seed
+    generator = make_generator(args.seed, device)
+    for _ in range(args.num_samples):
+        yield generate(  # checks the prompt against the context now, before anything is printed
+            model,
+            prompt_ids,
+            args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=top_k,
+            top_p=args.top_p,
+            generator=generator,
+            crop=args.crop,
+            dtype=args.dtype,
+        )
+
+
+def read_prompt_file(path: str | Path) -> str:
+    """The whole text of a prompt file (UTF-8); an empty file starts a new document, as `--prompt ""` does."""
+    p = Path(path)
+    if p.is_dir():
+        raise UserError(f"prompt file {p} is a folder; pass a text file to --prompt-file")
+    if not p.is_file():
+        raise UserError(f"prompt file {p} not found; pass an existing text file to --prompt-file")
+    try:
+        return p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"prompt file {p} is not UTF-8 text; convert it to UTF-8") from None
+    except OSError as e:
+        raise UserError(f"prompt file {p} cannot be read ({e.strerror}); check its permissions") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    top_k = args.top_k or None
+    # every flag is checked before the model loads: a typo costs no loading time
+    check_sampling(args.temperature, top_k, args.top_p, args.seed)
+    if args.max_new_tokens < 0:
+        raise UserError(f"--max-new-tokens {args.max_new_tokens} must be >= 0; e.g. --max-new-tokens 100")
+    if args.num_samples < 1:
+        raise UserError(f"--num-samples {args.num_samples} must be at least 1; e.g. --num-samples 1")
+    refuse_mlx_dtype(args)
+    if args.prompt_file is not None:
+        args.prompt = read_prompt_file(args.prompt_file)
+    tok = get_tokenizer()
+    prompt_ids = encode_prompt(tok, args.prompt)
+    if args.backend == "mlx":
+        streams = _mlx_token_streams(args, prompt_ids, top_k)
+    else:
+        streams = _torch_token_streams(args, prompt_ids, top_k, tok.vocab_size)
+    try:
+        for i, tokens in enumerate(streams):
+            if i:
+                sys.stdout.write("\n" + "-" * 40 + "\n")
+            stats = write_stream(sys.stdout, args.prompt, tokens, tok)
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+            print(f"[sample {i + 1}/{args.num_samples}] {stats.line()}", file=sys.stderr)
+    except BrokenPipeError:  # `nanogpt sample ... | head`: the reader left, which is not an error
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - keeps Python's exit-time flush quiet
+    return 0

@@ -1,0 +1,121 @@
+"""Local distillation teachers: a frozen same-vocabulary model (a nanogpt checkpoint or a Hugging Face causal
+LM with GPT-2's 50,257 tokens) giving full-vocabulary soft targets on the fly, and its dense loss.
+
+    loss_fn = DistillLossFn(load_local_teacher("runs/big", "cpu"), alpha=0.5, T=2.0)
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from nanogpt.config import ModelConfig
+from nanogpt.data.tokenizer import VOCAB_SIZE
+from nanogpt.distill.losses import TEACHER_KINDS, check_distill_settings, distill_parts, record_parts
+from nanogpt.errors import UserError, missing_extra
+from nanogpt.kernels.device import autocast, torch_dtype
+
+
+class LocalTeacher:
+    """A frozen same-vocabulary model: `logits(x)` (B, T) -> (B, T, 50257) float32, no grad."""
+
+    def __init__(self, module: nn.Module, kind: str, context_length: int, dtype: str = "fp32") -> None:
+        self.module, self.kind, self.context_length, self.dtype = module.eval(), kind, context_length, dtype
+        for p in self.module.parameters():
+            p.requires_grad_(False)
+
+    @torch.no_grad()
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        if x.size(1) > self.context_length:
+            raise UserError(
+                f"the teacher's context is {self.context_length} tokens, the student's windows are {x.size(1)}; "
+                "use a teacher with at least the student's context"
+            )
+        device = next(self.module.parameters()).device
+        with autocast(device, self.dtype):
+            out = self.module(x.to(device))
+        logits = out if self.kind == "nanogpt" else out.logits
+        return logits[..., :VOCAB_SIZE].float()
+
+
+def _gpt2_vocab_ok(folder: Path) -> bool | None:
+    """Whether a HF folder's tokenizer vocabulary is GPT-2's (None when it ships no vocab.json)."""
+    vocab = folder / "vocab.json"
+    if not vocab.is_file():
+        return None
+    from nanogpt.data.tokenizer import bpe_files
+
+    return json.loads(vocab.read_text()) == json.loads(bpe_files()[0].read_text())
+
+
+def load_local_teacher(
+    path: str | Path, device: str | torch.device = "cpu", dtype: str = "fp32"
+) -> LocalTeacher:
+    """A nanogpt run/checkpoint folder or a Hugging Face causal-LM folder (offline), checked for our vocab."""
+    from nanogpt.train.checkpoint import CONFIG, load_model, resolve_checkpoint
+
+    p = Path(path)
+    torch_dtype(dtype)
+    if not p.exists():
+        raise UserError(
+            f"teacher {p} not found; the teacher SPEC is a local folder or one of: {TEACHER_KINDS}"
+        )
+    cfg_file = p / CONFIG
+    hf = cfg_file.is_file() and "model_type" in json.loads(cfg_file.read_text())
+    if not hf:
+        folder = resolve_checkpoint(p)
+        cfg = ModelConfig.load(folder / CONFIG)
+        if cfg.vocab_size != VOCAB_SIZE:
+            raise UserError(
+                f"teacher {p} has vocab_size {cfg.vocab_size}, not GPT-2's {VOCAB_SIZE}; use " + TEACHER_KINDS
+            )
+        model = load_model(folder, device=device)
+        return LocalTeacher(model, "nanogpt", cfg.context_length, dtype)
+    hf_cfg = json.loads(cfg_file.read_text())
+    vocab = hf_cfg.get("vocab_size")
+    if vocab != VOCAB_SIZE or _gpt2_vocab_ok(p) is False:
+        raise UserError(
+            f"teacher {p} uses another tokenizer (vocab {vocab}, model_type {hf_cfg.get('model_type')!r}); "
+            f"its distributions cannot be matched token by token; use {TEACHER_KINDS}"
+        )
+    try:
+        from transformers import AutoModelForCausalLM
+    except ImportError:
+        raise missing_extra("a Hugging Face teacher needs transformers", "hf") from None
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(p), local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load the Hugging Face teacher {p}: {str(e).splitlines()[0]}") from None
+    ctx = int(hf_cfg.get("n_positions") or hf_cfg.get("max_position_embeddings") or 10**9)
+    return LocalTeacher(model.to(device), "hf", ctx, dtype)
+
+
+class DistillLossFn:
+    """The trainer's `loss_fn` for a local teacher: dense KD on the full vocabulary.
+
+    Keeps the last hard/soft halves of every call in `history` (and appends them to `log_path`, rank 0)
+    so that what the soft loss does is measurable, not only the combined loss the trainer logs.
+    """
+
+    def __init__(
+        self,
+        teacher: LocalTeacher,
+        alpha: float = 0.5,
+        T: float = 1.0,
+        kind: str = "forward_kl",
+        beta: float = 0.5,
+        log_path: Path | None = None,
+    ) -> None:
+        check_distill_settings(alpha, T, kind, beta)
+        self.teacher, self.alpha, self.T, self.kind, self.beta = teacher, alpha, T, kind, beta
+        self.log_path, self.history = log_path, []
+
+    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        logits = model(x)  # (B, T, V)
+        t_logits = self.teacher.logits(x)  # (B, T, V), no grad
+        parts = distill_parts(logits.float(), y, t_logits, self.alpha, self.T, self.kind, self.beta)
+        record_parts(self, parts)
+        return parts.total

@@ -1,0 +1,133 @@
+"""Distillation teachers: the teacher SPEC and, for each kind of teacher, the trainer's `loss_fn`.
+
+A SPEC picks one of three paths (see `nanogpt.distill.losses` for the losses):
+
+- a local folder (a nanogpt run/checkpoint, or a Hugging Face causal LM with GPT-2's 50,257-token
+  vocabulary): full-vocabulary soft targets on the fly, under no_grad, teacher in eval mode
+  (`nanogpt.distill.local`);
+- `completions:MODEL@BASE_URL`: an OpenAI-compatible /v1/completions server for a model with *our*
+  tokenizer that returns prompt-token top-k logprobs (`nanogpt serve`, vLLM, llama.cpp): sparse top-k KD,
+  see `nanogpt.distill.api`;
+- `chat:MODEL@BASE_URL`: any chat API with any tokenizer (the card's GPT-OSS-20B on Groq): no logprobs
+  exist, so the teacher writes continuations of corpus prompts and the student learns them with the
+  hard loss (sequence-level KD), mixed `alpha` : `1 - alpha` with the original data.
+
+Every path goes through `train.train(..., init_from=student, loss_fn=...)`, so checkpoints, exact
+resume, eval, logs and plots are the trainer's.
+
+    loss_fn = make_loss_fn(parse_teacher("runs/big"), TeacherSettings(), train_cfg, model_cfg, data, cache_dir)
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from nanogpt.config import ModelConfig, TrainConfig
+from nanogpt.distill.client import ApiConfig, check_base_url
+from nanogpt.distill.local import DistillLossFn, load_local_teacher
+from nanogpt.distill.losses import check_distill_settings
+from nanogpt.errors import UserError
+from nanogpt.kernels.device import resolve_device
+
+LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class TeacherSpec:
+    """A parsed --teacher: kind "local" (path), "completions" or "chat" (model @ base URL)."""
+
+    kind: str
+    path: str = ""
+    model: str = ""
+    base_url: str = ""
+
+
+def parse_teacher(spec: str) -> TeacherSpec:
+    for kind in ("completions", "chat"):
+        if spec.startswith(kind + ":"):
+            # MODEL ends at the first "@scheme://" (a model name may hold "@", a URL's user:password part too)
+            m = re.fullmatch(r"(.+?)@([A-Za-z][A-Za-z0-9+.-]*://.*)", spec[len(kind) + 1 :], re.S)
+            if m is None:
+                raise UserError(
+                    f"--teacher {spec!r}: write {kind}:MODEL@BASE_URL, e.g. {kind}:gpt2@http://127.0.0.1:8000/v1"
+                )
+            return TeacherSpec(kind, model=m[1], base_url=check_base_url(m[2]))
+    if spec.startswith(("http://", "https://")):
+        raise UserError(f"--teacher {spec!r} is a URL; write completions:MODEL@URL or chat:MODEL@URL")
+    return TeacherSpec("local", path=spec)
+
+
+@dataclass(frozen=True)
+class TeacherSettings:
+    """How to use a teacher: the divergence (local), top-k (completions), the chat data set, the API client."""
+
+    kind: str = "forward_kl"  # divergence of a local teacher: forward_kl | reverse_kl | jsd
+    beta: float = 0.5  # jsd mixture weight
+    dtype: str = "fp32"  # local teacher precision (autocast)
+    top_k: int = 20  # completions: top-k logprobs asked per position
+    prompts: int = 256  # chat: prompts drawn from the training split
+    prompt_tokens: int = 64  # chat: tokens per prompt
+    reply_tokens: int = 256  # chat: max_tokens per teacher reply
+    skip_bad: bool = False  # count and skip bad answers instead of stopping
+    api_key_env: str | None = None  # env var holding the key (None: OPENAI_API_KEY, if set)
+    concurrency: int = 4
+    timeout: float = 60.0
+    retries: int = 5
+
+
+def api_config(spec: TeacherSpec, settings: TeacherSettings) -> ApiConfig:
+    """The client settings of an API teacher (range-checked by ApiConfig)."""
+    return ApiConfig(
+        base_url=spec.base_url,
+        model=spec.model,
+        api_key_env=settings.api_key_env or "OPENAI_API_KEY",
+        concurrency=settings.concurrency,
+        timeout=settings.timeout,
+        retries=settings.retries,
+        key_required=settings.api_key_env is not None,
+    )
+
+
+def make_loss_fn(
+    spec: TeacherSpec,
+    settings: TeacherSettings,
+    cfg: TrainConfig,
+    model_cfg: ModelConfig,
+    data: str | Path,
+    cache_dir: Path,
+    down_hint: Callable[[], str] | None = None,
+) -> LossFn:
+    """The trainer's loss_fn for this teacher; a chat teacher writes its data set (from `data`) first.
+
+    `cache_dir` keeps the API answers, the chat data and the hard/soft log; `down_hint()` ends the
+    message of an API teacher that stays down (what to rerun).
+    """
+    alpha, T, s = cfg.distill_alpha, cfg.distill_temperature, settings
+    check_distill_settings(alpha, T, s.kind, s.beta)
+    log_path = cache_dir / "distill_log.jsonl"
+    if spec.kind == "local":
+        teacher = load_local_teacher(spec.path, resolve_device(cfg.device), s.dtype)
+        return DistillLossFn(teacher, alpha, T, s.kind, s.beta, log_path)
+    from nanogpt.distill import api as teachers  # the HTTP client and its cache: API teachers only
+
+    hint = {} if down_hint is None else {"down_hint": down_hint}
+    client = teachers.ApiClient(api_config(spec, s), teachers.AnswerCache(cache_dir / "cache.sqlite"), **hint)
+    if spec.kind == "completions":
+        return teachers.TopKDistillLoss(client, s.top_k, alpha, T, skip_bad=s.skip_bad, log_path=log_path)
+    chat_data = teachers.build_chat_data(
+        client,
+        data,
+        cache_dir / "chat_data",
+        n_prompts=s.prompts,
+        prompt_tokens=s.prompt_tokens,
+        reply_tokens=s.reply_tokens,
+        seed=cfg.seed,
+        skip_bad=s.skip_bad,
+    )
+    return teachers.MixedDataLoss(chat_data, model_cfg.context_length, alpha, log_path=log_path)

@@ -1,0 +1,40 @@
+"""Sliding-window perplexity of an MLX model: `nanogpt.infer.evaluate`'s windows, scored by MLX.
+
+The windows, the bookkeeping and the result are the PyTorch side's (`score_windows`), so both backends
+score exactly the same targets; only the forward pass differs (fp32, MLX's own log-softmax).
+
+    result = sliding_window_nll(load_mlx_model("runs/demo"), split_tokens("data/builtin"), stride=256)
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import torch
+
+from nanogpt.infer.evaluate import EvalResult, check_tokens, score_windows
+from nanogpt.mlx.model import NanoGPTLMHeadModel
+from nanogpt.mlx.train import token_nll
+
+
+def sliding_window_nll(
+    model: NanoGPTLMHeadModel,
+    tokens: torch.Tensor,
+    *,
+    context: int | None = None,
+    stride: int | None = None,
+    batch_size: int = 8,
+    progress: bool = False,
+) -> EvalResult:
+    """`nanogpt.infer.evaluate.sliding_window_nll` for an MLX model, fp32."""
+    cfg = model.config
+    context = cfg.context_length if context is None else context
+    stride = context if stride is None else stride
+    tokens = check_tokens(tokens, cfg, context, stride, batch_size)
+
+    def score(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> float:
+        nll = token_nll(model, mx.array(x.numpy()), mx.array(y.numpy()))  # (B, L) fp32
+        return float((nll * mx.array(mask.numpy())).sum().item())
+
+    return score_windows(
+        tokens, score, context=context, stride=stride, batch_size=batch_size, progress=progress
+    )
