@@ -28,6 +28,7 @@ from nanogpt.errors import UserError
 from nanogpt.model.gpt import NanoGPTLMHeadModel
 from nanogpt.train.checkpoint import save_model
 from nanogpt.train.loop import flops_per_token
+from tests.tiny import tiny_config
 
 # every row a run writes; with --peers each also has a peer value
 KEYS = {
@@ -173,9 +174,7 @@ def test_load_warnings_subtract_the_bench_own_threads():
 def cli_run(tmp_path_factory):
     """One `nanogpt bench --peers` on a saved tiny checkpoint, 1 repeat: its JSON and output folder."""
     pytest.importorskip("transformers")
-    from nanogpt.config import ModelConfig
-
-    cfg = ModelConfig(d_model=32, n_layers=2, n_heads=4, d_ff=128, context_length=64, dropout=0.0)
+    cfg = tiny_config()
     tmp = tmp_path_factory.mktemp("bench")
     torch.manual_seed(0)
     save_model(tmp / "ckpt", NanoGPTLMHeadModel(cfg))
