@@ -1,28 +1,58 @@
-"""Shared fixtures: a tiny model config and a small real data folder built from the builtin corpus."""
+"""Shared fixtures: the tiny model (config, seeded weights, checkpoint), real text, and a small data folder.
+
+Plain constants and functions live in modules named for what they hold: `tests/tiny.py` (the tiny config,
+the quick training recipe), `tests/corpus.py` (real text), `tests/card.py` (the model card's figures),
+`tests/local_server.py` (HTTP on 127.0.0.1), `tests/bad_input.py` (the refusal check).
+"""
 
 from __future__ import annotations
 
-import json
-import lzma
-from importlib.resources import files
 from pathlib import Path
 
 import pytest
+import torch
 
 from nanogpt.config import ModelConfig
 from nanogpt.data.shards import ShardWriter, write_meta
 from nanogpt.data.tokenizer import get_tokenizer
+from nanogpt.model.gpt import NanoGPTLMHeadModel
+from nanogpt.train.checkpoint import save_model
+from tests.corpus import builtin_works, real_texts, write_jsonl
+from tests.tiny import tiny_config
 
 
 @pytest.fixture
 def tiny_cfg() -> ModelConfig:
-    """2 layers, width 32: the size of every parity test."""
-    return ModelConfig(d_model=32, n_layers=2, n_heads=4, d_ff=128, context_length=64, dropout=0.0)
+    """2 layers, width 32, context 64: the size of every parity test."""
+    return tiny_config()
 
 
-def builtin_works() -> list[dict]:
-    raw = lzma.decompress((files("nanogpt") / "corpus" / "shakespeare.jsonl.xz").read_bytes())
-    return [json.loads(line) for line in raw.decode("utf-8").splitlines()]
+@pytest.fixture
+def model(tiny_cfg) -> NanoGPTLMHeadModel:
+    """The tiny model, seeded, in eval mode."""
+    torch.manual_seed(0)
+    return NanoGPTLMHeadModel(tiny_cfg).eval()
+
+
+@pytest.fixture
+def ckpt(model, tmp_path) -> Path:
+    """`model` saved as a checkpoint folder."""
+    return save_model(tmp_path / "ckpt", model)
+
+
+@pytest.fixture(scope="module")
+def student(tmp_path_factory) -> Path:
+    """An untrained tiny checkpoint with a 16-token context, to distill into from a served teacher."""
+    torch.manual_seed(11)
+    return save_model(
+        tmp_path_factory.mktemp("student") / "s", NanoGPTLMHeadModel(tiny_config(context_length=16))
+    )
+
+
+@pytest.fixture
+def corpus(tmp_path) -> Path:
+    """120 real-text documents of ~600 characters (~18K tokens) as JSONL."""
+    return write_jsonl(tmp_path / "corpus.jsonl", [{"text": t} for t in real_texts(120)])
 
 
 @pytest.fixture(scope="session")

@@ -22,7 +22,6 @@ from safetensors.torch import save_file
 
 from nanogpt import cli
 from nanogpt.commands.import_ import main as import_main
-from nanogpt.config import ModelConfig
 from nanogpt.data import shards as data_mod
 from nanogpt.data.prepare import STATE, WINDOW
 from nanogpt.data.shards import HEADER, META, TokenData, write_meta
@@ -30,21 +29,10 @@ from nanogpt.export import hf
 from nanogpt.model.gpt import NanoGPTLMHeadModel
 from tests.bad_input import mount_tmpfs, refuse
 from tests.bad_input import small_disk as disk
-from tests.conftest import builtin_works
+from tests.corpus import builtin_works
+from tests.tiny import TINY_MODEL, tiny_config
 
 QUIET = ["--quiet"]
-
-
-def write_jsonl(path: Path, texts: list[str]) -> Path:
-    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts), encoding="utf-8")
-    return path
-
-
-@pytest.fixture
-def corpus(tmp_path) -> Path:
-    """120 real-text documents of ~600 characters (~18K tokens) as JSONL."""
-    text = builtin_works()[0]["text"]
-    return write_jsonl(tmp_path / "corpus.jsonl", [text[i * 600 : (i + 1) * 600] for i in range(120)])
 
 
 # ---- prepare: sources and flags ------------------------------------------------------------------------
@@ -221,7 +209,6 @@ def test_prepare_into_a_read_only_folder(capsys, tmp_path, corpus, read_only_par
 
 # ---- train: the data folder and its shards ---------------------------------------------------------------
 
-TINY = {"d_model": 32, "n_layers": 2, "n_heads": 4, "d_ff": 128, "context_length": 64, "dropout": 0.0}
 TINY_RUN = {
     "device": "cpu",
     "batch_size": 2,
@@ -234,7 +221,7 @@ TINY_RUN = {
 
 def train_argv(tmp_path: Path, data: Path) -> list[str]:
     config = tmp_path / "tiny.json"
-    config.write_text(json.dumps(TINY | TINY_RUN))
+    config.write_text(json.dumps(TINY_MODEL | TINY_RUN))
     return ["train", "--data", str(data), "--out", str(tmp_path / "run"), "--config", str(config),
             "--no-progress"]  # fmt: skip
 
@@ -332,7 +319,7 @@ def test_train_meta_json_broken(capsys, tmp_path, data_copy, text, names):
 @pytest.fixture
 def gpt2_folder(tmp_path) -> Path:
     """A real GPT-2-format HF folder (config.json + model.safetensors) of a 2-layer, width-32 model."""
-    cfg = ModelConfig(**TINY, vocab_size=50257)
+    cfg = tiny_config(vocab_size=50257)
     torch.manual_seed(0)
     sd = {k: v for k, v in NanoGPTLMHeadModel(cfg).state_dict().items() if k != "lm_head.weight"}
     folder = tmp_path / "gpt2"
@@ -398,7 +385,9 @@ def test_import_config_bad_values(capsys, tmp_path, gpt2_folder, key, value, nam
 
 
 def test_import_nanogpt_config_with_a_string_size(capsys, tmp_path, gpt2_folder):
-    (gpt2_folder / "config.json").write_text(json.dumps({"model_type": "nanogpt", **TINY, "d_model": "32"}))
+    (gpt2_folder / "config.json").write_text(
+        json.dumps({"model_type": "nanogpt", **TINY_MODEL, "d_model": "32"})
+    )
     refuse(capsys, import_argv(gpt2_folder, tmp_path), names=["d_model is '32'"], fix="fix that value",
            untouched=[gpt2_folder])  # fmt: skip
 

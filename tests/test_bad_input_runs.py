@@ -29,8 +29,9 @@ from nanogpt.train.optim import schedule_warning
 from nanogpt.train.plot import read_log
 from tests.bad_input import refuse, refuse_subprocess, run_nanogpt
 from tests.bad_input import small_disk as disk
+from tests.tiny import TINY_MODEL
 
-MODEL = {"d_model": 32, "n_layers": 2, "n_heads": 4, "d_ff": 128, "context_length": 32, "dropout": 0.0}
+MODEL = {**TINY_MODEL, "context_length": 32}
 QUICK = [
     "--batch-size", "2", "--eval-iters", "1", "--log-interval", "1", "--warmup-iters", "1",
     "--learning-rate", "1e-3", "--threads", "1", "--no-progress",

@@ -24,15 +24,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from nanogpt.config import ModelConfig
 from nanogpt.data.shards import ShardWriter, write_meta
 from nanogpt.data.tokenizer import get_tokenizer
 from nanogpt.model.gpt import NanoGPTLMHeadModel
 from nanogpt.train.checkpoint import save_model
 from tests.bad_input import refuse, refuse_subprocess
+from tests.local_server import post
+from tests.tiny import tiny_config
 
 CONTEXT = 16
-TINY = ModelConfig(d_model=32, n_layers=2, n_heads=4, d_ff=128, context_length=CONTEXT, dropout=0.0)
 SERVE_TIMEOUT = 60  # a fresh interpreter imports torch and FastAPI; on a loaded machine that takes a while
 
 
@@ -44,7 +44,7 @@ def root(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def ckpt(root) -> Path:
     torch.manual_seed(0)
-    return save_model(root / "ckpt", NanoGPTLMHeadModel(TINY))
+    return save_model(root / "ckpt", NanoGPTLMHeadModel(tiny_config(context_length=CONTEXT)))
 
 
 @pytest.fixture(scope="module")
@@ -484,16 +484,6 @@ def server(ckpt):
     finally:
         proc.kill()
         proc.wait(timeout=10)
-
-
-def post(url: str, body: object, raw: bytes | None = None) -> tuple[int, dict]:
-    data = raw if raw is not None else json.dumps(body).encode()  # NaN and Infinity as Python writes them
-    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=60) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
 
 
 def test_serve_listening_line_names_the_bound_port(server):

@@ -8,7 +8,6 @@ cache or print what it should not, and leave no empty OUT.teacher/ behind.
 from __future__ import annotations
 
 import json
-import socket
 import sqlite3
 import threading
 import time
@@ -18,15 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
 from nanogpt import cli
-from nanogpt.config import ModelConfig
 from nanogpt.data.tokenizer import get_tokenizer
 from nanogpt.distill.api import AnswerCache, ApiClient, ApiConfig, TeacherError, parse_topk, redact
-from nanogpt.model.gpt import NanoGPTLMHeadModel
-from nanogpt.train.checkpoint import save_model
 from tests.bad_input import refuse, refuse_subprocess
+from tests.local_server import free_port
 
 KEY = "sk-test-9f8e7d6c5b4a"
 KEY_ENV = "NANOGPT_TEST_TEACHER_KEY"
@@ -107,19 +103,6 @@ def scored(prompt: list[int], k: int = 3, logprob: Any = -0.5) -> dict[str, Any]
 
 def good_completions(h: Handler, body: dict[str, Any] | None) -> None:
     h.send(200, scored(body["prompt"]))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def student(tmp_path_factory) -> Path:
-    cfg = ModelConfig(d_model=32, n_layers=2, n_heads=4, d_ff=128, context_length=16, dropout=0.0)
-    torch.manual_seed(11)
-    return save_model(tmp_path_factory.mktemp("student") / "s", NanoGPTLMHeadModel(cfg))
 
 
 @pytest.fixture

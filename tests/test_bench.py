@@ -29,6 +29,7 @@ from nanogpt.errors import UserError
 from nanogpt.model.gpt import NanoGPTLMHeadModel
 from nanogpt.train.checkpoint import save_model
 from nanogpt.train.loop import flops_per_token
+from tests.tiny import tiny_config
 
 # every row a run writes; with --peers each also has a peer value
 KEYS = {
@@ -174,9 +175,7 @@ def test_load_warnings_subtract_the_bench_own_threads():
 def cli_run(tmp_path_factory):
     """One `nanogpt bench --peers` on a saved tiny checkpoint, 1 repeat: its JSON and output folder."""
     pytest.importorskip("transformers")
-    from nanogpt.config import ModelConfig
-
-    cfg = ModelConfig(d_model=32, n_layers=2, n_heads=4, d_ff=128, context_length=64, dropout=0.0)
+    cfg = tiny_config()
     tmp = tmp_path_factory.mktemp("bench")
     torch.manual_seed(0)
     save_model(tmp / "ckpt", NanoGPTLMHeadModel(cfg))
@@ -292,5 +291,6 @@ def test_mlx_backend_rows(tiny_cfg):
     torch.manual_seed(0)
     res = run_bench(NanoGPTLMHeadModel(tiny_cfg), batch=1, seq=16, repeats=1, warmup=0, backend="mlx")
     assert {r.key for r in res.rows} == KEYS
-    assert all(r.value > 0 for r in res.rows)
+    # a value above its measured ceiling on a loaded machine is withheld (None, with a warning), never reported
+    assert all(r.value > 0 if "ours" not in r.invalid else r.value is None for r in res.rows)
     assert res.roofline["backend"] == "mlx" and "MLX" in res.activation["ours"]["method"]

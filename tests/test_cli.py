@@ -6,11 +6,10 @@ import pytest
 
 from nanogpt.cli import COMMANDS, main
 from nanogpt.errors import UserError
+from tests.card import CARD_TRAINING_CONFIGURATION, CARD_TREE
 
 
 def test_info_card_prints_tree_counts_and_memory(capsys):
-    from tests.test_model import CARD_TREE
-
     assert main(["info", "--preset", "card"]) == 0
     out = capsys.readouterr().out
     assert out.startswith(CARD_TREE)
@@ -19,8 +18,6 @@ def test_info_card_prints_tree_counts_and_memory(capsys):
 
 
 def test_info_loads_the_cards_json_block(tmp_path, capsys):
-    from tests.test_config import CARD_TRAINING_CONFIGURATION
-
     p = tmp_path / "card.json"
     p.write_text(json.dumps(CARD_TRAINING_CONFIGURATION))
     assert main(["info", "--config", str(p)]) == 0

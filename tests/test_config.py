@@ -4,20 +4,7 @@ import pytest
 
 from nanogpt.config import ModelConfig, TrainConfig, load_config, override, preset
 from nanogpt.errors import UserError
-
-CARD_TRAINING_CONFIGURATION = {  # the card's "Training Configuration" block, verbatim
-    "vocab_size": 50257,
-    "d_model": 384,
-    "n_layers": 8,
-    "n_heads": 8,
-    "d_ff": 1536,
-    "context_length": 512,
-    "dropout": 0.1,
-    "batch_size": 12,
-    "learning_rate": 3e-4,
-    "weight_decay": 0.1,
-    "max_iters": 20000,
-}
+from tests.card import CARD_TRAINING_CONFIGURATION
 
 
 def test_card_block_loads_as_is(tmp_path):

@@ -10,8 +10,9 @@ import sys
 
 from nanogpt.train.checkpoint import load_model
 from nanogpt.train.plot import read_log
+from tests.tiny import TINY_MODEL
 
-MODEL = {"d_model": 32, "n_layers": 2, "n_heads": 4, "d_ff": 128, "context_length": 32, "dropout": 0.0}
+MODEL = {**TINY_MODEL, "context_length": 32}
 
 
 def torchrun(*args: str) -> subprocess.CompletedProcess:

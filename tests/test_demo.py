@@ -1,6 +1,7 @@
-"""`nanogpt demo` end to end on the builtin corpus, with a short time budget."""
+"""`nanogpt demo` end to end on the builtin corpus: a 2-step smoke run by default, 25 steps under `-m slow`."""
 
 import json
+import math
 
 import pytest
 
@@ -14,6 +15,35 @@ def test_demo_train_config_fits_the_budget():
     assert cfg.warmup_iters < cfg.max_iters and cfg.eval_interval <= cfg.max_iters // 5
 
 
+def test_demo_smoke(tmp_path, capsys, monkeypatch):
+    """Every stage of the real command at its smallest: prepare, 2 steps, perplexity, samples, export, reload."""
+    pytest.importorskip("transformers")
+    monkeypatch.chdir(tmp_path)
+    argv = ["demo", "--iters", "2", "--minutes", "10", "--eval-tokens", "300"]
+    assert main([*argv, "--out", "runs/demo", "--data", "data/builtin"]) == 0
+    out = capsys.readouterr().out
+    run = tmp_path / "runs/demo"
+    result = json.loads((run / "demo.json").read_text())
+    assert result["steps"] == 2 and result["tokens"] == 2 * 16 * 128  # batch 16 of the tiny preset's 128
+    assert result["val_tokens_scored"] == 299  # the first token of the 300 has no context
+    for ppl in (result["init_val_ppl"], result["final_val_ppl"]):
+        assert math.isfinite(ppl) and 1 < ppl < 2 * 50257  # about the vocabulary size untrained
+    assert set(result["samples"]) == set(WIDGET_PROMPTS)
+    assert all(result["samples"][p].startswith(p) for p in WIDGET_PROMPTS)
+    assert (run / "loss.png").stat().st_size > 0 and (run / "best" / "config.json").is_file()
+    assert (tmp_path / "data/builtin" / "meta.json").is_file()
+    assert (run / "hf/modeling_nanogpt.py").is_file()
+    assert result["hf_sample"].startswith(WIDGET_PROMPTS[0])  # loaded back through transformers
+    assert "val perplexity" in out and all(f"--- {p}" in out for p in WIDGET_PROMPTS)
+    # a folder the demo did not write is refused before any work
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    assert main([*argv, "--out", "other", "--no-export"]) == 2
+    assert (tmp_path / "other" / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in (tmp_path / "other").iterdir()) == ["notes.txt"]
+
+
+@pytest.mark.slow
 def test_demo_end_to_end(tmp_path, capsys, monkeypatch):
     pytest.importorskip("transformers")
     monkeypatch.chdir(tmp_path)

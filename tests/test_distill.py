@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from nanogpt.commands.distill import main
-from nanogpt.config import ModelConfig, TrainConfig
+from nanogpt.config import ModelConfig
 from nanogpt.distill.local import DistillLossFn, load_local_teacher
 from nanogpt.distill.losses import distill_loss, distill_parts, divergence, sparse_kl
 from nanogpt.distill.teachers import parse_teacher
@@ -17,6 +17,7 @@ from nanogpt.errors import UserError
 from nanogpt.model.gpt import NanoGPTLMHeadModel
 from nanogpt.train.checkpoint import save_model
 from nanogpt.train.loop import train
+from tests.tiny import quick_train_config, tiny_config
 
 LN = math.log
 
@@ -130,27 +131,22 @@ def test_sparse_kl_gradcheck_and_row_mask():
 # --- local teachers ------------------------------------------------------------------------------------------
 
 
-def quick(**kw) -> TrainConfig:
-    base = dict(
-        batch_size=4,
-        max_iters=6,
-        eval_interval=3,
-        eval_iters=1,
-        log_interval=1,
-        warmup_iters=0,
-        learning_rate=3e-3,
-        min_lr=3e-3,
-        device="cpu",
-    )
-    return TrainConfig(**{**base, **kw})
+# the shared quick recipe at batch 4 with a flat, higher learning rate: the teacher must learn in 30 steps
+FLAT_LR = {"batch_size": 4, "warmup_iters": 0, "learning_rate": 3e-3, "min_lr": 3e-3}
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, small_data):
     """A teacher trained 30 steps (it learns the unigram/bigram statistics) and an untrained student."""
     root = tmp_path_factory.mktemp("distill_runs")
-    cfg = ModelConfig(d_model=32, n_layers=2, n_heads=4, d_ff=128, context_length=32, dropout=0.0)
-    train(cfg, quick(max_iters=30, eval_interval=30), small_data, root / "teacher", progress=False)
+    cfg = tiny_config(context_length=32)
+    train(
+        cfg,
+        quick_train_config(max_iters=30, eval_interval=30, **FLAT_LR),
+        small_data,
+        root / "teacher",
+        progress=False,
+    )
     torch.manual_seed(5)
     save_model(root / "student", NanoGPTLMHeadModel(cfg))
     return root
@@ -163,7 +159,7 @@ def test_local_teacher_soft_loss_falls_through_train(runs, small_data, tmp_path)
     cfg = ModelConfig.load(runs / "student" / "config.json")
     res = train(
         cfg,
-        quick(max_iters=12, eval_interval=12),
+        quick_train_config(max_iters=12, eval_interval=12, **FLAT_LR),
         small_data,
         tmp_path / "kd",
         init_from=str(runs / "student"),
@@ -195,7 +191,7 @@ def test_other_vocab_teacher_is_refused(tmp_path, runs):
     (tmp_path / "oss" / "config.json").write_text(json.dumps({**hf_cfg.to_dict(), "model_type": "gpt_oss"}))
     with pytest.raises(UserError, match="another tokenizer.*chat:MODEL@URL"):
         load_local_teacher(tmp_path / "oss")
-    small = ModelConfig(vocab_size=1000, d_model=32, n_layers=1, n_heads=4, d_ff=64, context_length=32)
+    small = tiny_config(vocab_size=1000, n_layers=1, d_ff=64, context_length=32)
     save_model(tmp_path / "small_vocab", NanoGPTLMHeadModel(small))
     with pytest.raises(UserError, match="vocab_size 1000"):
         load_local_teacher(tmp_path / "small_vocab")
@@ -225,9 +221,7 @@ def test_distill_command_local_teacher_and_resume(runs, small_data, tmp_path, ca
     assert len(log) == 4
     with pytest.raises(UserError, match="another tokenizer|vocab"):
         bad = tmp_path / "bad"
-        save_model(
-            bad, NanoGPTLMHeadModel(ModelConfig(vocab_size=500, d_model=32, n_layers=1, n_heads=4, d_ff=64))
-        )
+        save_model(bad, NanoGPTLMHeadModel(tiny_config(vocab_size=500, n_layers=1, d_ff=64)))
         main(
             [
                 "--teacher",

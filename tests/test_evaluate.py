@@ -24,19 +24,12 @@ from nanogpt.infer.evaluate import (
     text_tokens,
 )
 from nanogpt.model.gpt import NanoGPTLMHeadModel
-from nanogpt.train.checkpoint import save_model
 
 TEXT = (
     "Now is the winter of our discontent made glorious summer by this sun of York; "
     "and all the clouds that lour'd upon our house in the deep bosom of the ocean buried. "
     "Café, naïve, 東京 — bytes beyond ASCII count too."
 )
-
-
-@pytest.fixture
-def model(tiny_cfg) -> NanoGPTLMHeadModel:
-    torch.manual_seed(0)
-    return NanoGPTLMHeadModel(tiny_cfg).eval()
 
 
 def real_tokens(n: int) -> torch.Tensor:
@@ -175,11 +168,6 @@ def test_text_tokens_joins_jsonl_documents(tmp_path):
     plain = tmp_path / "a.txt"
     plain.write_text(TEXT)
     assert text_tokens(plain).tolist() == tok.encode(TEXT)
-
-
-@pytest.fixture
-def ckpt(model, tmp_path):
-    return save_model(tmp_path / "ckpt", model)
 
 
 def test_cli_on_data_folder(ckpt, model, small_data, capsys):

@@ -29,13 +29,14 @@ from nanogpt.export import hf  # noqa: E402
 from nanogpt.folders import MARKER  # noqa: E402
 from nanogpt.model.gpt import NanoGPTLMHeadModel  # noqa: E402
 from nanogpt.train.checkpoint import save_model  # noqa: E402
+from tests.tiny import tiny_config  # noqa: E402
 
 PROMPTS = ["Once upon a time", "The capital of France is a city that"]
 
 
 def tiny(**changes) -> ModelConfig:
-    base = dict(d_model=32, n_layers=2, n_heads=4, d_ff=128, context_length=128, dropout=0.0)
-    return ModelConfig(**{**base, **changes})
+    """The tiny model with a 128-token context: room for the card's prompts and their continuations."""
+    return tiny_config(**{"context_length": 128, **changes})
 
 
 def make_ckpt(path: Path, cfg: ModelConfig, seed: int = 0) -> NanoGPTLMHeadModel:

@@ -1,12 +1,12 @@
 import math
 import threading
+from typing import NamedTuple
 
 import pytest
 import torch
 
 from nanogpt import cli
 from nanogpt.commands.sample import SampleStats
-from nanogpt.config import ModelConfig
 from nanogpt.data.tokenizer import EOT_ID, get_tokenizer
 from nanogpt.errors import UserError
 from nanogpt.infer.generate import (
@@ -22,20 +22,14 @@ from nanogpt.infer.generate import (
 from nanogpt.kernels import decode as decode_weights
 from nanogpt.kernels.decode import cpu_decode_kernel, drop_decode_weights
 from nanogpt.model.gpt import DECODE_DTYPE, Linear, NanoGPTLMHeadModel
-from nanogpt.train.checkpoint import save_model
+from tests.tiny import tiny_config
 
 PROMPT = [464, 3290, 286, 4881, 318, 6342, 11, 290]  # 8 ordinary GPT-2 token ids
 
 
-@pytest.fixture
-def model(tiny_cfg):
+def model_with_context(context_length: int) -> NanoGPTLMHeadModel:
     torch.manual_seed(0)
-    return NanoGPTLMHeadModel(tiny_cfg).eval()
-
-
-def model_with_context(tiny_cfg, context_length: int) -> NanoGPTLMHeadModel:
-    torch.manual_seed(0)
-    return NanoGPTLMHeadModel(ModelConfig(**{**tiny_cfg.to_dict(), "context_length": context_length})).eval()
+    return NanoGPTLMHeadModel(tiny_config(context_length=context_length)).eval()
 
 
 def record_input_lengths(model) -> list[int]:
@@ -147,9 +141,9 @@ def test_too_long_prompt_is_refused_at_the_call_and_crop_keeps_the_last_tokens(m
 
 
 @pytest.mark.parametrize("variant", [{}, {"norm_position": "post", "tie_embeddings": False, "bias": False}])
-def test_cached_greedy_equals_uncached_recomputation(tiny_cfg, variant):
+def test_cached_greedy_equals_uncached_recomputation(variant):
     torch.manual_seed(0)
-    model = NanoGPTLMHeadModel(ModelConfig(**{**tiny_cfg.to_dict(), **variant})).eval()
+    model = NanoGPTLMHeadModel(tiny_config(**variant)).eval()
     lengths = record_input_lengths(model)
     steps = list(decode_steps(model, PROMPT, 20, temperature=0))
     # the prompt goes through once, then exactly one new token per step
@@ -207,8 +201,8 @@ def test_stops_at_end_of_text(model):
     assert full.count(EOT_ID) > 1  # without the stop, EOT is an ordinary token and generation goes on
 
 
-def test_context_end_slides_the_window(tiny_cfg):
-    model = model_with_context(tiny_cfg, 16)
+def test_context_end_slides_the_window():
+    model = model_with_context(16)
     lengths = record_input_lengths(model)
     steps = list(decode_steps(model, PROMPT + PROMPT[:2], 40, temperature=0))
     fed = list(lengths)
@@ -436,15 +430,16 @@ def test_sample_stats():
 # --- the command ------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def ckpt(model, tmp_path):
-    return save_model(tmp_path / "ckpt", model)
+class SampleRun(NamedTuple):
+    rc: int
+    out: str
+    err: str
 
 
-def sample_cli(capsys, *args: str) -> tuple[int, str, str]:
+def sample_cli(capsys, *args: str) -> SampleRun:
     rc = cli.main(["sample", *args])
     out = capsys.readouterr()
-    return rc, out.out, out.err
+    return SampleRun(rc, out.out, out.err)
 
 
 def test_cli_seed_reproducibility(ckpt, capsys):
@@ -452,8 +447,8 @@ def test_cli_seed_reproducibility(ckpt, capsys):
     rc, a, err = sample_cli(capsys, *base, "--top-k", "0", "--seed", "1")
     assert rc == 0 and a.startswith("Hello") and len(a) > len("Hello\n")
     assert "25 tokens in" in err and "tok/s" in err
-    assert sample_cli(capsys, *base, "--top-k", "0", "--seed", "1")[1] == a
-    assert sample_cli(capsys, *base, "--top-k", "0", "--seed", "2")[1] != a
+    assert sample_cli(capsys, *base, "--top-k", "0", "--seed", "1").out == a
+    assert sample_cli(capsys, *base, "--top-k", "0", "--seed", "2").out != a
 
 
 def test_cli_streams_what_generate_yields(model, ckpt, capsys):
@@ -494,4 +489,4 @@ def test_cli_random_init_preset(capsys):
     args = ["--preset", "tiny", "--prompt", "Once upon a time", "--max-new-tokens", "5", "--seed", "3"]
     rc, out, _ = sample_cli(capsys, *args)
     assert rc == 0 and out.startswith("Once upon a time") and len(out) > len("Once upon a time\n")
-    assert sample_cli(capsys, *args)[1] == out  # --seed also fixes the random initialisation
+    assert sample_cli(capsys, *args).out == out  # --seed also fixes the random initialisation

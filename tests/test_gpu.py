@@ -25,7 +25,7 @@ from nanogpt.train.checkpoint import load_model
 from nanogpt.train.loop import train
 from nanogpt.train.optim import make_optimizer
 from nanogpt.train.plot import read_log
-from tests.test_train import quick_cfg
+from tests.tiny import quick_train_config
 
 pytestmark = pytest.mark.gpu
 
@@ -140,7 +140,7 @@ def test_decode_steps_match_the_full_forward(dev, dtype):
 
 
 def test_adamw_is_fused_on_the_device(dev):
-    opt = make_optimizer(NanoGPTLMHeadModel(small_cfg()).to(dev), quick_cfg(), dev)
+    opt = make_optimizer(NanoGPTLMHeadModel(small_cfg()).to(dev), quick_train_config(), dev)
     assert opt.defaults["fused"] is True
 
 
@@ -148,11 +148,10 @@ def test_bf16_compiled_training_run_learns_and_resumes(dev, small_data, tmp_path
     cfg = small_cfg(d_model=64, d_ff=256, context_length=64)
     kw = dict(device=str(dev), dtype="bf16", compile=True, batch_size=8, learning_rate=3e-3, warmup_iters=5)
     run = tmp_path / "run"
-    res = train(
-        cfg, quick_cfg(max_iters=40, eval_interval=20, eval_iters=4, **kw), small_data, run, progress=False
-    )
+    quick = quick_train_config(max_iters=40, eval_interval=20, eval_iters=4, **kw)
+    res = train(cfg, quick, small_data, run, progress=False)
     assert res.steps == 40 and res.last_val_loss < res.first_val_loss - 0.5
-    res2 = train(cfg, quick_cfg(max_iters=50, eval_interval=25, eval_iters=4, **kw), small_data, run,
+    res2 = train(cfg, quick_train_config(max_iters=50, eval_interval=25, eval_iters=4, **kw), small_data, run,
                  resume=True, progress=False)  # fmt: skip
     assert res2.steps == 50
     steps = [r["step"] for r in read_log(run / "log.jsonl")]

@@ -44,6 +44,7 @@ from nanogpt.train.optim import (  # noqa: E402
 )
 from nanogpt.train.optim import make_optimizer as torch_optimizer  # noqa: E402
 from nanogpt.train.plot import read_log  # noqa: E402
+from tests.tiny import tiny_config  # noqa: E402
 
 
 def torch_and_mlx(cfg: ModelConfig, tmp_path, seed: int = 0):
@@ -67,8 +68,8 @@ def max_logit_diff(tm, mm, idx: np.ndarray) -> float:
     [{}, {"norm_position": "post", "activation": "gelu_tanh", "tie_embeddings": False}, {"bias": False}],
     ids=["pre-ln-tied", "post-ln-gelu_tanh-untied", "no-bias"],
 )
-def test_logits_match_torch_tiny(tiny_cfg, tmp_path, changes):
-    cfg = ModelConfig(**{**tiny_cfg.to_dict(), **changes})
+def test_logits_match_torch_tiny(tmp_path, changes):
+    cfg = tiny_config(**changes)
     tm, mm = torch_and_mlx(cfg, tmp_path)
     idx = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 24))
     assert max_logit_diff(tm, mm, idx) < 1e-4
@@ -101,8 +102,8 @@ def test_cached_equals_uncached(tiny_cfg):
     assert float(mx.abs(mx.concatenate(parts, axis=1) - full).max()) < 1e-5
 
 
-def test_generate_greedy_equals_uncached_decoding(tiny_cfg):
-    cfg = ModelConfig(**{**tiny_cfg.to_dict(), "context_length": 16})
+def test_generate_greedy_equals_uncached_decoding():
+    cfg = tiny_config(context_length=16)
     mx.random.seed(3)
     mm = MLXGPT(cfg)
     prompt = [464, 3290, 318]
@@ -131,7 +132,7 @@ def test_sampling_rules(tiny_cfg):
 
 
 def test_checkpoints_cross_load_with_identical_tensors(tiny_cfg, tmp_path):
-    for cfg in (tiny_cfg, ModelConfig(**{**tiny_cfg.to_dict(), "tie_embeddings": False})):
+    for cfg in (tiny_cfg, tiny_config(tie_embeddings=False)):
         tm, mm = torch_and_mlx(cfg, tmp_path)  # torch -> MLX
         for name, t in tm.state_dict().items():
             if name == "lm_head.weight" and cfg.tie_embeddings:
@@ -152,15 +153,15 @@ def test_checkpoints_cross_load_with_identical_tensors(tiny_cfg, tmp_path):
 
 
 def test_decay_groups_match_torch(tiny_cfg):
-    for cfg in (tiny_cfg, ModelConfig(**{**tiny_cfg.to_dict(), "tie_embeddings": False})):
+    for cfg in (tiny_cfg, tiny_config(tie_embeddings=False)):
         tm = TorchGPT(cfg)
         names = {id(p): n for n, p in tm.named_parameters()}
         torch_decay = {names[id(p)] for p in param_groups(tm, 0.1)[0]["params"]}
         assert decay_names(MLXGPT(cfg)) == torch_decay
 
 
-def test_twenty_training_steps_match_torch(tiny_cfg, small_data, tmp_path):
-    cfg = ModelConfig(**{**tiny_cfg.to_dict(), "context_length": 16})
+def test_twenty_training_steps_match_torch(small_data, tmp_path):
+    cfg = tiny_config(context_length=16)
     tc = TrainConfig(
         batch_size=2, grad_accum_steps=2, learning_rate=5e-3, min_lr=5e-4, warmup_iters=5, max_iters=20
     )
@@ -194,8 +195,8 @@ def test_twenty_training_steps_match_torch(tiny_cfg, small_data, tmp_path):
     assert diff.max() < 1e-3, diff
 
 
-def test_resume_is_exact(tiny_cfg, small_data, tmp_path):
-    cfg = ModelConfig(**{**tiny_cfg.to_dict(), "context_length": 32, "dropout": 0.1})
+def test_resume_is_exact(small_data, tmp_path):
+    cfg = tiny_config(context_length=32, dropout=0.1)
     common = dict(
         batch_size=2, learning_rate=2e-3, warmup_iters=2, lr_decay_iters=6, eval_interval=3, eval_iters=1
     )
@@ -248,7 +249,7 @@ def test_cli_backends_train_eval_sample_and_export(small_data, tmp_path, capsys)
     from nanogpt.cli import main
 
     run = tmp_path / "mlx_run"
-    cfg = ModelConfig(d_model=32, n_layers=2, n_heads=4, d_ff=128, context_length=32, dropout=0.0)
+    cfg = tiny_config(context_length=32)
     cfg.save(tmp_path / "model.json")
     flags = [
         "--max-iters",

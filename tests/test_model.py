@@ -4,33 +4,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nanogpt.config import ModelConfig, preset
+from nanogpt.config import preset
 from nanogpt.model.gpt import NanoGPTLMHeadModel
 from nanogpt.model.kv_cache import KVCache
-
-CARD_TREE = """\
-NanoGPTLMHeadModel(
-  (transformer): NanoGPTModel(
-    (token_embedding): Embedding(50257, 384)
-    (position_embedding): Embedding(512, 384)
-    (blocks): ModuleList(
-      (0-7): 8 x NanoGPTBlock(
-        (ln1): LayerNorm((384,), eps=1e-05)
-        (attn): NanoGPTAttention(
-          (qkv_proj): Linear(384, 1152)
-          (out_proj): Linear(384, 384)
-        )
-        (ln2): LayerNorm((384,), eps=1e-05)
-        (ff): FeedForward(
-          (fc1): Linear(384, 1536)
-          (fc2): Linear(1536, 384)
-        )
-      )
-    )
-    (ln_f): LayerNorm((384,), eps=1e-05)
-  )
-  (lm_head): Linear(384, 50257)
-)"""
+from tests.card import CARD_TREE
+from tests.tiny import tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -78,8 +56,8 @@ def _reference_block(block, x, pre: bool):
 
 
 @pytest.mark.parametrize("norm", ["pre", "post"])
-def test_forward_matches_reference(tiny_cfg, norm):
-    cfg = ModelConfig(**{**tiny_cfg.to_dict(), "norm_position": norm})
+def test_forward_matches_reference(norm):
+    cfg = tiny_config(norm_position=norm)
     torch.manual_seed(0)
     model = NanoGPTLMHeadModel(cfg).eval()
     idx = torch.randint(0, cfg.vocab_size, (2, 10))
@@ -94,7 +72,7 @@ def test_forward_matches_reference(tiny_cfg, norm):
 def test_pre_and_post_differ(tiny_cfg):
     torch.manual_seed(0)
     pre = NanoGPTLMHeadModel(tiny_cfg).eval()
-    post = NanoGPTLMHeadModel(ModelConfig(**{**tiny_cfg.to_dict(), "norm_position": "post"})).eval()
+    post = NanoGPTLMHeadModel(tiny_config(norm_position="post")).eval()
     post.load_state_dict(pre.state_dict())
     idx = torch.randint(0, 50257, (1, 8))
     assert not torch.allclose(pre(idx), post(idx))
@@ -110,8 +88,8 @@ def test_causality(tiny_cfg):
 
 
 @pytest.mark.parametrize("norm", ["pre", "post"])
-def test_cached_equals_uncached(tiny_cfg, norm):
-    cfg = ModelConfig(**{**tiny_cfg.to_dict(), "norm_position": norm})
+def test_cached_equals_uncached(norm):
+    cfg = tiny_config(norm_position=norm)
     torch.manual_seed(1)
     model = NanoGPTLMHeadModel(cfg).eval()
     idx = torch.randint(0, cfg.vocab_size, (2, 20))
@@ -129,8 +107,8 @@ def test_context_overflow_raises(tiny_cfg):
         model(torch.zeros(1, tiny_cfg.context_length + 1, dtype=torch.long))
 
 
-def test_dropout_only_in_training(tiny_cfg):
-    cfg = ModelConfig(**{**tiny_cfg.to_dict(), "dropout": 0.5})
+def test_dropout_only_in_training():
+    cfg = tiny_config(dropout=0.5)
     model = NanoGPTLMHeadModel(cfg)
     idx = torch.randint(0, 50257, (1, 8))
     model.eval()
@@ -139,8 +117,8 @@ def test_dropout_only_in_training(tiny_cfg):
     assert not torch.allclose(model(idx), model(idx))
 
 
-def test_untied_and_biasless(tiny_cfg):
-    cfg = ModelConfig(**{**tiny_cfg.to_dict(), "tie_embeddings": False, "bias": False})
+def test_untied_and_biasless():
+    cfg = tiny_config(tie_embeddings=False, bias=False)
     model = NanoGPTLMHeadModel(cfg)
     assert model.lm_head.weight is not model.transformer.token_embedding.weight
     assert model.num_params(unique=False) == model.num_params(unique=True)

@@ -21,7 +21,8 @@ import pytest
 from nanogpt import cli
 from nanogpt.config import preset
 from nanogpt.errors import ArgumentParser, install_command
-from tests.test_config import CARD_TRAINING_CONFIGURATION
+from tests.card import CARD_TRAINING_CONFIGURATION
+from tests.tiny import tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
 SRC = REPO / "src" / "nanogpt"
@@ -287,12 +288,11 @@ def test_exported_model_card_title_and_links(tmp_path):
     pytest.importorskip("tokenizers")
     import torch
 
-    from nanogpt.config import ModelConfig
     from nanogpt.export import hf
     from nanogpt.model.gpt import NanoGPTLMHeadModel
     from nanogpt.train.checkpoint import save_model
 
-    cfg = ModelConfig(d_model=32, n_layers=2, n_heads=4, d_ff=128, context_length=128, dropout=0.0)
+    cfg = tiny_config(context_length=128)
     torch.manual_seed(0)
     model = NanoGPTLMHeadModel(cfg).eval()
     save_model(tmp_path / "ckpt", model)

@@ -20,7 +20,7 @@ from nanogpt.data.shards import META, TokenData, read_shard
 from nanogpt.data.sources import hf_documents, iter_documents
 from nanogpt.data.tokenizer import get_tokenizer
 from nanogpt.errors import UserError, install_command
-from tests.conftest import builtin_works
+from tests.corpus import builtin_works, real_texts, write_jsonl
 
 EOT = 50256
 
@@ -35,17 +35,6 @@ def split_docs(folder: Path, split: str) -> list[list[int]]:
 
 def folder_bytes(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return path
-
-
-def small_texts(n: int = 120, size: int = 600) -> list[str]:
-    """n real-text documents of about `size` characters, cut from the builtin corpus."""
-    text = builtin_works()[0]["text"]
-    return [text[i * size : (i + 1) * size] for i in range(n)]
 
 
 @pytest.fixture(scope="module")
@@ -163,7 +152,7 @@ def test_jsonl_and_gzip_sources(tmp_path):
 def test_parquet_source_reads_every_row_group(tmp_path):
     pa = pytest.importorskip("pyarrow")
     pq = pytest.importorskip("pyarrow.parquet")
-    texts = small_texts(10)
+    texts = real_texts(10)
     pq.write_table(pa.table({"id": list(range(10)), "text": texts}), tmp_path / "x.parquet", row_group_size=3)
     assert pq.ParquetFile(tmp_path / "x.parquet").num_row_groups == 4
     assert list(iter_documents(str(tmp_path / "x.parquet"))) == texts
@@ -191,7 +180,7 @@ def test_hf_streaming_path_matches_the_local_parquet_reader(tmp_path):
     pytest.importorskip("datasets")
     pa = pytest.importorskip("pyarrow")
     pq = pytest.importorskip("pyarrow.parquet")
-    texts = small_texts(7)
+    texts = real_texts(7)
     pq.write_table(pa.table({"text": texts, "url": ["u"] * 7}), tmp_path / "x.parquet", row_group_size=2)
     streamed = list(hf_documents("parquet", data_files=str(tmp_path / "x.parquet")))
     assert streamed == list(iter_documents(str(tmp_path / "x.parquet"))) == texts
@@ -200,11 +189,6 @@ def test_hf_streaming_path_matches_the_local_parquet_reader(tmp_path):
 
 
 # ---- re-runs and restarts ----------------------------------------------------------------------------
-
-
-@pytest.fixture
-def corpus(tmp_path) -> Path:
-    return write_jsonl(tmp_path / "corpus.jsonl", [{"text": t} for t in small_texts(120)])
 
 
 def test_rerun_is_a_noop_and_other_settings_need_force(corpus, tmp_path):

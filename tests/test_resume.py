@@ -13,9 +13,10 @@ import pytest
 
 from nanogpt.train.checkpoint import load_model, recover_dir
 from nanogpt.train.plot import read_log
+from tests.tiny import TINY_MODEL
 
 # dropout 0.1: the resumed run must also restore the torch RNG to draw the same dropout masks
-MODEL = {"d_model": 32, "n_layers": 2, "n_heads": 4, "d_ff": 128, "context_length": 32, "dropout": 0.1}
+MODEL = {**TINY_MODEL, "context_length": 32, "dropout": 0.1}
 FLAGS = [
     "--max-iters",
     "12",

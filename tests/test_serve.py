@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -19,7 +18,6 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
 from nanogpt.commands.distill import main as distill_main  # noqa: E402
-from nanogpt.config import ModelConfig  # noqa: E402
 from nanogpt.data.tokenizer import get_tokenizer  # noqa: E402
 from nanogpt.distill.api import (  # noqa: E402
     ApiClient,
@@ -33,14 +31,10 @@ from nanogpt.errors import UserError  # noqa: E402
 from nanogpt.model.gpt import NanoGPTLMHeadModel  # noqa: E402
 from nanogpt.serve.requests import BadRequest, chat_prompt, parse_prompts, parse_sampling  # noqa: E402
 from nanogpt.train.checkpoint import save_model  # noqa: E402
+from tests.local_server import free_port, post  # noqa: E402
+from tests.tiny import tiny_config  # noqa: E402
 
 KEY_ENV = "NANOGPT_TEST_SERVE_KEY"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:
@@ -80,22 +74,10 @@ class Server:
         self.proc.wait(timeout=10)
 
 
-def post(url: str, body: object, headers: dict | None = None, raw: bytes | None = None) -> tuple[int, dict]:
-    data = raw if raw is not None else json.dumps(body).encode()
-    req = urllib.request.Request(
-        url, data=data, headers={"Content-Type": "application/json", **(headers or {})}
-    )
-    try:
-        with urllib.request.urlopen(req, timeout=30) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
-
-
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("serve_model")
-    cfg = ModelConfig(d_model=32, n_layers=2, n_heads=4, d_ff=128, context_length=32, dropout=0.0)
+    cfg = tiny_config(context_length=32)
     torch.manual_seed(3)
     return save_model(root / "tiny", NanoGPTLMHeadModel(cfg))
 
@@ -154,13 +136,13 @@ def test_models_auth_and_errors(server):
     models = json.loads(urllib.request.urlopen(req, timeout=10).read())
     assert models["data"][0]["id"] == "tiny"
     url = server.url + "/v1/completions"
-    assert post(url, None, AUTH, raw=b"{not json")[0] == 400
-    assert post(url, [1, 2], AUTH)[0] == 400
+    assert post(url, None, AUTH, raw=b"{not json").status == 400
+    assert post(url, [1, 2], AUTH).status == 400
     status, body = post(url, {"prompt": "hi", "max_tokens": "many"}, AUTH)
     assert status == 400 and "max_tokens" in body["error"]["message"]
     status, body = post(url, {"prompt": list(range(40)), "max_tokens": 1}, AUTH)
     assert status == 400 and "context" in body["error"]["message"]
-    assert post(server.url + "/v1/chat/completions", {"messages": "hi"}, AUTH)[0] == 400
+    assert post(server.url + "/v1/chat/completions", {"messages": "hi"}, AUTH).status == 400
     assert "sk-test-secret" not in server.log.read_text()  # the key is never logged
 
 
@@ -255,13 +237,6 @@ def test_chat_and_stream(server):
 # --- the server as a teacher -----------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def student(tmp_path_factory) -> Path:
-    cfg = ModelConfig(d_model=32, n_layers=2, n_heads=4, d_ff=128, context_length=16, dropout=0.0)
-    torch.manual_seed(11)
-    return save_model(tmp_path_factory.mktemp("student") / "s", NanoGPTLMHeadModel(cfg))
-
-
 def kd_args(student: Path, data: Path, out: Path, teacher: str, *extra: str) -> list[str]:
     return [
         "--student", str(student), "--data", str(data), "--out", str(out), "--teacher", teacher,
@@ -333,7 +308,7 @@ def test_bad_teacher_answers_raise_or_are_skipped(tmp_path, student, small_data,
 
 def test_sequence_level_chat_teacher(student, small_data, tmp_path, monkeypatch):
     monkeypatch.setenv(KEY_ENV, "sk-chat")
-    cfg = ModelConfig(d_model=32, n_layers=2, n_heads=4, d_ff=128, context_length=64, dropout=0.0)
+    cfg = tiny_config()  # context 64
     teacher = save_model(tmp_path / "chat_teacher", NanoGPTLMHeadModel(cfg))  # room for the instruction
     srv = Server(teacher, tmp_path / "serve.log", key="sk-chat")
     try:

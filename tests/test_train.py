@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ from nanogpt.data.shards import BatchSampler, TokenData
 from nanogpt.errors import UserError
 from nanogpt.model.gpt import NanoGPTLMHeadModel
 from nanogpt.train.checkpoint import load_model, load_train_state, save_train_state
-from nanogpt.train.loop import estimate_loss, train
+from nanogpt.train.loop import TrainResult, estimate_loss, train
 from nanogpt.train.optim import (
     backward_micro_batches,
     cross_entropy_loss,
@@ -27,27 +28,9 @@ from nanogpt.train.optim import (
     param_groups,
 )
 from nanogpt.train.plot import read_log
+from tests.tiny import quick_train_config, tiny_config
 
 CPU = torch.device("cpu")
-
-
-def quick_cfg(**kw) -> TrainConfig:
-    base = dict(
-        batch_size=2,
-        max_iters=8,
-        eval_interval=4,
-        eval_iters=1,
-        log_interval=1,
-        warmup_iters=2,
-        learning_rate=1e-3,
-        min_lr=1e-4,
-        device="cpu",
-    )
-    return TrainConfig(**{**base, **kw})
-
-
-def small_model_cfg(tiny_cfg: ModelConfig, **kw) -> ModelConfig:
-    return ModelConfig(**{**tiny_cfg.to_dict(), "context_length": 32, **kw})
 
 
 # --- the math ---------------------------------------------------------------------------------------------
@@ -109,7 +92,7 @@ def test_param_groups_decay_only_linear_weights_each_param_once(tiny_cfg):
     ids = [id(p) for g in (decay, no_decay) for p in g["params"]]
     assert len(ids) == len(set(ids)) == len(list(model.parameters()))
     assert sum(p.numel() for g in (decay, no_decay) for p in g["params"]) == model.num_params(unique=True)
-    untied = NanoGPTLMHeadModel(ModelConfig(**{**tiny_cfg.to_dict(), "tie_embeddings": False}))
+    untied = NanoGPTLMHeadModel(tiny_config(tie_embeddings=False))
     assert any(p is untied.lm_head.weight for p in param_groups(untied, 0.1)[0]["params"])
 
 
@@ -125,7 +108,7 @@ def test_two_accumulated_micro_batches_equal_one_batch(tiny_cfg, small_data):
     a = NanoGPTLMHeadModel(tiny_cfg)
     b = copy.deepcopy(a)
     x, y = BatchSampler(TokenData(small_data).split("train"), 12, 16, seed=1).next()
-    cfg = quick_cfg(weight_decay=0.1)
+    cfg = quick_train_config(weight_decay=0.1)
     opt_a, opt_b = make_optimizer(a, cfg, CPU), make_optimizer(b, cfg, CPU)
     loss_a = backward_micro_batches(a, [(x[:6], y[:6]), (x[6:], y[6:])], cross_entropy_loss, CPU)
     loss_b = backward_micro_batches(b, [(x, y)], cross_entropy_loss, CPU)
@@ -149,11 +132,11 @@ def test_eval_uses_the_same_windows_every_time(tiny_cfg, small_data):
 
 def test_optimizer_state_round_trips_exactly(tiny_cfg, tmp_path):
     model = NanoGPTLMHeadModel(tiny_cfg)
-    opt = make_optimizer(model, quick_cfg(), CPU)
+    opt = make_optimizer(model, quick_train_config(), CPU)
     model(torch.randint(0, 100, (2, 8))).sum().backward()
     opt.step()
     save_train_state(tmp_path, opt, {"rng": torch.get_rng_state()}, {"step": 1})
-    fresh = make_optimizer(model, quick_cfg(), CPU)
+    fresh = make_optimizer(model, quick_train_config(), CPU)
     state = load_train_state(tmp_path, fresh)
     assert state.info["step"] == 1 and torch.equal(state.tensors["rng"], torch.get_rng_state())
     saved, loaded = opt.state_dict()["state"], fresh.state_dict()["state"]
@@ -168,17 +151,19 @@ def test_optimizer_state_round_trips_exactly(tiny_cfg, tmp_path):
 # --- real runs -------------------------------------------------------------------------------------------
 
 
+SHORT_RUN_MODEL = tiny_config(context_length=32)
+
+
 @pytest.fixture(scope="module")
-def short_run(tmp_path_factory, small_data):
-    """30 steps of a 2-layer model at lr 1e-3 on real text."""
-    cfg = ModelConfig(d_model=32, n_layers=2, n_heads=4, d_ff=128, context_length=32, dropout=0.0)
+def short_run(tmp_path_factory, small_data) -> TrainResult:
+    """30 steps of SHORT_RUN_MODEL at lr 1e-3 on real text."""
     run = tmp_path_factory.mktemp("runs") / "short"
-    train_cfg = quick_cfg(max_iters=30, eval_interval=10, eval_iters=2, batch_size=4, warmup_iters=5)
-    return train(cfg, train_cfg, small_data, run, progress=False), cfg
+    train_cfg = quick_train_config(max_iters=30, eval_interval=10, eval_iters=2, batch_size=4, warmup_iters=5)
+    return train(SHORT_RUN_MODEL, train_cfg, small_data, run, progress=False)
 
 
 def test_short_run_lowers_val_loss_and_writes_the_run_folder(short_run):
-    result, cfg = short_run
+    result = short_run
     run = result.run_dir
     assert result.steps == 30 and result.tokens == 30 * 4 * 32
     assert result.last_val_loss < result.first_val_loss - 0.2
@@ -201,23 +186,23 @@ def test_short_run_lowers_val_loss_and_writes_the_run_folder(short_run):
     assert [r["step"] for r in records if "val_loss" in r] == [0, 10, 20, 30]
     assert all(k in records[5] for k in ("loss", "lr", "tokens", "tokens_per_s", "mfu"))
     assert records[5]["tokens"] == 5 * 4 * 32
-    assert load_model(run).config == cfg
+    assert load_model(run).config == SHORT_RUN_MODEL
     state = json.loads((run / "last" / "state.json").read_text())
     assert state["step"] == 30 and state["train_config"]["max_iters"] == 30
 
 
 def test_plot_flag_regenerates_the_curve(short_run):
-    run = short_run[0].run_dir
+    run = short_run.run_dir
     (run / "loss.png").unlink()
     assert cli.main(["train", "--plot", str(run)]) == 0
     assert (run / "loss.png").stat().st_size > 1000
 
 
 def test_init_from_starts_from_the_checkpoint(short_run, small_data, tmp_path):
-    result, cfg = short_run
+    result = short_run
     res = train(
-        cfg,
-        quick_cfg(max_iters=0, batch_size=4, eval_iters=2),
+        SHORT_RUN_MODEL,
+        quick_train_config(max_iters=0, batch_size=4, eval_iters=2),
         small_data,
         tmp_path / "ft",
         init_from=str(result.run_dir),
@@ -226,32 +211,38 @@ def test_init_from_starts_from_the_checkpoint(short_run, small_data, tmp_path):
     assert res.first_val_loss == pytest.approx(result.best_val_loss, abs=1e-4)  # same weights, same windows
 
 
-def test_max_tokens_and_max_time_stop_the_run(tiny_cfg, small_data, tmp_path):
-    cfg = small_model_cfg(tiny_cfg)
+def test_max_tokens_and_max_time_stop_the_run(small_data, tmp_path):
+    cfg = tiny_config(context_length=32)
     res = train(
-        cfg, quick_cfg(max_iters=100, max_tokens=3 * 2 * 32), small_data, tmp_path / "a", progress=False
+        cfg,
+        quick_train_config(max_iters=100, max_tokens=3 * 2 * 32),
+        small_data,
+        tmp_path / "a",
+        progress=False,
     )
     assert res.steps == 3 and res.tokens == 3 * 2 * 32
-    res = train(cfg, quick_cfg(max_iters=100, max_time=0.0), small_data, tmp_path / "b", progress=False)
+    res = train(
+        cfg, quick_train_config(max_iters=100, max_time=0.0), small_data, tmp_path / "b", progress=False
+    )
     assert res.steps == 1 and (tmp_path / "b" / "last").is_dir()
 
 
 def test_existing_run_folder_needs_resume(short_run, small_data, capsys):
-    run = short_run[0].run_dir
+    run = short_run.run_dir
     rc = cli.main(["train", "--data", str(small_data), "--out", str(run), "--preset", "tiny"])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "--resume" in err and "already holds a training run" in err and len(err.splitlines()) == 1
 
 
 def test_resume_with_another_config_names_the_key(short_run, small_data):
-    result, cfg = short_run
-    other = ModelConfig(**{**cfg.to_dict(), "n_layers": 3})
+    result = short_run
+    other = replace(SHORT_RUN_MODEL, n_layers=3)
     with pytest.raises(UserError, match="'n_layers'"):
-        train(other, quick_cfg(), small_data, result.run_dir, resume=True, progress=False)
+        train(other, quick_train_config(), small_data, result.run_dir, resume=True, progress=False)
     assert first_difference({"a": 1, "b": 2}, {"a": 1, "b": 3}) == "b"
 
 
-def test_nan_loss_stops_naming_the_step_and_keeps_last(tiny_cfg, small_data, tmp_path):
+def test_nan_loss_stops_naming_the_step_and_keeps_last(small_data, tmp_path):
     calls = {"n": 0}
 
     def nan_at_step_6(model, x, y):
@@ -261,35 +252,49 @@ def test_nan_loss_stops_naming_the_step_and_keeps_last(tiny_cfg, small_data, tmp
 
     run = tmp_path / "nan"
     with pytest.raises(UserError, match="at step 6"):
-        train(small_model_cfg(tiny_cfg), quick_cfg(), small_data, run, loss_fn=nan_at_step_6, progress=False)
+        train(
+            tiny_config(context_length=32),
+            quick_train_config(),
+            small_data,
+            run,
+            loss_fn=nan_at_step_6,
+            progress=False,
+        )
     assert json.loads((run / "last" / "state.json").read_text())["step"] == 4
     assert torch.isfinite(next(load_model(run / "last").parameters())).all()
     assert max(r["step"] for r in read_log(run / "log.jsonl")) == 5
 
 
-def test_huge_learning_rate_is_a_user_error(tiny_cfg, small_data, tmp_path):
-    cfg = quick_cfg(learning_rate=1e30, warmup_iters=0, grad_clip=0.0)
+def test_huge_learning_rate_is_a_user_error(small_data, tmp_path):
+    cfg = quick_train_config(learning_rate=1e30, warmup_iters=0, grad_clip=0.0)
     with pytest.raises(UserError, match=r"(loss|gradient norm) is (nan|inf) at step \d"):
-        train(small_model_cfg(tiny_cfg), cfg, small_data, tmp_path / "r", progress=False)
+        train(tiny_config(context_length=32), cfg, small_data, tmp_path / "r", progress=False)
 
 
-def test_out_of_memory_suggests_accumulation(tiny_cfg, small_data, tmp_path):
+def test_out_of_memory_suggests_accumulation(small_data, tmp_path):
     def oom(model, x, y):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
     with pytest.raises(UserError, match="smaller --batch-size with more --grad-accum-steps"):
-        train(small_model_cfg(tiny_cfg), quick_cfg(), small_data, tmp_path / "r", loss_fn=oom, progress=False)
+        train(
+            tiny_config(context_length=32),
+            quick_train_config(),
+            small_data,
+            tmp_path / "r",
+            loss_fn=oom,
+            progress=False,
+        )
 
 
 def test_missing_data_folder_is_a_user_error(tiny_cfg, tmp_path):
     with pytest.raises(UserError, match="nanogpt prepare"):
-        train(tiny_cfg, quick_cfg(), tmp_path / "nowhere", tmp_path / "r", progress=False)
+        train(tiny_cfg, quick_train_config(), tmp_path / "nowhere", tmp_path / "r", progress=False)
 
 
-def test_bf16_autocast_trains_on_cpu(tiny_cfg, small_data, tmp_path):
+def test_bf16_autocast_trains_on_cpu(small_data, tmp_path):
     res = train(
-        small_model_cfg(tiny_cfg),
-        quick_cfg(max_iters=2, dtype="bf16"),
+        tiny_config(context_length=32),
+        quick_train_config(max_iters=2, dtype="bf16"),
         small_data,
         tmp_path / "r",
         progress=False,
