@@ -34,8 +34,8 @@ def test_shard_errors(tmp_path):
 
 def test_batches_seeded_and_resumable(small_data):
     data = TokenData(small_data)
-    a = BatchSampler(data.split("train"), batch_size=3, block_size=16, seed=7)
-    b = BatchSampler(data.split("train"), batch_size=3, block_size=16, seed=7)
+    a = BatchSampler(data.split("train"), batch_size=3, context_length=16, seed=7)
+    b = BatchSampler(data.split("train"), batch_size=3, context_length=16, seed=7)
     x, y = a.next()
     assert x.shape == y.shape == (3, 16)
     assert (x[:, 1:] == y[:, :-1]).all()
@@ -44,7 +44,7 @@ def test_batches_seeded_and_resumable(small_data):
     nxt = a.next()[0]
     b.load_state(state)
     assert (b.next()[0] == nxt).all()
-    other_rank = BatchSampler(data.split("train"), batch_size=3, block_size=16, seed=7, rank=1)
+    other_rank = BatchSampler(data.split("train"), batch_size=3, context_length=16, seed=7, rank=1)
     assert not (other_rank.next()[0] == x).all()
 
 
@@ -58,4 +58,4 @@ def test_token_data_errors(small_data, tmp_path):
     with pytest.raises(UserError, match="no 'test' split"):
         TokenData(small_data).split("test")
     with pytest.raises(UserError, match="too few"):
-        BatchSampler(TokenData(small_data).split("val"), batch_size=1, block_size=10**7, seed=0)
+        BatchSampler(TokenData(small_data).split("val"), batch_size=1, context_length=10**7, seed=0)

@@ -125,7 +125,7 @@ def test_two_accumulated_micro_batches_equal_one_batch(tiny_cfg, small_data):
 def test_eval_uses_the_same_windows_every_time(tiny_cfg, small_data):
     model = NanoGPTLMHeadModel(tiny_cfg)
     val = TokenData(small_data).split("val")
-    kw = dict(batch_size=2, block_size=64, iters=2, device=CPU)
+    kw = dict(batch_size=2, context_length=64, iters=2, device=CPU)
     assert estimate_loss(model, val, **kw) == estimate_loss(model, val, **kw)
     assert model.training  # left as found
 

@@ -5,7 +5,7 @@ is a 32-byte header (magic, format version, dtype, token count, vocab size) foll
 ids; documents are separated by `<|endoftext|>`. `nanogpt prepare` (prepare.py) writes them.
 
     data = TokenData("data/builtin")
-    batches = BatchSampler(data.split("train"), batch_size=12, block_size=512, seed=1337)
+    batches = BatchSampler(data.split("train"), batch_size=12, context_length=512, seed=1337)
     x, y = batches.next()  # (12, 512) int64 inputs and next-token targets
 """
 
@@ -263,7 +263,7 @@ def _shard_name(shard: np.ndarray) -> str:
 
 
 class BatchSampler:
-    """Random (block_size + 1)-token windows from a list of shards, drawn from a seeded generator.
+    """Random (context_length + 1)-token windows from a list of shards, drawn from a seeded generator.
 
     The generator's state is the whole data position: `state()` / `load_state()` make resume exact.
     Under DDP each rank passes its own `rank`, which gives it an independent stream of windows.
@@ -278,22 +278,22 @@ class BatchSampler:
         self,
         shards: list[np.ndarray],
         batch_size: int,
-        block_size: int,
+        context_length: int,
         seed: int,
         rank: int = 0,
         vocab_size: int = 50257,
     ) -> None:
-        self.shards = [s for s in shards if len(s) > block_size]
+        self.shards = [s for s in shards if len(s) > context_length]
         if not self.shards:
             total = sum(len(s) for s in shards)
             names = ", ".join(dict.fromkeys(Path(_shard_name(s)).name for s in shards)) or "the split"
             raise UserError(
                 f"{names} hold{'s' if len(shards) == 1 else ''} {total} tokens, too few for one window of "
-                f"{block_size + 1} (context_length {block_size} + 1); prepare more text for that split "
+                f"{context_length + 1} (context_length {context_length} + 1); prepare more text for that split "
                 "(`nanogpt prepare --force`, a larger --val-fraction for val) or use a smaller context_length"
             )
-        self.batch_size, self.block_size, self.vocab_size = batch_size, block_size, vocab_size
-        starts = np.array([len(s) - block_size for s in self.shards], dtype=np.float64)  # valid offsets
+        self.batch_size, self.context_length, self.vocab_size = batch_size, context_length, vocab_size
+        starts = np.array([len(s) - context_length for s in self.shards], dtype=np.float64)  # valid offsets
         self.weights = starts / starts.sum()
         self.rng = np.random.Generator(np.random.PCG64([seed, rank]))
 
@@ -302,8 +302,8 @@ class BatchSampler:
         rows = []
         for i in which:
             shard = self.shards[i]
-            off = int(self.rng.integers(0, len(shard) - self.block_size))
-            rows.append(np.asarray(shard[off : off + self.block_size + 1], dtype=np.int64))
+            off = int(self.rng.integers(0, len(shard) - self.context_length))
+            rows.append(np.asarray(shard[off : off + self.context_length + 1], dtype=np.int64))
         stacked = np.stack(rows)  # (B, T + 1)
         if stacked.max() >= self.vocab_size:
             bad = next(i for i, row in zip(which, rows, strict=True) if row.max() >= self.vocab_size)

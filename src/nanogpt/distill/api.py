@@ -319,7 +319,7 @@ class MixedDataLoss:
                 f"the teacher's text in {data_dir} is shorter than one window of {context_length + 1} tokens; "
                 "ask for more --prompts or --reply-tokens"
             )
-        self.ctx, self.alpha, self.log_path, self.history = context_length, alpha, log_path, []
+        self.context_length, self.alpha, self.log_path, self.history = context_length, alpha, log_path, []
 
     def teacher_batch(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         seed = int.from_bytes(hashlib.sha256(x.cpu().numpy().tobytes()).digest()[:8], "little")
@@ -327,8 +327,8 @@ class MixedDataLoss:
         rows = []
         for _ in range(x.size(0)):
             s = self.shards[int(rng.integers(len(self.shards)))]
-            off = int(rng.integers(0, len(s) - self.ctx))
-            rows.append(np.asarray(s[off : off + self.ctx + 1], dtype=np.int64))
+            off = int(rng.integers(0, len(s) - self.context_length))
+            rows.append(np.asarray(s[off : off + self.context_length + 1], dtype=np.int64))
         batch = torch.from_numpy(np.stack(rows)).to(x.device)
         return batch[:, :-1], batch[:, 1:]
 

@@ -89,8 +89,8 @@ def load_local_teacher(
         model = AutoModelForCausalLM.from_pretrained(str(p), local_files_only=True)
     except (OSError, ValueError) as e:
         raise UserError(f"cannot load the Hugging Face teacher {p}: {str(e).splitlines()[0]}") from None
-    ctx = int(hf_cfg.get("n_positions") or hf_cfg.get("max_position_embeddings") or 10**9)
-    return LocalTeacher(model.to(device), "hf", ctx, dtype)
+    context_length = int(hf_cfg.get("n_positions") or hf_cfg.get("max_position_embeddings") or 10**9)
+    return LocalTeacher(model.to(device), "hf", context_length, dtype)
 
 
 class DistillLossFn:

@@ -95,8 +95,8 @@ def _decode(
     top_p: float,
     key: mx.array,
 ) -> Iterator[tuple[int, mx.array]]:
-    ctx = model.config.context_length
-    keep = max(1, ctx // 2)  # tokens re-prefilled when the window slides
+    context_length = model.config.context_length
+    keep = max(1, context_length // 2)  # tokens re-prefilled when the window slides
     cache = KVCache.for_model(model.config, batch_size=1)
 
     def forward(new: list[int]) -> mx.array:
@@ -114,7 +114,7 @@ def _decode(
         if step == max_new_tokens - 1:
             return  # no forward pass for a token nobody will ask for
         history.append(token)
-        if cache.pos == ctx:  # full: slide the window
+        if cache.pos == context_length:  # full: slide the window
             cache.reset()
             logits = forward(history[-keep:])
         else:

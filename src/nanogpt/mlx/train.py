@@ -171,12 +171,12 @@ def estimate_loss_mlx(
     shards: list[np.ndarray],
     *,
     batch_size: int,
-    block_size: int,
+    context_length: int,
     iters: int,
     seed: int = EVAL_SEED,
 ) -> float:
     """Mean cross-entropy over `iters` batches from a freshly seeded sampler: the same windows every call."""
-    sampler = BatchSampler(shards, batch_size, block_size, seed)
+    sampler = BatchSampler(shards, batch_size, context_length, seed)
     was_training = model.training
     model.eval()
     total = 0.0
@@ -318,7 +318,7 @@ def _train_session(
 
     def evaluate() -> float:
         val = estimate_loss_mlx(
-            model, val_shards, batch_size=cfg.batch_size, block_size=block, iters=cfg.eval_iters
+            model, val_shards, batch_size=cfg.batch_size, context_length=block, iters=cfg.eval_iters
         )
         if not math.isfinite(val):
             raise UserError(

@@ -90,14 +90,14 @@ def estimate_loss(
     shards: list[np.ndarray],
     *,
     batch_size: int,
-    block_size: int,
+    context_length: int,
     iters: int,
     device: torch.device,
     dtype: str = "fp32",
     seed: int = EVAL_SEED,
 ) -> float:
     """Mean cross-entropy over `iters` batches from a freshly seeded sampler: the same windows every call."""
-    sampler = BatchSampler(shards, batch_size, block_size, seed)  # its own stream: training data untouched
+    sampler = BatchSampler(shards, batch_size, context_length, seed)  # its own stream: training data untouched
     was_training = model.training
     model.eval()
     total = 0.0
@@ -293,7 +293,7 @@ class _Session:
                 self.val_shards,
                 batch_size=c.batch_size,
                 iters=c.eval_iters,
-                block_size=self.model_cfg.context_length,
+                context_length=self.model_cfg.context_length,
                 device=self.device,
                 dtype=c.dtype,
             )
