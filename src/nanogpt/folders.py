@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
@@ -28,6 +29,7 @@ from nanogpt import __version__
 from nanogpt.errors import UserError
 
 MARKER = ".nanogpt.json"  # {"kind": ..., "nanogpt_version": ...}: this folder was written by nanogpt
+STATE_JSON = "state.json"  # a checkpoint's training state (nanogpt.train.checkpoint writes it)
 LOCK = ".nanogpt.lock"  # exists while a process writes the run folder, and holds its PID
 
 KINDS = {
@@ -40,7 +42,7 @@ KINDS = {
 # folders written before markers existed, recognised by the file only nanogpt puts there
 _LEGACY = {
     "demo.json": "demo",
-    "train_config.json": "run",
+    "train_config.json": "run",  # RunFolder.train_config
     "nanogpt_export.json": "export",
     "meta.json": "data",
     "prepare.state.json": "data",
@@ -69,10 +71,61 @@ def mark(folder: str | Path, kind: str, **facts: object) -> None:
     (Path(folder) / MARKER).write_text(json.dumps(info, indent=2) + "\n")
 
 
+def recover_dir(path: str | Path) -> Path:
+    """The folder to read: `path`, or `path.old` if a crash struck between the two renames of atomic_dir."""
+    path = Path(path)
+    old = path.with_name(path.name + ".old")
+    if not path.exists() and old.exists():
+        return old
+    return path
+
+
+@dataclass(frozen=True)
+class RunFolder:
+    """A training run's folder, its layout spelled in this one place:
+
+        RUN/config.json  train_config.json  log.jsonl  loss.png  .nanogpt.json
+        RUN/last/  (resume point: weights + training state)   RUN/best/  (lowest held-out loss)
+    """
+
+    path: Path
+
+    @property
+    def config(self) -> Path:
+        return self.path / "config.json"
+
+    @property
+    def train_config(self) -> Path:
+        return self.path / "train_config.json"
+
+    @property
+    def log(self) -> Path:
+        return self.path / "log.jsonl"
+
+    @property
+    def plot(self) -> Path:
+        return self.path / "loss.png"
+
+    @property
+    def last(self) -> Path:
+        return self.path / "last"
+
+    @property
+    def best(self) -> Path:
+        return self.path / "best"
+
+    @property
+    def resume_point(self) -> Path:
+        """`last/`, or its `.old` copy when a crash struck while it was being replaced."""
+        return recover_dir(self.last)
+
+    def has_checkpoint(self) -> bool:
+        return (self.resume_point / STATE_JSON).is_file()
+
+
 def has_checkpoint(run: str | Path) -> bool:
     """Whether a run folder holds a resume point (`last/` with its training state, or the `.old` copy)."""
-    run = Path(run)
-    return any((run / sub / "state.json").is_file() for sub in ("last", "last.old"))
+    return RunFolder(Path(run)).has_checkpoint()
 
 
 def claim(path: str | Path, kind: str, *, force: bool = False, flag: str = "--out") -> bool:

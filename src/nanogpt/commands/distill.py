@@ -26,8 +26,8 @@ from nanogpt.distill.client import cached_answers
 from nanogpt.distill.losses import KINDS, TEACHER_KINDS
 from nanogpt.distill.teachers import TeacherSettings, TeacherSpec, api_config, make_loss_fn, parse_teacher
 from nanogpt.errors import ArgumentParser, UserError
-from nanogpt.folders import claim, has_checkpoint
-from nanogpt.train.checkpoint import STATE_JSON, load_config_of, recover_dir, saved_data_dir
+from nanogpt.folders import RunFolder, claim, has_checkpoint
+from nanogpt.train.checkpoint import load_config_of, saved_data_dir
 from nanogpt.train.loop import train
 
 # `--preset card`: the card's distillation stage. Without it the same lr applies (the card's 3e-5).
@@ -99,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
 def resolve_train_config(args: argparse.Namespace) -> TrainConfig:
     """BASE_TRAIN, then the run's saved config on --resume, then --preset, then flags."""
     cfg = BASE_TRAIN
-    saved = Path(args.out) / "train_config.json"
+    saved = RunFolder(Path(args.out)).train_config
     if args.resume and saved.is_file():
         cfg = TrainConfig.from_dict(read_json(saved, "training config"))
     if args.preset:
@@ -184,7 +184,7 @@ def drop_unused_teacher_folder(cache_dir: Path, run: Path) -> None:
     """After a failed run that created `cache_dir`: remove it unless it holds answers, data or a log worth
     keeping, or OUT has a checkpoint whose --resume needs its distill.json."""
     kept = ("distill_log.jsonl", "chat_data")
-    if (recover_dir(run / "last") / STATE_JSON).is_file() or any((cache_dir / k).exists() for k in kept):
+    if RunFolder(run).has_checkpoint() or any((cache_dir / k).exists() for k in kept):
         return
     if cached_answers(cache_dir / "cache.sqlite") == 0:
         shutil.rmtree(cache_dir, ignore_errors=True)
@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(
             "--student RUN is required: the checkpoint whose weights the distillation starts from"
         )
-    model_cfg = load_config_of(run if args.resume and (run / "config.json").is_file() else args.student)
+    model_cfg = load_config_of(run if args.resume and RunFolder(run).config.is_file() else args.student)
     cfg = resolve_train_config(args)
     data = args.data
     if data is None and args.resume:

@@ -26,6 +26,7 @@ from nanogpt.commands.options import (
 )
 from nanogpt.config import PRESETS, ModelConfig, TrainConfig, override, preset, read_json
 from nanogpt.errors import ArgumentParser, UserError
+from nanogpt.folders import RunFolder
 from nanogpt.train.checkpoint import load_config_of, saved_data_dir
 from nanogpt.train.loop import train
 from nanogpt.train.plot import plot_run
@@ -117,14 +118,14 @@ def resolve_configs(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig]
         file_keys = json.loads(Path(args.config).read_text())
     elif args.preset:
         model_cfg, train_cfg = preset(args.preset), TrainConfig()
-    elif args.resume and (run / "config.json").is_file():
-        model_cfg, train_cfg = ModelConfig.load(run / "config.json"), TrainConfig()
+    elif args.resume and RunFolder(run).config.is_file():
+        model_cfg, train_cfg = ModelConfig.load(RunFolder(run).config), TrainConfig()
     elif args.init_from:
         model_cfg, train_cfg = load_config_of(args.init_from), TrainConfig()
     else:
         model_cfg, train_cfg = preset("card"), TrainConfig()
-    if args.resume and (run / "train_config.json").is_file():
-        saved = TrainConfig.from_dict(read_json(run / "train_config.json", "training config"))
+    if args.resume and RunFolder(run).train_config.is_file():
+        saved = TrainConfig.from_dict(read_json(RunFolder(run).train_config, "training config"))
         names = {f.name for f in fields(TrainConfig)}
         train_cfg = override(saved, **{k: v for k, v in file_keys.items() if k in names})
     model_cfg = override(model_cfg, dropout=args.dropout)

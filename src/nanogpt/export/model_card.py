@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from nanogpt.config import ModelConfig
+from nanogpt.folders import STATE_JSON, RunFolder
 
 WIDGET_PROMPTS = [
     ("Once upon a time", "Story Beginning"),
@@ -79,7 +80,7 @@ def read_log(path: Path) -> list[dict[str, Any]]:
 def find_run_dir(checkpoint: Path) -> Path | None:
     """The run folder of a checkpoint (RUN/best -> RUN), or None for a bare checkpoint folder."""
     for d in (checkpoint, checkpoint.parent):
-        if (d / "log.jsonl").is_file() or (d / "last" / "state.json").is_file():
+        if RunFolder(d).log.is_file() or RunFolder(d).has_checkpoint():
             return d
     return None
 
@@ -109,9 +110,9 @@ def read_run_facts(checkpoint: Path) -> RunFacts:
     run = find_run_dir(checkpoint)
     if run is None:
         return RunFacts()
-    state = _read_json(run / "last" / "state.json") or {}
-    evals = [r for r in read_log(run / "log.jsonl") if isinstance(r.get("val_loss"), (int, float))]
-    if checkpoint.name == "best" and evals:  # best/ holds the weights of the lowest val loss
+    state = _read_json(RunFolder(run).resume_point / STATE_JSON) or {}
+    evals = [r for r in read_log(RunFolder(run).log) if isinstance(r.get("val_loss"), (int, float))]
+    if checkpoint.name == RunFolder(run).best.name and evals:  # best/ holds the weights of the lowest val loss
         ev = min(evals, key=lambda r: r["val_loss"])
     else:
         ev = evals[-1] if evals else {}

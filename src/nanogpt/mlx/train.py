@@ -35,6 +35,7 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 from nanogpt.config import ModelConfig, TrainConfig
 from nanogpt.data.shards import BatchSampler, TokenData
 from nanogpt.errors import UserError
+from nanogpt.folders import RunFolder
 from nanogpt.mlx.checkpoint import (
     load_mlx_state_into,
     load_mlx_weights,
@@ -51,7 +52,7 @@ from nanogpt.train.checkpoint import (
 )
 from nanogpt.train.loop import EVAL_SEED, TrainResult, perplexity, run_folder
 from nanogpt.train.optim import default_peak_flops, flops_per_token, lr_at, schedule_warning
-from nanogpt.train.plot import LOG, PLOT, append_log, plot_log, read_log, truncate_log
+from nanogpt.train.plot import append_log, plot_log, read_log, truncate_log
 
 MLXLossFn = Callable[[nn.Module, mx.array, mx.array], mx.array]
 OPT_PREFIX = "mlx_optimizer."
@@ -288,14 +289,14 @@ def _train_session(
         state = load_train_state_mlx(src, opt)
         counters.update({k: state[k] for k in counters})
         sampler.load_state(state["sampler"])
-        truncate_log(run / LOG, counters["step"])
+        truncate_log(RunFolder(run).log, counters["step"])
         print(f"resumed {run} at step {counters['step']} of {cfg.max_iters}")
     mx.eval(model.parameters(), opt.state)
     train_step = make_train_step(model, opt, cfg, loss_fn or cross_entropy_loss)  # after any state load
 
     run.mkdir(parents=True, exist_ok=True)
-    model_cfg.save(run / "config.json")
-    write_json(run / "train_config.json", cfg.to_dict())
+    model_cfg.save(RunFolder(run).config)
+    write_json(RunFolder(run).train_config, cfg.to_dict())
 
     tokens_per_step = cfg.batch_size * block * cfg.grad_accum_steps
     fpt = flops_per_token(model_cfg, model.num_params(unique=True))
@@ -334,7 +335,7 @@ def _train_session(
     def save_checkpoint(val: float | None) -> None:
         if val is not None and (counters["best_val_loss"] is None or val < counters["best_val_loss"]):
             counters["best_val_loss"] = val
-            save_mlx_model(run / "best", model)  # best first: a kill before last/ only replays to here
+            save_mlx_model(RunFolder(run).best, model)  # best first: a kill before last/ only replays to here
         info = {
             **counters,
             "step": step,
@@ -343,7 +344,7 @@ def _train_session(
             "train_config": cfg.to_dict(),
             "data_dir": str(data_dir.resolve()),
         }
-        with atomic_dir(run / "last") as tmp:
+        with atomic_dir(RunFolder(run).last) as tmp:
             write_mlx_model_files(tmp, model)
             save_train_state_mlx(tmp, opt, info)
 
@@ -352,7 +353,7 @@ def _train_session(
     train_seconds, trained_tokens = 0.0, 0
     if src is None:
         val = evaluate()
-        append_log(run / LOG, {"step": 0, "tokens": 0, "val_loss": val, "val_ppl": perplexity(val)})
+        append_log(RunFolder(run).log, {"step": 0, "tokens": 0, "val_loss": val, "val_ppl": perplexity(val)})
     t_log, tokens_log = time.perf_counter(), step * tokens_per_step
     stop = step >= cfg.max_iters or (cfg.max_tokens is not None and step * tokens_per_step >= cfg.max_tokens)
     model.train()
@@ -401,15 +402,15 @@ def _train_session(
             val = evaluate()
             if record is not None:
                 record.update(val_loss=val, val_ppl=perplexity(val))
-                append_log(run / LOG, record)
+                append_log(RunFolder(run).log, record)
             save_checkpoint(val)
             t_log = time.perf_counter()  # throughput excludes eval and checkpoint time
         elif record is not None:
-            append_log(run / LOG, record)
+            append_log(RunFolder(run).log, record)
     bar.close()
 
-    if (run / LOG).is_file():
-        plot_log(read_log(run / LOG), run / PLOT, title=run.name)
+    if RunFolder(run).log.is_file():
+        plot_log(read_log(RunFolder(run).log), RunFolder(run).plot, title=run.name)
     best, first, last = counters["best_val_loss"], counters["first_val_loss"], counters["last_val_loss"]
     return TrainResult(
         steps=step,

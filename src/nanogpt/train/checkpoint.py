@@ -31,6 +31,7 @@ from safetensors.torch import load_file, save_file
 
 from nanogpt.config import ModelConfig, read_json
 from nanogpt.errors import UserError
+from nanogpt.folders import STATE_JSON, RunFolder, recover_dir
 from nanogpt.model.gpt import NanoGPTLMHeadModel
 
 CONFIG = "config.json"
@@ -72,15 +73,6 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
     elif path.exists():
         path.unlink()
-
-
-def recover_dir(path: str | Path) -> Path:
-    """The folder to read: `path`, or `path.old` if a crash struck between the two renames of atomic_dir."""
-    path = Path(path)
-    old = path.with_name(path.name + ".old")
-    if not path.exists() and old.exists():
-        return old
-    return path
 
 
 def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -128,7 +120,8 @@ def resolve_checkpoint(path: str | Path) -> Path:
         hint = f"its folder {p.parent}" if p.name in (CONFIG, WEIGHTS) else f"the folder holding {CONFIG}"
         raise UserError(f"{p} is a file, not a checkpoint folder; pass {hint}")
     found = [recover_dir(p)] if (recover_dir(p) / WEIGHTS).is_file() else []
-    found += [recover_dir(p / sub) for sub in ("best", "last") if (recover_dir(p / sub) / CONFIG).is_file()]
+    run = RunFolder(p)
+    found += [recover_dir(sub) for sub in (run.best, run.last) if (recover_dir(sub) / CONFIG).is_file()]
     if (recover_dir(p) / CONFIG).is_file():  # config without weights: load_weights names what is missing
         found.append(recover_dir(p))
     if not found:
@@ -215,7 +208,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> NanoGPTL
 
 def saved_data_dir(run: str | Path) -> str | None:
     """The data folder a run trained on (its resume point's state.json): `--resume` without `--data`."""
-    state = recover_dir(Path(run) / "last") / STATE_JSON
+    state = RunFolder(Path(run)).resume_point / STATE_JSON
     if not state.is_file():
         return None
     data = read_json(state, "training state").get("data_dir")
@@ -229,7 +222,6 @@ def write_json(path: Path, obj: object) -> None:
 # --- training state: optimizer moments, RNG states, counters (no pickles) ----------------------------
 
 STATE_TENSORS = "state.safetensors"
-STATE_JSON = "state.json"
 _OPT_PREFIX = "optimizer."
 _IMPL_KEYS = ("foreach", "fused", "capturable", "differentiable")
 

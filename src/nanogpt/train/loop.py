@@ -46,7 +46,7 @@ from torch import nn
 from nanogpt.config import ModelConfig, TrainConfig, first_difference
 from nanogpt.data.shards import BatchSampler, TokenData
 from nanogpt.errors import UserError
-from nanogpt.folders import LOCK, MARKER, RunLock, claim, clear, has_checkpoint, mark
+from nanogpt.folders import LOCK, MARKER, RunFolder, RunLock, claim, clear, has_checkpoint, mark
 from nanogpt.kernels.device import autocast
 from nanogpt.model.gpt import NanoGPTLMHeadModel
 from nanogpt.train.checkpoint import (
@@ -56,7 +56,6 @@ from nanogpt.train.checkpoint import (
     load_state_into,
     load_train_state,
     load_weights,
-    recover_dir,
     resolve_checkpoint,
     rng_state,
     save_model,
@@ -78,7 +77,7 @@ from nanogpt.train.optim import (
     optimizer_step,
     schedule_warning,
 )
-from nanogpt.train.plot import LOG, PLOT, append_log, plot_log, read_log, truncate_log
+from nanogpt.train.plot import append_log, plot_log, read_log, truncate_log
 
 EVAL_SEED = 0  # one fixed stream of val windows for every run and seed: val losses are comparable
 KILL_ENV = "NANOGPT_TEST_KILL"  # test hook: "step:N" or "checkpoint:N" SIGKILLs the process there
@@ -153,16 +152,16 @@ def perplexity(mean_nll: float) -> float:
 
 def _check_resume(run: Path, model_cfg: ModelConfig) -> Path:
     """Validate a run folder to resume; return the checkpoint folder to continue from."""
-    if not (run / "config.json").is_file():
+    if not RunFolder(run).config.is_file():
         raise UserError(f"{run}/config.json not found: nothing to resume; drop --resume to start a new run")
-    saved = ModelConfig.load(run / "config.json").to_dict()
+    saved = ModelConfig.load(RunFolder(run).config).to_dict()
     key = first_difference(saved, model_cfg.to_dict())
     if key is not None:
         raise UserError(
             f"--resume: model config differs from {run}/config.json at {key!r} (run has {saved.get(key)!r}, "
             f"requested {model_cfg.to_dict().get(key)!r}); resume with the run's config or start a new --out"
         )
-    src = recover_dir(run / "last")
+    src = RunFolder(run).resume_point
     if not (src / STATE_JSON).is_file():
         raise UserError(
             f"{run} holds no checkpoint yet (the run stopped before its first one); "
@@ -316,7 +315,7 @@ class _Session:
         best = self.counters.best_val_loss
         if val is not None and (best is None or val < best):
             self.counters.best_val_loss = val
-            save_model(self.run / "best", self.model)  # before last/: a kill in between replays to here
+            save_model(RunFolder(self.run).best, self.model)  # before last/: a kill in between replays to here
         tensors, plain = split_rank_states(ranks)
         step = self.counters.step
         info = {
@@ -327,7 +326,7 @@ class _Session:
             "train_config": self.cfg.to_dict(),
             "data_dir": str(self.data_dir.resolve()),
         }
-        with atomic_dir(self.run / "last") as tmp:
+        with atomic_dir(RunFolder(self.run).last) as tmp:
             write_model_files(tmp, self.model)
             save_train_state(tmp, self.optimizer, tensors, info)
             _maybe_kill("checkpoint", step)
@@ -388,7 +387,7 @@ def _open_session(
                 file=sys.stderr,
             )
         if info.main:  # lines past the checkpoint will be written again
-            for log in (run / LOG, getattr(loss_fn, "log_path", None)):
+            for log in (RunFolder(run).log, getattr(loss_fn, "log_path", None)):
                 if log is not None and log.is_file():
                     truncate_log(log, counters.step)
             print(f"resumed {run} at step {counters.step} of {cfg.max_iters}")
@@ -401,8 +400,8 @@ def _open_session(
         net = DistributedDataParallel(fwd, device_ids=[device.index] if device.type == "cuda" else None)
     if info.main:
         run.mkdir(parents=True, exist_ok=True)
-        model_cfg.save(run / "config.json")
-        write_json(run / "train_config.json", cfg.to_dict())
+        model_cfg.save(RunFolder(run).config)
+        write_json(RunFolder(run).train_config, cfg.to_dict())
     return _Session(
         model_cfg,
         cfg,
@@ -487,7 +486,7 @@ def _loop(s: _Session, progress: bool, peak: float) -> TrainResult:
     """Evaluate, step, log, checkpoint until max_iters / max_tokens / max_time."""
     from tqdm import tqdm
 
-    c, k, main, log = s.cfg, s.counters, s.info.main, s.run / LOG
+    c, k, main, log = s.cfg, s.counters, s.info.main, RunFolder(s.run).log
     fpt = flops_per_token(s.model_cfg, s.model.num_params(unique=True))
     tps_total = (
         c.max_iters if not c.max_tokens else min(c.max_iters, math.ceil(c.max_tokens / s.tokens_per_step))
@@ -554,7 +553,7 @@ def _loop(s: _Session, progress: bool, peak: float) -> TrainResult:
     bar.close()
 
     if main and log.is_file():
-        plot_log(read_log(log), s.run / PLOT, title=s.run.name)
+        plot_log(read_log(log), RunFolder(s.run).plot, title=s.run.name)
     ppl = {n: None if v is None else perplexity(v) for n, v in asdict(k).items() if n.endswith("val_loss")}
     return TrainResult(
         steps=k.step,

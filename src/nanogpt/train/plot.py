@@ -15,9 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from nanogpt.errors import UserError
-
-LOG = "log.jsonl"
-PLOT = "loss.png"
+from nanogpt.folders import RunFolder
 
 
 def append_log(path: Path, record: dict[str, Any]) -> None:
@@ -85,8 +83,8 @@ def plot_log(records: list[dict[str, Any]], out: Path, title: str = "") -> Path:
 def plot_run(run_dir: str | Path) -> Path:
     """Regenerate `RUN/loss.png` from `RUN/log.jsonl` (no training)."""
     run = Path(run_dir)
-    log = run / LOG
+    log = RunFolder(run).log
     records = read_log(log)
     if not records:
         raise UserError(f"{log} not found or empty; pass a run folder written by `nanogpt train`")
-    return plot_log(records, run / PLOT, title=run.name)
+    return plot_log(records, RunFolder(run).plot, title=run.name)
