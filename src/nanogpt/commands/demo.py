@@ -75,12 +75,12 @@ def demo_train_config(s_per_iter: float, minutes: float, seed: int, iters: int |
         batch_size=16,
         learning_rate=2e-3,  # small models tolerate (and need) a higher rate than the card's 3e-4
         min_lr=2e-4,
-        warmup_iters=max(10, iters // 20),
+        warmup_iters=min(max(10, iters // 20), max(1, iters // 10)),  # never most of a short run
         max_iters=iters,
         max_time=budget,  # a hard stop if the machine is slower than the calibration said
         weight_decay=0.1,
         eval_interval=max(10, iters // 10),
-        eval_iters=20,
+        eval_iters=min(20, max(2, iters)),  # 20 batches; fewer only for a few-step smoke run
         log_interval=5,
         seed=seed,
     )
