@@ -508,3 +508,13 @@ def test_cli_random_init_preset(capsys):
     rc, out, _ = sample_cli(capsys, *args)
     assert rc == 0 and out.startswith("Once upon a time") and len(out) > len("Once upon a time\n")
     assert sample_cli(capsys, *args)[1] == out  # --seed also fixes the random initialisation
+
+
+def test_decode_aware_layers_compile_to_the_stock_graph(model):
+    list(decode_steps(model, PROMPT, 2, temperature=0))  # the layers are decode-aware now
+    assert isinstance(model.lm_head, DecodeLinear)
+    x = torch.tensor([PROMPT])
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")  # fullgraph: no graph break
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x, targets=x), model(x, targets=x), atol=1e-6, rtol=1e-6)
+    drop_decode_weights(model)
