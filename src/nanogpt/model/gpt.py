@@ -172,9 +172,9 @@ class NanoGPTLMHeadModel(nn.Module):
         h = self.transformer(idx, cache)  # (B, T, d_model)
         if targets is not None:
             return linear_cross_entropy(h.flatten(0, 1), self.lm_head.weight, targets.flatten())
-        if last_only:
-            h = h[:, -1:]  # (B, 1, d_model)
-        return self.lm_head(h)
+        if last_only:  # (B, d_model) rows: a (B, 1, d_model) view of a long h would go to a batched matmul
+            return self.lm_head(h[:, -1])[:, None]  # (B, 1, vocab_size)
+        return self.lm_head(h)  # (B, T, vocab_size)
 
     def num_params(self, unique: bool = True) -> int:
         """Parameter count. unique=False counts a tied matrix twice, as the card's 52,990,464 does."""
