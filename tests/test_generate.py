@@ -1,4 +1,6 @@
+import copy
 import math
+import pickle
 import threading
 from typing import NamedTuple
 
@@ -20,8 +22,8 @@ from nanogpt.infer.generate import (
     top_p_filter,
 )
 from nanogpt.kernels import decode as decode_weights
-from nanogpt.kernels.decode import cpu_decode_kernel, drop_decode_weights
-from nanogpt.model.gpt import DECODE_DTYPE, Linear, NanoGPTLMHeadModel
+from nanogpt.kernels.decode import DecodeLinear, cpu_decode_kernel, decode_step, drop_decode_weights
+from nanogpt.model.gpt import Linear, NanoGPTLMHeadModel
 from tests.tiny import tiny_config
 
 PROMPT = [464, 3290, 286, 4881, 318, 6342, 11, 290]  # 8 ordinary GPT-2 token ids
@@ -252,7 +254,7 @@ def test_decode_copies_are_used_inside_decode_steps_only(model, monkeypatch):
     for (_, lb), (_, lf) in zip(b16, f32, strict=True):
         mixed.append(lf)
         assert 0 < float((lb - lf).norm() / lf.norm()) < 2e-2  # bf16 weights: close to fp32, not equal
-        assert DECODE_DTYPE.get() is None  # between two steps the caller's forward is the stock one
+        assert decode_weights._STEP_DTYPE.get() is None  # between two steps the forward is the stock one
     assert all(torch.equal(a, b) for a, b in zip(mixed, ref, strict=True))
     _, w16, _, blocks16 = qkv.decode_copies[torch.bfloat16]
     assert w16.dtype == torch.bfloat16 and blocks16 == 0  # CPU bf16: ATen's kernel, stock (out, in) layout
@@ -265,8 +267,22 @@ def test_decode_copies_are_used_inside_decode_steps_only(model, monkeypatch):
     for token, logits in steps:  # the new weights are used, not stale copies
         torch.testing.assert_close(logits, uncached_logits(model, seq), atol=1e-5, rtol=1e-5)
         seq.append(token)
+    assert type(qkv) is not Linear and isinstance(qkv, Linear) and repr(qkv) == "Linear(32, 96)"  # the swap
     drop_decode_weights(model)
-    assert all(not m.decode_copies for m in model.modules() if isinstance(m, Linear))
+    assert not any(isinstance(m, DecodeLinear) or hasattr(m, "decode_copies") for m in model.modules())
+    assert type(qkv) is Linear  # its own class back
+
+
+def test_decode_aware_layers_copy_and_pickle_as_plain_layers(model):
+    list(decode_steps(model, PROMPT, 2, temperature=0))  # the layers are decode-aware now
+    x = torch.tensor([PROMPT])
+    for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert not any(isinstance(m, DecodeLinear) or hasattr(m, "decode_copies") for m in clone.modules())
+        assert type(clone.lm_head) is Linear  # the tie survives too:
+        assert clone.lm_head.weight is clone.transformer.token_embedding.weight
+        torch.testing.assert_close(clone(x), model(x), atol=0, rtol=0)
+    assert isinstance(model.lm_head, DecodeLinear) and model.lm_head.decode_copies  # the original keeps them
+    drop_decode_weights(model)
 
 
 def test_column_block_copies_give_the_stock_products(model, monkeypatch):
@@ -284,11 +300,8 @@ def test_column_block_copies_give_the_stock_products(model, monkeypatch):
     assert head.out_features % 3 and not w[-1, :, head.out_features % 3 - 3 :].any()  # zero padding
     fc = model.transformer.blocks[0].ff.fc1
     x = torch.randn(2, 5, fc.in_features)  # several rows through the same copies
-    token = DECODE_DTYPE.set(torch.float32)
-    try:
+    with decode_step(x.device, torch.float32, one_row=False):
         y = fc(x)
-    finally:
-        DECODE_DTYPE.reset(token)
     torch.testing.assert_close(y, torch.nn.functional.linear(x, fc.weight, fc.bias), atol=1e-5, rtol=1e-5)
     drop_decode_weights(model)
 
@@ -490,3 +503,13 @@ def test_cli_random_init_preset(capsys):
     rc, out, _ = sample_cli(capsys, *args)
     assert rc == 0 and out.startswith("Once upon a time") and len(out) > len("Once upon a time\n")
     assert sample_cli(capsys, *args).out == out  # --seed also fixes the random initialisation
+
+
+def test_decode_aware_layers_compile_to_the_stock_graph(model):
+    list(decode_steps(model, PROMPT, 2, temperature=0))  # the layers are decode-aware now
+    assert isinstance(model.lm_head, DecodeLinear)
+    x = torch.tensor([PROMPT])
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")  # fullgraph: no graph break
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x, targets=x), model(x, targets=x), atol=1e-6, rtol=1e-6)
+    drop_decode_weights(model)

@@ -131,3 +131,16 @@ def test_loss_at_init_near_uniform(tiny_cfg):
     idx, targets = torch.randint(0, 50257, (2, 4, 32))  # targets unrelated to inputs (tied weights)
     loss = F.cross_entropy(model(idx).flatten(0, 1), targets.flatten())
     assert abs(loss.item() - math.log(50257)) < 0.2
+
+
+def test_last_only_gives_the_last_position_logits(tiny_cfg):
+    torch.manual_seed(1)
+    model = NanoGPTLMHeadModel(tiny_cfg).eval()
+    idx = torch.randint(0, tiny_cfg.vocab_size, (2, 9))
+    full = model(idx)
+    torch.testing.assert_close(model(idx, last_only=True), full[:, -1:], atol=1e-5, rtol=1e-5)
+    cache = KVCache.for_model(tiny_cfg, batch_size=2)
+    model(idx[:, :8], cache=cache, last_only=True)
+    torch.testing.assert_close(
+        model(idx[:, 8:], cache=cache, last_only=True), full[:, -1:], atol=1e-5, rtol=1e-5
+    )

@@ -106,8 +106,17 @@ def test_causal_attention_without_dropout_matches_sdpa(n_blocks: int) -> None:
     ref = F.scaled_dot_product_attention(q, k, v, is_causal=True)
     ref_grads = torch.autograd.grad(ref.square().sum(), (q, k, v))
     torch.manual_seed(1)
-    got = ops.causal_attention(q, k, v, 1e-9, n_blocks=n_blocks)  # p ~ 0: the mask keeps everything
+    got = ops.blocked_causal_attention(q, k, v, 1e-9, n_blocks=n_blocks)  # p ~ 0: the mask keeps everything
     grads = torch.autograd.grad(got.square().sum(), (q, k, v))
     assert torch.allclose(got, ref, atol=1e-5)
     for g, r in zip(grads, ref_grads, strict=True):
         assert torch.allclose(g, r, atol=1e-5)
+
+
+@pytest.mark.parametrize("past", [0, 4, 6])
+def test_causal_attention_after_a_cached_prefix_sees_the_prefix(past: int) -> None:
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 7, 8) for _ in range(3))
+    ref = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # all 7 positions at once
+    got = ops.causal_attention(q[:, :, past:], k, v)  # the last 7 - past queries against every key so far
+    torch.testing.assert_close(got, ref[:, :, past:], atol=1e-6, rtol=1e-6)

@@ -31,9 +31,9 @@ import torch
 
 from nanogpt.data.tokenizer import EOT_ID, Tokenizer
 from nanogpt.errors import UserError
-from nanogpt.kernels.decode import decode_kernel, prepare_decode_weights
+from nanogpt.kernels.decode import decode_step, prepare_decode_weights
 from nanogpt.kernels.device import autocast, torch_dtype
-from nanogpt.model.gpt import DECODE_DTYPE, NanoGPTLMHeadModel
+from nanogpt.model.gpt import NanoGPTLMHeadModel
 from nanogpt.model.kv_cache import KVCache
 
 NEG_INF = float("-inf")
@@ -214,16 +214,9 @@ def _decode(
                 prepare_decode_weights(model, cache_dtype)
                 prepared.append(True)
             x = torch.tensor([new], dtype=torch.long, device=device)  # (1, T)
-            # the copies are used inside this step only, and only by this thread (see model.Linear)
-            token = DECODE_DTYPE.set(None if prefill else cache_dtype)
-            try:
-                with decode_kernel(device, cache_dtype, one_row=len(new) == 1):
-                    # model(x) would apply lm_head at all T positions; only the last one is needed, which
-                    # halves a long prefill's cost (the (T, d) x (d, 50257) head is as big as the blocks)
-                    hidden = model.transformer(x, cache=cache)[:, -1]  # (1, d_model)
-                    return model.lm_head(hidden)[0].float()
-            finally:
-                DECODE_DTYPE.reset(token)
+            # the copies are used inside this step only, and only by this thread (see kernels.decode)
+            with decode_step(device, cache_dtype, one_row=len(new) == 1, use_copies=not prefill):
+                return model(x, cache=cache, last_only=True)[0, -1].float()  # (V,)
 
     if max_new_tokens == 0:
         return

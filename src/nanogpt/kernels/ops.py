@@ -14,8 +14,9 @@ online softmax instead, one trip through memory for the logits.
 `dropout(x, p, training)` is `F.dropout` with a cheaper random mask on CPU: 16 random bits per element
 (four per 64-bit draw) against a threshold instead of one float draw per element, so an element is
 dropped with probability round(p * 65536) / 65536 (0.10000610 for p = 0.1). `causal_attention` is the
-attention of a training step with dropout on CPU, using that mask, in query blocks that skip most of the
-masked upper triangle.
+model's attention, with or without a KV cache's prefix: SDPA, except a training step with dropout on CPU,
+which goes to `blocked_causal_attention` (that mask, in query blocks that skip most of the masked upper
+triangle).
 
     loss = linear_cross_entropy(hidden.flatten(0, 1), model.lm_head.weight, targets.flatten())
 """
@@ -263,6 +264,26 @@ def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
 
 
 def causal_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: float = 0.0, n_blocks: int = ATTENTION_BLOCKS
+) -> torch.Tensor:
+    """Causal attention with dropout p: q (B, nh, T, hs), k and v (B, nh, past + T, hs) -> (B, nh, T, hs).
+
+    Query i sees keys 0 .. past + i: past = 0 is a whole sequence, past > 0 new tokens after a KV cache's
+    prefix. It picks the kernel: SDPA, with no mask at all for one new token (it sees every key); on CPU
+    with dropout, `blocked_causal_attention` (SDPA has no fused CPU kernel with dropout).
+    """
+    T, past = q.size(2), k.size(2) - q.size(2)
+    if past == 0 and p > 0 and q.device.type == "cpu":
+        return blocked_causal_attention(q, k, v, p, n_blocks)
+    if past == 0:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+    if T == 1:  # one new token sees every cached position: no mask needed
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=p)
+    mask = torch.ones(T, past + T, dtype=torch.bool, device=q.device).tril(diagonal=past)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+
+
+def blocked_causal_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: float, n_blocks: int = ATTENTION_BLOCKS
 ) -> torch.Tensor:
     """Causal softmax(q k^T / sqrt(hs)) v with dropout p on the weights: (B, nh, T, hs) each -> (B, nh, T, hs).

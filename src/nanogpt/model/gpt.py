@@ -9,6 +9,11 @@ Post-LN "standard GPT-2", which is wrong: GPT-2 is Pre-LN, and that is why this 
 as a native GPT-2 checkpoint. Post-LN, x = ln(x + f(x)) (the original Transformer, BERT), is
 available through `norm_position="post"` for comparisons.
 
+It uses three operations of `nanogpt.kernels`, each the stock PyTorch op made faster where it can be:
+`causal_attention` (SDPA), `dropout` (F.dropout) and `linear_cross_entropy` (the loss of the head without
+its logits). The decode fast path needs nothing from this file: it plugs in from outside
+(`kernels.decode`), and the decode loop calls `model(x, cache=cache, last_only=True)`.
+
     model = NanoGPTLMHeadModel(preset("card"))
     logits = model(idx)  # idx (B, T) int64 -> logits (B, T, vocab_size)
 """
@@ -16,53 +21,18 @@ available through `norm_position="post"` for comparisons.
 from __future__ import annotations
 
 import math
-from contextvars import ContextVar
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from nanogpt.config import ModelConfig
-from nanogpt.kernels.ops import causal_attention, dropout, linear_cross_entropy
+from nanogpt.kernels import causal_attention, dropout, linear_cross_entropy
 from nanogpt.model.kv_cache import KVCache
-
-# The decode dtype of the running decode step, set by the generator around each step and per thread (a
-# ContextVar), so a concurrent stream or a training step in another thread never sees another's copies.
-DECODE_DTYPE: ContextVar[torch.dtype | None] = ContextVar("nanogpt_decode_dtype", default=None)
 
 
 class Linear(nn.Linear):
-    """nn.Linear that prints as the card does: `Linear(384, 1152)`.
-
-    During a decode step (`DECODE_DTYPE` set) a layer that holds a copy of its weight for that dtype in
-    `decode_copies` (made by `decode_weights.prepare_decode_weights`) multiplies by the copy: a copy made once
-    saves autocast re-casting every weight at every token, and its layout is the one the one-row kernel
-    reads fastest: (in, out) row-major for fp32 CPU BLAS (up to 2.6x faster than nn.Linear's), cut into
-    column blocks that one `bmm` streams on all CPU threads at once; the stock (out, in) for ATen's
-    bf16/fp16 kernel.
-    """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        # dtype -> (key of the weights it was made from, weight, bias or None, column blocks): 0 blocks is
-        # the stock (out, in) weight; n blocks is (n, in, out / n), bias (n, 1, out / n), zero-padded
-        self.decode_copies: dict[torch.dtype, tuple[tuple, torch.Tensor, torch.Tensor | None, int]] = {}
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        copy = None
-        if self.decode_copies and not torch.compiler.is_compiling():  # compiled graphs: training, eval
-            dtype = DECODE_DTYPE.get()
-            copy = self.decode_copies.get(dtype) if dtype is not None else None
-        if copy is None:
-            return F.linear(x, self.weight, self.bias)
-        _, w, b, blocks = copy
-        if not blocks:
-            return F.linear(x.to(w.dtype), w, b)
-        rows = x.reshape(1, -1, w.size(1)).to(w.dtype).expand(blocks, -1, -1)
-        y = torch.bmm(rows, w) if b is None else torch.baddbmm(b, rows, w)  # (blocks, rows, out / blocks)
-        y = y.transpose(0, 1).reshape(rows.size(1), -1)[:, : self.out_features]  # a view for one row
-        return y.view(*x.shape[:-1], self.out_features)
+    """nn.Linear that prints as the card does: `Linear(384, 1152)`."""
 
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}"
@@ -86,23 +56,13 @@ class NanoGPTAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         B, T, C = x.shape
-        q, k, v = self.qkv_proj(x).split(C, dim=2)
+        q, k, v = self.qkv_proj(x).split(C, dim=2)  # (B, T, 3C) -> three (B, T, C)
         # (B, T, C) -> (B, nh, T, hs)
         q, k, v = (t.view(B, T, self.n_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))
-        past = 0
         if cache is not None:
-            past = cache.pos
-            k, v = cache.update(layer, k, v)  # (B, nh, past + T, hs)
-        p = self.dropout if self.training else 0.0
-        if past == 0 and p > 0 and x.device.type == "cpu":  # CPU SDPA has no fused kernel with dropout
-            y = causal_attention(q, k, v, p)
-        elif past == 0:
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
-        elif T == 1:  # one new token sees every cached position: no mask needed
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
-        else:  # a chunk after a cached prefix: query i sees keys 0 .. past + i
-            mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+            k, v = cache.update(layer, k, v)  # (B, nh, past + T, hs): the cached positions, then these
+        # query i sees keys 0 .. past + i; softmax(q k^T / sqrt(hs)) v, with dropout on the weights
+        y = causal_attention(q, k, v, self.dropout if self.training else 0.0)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, nh, T, hs) -> (B, T, C)
         return dropout(self.out_proj(y), self.dropout, self.training)
 
@@ -118,11 +78,13 @@ class FeedForward(nn.Module):
         self.dropout = cfg.dropout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = F.gelu(self.fc1(x), approximate=self.approximate)
-        return dropout(self.fc2(h), self.dropout, self.training)
+        h = F.gelu(self.fc1(x), approximate=self.approximate)  # (B, T, d_ff)
+        return dropout(self.fc2(h), self.dropout, self.training)  # (B, T, C)
 
 
 class NanoGPTBlock(nn.Module):
+    """Attention then MLP, each residual: Pre-LN x + f(ln(x)), or Post-LN ln(x + f(x)). (B, T, C) -> (B, T, C)."""
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.pre_ln = cfg.norm_position == "pre"
@@ -194,17 +156,25 @@ class NanoGPTLMHeadModel(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def forward(
-        self, idx: torch.Tensor, cache: KVCache | None = None, targets: torch.Tensor | None = None
+        self,
+        idx: torch.Tensor,
+        cache: KVCache | None = None,
+        targets: torch.Tensor | None = None,
+        last_only: bool = False,
     ) -> torch.Tensor:
         """idx (B, T) int64 -> logits (B, T, vocab_size). With `cache`, idx holds only the new tokens.
 
-        With `targets` (B, T) it returns the mean next-token cross-entropy instead (fp32, positions with
-        target -100 ignored), computed by `ops.linear_cross_entropy` without the (B, T, vocab) logits.
+        `last_only` gives the logits of the last position only, (B, 1, vocab_size): what sampling needs,
+        and half a long prompt's cost (the (T, d) x (d, 50257) head is as big as the blocks). With
+        `targets` (B, T) it returns the mean next-token cross-entropy instead (fp32, positions with
+        target -100 ignored), computed by `linear_cross_entropy` without the (B, T, vocab) logits.
         """
-        h = self.transformer(idx, cache)
-        if targets is None:
-            return self.lm_head(h)
-        return linear_cross_entropy(h.flatten(0, 1), self.lm_head.weight, targets.flatten())
+        h = self.transformer(idx, cache)  # (B, T, d_model)
+        if targets is not None:
+            return linear_cross_entropy(h.flatten(0, 1), self.lm_head.weight, targets.flatten())
+        if last_only:  # (B, d_model) rows: a (B, 1, d_model) view of a long h would go to a batched matmul
+            return self.lm_head(h[:, -1])[:, None]  # (B, 1, vocab_size)
+        return self.lm_head(h)  # (B, T, vocab_size)
 
     def num_params(self, unique: bool = True) -> int:
         """Parameter count. unique=False counts a tied matrix twice, as the card's 52,990,464 does."""

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from nanogpt.data.tokenizer import EOT_ID, Tokenizer, get_tokenizer
 from nanogpt.errors import UserError
-from nanogpt.kernels.decode import decode_kernel
+from nanogpt.kernels.decode import decode_step
 from nanogpt.kernels.device import autocast, torch_dtype
 from nanogpt.model.gpt import NanoGPTLMHeadModel
 from nanogpt.serve.requests import (
@@ -85,8 +85,9 @@ class Engine:
         if len(ids) < 2:
             return torch.zeros(0, self.model.config.vocab_size)
         device = next(self.model.parameters()).device
-        # bf16 on CPU: take turns with the decode steps of other streams (see decode_weights)
-        with decode_kernel(device, torch_dtype(self.dtype), one_row=False), autocast(device, self.dtype):
+        # bf16 on CPU: take turns with the decode steps of other streams (see kernels.decode)
+        step = decode_step(device, torch_dtype(self.dtype), one_row=False, use_copies=False)
+        with step, autocast(device, self.dtype):
             logits = self.model(torch.tensor([ids[:-1]], device=device))[0].float()
         return F.log_softmax(logits, dim=-1).cpu()
 
