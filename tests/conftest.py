@@ -2,7 +2,7 @@
 
 Plain constants and functions live in modules named for what they hold: `tests/tiny.py` (the tiny config,
 the quick training recipe), `tests/corpus.py` (real text), `tests/card.py` (the model card's figures),
-`tests/local_server.py` (HTTP on 127.0.0.1), `tests/bad_input.py` (the refusal check).
+`tests/local_server.py` (HTTP on 127.0.0.1), `tests/bad_input/__init__.py` (the refusal check).
 """
 
 from __future__ import annotations

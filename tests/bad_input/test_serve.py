@@ -1,6 +1,6 @@
 """The bad-input catalogue of `sample`, `eval`, `serve` and `bench`: each case refuses in one line.
 
-CLI cases go through `tests/bad_input.py` (`refuse` in this process, `refuse_subprocess` for `serve`, which
+CLI cases go through `tests/bad_input/__init__.py` (`refuse` in this process, `refuse_subprocess` for `serve`, which
 must bind a real socket); the server's request cases send real HTTP requests to a `nanogpt serve` process
 and expect a 400 that names the field. Checkpoints are real ones written by `save_model`, exports real
 ones written by `nanogpt export`.

@@ -1,7 +1,7 @@
 """The bad-input catalogue of API teachers: `nanogpt distill` against real HTTP servers on 127.0.0.x.
 
 Each case is a real `http.server` in a thread that answers the way a broken, hostile or slow teacher does;
-the command must refuse in one line (`tests/bad_input.py`), never send the key to another origin, never
+the command must refuse in one line (`tests/bad_input/__init__.py`), never send the key to another origin, never
 cache or print what it should not, and leave no empty OUT.teacher/ behind.
 """
 

@@ -1,7 +1,7 @@
 """The bad-input catalogue of the folders commands write and the runs they hold: `train`, `distill`,
 `demo`, `import`, `export`, `info`, and the faults a run meets (two resumes at once, Ctrl-C, a full disk).
 
-Each refusal is checked by tests/bad_input.py: exit 2, one stderr line naming the problem and the fix, no
+Each refusal is checked by tests/bad_input/__init__.py: exit 2, one stderr line naming the problem and the fix, no
 traceback, every file the command was pointed at byte-identical afterwards. The rule they share is
 `nanogpt.folders.claim`: a command replaces only a folder nanogpt wrote for the same purpose.
 """

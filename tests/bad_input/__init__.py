@@ -1,4 +1,4 @@
-"""The check every catalogued bad input must pass (used by the `tests/test_bad_input_*.py` modules).
+"""The check every catalogued bad input must pass (used by the catalogue modules beside it).
 
 A refusal is: the documented exit code (2 unless said otherwise), exactly one line on stderr that names the
 problem and the fix, no traceback, and every pre-existing file the command was pointed at byte-identical

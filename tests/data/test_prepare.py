@@ -284,7 +284,7 @@ def test_non_utf8_text_and_jsonl(tmp_path):
     (tmp_path / "latin.txt").write_bytes(b"hello\ncaf\xe9 au lait\n")
     msg = one_line_error("not valid UTF-8", str(tmp_path / "latin.txt"), tmp_path / "out")
     assert "latin.txt:2:" in msg and "byte offset 9" in msg and "--errors replace" in msg
-    # a one-document source this short is refused for its size (see test_bad_input_data), not its bytes
+    # a one-document source this short is refused for its size (see tests/bad_input/test_data.py), not its bytes
     assert list(iter_documents(str(tmp_path / "latin.txt"), errors="replace")) == [
         "hello\ncaf\ufffd au lait\n"
     ]

@@ -1,6 +1,6 @@
 """The bad-input catalogue of the data path: `prepare`, the data `train` reads, and `import`.
 
-Each case is one refusal (see tests/bad_input.py): exit 2, one stderr line naming the problem and the fix,
+Each case is one refusal (see tests/bad_input/__init__.py): exit 2, one stderr line naming the problem and the fix,
 no traceback, the files the command was pointed at unchanged. Disks that are full or read-only are real
 where the test may mount a small tmpfs (root) or chmod stops writes (not root); elsewhere the write seam
 `data.WRITE_FAULT_ENV` makes the same OSError at the same place.
