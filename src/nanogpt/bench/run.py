@@ -182,18 +182,50 @@ def run_bench(
     def both(key: str) -> list[Stat]:
         return timed([ours[key]] + ([theirs[key]] if theirs else []), repeats, warmup, device)
 
-    peer_unique = peer.num_parameters() if peer is not None else None
+    rows += size_rows(cfg, n_total, n_unique, peer.num_parameters() if peer is not None else None)
+    say("training step (forward + backward + AdamW) and forward pass")
+    rows += throughput_rows(both, batch, seq)
+    say("decode (batch 1, KV cache, greedy) and time to first token")
+    rows += decode_rows(both, seq, inp.new_tokens)
+    say("perplexity evaluation")
+    rows += eval_rows(both, batch, seq, len(inp.eval_tokens) - 1)
+    if dtype != "fp32" and backend == "torch":
+        say(f"accuracy: the eval NLL in {dtype} and in fp32")
+        rows.append(accuracy_row(model, peer, ours, theirs, inp, dtype, device, seq))
+    say("activation memory" + (" (fresh processes)" if device.type == "cpu" and backend == "torch" else ""))
+    if backend == "mlx":
+        act = ours["activation"]()
+    else:
+        act = measure_activation_memory(cfg, batch, seq, dtype, "ours", device)
+    act_peer = measure_activation_memory(cfg, batch, seq, dtype, "peer", device) if peer is not None else None
+    res.activation = {"ours": act, "peer": act_peer}
+    rows += memory_rows(cfg, batch, seq, dtype, act, act_peer)
+    rows += efficiency_rows(res, cfg, n_unique, seq, dtype, inp.new_tokens)
+    res.load_average = {"start": load0, "end": list(os.getloadavg())}
+    # a physically impossible number is never written as a result; a busy machine is said, not hidden
+    res.warnings = check_rows(rows) + load_warnings(
+        load0, res.load_average["end"], os.cpu_count() or 1, torch.get_num_threads()
+    )
+    res.seconds = time.perf_counter() - t_start
+    return res
+
+
+# --- the rows, section by section (run_bench times; these turn the timings into rows) --------------------
+
+
+def size_rows(cfg: ModelConfig, n_total: int, n_unique: int, peer_unique: int | None) -> list[Row]:
+    """Parameter counts (the card's tied-twice count and the unique one) and weight memory."""
     tied = cfg.vocab_size * cfg.d_model if cfg.tie_embeddings else 0
-    rows.append(
+    rows = [
         Row(
             "params_total",
             "Model size: parameters, tied matrix counted twice (the card's count)",
             n_total,
             "params",
             peer=peer_unique + tied if peer_unique else None,
-        )
-    )
-    rows.append(Row("params_unique", "Model size: unique parameters", n_unique, "params", peer=peer_unique))
+        ),
+        Row("params_unique", "Model size: unique parameters", n_unique, "params", peer=peer_unique),
+    ]
     for name, nb in (("fp32", 4), ("fp16", 2)):
         rows.append(
             Row(
@@ -205,73 +237,85 @@ def run_bench(
                 higher_is_better=False,
             )
         )
+    return rows
 
-    say("training step (forward + backward + AdamW) and forward pass")
+
+def throughput_rows(both: Callable[[str], list[Stat]], batch: int, seq: int) -> list[Row]:
+    """Training step and forward pass, in tokens/s and batches/s."""
     tok = batch * seq
     train, fwd = both("train"), both("forward")
     what = f"Training throughput: forward + backward + AdamW step, batch {batch} x {seq}"
-    rows.append(rate_row("train_tokens_per_s", what, tok, "tokens/s", *train))
-    rows.append(rate_row("train_batches_per_s", what, 1, "batches/s", *train))
+    rows = [
+        rate_row("train_tokens_per_s", what, tok, "tokens/s", *train),
+        rate_row("train_batches_per_s", what, 1, "batches/s", *train),
+    ]
     what = f"Forward-only throughput: logits at every position, no autograd, batch {batch} x {seq}"
     rows.append(rate_row("forward_tokens_per_s", what, tok, "tokens/s", *fwd))
     rows.append(rate_row("forward_batches_per_s", what, 1, "batches/s", *fwd))
+    return rows
 
-    say("decode (batch 1, KV cache, greedy) and time to first token")
+
+def decode_rows(both: Callable[[str], list[Stat]], seq: int, new: int) -> list[Row]:
+    """Batch-1 decode speed, latency per 100 tokens, time to first token."""
     dec = both("decode")
-    new = inp.new_tokens
     what = f"Decode: batch 1, KV cache, greedy, {PROMPT_TOKENS}-token prompt, {new} new tokens (prefill included)"
-    rows.append(rate_row("decode_tokens_per_s", what, new, "tokens/s", *dec))
+    rows = [rate_row("decode_tokens_per_s", what, new, "tokens/s", *dec)]
     dec = [d.scaled(NEW_TOKENS / new) for d in dec]
     rows.append(
-        time_row(
-            "latency_per_100_tokens_s", f"Generation latency per {NEW_TOKENS} tokens (the decode runs)", *dec
-        )
+        time_row("latency_per_100_tokens_s", f"Generation latency per {NEW_TOKENS} tokens (the decode runs)", *dec)
     )
     rows.append(
-        time_row(
-            "ttft_s", f"Time to first token: {seq}-token prompt, prefill + one greedy pick", *both("ttft")
-        )
+        time_row("ttft_s", f"Time to first token: {seq}-token prompt, prefill + one greedy pick", *both("ttft"))
     )
+    return rows
 
-    say("perplexity evaluation")
-    n_eval = len(inp.eval_tokens) - 1
-    what = (
-        f"Perplexity evaluation: sliding_window_nll, context = stride = {seq}, {n_eval} tokens, batch {batch}"
-    )
-    rows.append(rate_row("eval_tokens_per_s", what, n_eval, "tokens/s", *both("eval")))
+
+def eval_rows(both: Callable[[str], list[Stat]], batch: int, seq: int, n_eval: int) -> list[Row]:
+    """Sliding-window perplexity at stride = context and with overlapping windows."""
+    what = f"Perplexity evaluation: sliding_window_nll, context = stride = {seq}, {n_eval} tokens, batch {batch}"
+    rows = [rate_row("eval_tokens_per_s", what, n_eval, "tokens/s", *both("eval"))]
     stride = overlap_stride(seq)
     what = (
         f"Perplexity evaluation, overlapping windows: context {seq}, stride {stride} (each scored token "
         f"has >= {seq - stride} tokens of history), {n_eval} tokens, batch {batch}"
     )
     rows.append(rate_row("eval_overlap_tokens_per_s", what, n_eval, "tokens/s", *both("eval_overlap")))
-    if dtype != "fp32" and backend == "torch":
-        say(f"accuracy: the eval NLL in {dtype} and in fp32")
-        fp32_ours = torch_fns(model, inp, "fp32", device)["eval"]
-        delta = abs(ours["eval"]().mean_nll - fp32_ours().mean_nll)
-        peer_delta = None
-        if theirs is not None:
-            peer_delta = abs(theirs["eval"]() - peer_fns(peer, inp, "fp32", device)["eval"]())
-        what = f"Accuracy cost of {dtype}: absolute difference of the mean NLL in {dtype} and in fp32"
-        rows.append(
-            Row(
-                "low_precision_nll_delta",
-                f"{what}, eval tokens at stride {seq}",
-                delta,
-                "nats",
-                peer=peer_delta,
-                higher_is_better=False,
-            )
-        )
+    return rows
 
-    say("activation memory" + (" (fresh processes)" if device.type == "cpu" and backend == "torch" else ""))
-    if backend == "mlx":
-        act = ours["activation"]()
-    else:
-        act = measure_activation_memory(cfg, batch, seq, dtype, "ours", device)
-    act_peer = measure_activation_memory(cfg, batch, seq, dtype, "peer", device) if peer is not None else None
-    res.activation = {"ours": act, "peer": act_peer}
-    rows.append(
+
+def accuracy_row(
+    model: torch.nn.Module,
+    peer: torch.nn.Module | None,
+    ours: dict[str, Callable],
+    theirs: dict[str, Callable] | None,
+    inp: Inputs,
+    dtype: str,
+    device: torch.device,
+    seq: int,
+) -> Row:
+    """What low precision costs: |mean NLL in `dtype` - mean NLL in fp32| on the eval tokens."""
+    fp32_ours = torch_fns(model, inp, "fp32", device)["eval"]
+    delta = abs(ours["eval"]().mean_nll - fp32_ours().mean_nll)
+    peer_delta = None
+    if theirs is not None and peer is not None:
+        peer_delta = abs(theirs["eval"]() - peer_fns(peer, inp, "fp32", device)["eval"]())
+    what = f"Accuracy cost of {dtype}: absolute difference of the mean NLL in {dtype} and in fp32"
+    return Row(
+        "low_precision_nll_delta",
+        f"{what}, eval tokens at stride {seq}",
+        delta,
+        "nats",
+        peer=peer_delta,
+        higher_is_better=False,
+    )
+
+
+def memory_rows(
+    cfg: ModelConfig, batch: int, seq: int, dtype: str, act: dict[str, Any], act_peer: dict[str, Any] | None
+) -> list[Row]:
+    """Activation memory: measured, and the analytic estimate beside it."""
+    bpe = 4 if dtype == "fp32" else 2
+    return [
         Row(
             "activation_mib",
             f"Activation memory, measured ({act['method']}), forward + backward, batch {batch} x {seq}",
@@ -279,36 +323,39 @@ def run_bench(
             "MiB",
             peer=act_peer["activation"] / MIB if act_peer else None,
             higher_is_better=False,
-        )
-    )
-    bpe = 4 if dtype == "fp32" else 2
-    rows.append(
+        ),
         Row(
             "activation_estimate_mib",
             "Activation memory, analytic estimate (`activation_estimate`; the peer's: a stock GPT-2)",
             activation_estimate(cfg, batch, seq, bpe) / MIB,
             "MiB",
-            peer=activation_estimate(cfg, batch, seq, bpe, stock=True) / MIB if peer else None,
+            peer=activation_estimate(cfg, batch, seq, bpe, stock=True) / MIB if act_peer else None,
             higher_is_better=False,
-        )
-    )
+        ),
+    ]
 
-    # efficiency against the ceilings measured above
+
+def efficiency_rows(
+    res: BenchResult, cfg: ModelConfig, n_unique: int, seq: int, dtype: str, new: int
+) -> list[Row]:
+    """MFU of training and forward, and decode bandwidth use, against the ceilings measured on this machine."""
+    roof = res.roofline
     peak = roof["peak_gflops"] * 1e9
     fpt = forward_flops_per_token(cfg, n_unique, seq)
+    rows = []
     for key, mult, label in (("train", 3.0, "training"), ("forward", 1.0, "forward")):
         r = res.row(f"{key}_tokens_per_s")
         rows.append(
             Row(
                 f"mfu_{key}",
-                f"MFU {label}: model FLOP/s over the measured matmul peak "
-                f"({roof['peak_gflops']:.0f} GFLOP/s)",
+                f"MFU {label}: model FLOP/s over the measured matmul peak ({roof['peak_gflops']:.0f} GFLOP/s)",
                 r.value * mult * fpt / peak,
                 "fraction",
                 peer=r.peer * mult * fpt / peak if r.peer else None,
             )
         )
     # our bf16 decode multiplies by bf16 copies of the weights; the peer's autocast reads fp32 and casts
+    bpe = 4 if dtype == "fp32" else 2
     bpt = decode_bytes_per_token(n_unique, cfg, PROMPT_TOKENS + new // 2, bpe)
     r, bw = res.row("decode_tokens_per_s"), roof["copy_gb_s"] * 1e9
     rows.append(
@@ -321,13 +368,7 @@ def run_bench(
             peer=r.peer * bpt / bw if r.peer else None,
         )
     )
-    res.load_average = {"start": load0, "end": list(os.getloadavg())}
-    # a physically impossible number is never written as a result; a busy machine is said, not hidden
-    res.warnings = check_rows(rows) + load_warnings(
-        load0, res.load_average["end"], os.cpu_count() or 1, torch.get_num_threads()
-    )
-    res.seconds = time.perf_counter() - t_start
-    return res
+    return rows
 
 
 # --- outputs ------------------------------------------------------------------------------------------
