@@ -120,12 +120,8 @@ class RunFolder:
         return recover_dir(self.last)
 
     def has_checkpoint(self) -> bool:
+        """Whether the run holds a resume point (`last/` with its training state, or the `.old` copy)."""
         return (self.resume_point / STATE_JSON).is_file()
-
-
-def has_checkpoint(run: str | Path) -> bool:
-    """Whether a run folder holds a resume point (`last/` with its training state, or the `.old` copy)."""
-    return RunFolder(Path(run)).has_checkpoint()
 
 
 def claim(path: str | Path, kind: str, *, force: bool = False, flag: str = "--out") -> bool:
@@ -157,7 +153,7 @@ def claim(path: str | Path, kind: str, *, force: bool = False, flag: str = "--ou
         raise UserError(
             f"{flag} {path} holds {KINDS[found]}, not {what}; choose another {flag} or pass --force to replace it"
         )
-    if kind == "run" and has_checkpoint(path):
+    if kind == "run" and RunFolder(path).has_checkpoint():
         raise UserError(
             f"{flag} {path} already holds a training run with checkpoints; pass --resume to continue it, "
             f"choose another {flag}, or pass --force to start it over"

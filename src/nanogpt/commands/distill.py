@@ -26,7 +26,7 @@ from nanogpt.distill.client import cached_answers
 from nanogpt.distill.losses import KINDS, TEACHER_KINDS
 from nanogpt.distill.teachers import TeacherSettings, TeacherSpec, api_config, make_loss_fn, parse_teacher
 from nanogpt.errors import ArgumentParser, UserError
-from nanogpt.folders import RunFolder, claim, has_checkpoint
+from nanogpt.folders import RunFolder, claim
 from nanogpt.train.checkpoint import load_config_of, saved_data_dir
 from nanogpt.train.loop import train
 
@@ -130,7 +130,7 @@ def teacher_settings(args: argparse.Namespace) -> TeacherSettings:
 
 def rerun_hint(run: Path) -> str:
     """What to do once a down teacher is back: --resume only when OUT holds a checkpoint to resume."""
-    if has_checkpoint(run):
+    if RunFolder(run).has_checkpoint():
         return "then rerun with --resume (answers already received are cached)"
     return "then rerun the same command once it is reachable (answers already received are cached)"
 

@@ -46,11 +46,10 @@ from torch import nn
 from nanogpt.config import ModelConfig, TrainConfig, first_difference
 from nanogpt.data.shards import BatchSampler, TokenData
 from nanogpt.errors import UserError
-from nanogpt.folders import LOCK, MARKER, RunFolder, RunLock, claim, clear, has_checkpoint, mark
+from nanogpt.folders import LOCK, MARKER, RunFolder, RunLock, claim, clear, mark
 from nanogpt.kernels.device import autocast
 from nanogpt.model.gpt import NanoGPTLMHeadModel
 from nanogpt.train.checkpoint import (
-    STATE_JSON,
     atomic_dir,
     join_rank_state,
     load_state_into,
@@ -152,22 +151,22 @@ def perplexity(mean_nll: float) -> float:
 
 def _check_resume(run: Path, model_cfg: ModelConfig) -> Path:
     """Validate a run folder to resume; return the checkpoint folder to continue from."""
-    if not RunFolder(run).config.is_file():
+    folder = RunFolder(run)
+    if not folder.config.is_file():
         raise UserError(f"{run}/config.json not found: nothing to resume; drop --resume to start a new run")
-    saved = ModelConfig.load(RunFolder(run).config).to_dict()
+    saved = ModelConfig.load(folder.config).to_dict()
     key = first_difference(saved, model_cfg.to_dict())
     if key is not None:
         raise UserError(
             f"--resume: model config differs from {run}/config.json at {key!r} (run has {saved.get(key)!r}, "
             f"requested {model_cfg.to_dict().get(key)!r}); resume with the run's config or start a new --out"
         )
-    src = RunFolder(run).resume_point
-    if not (src / STATE_JSON).is_file():
+    if not folder.has_checkpoint():
         raise UserError(
             f"{run} holds no checkpoint yet (the run stopped before its first one); "
             "run the same command without --resume to start it again"
         )
-    return src
+    return folder.resume_point
 
 
 _WRITE_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT}
@@ -214,7 +213,7 @@ def run_folder(
 
 def resume_hint(run: Path) -> str:
     """What to tell a user whose run stopped: resume from its checkpoint, or start it again."""
-    if has_checkpoint(run):
+    if RunFolder(run).has_checkpoint():
         return f"{run}/last holds the last checkpoint; continue with the same command plus --resume"
     return "no checkpoint was written yet; run the same command again to start over"
 
