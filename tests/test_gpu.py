@@ -127,12 +127,15 @@ def test_kv_cache_decode_matches_the_full_forward(dev):
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_decode_steps_match_the_full_forward(dev, dtype):
     from nanogpt.infer.generate import decode_steps
+    from nanogpt.infer.sampling import SamplingParams
 
     torch.manual_seed(0)
     model = NanoGPTLMHeadModel(small_cfg()).to(dev).eval()
     prompt = torch.randint(0, 50257, (12,)).tolist()
     seq, tol = list(prompt), 1e-4 if dtype == "fp32" else 2e-2
-    for token, logits in decode_steps(model, prompt, 6, temperature=0, dtype=dtype):
+    for token, logits in decode_steps(
+        model, prompt, SamplingParams(max_tokens=6, temperature=0), dtype=dtype
+    ):
         with torch.inference_mode():
             ref = model(torch.tensor([seq], device=dev))[0, -1].float()
         assert rel_err(logits, ref) < tol

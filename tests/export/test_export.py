@@ -59,13 +59,14 @@ def load_hf(folder: Path):
 def greedy_ours(model: NanoGPTLMHeadModel, ids: list[int], n: int) -> list[int]:
     try:
         from nanogpt.infer.generate import generate
+        from nanogpt.infer.sampling import SamplingParams
     except ImportError:  # generate.py not there yet: a plain greedy loop without a cache
         out = list(ids)
         with torch.no_grad():
             for _ in range(n):
                 out.append(int(model(torch.tensor([out]))[0, -1].argmax()))
         return out[len(ids) :]
-    return list(generate(model, ids, n, temperature=0.0, stop_at_eot=False))
+    return list(generate(model, ids, SamplingParams(max_tokens=n, temperature=0.0), stop_at_eot=False))
 
 
 @pytest.fixture(scope="module")

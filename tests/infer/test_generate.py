@@ -12,15 +12,12 @@ from nanogpt.commands.sample import SampleStats
 from nanogpt.data.tokenizer import EOT_ID, get_tokenizer
 from nanogpt.errors import UserError
 from nanogpt.infer.generate import (
-    candidates,
-    check_sampling,
     decode_steps,
     generate,
     prepare_prompt,
-    sample_next,
     stream_text,
-    top_p_filter,
 )
+from nanogpt.infer.sampling import SamplingParams, candidates, sample_next, top_p_filter
 from nanogpt.kernels import decode as decode_weights
 from nanogpt.kernels.decode import DecodeLinear, cpu_decode_kernel, decode_step, drop_decode_weights
 from nanogpt.model.gpt import Linear, NanoGPTLMHeadModel
@@ -57,18 +54,36 @@ def uncached_logits(model, ids: list[int]) -> torch.Tensor:
 )
 def test_bad_sampling_settings_are_refused(temperature, top_k, top_p, match):
     with pytest.raises(UserError, match=match):
-        check_sampling(temperature, top_k, top_p)
-    with pytest.raises(UserError, match=match):
-        sample_next(torch.zeros(1, 10), temperature, top_k, top_p)
+        SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
+
+
+def test_sampling_params_defaults_and_openai_fields():
+    d = SamplingParams()
+    assert (d.max_tokens, d.temperature, d.top_k, d.top_p, d.seed, d.stop) == (100, 0.8, 50, 1.0, None, ())
+    with pytest.raises(UserError, match="max_tokens=-1"):
+        SamplingParams(max_tokens=-1)
+    with pytest.raises(UserError, match="seed="):
+        SamplingParams(seed=2**64)
+    with pytest.raises(UserError, match="stop"):
+        SamplingParams(stop=("",))
+    # neutral settings are left out, as a client would send them
+    assert SamplingParams(max_tokens=8, temperature=0.7, top_k=None).openai_fields() == {
+        "max_tokens": 8,
+        "temperature": 0.7,
+    }
+    full = SamplingParams(max_tokens=8, top_k=5, top_p=0.9, seed=3, stop=("\n",)).openai_fields()
+    assert full == {"max_tokens": 8, "temperature": 0.8, "top_k": 5, "top_p": 0.9, "seed": 3, "stop": ["\n"]}
 
 
 def test_temperature_zero_is_argmax():
     torch.manual_seed(0)
     logits = torch.randn(4, 1000)
     expected = logits.argmax(dim=-1)
-    assert torch.equal(sample_next(logits, temperature=0), expected)
+    assert torch.equal(sample_next(logits, SamplingParams(temperature=0, top_k=None)), expected)
     # greedy ignores the filters and the generator
-    assert torch.equal(sample_next(logits, 0, top_k=3, top_p=0.1, generator=torch.Generator()), expected)
+    assert torch.equal(
+        sample_next(logits, SamplingParams(top_k=3, top_p=0.1, temperature=0), torch.Generator()), expected
+    )
 
 
 def test_top_k_keeps_exactly_k_candidates():
@@ -88,7 +103,7 @@ def test_top_k_keeps_exactly_k_candidates():
 
 def test_top_k_draws_only_and_all_of_the_top_k():
     logits = torch.linspace(0, 1, 100).repeat(4000, 1)  # (4000, 100), a flat-ish distribution
-    draws = sample_next(logits, 1.0, top_k=4, generator=torch.Generator().manual_seed(0))
+    draws = sample_next(logits, SamplingParams(top_k=4, temperature=1.0), torch.Generator().manual_seed(0))
     assert set(draws.tolist()) == {96, 97, 98, 99}
 
 
@@ -104,14 +119,20 @@ def test_top_p_keeps_the_nucleus_of_a_hand_made_distribution():
     # top-k first, then top-p on the survivors (renormalised: 0.4/0.7 already reaches 0.5)
     assert candidates(logits, top_k=2, top_p=0.5).kept() == {1}
     assert candidates(logits, top_k=3, top_p=0.9).kept() == {1, 2, 3}
-    draws = sample_next(logits.repeat(2000, 1), 1.0, top_p=0.5, generator=torch.Generator().manual_seed(0))
+    draws = sample_next(
+        logits.repeat(2000, 1),
+        SamplingParams(top_p=0.5, temperature=1.0, top_k=None),
+        torch.Generator().manual_seed(0),
+    )
     assert set(draws.tolist()) == {1, 2}
 
 
 def test_temperature_reshapes_the_distribution():
     logits = torch.tensor([2.0, 1.0, 0.0]).repeat(20_000, 1)
     for t in (0.5, 1.0, 2.0):
-        draws = sample_next(logits, t, generator=torch.Generator().manual_seed(1))
+        draws = sample_next(
+            logits, SamplingParams(temperature=t, top_k=None), torch.Generator().manual_seed(1)
+        )
         freq = torch.bincount(draws, minlength=3).float() / len(draws)
         torch.testing.assert_close(freq, (logits[0] / t).softmax(-1), atol=0.015, rtol=0)
 
@@ -133,10 +154,10 @@ def test_too_long_prompt_is_refused_at_the_call_and_crop_keeps_the_last_tokens(m
     ctx = tiny_cfg.context_length
     long_prompt = (PROMPT * 10)[: ctx + 6]
     with pytest.raises(UserError, match=f"prompt is {ctx + 6} tokens, the context is {ctx}"):
-        generate(model, long_prompt, 5)  # raised by the call, before any next()
-    cropped = list(generate(model, long_prompt, 5, temperature=0, crop=True))
-    assert cropped == list(generate(model, long_prompt[-ctx:], 5, temperature=0))
-    assert cropped != list(generate(model, long_prompt[:ctx], 5, temperature=0))
+        generate(model, long_prompt, SamplingParams(max_tokens=5))  # raised by the call, before any next()
+    cropped = list(generate(model, long_prompt, SamplingParams(max_tokens=5, temperature=0), crop=True))
+    assert cropped == list(generate(model, long_prompt[-ctx:], SamplingParams(max_tokens=5, temperature=0)))
+    assert cropped != list(generate(model, long_prompt[:ctx], SamplingParams(max_tokens=5, temperature=0)))
 
 
 # --- the generator ----------------------------------------------------------------------------------
@@ -147,7 +168,7 @@ def test_cached_greedy_equals_uncached_recomputation(variant):
     torch.manual_seed(0)
     model = NanoGPTLMHeadModel(tiny_config(**variant)).eval()
     lengths = record_input_lengths(model)
-    steps = list(decode_steps(model, PROMPT, 20, temperature=0))
+    steps = list(decode_steps(model, PROMPT, SamplingParams(max_tokens=20, temperature=0)))
     # the prompt goes through once, then exactly one new token per step
     assert lengths == [len(PROMPT)] + [1] * 19
     seq = list(PROMPT)
@@ -156,22 +177,42 @@ def test_cached_greedy_equals_uncached_recomputation(variant):
         torch.testing.assert_close(logits, ref, atol=1e-5, rtol=1e-5)
         assert token == int(ref.argmax())
         seq.append(token)
-    assert [t for t, _ in steps] == list(generate(model, PROMPT, 20, temperature=0, stop_at_eot=False))
+    assert [t for t, _ in steps] == list(
+        generate(model, PROMPT, SamplingParams(max_tokens=20, temperature=0), stop_at_eot=False)
+    )
 
 
 def test_cached_sampling_equals_uncached_sampling(model):
     tokens = list(
-        generate(model, PROMPT, 15, temperature=1.0, top_k=20, top_p=0.9, seed=7, stop_at_eot=False)
+        generate(
+            model,
+            PROMPT,
+            SamplingParams(max_tokens=15, temperature=1.0, top_k=20, top_p=0.9, seed=7),
+            stop_at_eot=False,
+        )
     )
     g, seq = torch.Generator().manual_seed(7), list(PROMPT)
     for _ in range(15):
-        seq.append(int(sample_next(uncached_logits(model, seq)[None], 1.0, 20, 0.9, g)))
+        seq.append(
+            int(
+                sample_next(
+                    uncached_logits(model, seq)[None], SamplingParams(temperature=1.0, top_k=20, top_p=0.9), g
+                )
+            )
+        )
     assert tokens == seq[len(PROMPT) :]
 
 
 def test_same_seed_same_tokens_other_seed_other_tokens(model):
     def run(seed):
-        return list(generate(model, PROMPT, 30, temperature=1.0, top_k=None, seed=seed, stop_at_eot=False))
+        return list(
+            generate(
+                model,
+                PROMPT,
+                SamplingParams(max_tokens=30, temperature=1.0, top_k=None, seed=seed),
+                stop_at_eot=False,
+            )
+        )
 
     a = run(1337)
     assert len(a) == 30
@@ -179,7 +220,16 @@ def test_same_seed_same_tokens_other_seed_other_tokens(model):
     assert run(1338) != a
     gen = torch.Generator().manual_seed(1337)  # a generator seeded alike gives the same stream
     assert (
-        list(generate(model, PROMPT, 30, temperature=1.0, top_k=None, generator=gen, stop_at_eot=False)) == a
+        list(
+            generate(
+                model,
+                PROMPT,
+                SamplingParams(max_tokens=30, temperature=1.0, top_k=None),
+                generator=gen,
+                stop_at_eot=False,
+            )
+        )
+        == a
     )
 
 
@@ -194,10 +244,12 @@ def test_stops_at_end_of_text(model):
         model.transformer.ln_f.bias[0] = 1.0
         model.transformer.token_embedding.weight[EOT_ID] = 0.0
         model.transformer.token_embedding.weight[EOT_ID, 0] = L
-    assert list(generate(model, PROMPT, 50, temperature=0)) == []  # greedy: EOT at once, not yielded
-    kwargs = dict(temperature=1.0, top_k=None, seed=3)
-    stopped = list(generate(model, PROMPT, 100, **kwargs))
-    full = list(generate(model, PROMPT, 100, stop_at_eot=False, **kwargs))
+    assert (
+        list(generate(model, PROMPT, SamplingParams(max_tokens=50, temperature=0))) == []
+    )  # greedy: EOT at once, not yielded
+    params = SamplingParams(max_tokens=100, temperature=1.0, top_k=None, seed=3)
+    stopped = list(generate(model, PROMPT, params))
+    full = list(generate(model, PROMPT, params, stop_at_eot=False))
     assert len(stopped) < 100 and EOT_ID not in stopped
     assert full[: len(stopped)] == stopped and full[len(stopped)] == EOT_ID
     assert full.count(EOT_ID) > 1  # without the stop, EOT is an ordinary token and generation goes on
@@ -206,7 +258,7 @@ def test_stops_at_end_of_text(model):
 def test_context_end_slides_the_window():
     model = model_with_context(16)
     lengths = record_input_lengths(model)
-    steps = list(decode_steps(model, PROMPT + PROMPT[:2], 40, temperature=0))
+    steps = list(decode_steps(model, PROMPT + PROMPT[:2], SamplingParams(max_tokens=40, temperature=0)))
     fed = list(lengths)
     assert len(steps) == 40  # generation goes past the context
     # reference: re-run, without a cache, exactly the window the documented rule gives
@@ -225,15 +277,17 @@ def test_context_end_slides_the_window():
 
 def test_max_new_tokens_zero_and_negative(model):
     lengths = record_input_lengths(model)
-    assert list(generate(model, PROMPT, 0)) == []
+    assert list(generate(model, PROMPT, SamplingParams(max_tokens=0))) == []
     assert lengths == []  # nothing to generate: the model is not even run
-    with pytest.raises(UserError, match="max_new_tokens"):
-        generate(model, PROMPT, -1)
+    with pytest.raises(UserError, match="max_tokens=-1"):
+        generate(model, PROMPT, SamplingParams(max_tokens=-1))
 
 
 def test_modes_do_not_leak_between_yields(model):
     model.train()
-    it = generate(model, PROMPT, 3, temperature=1.0, seed=0, dtype="bf16", stop_at_eot=False)
+    it = generate(
+        model, PROMPT, SamplingParams(max_tokens=3, temperature=1.0, seed=0), dtype="bf16", stop_at_eot=False
+    )
     assert not model.training  # sampling runs with dropout off
     for _ in it:
         assert torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
@@ -242,14 +296,14 @@ def test_modes_do_not_leak_between_yields(model):
 
 def test_decode_copies_are_used_inside_decode_steps_only(model, monkeypatch):
     monkeypatch.setattr(decode_weights, "NATIVE_GEMV_TORCH", True)  # the torch >= 2.6 path on any torch
-    ref = [logits for _, logits in decode_steps(model, PROMPT, 4, temperature=0)]
+    ref = [logits for _, logits in decode_steps(model, PROMPT, SamplingParams(max_tokens=4, temperature=0))]
     qkv = model.transformer.blocks[0].attn.qkv_proj
     _, w, _, blocks = qkv.decode_copies[torch.float32]  # kept for the next stream
     assert blocks == torch.get_num_threads()  # fp32 on CPU: (in, out) column blocks, one per thread
     assert w.shape == (blocks, qkv.in_features, -(-qkv.out_features // blocks)) and w.is_contiguous()
     # a bf16 stream interleaved with an fp32 one: each step uses its own dtype's copies, nothing leaks
-    b16 = decode_steps(model, PROMPT, 4, temperature=0, dtype="bf16")
-    f32 = decode_steps(model, PROMPT, 4, temperature=0)
+    b16 = decode_steps(model, PROMPT, SamplingParams(max_tokens=4, temperature=0), dtype="bf16")
+    f32 = decode_steps(model, PROMPT, SamplingParams(max_tokens=4, temperature=0))
     mixed = []
     for (_, lb), (_, lf) in zip(b16, f32, strict=True):
         mixed.append(lf)
@@ -262,7 +316,7 @@ def test_decode_copies_are_used_inside_decode_steps_only(model, monkeypatch):
     assert qkv.decode_copies[torch.float32][1] is w  # unchanged weights: the same copy, not remade
     with torch.no_grad():
         model.lm_head.weight[0] += 1.0  # the tied embedding row of token 0
-    steps = list(decode_steps(model, PROMPT, 3, temperature=0))
+    steps = list(decode_steps(model, PROMPT, SamplingParams(max_tokens=3, temperature=0)))
     seq = list(PROMPT)
     for token, logits in steps:  # the new weights are used, not stale copies
         torch.testing.assert_close(logits, uncached_logits(model, seq), atol=1e-5, rtol=1e-5)
@@ -274,7 +328,9 @@ def test_decode_copies_are_used_inside_decode_steps_only(model, monkeypatch):
 
 
 def test_decode_aware_layers_copy_and_pickle_as_plain_layers(model):
-    list(decode_steps(model, PROMPT, 2, temperature=0))  # the layers are decode-aware now
+    list(
+        decode_steps(model, PROMPT, SamplingParams(max_tokens=2, temperature=0))
+    )  # the layers are decode-aware now
     x = torch.tensor([PROMPT])
     for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
         assert not any(isinstance(m, DecodeLinear) or hasattr(m, "decode_copies") for m in clone.modules())
@@ -289,7 +345,7 @@ def test_column_block_copies_give_the_stock_products(model, monkeypatch):
     # 3 blocks split qkv (96 wide) evenly; the other widths leave the last block zero-padded
     monkeypatch.setattr(decode_weights, "column_blocks", lambda device, dtype: 3)
     drop_decode_weights(model)
-    steps = list(decode_steps(model, PROMPT, 3, temperature=0))
+    steps = list(decode_steps(model, PROMPT, SamplingParams(max_tokens=3, temperature=0)))
     seq = list(PROMPT)
     for token, logits in steps:
         torch.testing.assert_close(logits, uncached_logits(model, seq), atol=1e-5, rtol=1e-5)
@@ -311,12 +367,12 @@ def test_one_token_bf16_steps_run_with_onednn_off_and_restore_it(model, monkeypa
     seen: list[bool] = []
     hook = model.lm_head.register_forward_pre_hook(lambda *_: seen.append(torch.backends.mkldnn.enabled))
     try:
-        steps = list(decode_steps(model, PROMPT, 3, temperature=0, dtype="bf16"))
+        steps = list(decode_steps(model, PROMPT, SamplingParams(max_tokens=3, temperature=0), dtype="bf16"))
         assert len(steps) == 3
         assert seen == [True, False, False]  # the many-row prefill keeps oneDNN, one-token steps do not
         assert torch.backends.mkldnn.enabled
         seen.clear()
-        list(decode_steps(model, PROMPT, 3, temperature=0))
+        list(decode_steps(model, PROMPT, SamplingParams(max_tokens=3, temperature=0)))
         assert seen == [True, True, True]  # fp32 goes to CPU BLAS: nothing to switch
     finally:
         hook.remove()
@@ -330,10 +386,15 @@ def test_before_torch_2_6_bf16_decode_keeps_onednn_and_transposed_copies(model, 
     seen: list[bool] = []
     hook = model.lm_head.register_forward_pre_hook(lambda *_: seen.append(torch.backends.mkldnn.enabled))
     try:
-        b16 = [logits for _, logits in decode_steps(model, PROMPT, 3, temperature=0, dtype="bf16")]
+        b16 = [
+            logits
+            for _, logits in decode_steps(
+                model, PROMPT, SamplingParams(max_tokens=3, temperature=0), dtype="bf16"
+            )
+        ]
     finally:
         hook.remove()
-    f32 = [logits for _, logits in decode_steps(model, PROMPT, 3, temperature=0)]
+    f32 = [logits for _, logits in decode_steps(model, PROMPT, SamplingParams(max_tokens=3, temperature=0))]
     assert seen == [True, True, True]
     qkv = model.transformer.blocks[0].attn.qkv_proj
     _, w, _, blocks = qkv.decode_copies[torch.bfloat16]
@@ -377,11 +438,19 @@ def test_cpu_decode_steps_of_two_threads_take_turns():
 
 def test_concurrent_bf16_streams_match_solo_streams(model):
     prompts = [PROMPT, PROMPT[::-1]]
-    solo = [[t for t, _ in decode_steps(model, p, 6, temperature=0, dtype="bf16")] for p in prompts]
+    solo = [
+        [t for t, _ in decode_steps(model, p, SamplingParams(max_tokens=6, temperature=0), dtype="bf16")]
+        for p in prompts
+    ]
     got: dict[int, list[int]] = {}
 
     def stream(i: int) -> None:
-        got[i] = [t for t, _ in decode_steps(model, prompts[i], 6, temperature=0, dtype="bf16")]
+        got[i] = [
+            t
+            for t, _ in decode_steps(
+                model, prompts[i], SamplingParams(max_tokens=6, temperature=0), dtype="bf16"
+            )
+        ]
 
     threads = [threading.Thread(target=stream, args=(i,)) for i in range(2)]
     for t in threads:
@@ -396,7 +465,7 @@ def test_a_model_made_in_inference_mode_decodes(tiny_cfg):
     torch.manual_seed(0)
     with torch.inference_mode():  # its weights are inference tensors: no version counter
         model = NanoGPTLMHeadModel(tiny_cfg).eval()
-    steps = list(decode_steps(model, PROMPT, 3, temperature=0))
+    steps = list(decode_steps(model, PROMPT, SamplingParams(max_tokens=3, temperature=0)))
     seq = list(PROMPT)
     for token, logits in steps:
         with torch.inference_mode():
@@ -405,9 +474,19 @@ def test_a_model_made_in_inference_mode_decodes(tiny_cfg):
 
 
 def test_bf16_autocast_generates_valid_tokens(model):
-    tokens = list(generate(model, PROMPT, 12, temperature=1.0, seed=0, dtype="bf16", stop_at_eot=False))
+    tokens = list(
+        generate(
+            model,
+            PROMPT,
+            SamplingParams(max_tokens=12, temperature=1.0, seed=0),
+            dtype="bf16",
+            stop_at_eot=False,
+        )
+    )
     assert len(tokens) == 12 and all(0 <= t < 50257 for t in tokens)
-    greedy16 = list(generate(model, PROMPT, 4, temperature=0, dtype="bf16", stop_at_eot=False))
+    greedy16 = list(
+        generate(model, PROMPT, SamplingParams(max_tokens=4, temperature=0), dtype="bf16", stop_at_eot=False)
+    )
     assert len(greedy16) == 4
 
 
@@ -470,7 +549,7 @@ def test_cli_streams_what_generate_yields(model, ckpt, capsys):
     rc, out, _ = sample_cli(
         capsys, "--model", str(ckpt), "--prompt", prompt, "--max-new-tokens", "12", "--temperature", "0"
     )
-    tokens = list(generate(model, tok.encode(prompt), 12, temperature=0))
+    tokens = list(generate(model, tok.encode(prompt), SamplingParams(max_tokens=12, temperature=0)))
     assert rc == 0
     assert out == prompt + tok.decode_bytes(tokens).decode("utf-8", errors="replace") + "\n"
 
@@ -506,7 +585,9 @@ def test_cli_random_init_preset(capsys):
 
 
 def test_decode_aware_layers_compile_to_the_stock_graph(model):
-    list(decode_steps(model, PROMPT, 2, temperature=0))  # the layers are decode-aware now
+    list(
+        decode_steps(model, PROMPT, SamplingParams(max_tokens=2, temperature=0))
+    )  # the layers are decode-aware now
     assert isinstance(model.lm_head, DecodeLinear)
     x = torch.tensor([PROMPT])
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")  # fullgraph: no graph break

@@ -29,7 +29,7 @@ from nanogpt.distill.api import (  # noqa: E402
 )
 from nanogpt.errors import UserError  # noqa: E402
 from nanogpt.model.gpt import NanoGPTLMHeadModel  # noqa: E402
-from nanogpt.serve.requests import BadRequest, chat_prompt, parse_prompts, parse_sampling  # noqa: E402
+from nanogpt.serve.requests import BadRequest, chat_prompt, parse_options, parse_prompts  # noqa: E402
 from nanogpt.train.checkpoint import save_model  # noqa: E402
 from tests.local_server import free_port, post  # noqa: E402
 from tests.tiny import tiny_config  # noqa: E402
@@ -47,7 +47,15 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        args = [sys.executable, "-m", "nanogpt.commands.serve", "--model", str(model), "--port", str(self.port)]
+        args = [
+            sys.executable,
+            "-m",
+            "nanogpt.commands.serve",
+            "--model",
+            str(model),
+            "--port",
+            str(self.port),
+        ]
         args += ["--name", "tiny", "--threads", "1", "--dtype", dtype]
         if key:
             env[KEY_ENV] = key
@@ -103,11 +111,14 @@ def test_parse_prompts_and_sampling():
     for bad in (None, [], [1, "a"], [-1], {"x": 1}):
         with pytest.raises(BadRequest):
             parse_prompts(bad, tok)
-    s = parse_sampling({"max_tokens": 0, "logprobs": 5, "echo": True, "stop": "\n"})
-    assert (s.max_tokens, s.logprobs, s.echo, s.stop) == (0, 5, True, ["\n"])
+    o = parse_options({"max_tokens": 0, "logprobs": 5, "echo": True, "stop": "\n"})
+    assert (o.sampling.max_tokens, o.logprobs, o.echo, o.sampling.stop) == (0, 5, True, ("\n",))
+    # OpenAI's defaults, not the CLI's: temperature 1, no top-k, 16 tokens
+    d = parse_options({}).sampling
+    assert (d.max_tokens, d.temperature, d.top_k, d.top_p, d.seed) == (16, 1.0, None, 1.0, None)
     for bad in ({"max_tokens": -1}, {"temperature": "hot"}, {"logprobs": 1000}, {"n": 2}, {"stop": 3}):
         with pytest.raises(BadRequest):
-            parse_sampling(bad)
+            parse_options(bad)
     assert chat_prompt([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]) == (
         "system: Be brief.\nuser: Hi\nassistant:"
     )
@@ -174,6 +185,7 @@ def test_completions_generate_and_echo_logprobs(server):
 
 def test_bf16_server_decodes_and_scores_as_the_library_does(tiny_model, tmp_path):
     from nanogpt.infer.generate import decode_steps
+    from nanogpt.infer.sampling import SamplingParams
     from nanogpt.train.checkpoint import load_model
 
     ids = get_tokenizer().encode("The king")
@@ -197,7 +209,9 @@ def test_bf16_server_decodes_and_scores_as_the_library_does(tiny_model, tmp_path
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the server runs
     try:
-        want = [t for t, _ in decode_steps(model, ids, 6, temperature=0, dtype="bf16")]
+        want = [
+            t for t, _ in decode_steps(model, ids, SamplingParams(max_tokens=6, temperature=0), dtype="bf16")
+        ]
         with torch.inference_mode():
             fp32 = torch.log_softmax(model(torch.tensor([ids]))[0].float(), -1)
             with torch.autocast("cpu", dtype=torch.bfloat16):

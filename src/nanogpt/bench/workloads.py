@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from nanogpt.bench.measure import NEW_TOKENS, PROMPT_TOKENS
 from nanogpt.config import ModelConfig, TrainConfig
 from nanogpt.errors import UserError, missing_extra
+from nanogpt.infer.sampling import SamplingParams
 from nanogpt.kernels.device import autocast
 from nanogpt.train.optim import LossFn, cross_entropy_loss
 
@@ -50,6 +51,11 @@ class Inputs:
         evals = torch.randint(0, cfg.vocab_size, (eval_windows * seq + 1,), generator=g)
         new = max(1, min(NEW_TOKENS, cfg.context_length - PROMPT_TOKENS))
         return cls(x, y, prompt, prompt[:PROMPT_TOKENS], new, evals)
+
+
+def greedy(new_tokens: int) -> SamplingParams:
+    """The decode workloads: greedy, so every backend does the same work for the same tokens."""
+    return SamplingParams(max_tokens=new_tokens, temperature=0)
 
 
 def _logits(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -101,7 +107,7 @@ def torch_fns(
     seq, batch = inp.x.shape[1], inp.x.shape[0]
 
     def decode(prompt: list[int], new: int) -> Callable[[], int]:
-        return lambda: sum(1 for _ in decode_steps(model, prompt, new, temperature=0, dtype=dtype))
+        return lambda: sum(1 for _ in decode_steps(model, prompt, greedy(new), dtype=dtype))
 
     return {
         **train_and_forward(model, inp, dtype, device, cross_entropy_loss, compile),
@@ -237,7 +243,7 @@ def mlx_fns(model: torch.nn.Module, inp: Inputs, dtype: str) -> dict[str, Callab
         mx.eval(m(x))
 
     def decode(prompt: list[int], new: int) -> Callable[[], int]:
-        return lambda: sum(1 for _ in decode_steps(m, prompt, new, temperature=0))
+        return lambda: sum(1 for _ in decode_steps(m, prompt, greedy(new)))
 
     def evaluate(stride: int) -> Callable[[], float]:
         def run() -> float:

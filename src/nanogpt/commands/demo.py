@@ -22,6 +22,7 @@ import torch
 from nanogpt.config import PRESETS, TrainConfig, preset
 from nanogpt.errors import ArgumentParser, UserError, install_command
 from nanogpt.folders import claim
+from nanogpt.infer.sampling import SamplingParams
 
 WIDGET_PROMPTS = ("Once upon a time", "The capital of France is", "In the field of machine learning,")
 
@@ -137,11 +138,12 @@ def run_demo(
         f"({final.bits_per_byte:.3f} bits/byte, {final.tokens_scored:,} tokens)"
     )
 
-    say("== 4/5 samples (temperature 0.8, top-k 50)")
+    params = SamplingParams(max_tokens=60, seed=seed)
+    say(f"== 4/5 samples (temperature {params.temperature}, top-k {params.top_k})")
     tok = get_tokenizer()
     samples = {}
     for prompt in WIDGET_PROMPTS:
-        ids = list(generate(model, tok.encode(prompt), 60, temperature=0.8, top_k=50, seed=seed))
+        ids = list(generate(model, tok.encode(prompt), params))
         samples[prompt] = prompt + tok.decode(ids)
         say(f"--- {samples[prompt]}\n")
 
@@ -184,11 +186,12 @@ def export_and_reload(run: Path, seed: int) -> tuple[Path | None, str | None]:
     model = AutoModelForCausalLM.from_pretrained(dst, trust_remote_code=True)
     torch.manual_seed(seed)
     inputs = tokenizer(WIDGET_PROMPTS[0], return_tensors="pt")
+    params = SamplingParams()
     outputs = model.generate(
         **inputs,
         max_length=40,
-        temperature=0.8,
-        top_k=50,
+        temperature=params.temperature,
+        top_k=params.top_k,
         do_sample=True,
         pad_token_id=tokenizer.eos_token_id,
     )

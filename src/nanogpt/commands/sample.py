@@ -14,7 +14,7 @@ import os
 import sys
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TextIO
 
@@ -24,7 +24,8 @@ from nanogpt.commands.options import add_backend, add_device, add_dtype, refuse_
 from nanogpt.config import PRESETS, preset
 from nanogpt.data.tokenizer import Tokenizer, get_tokenizer
 from nanogpt.errors import ArgumentParser, UserError
-from nanogpt.infer.generate import check_sampling, generate, make_generator, stream_text
+from nanogpt.infer.generate import generate, stream_text
+from nanogpt.infer.sampling import SamplingParams, make_generator
 from nanogpt.kernels.device import resolve_device
 from nanogpt.model.gpt import NanoGPTLMHeadModel
 from nanogpt.train.checkpoint import load_model
@@ -103,10 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
     text = p.add_mutually_exclusive_group()
     text.add_argument("--prompt", default="", help="text to continue (default: start a new document)")
     text.add_argument("--prompt-file", help="a UTF-8 text file whose whole content is the prompt")
-    p.add_argument("--max-new-tokens", type=int, default=100)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (argmax)")
-    p.add_argument("--top-k", type=int, default=50, help="keep the k most likely tokens; 0 disables")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass; 1 disables")
+    d = SamplingParams()  # the defaults are the shared ones
+    p.add_argument("--max-new-tokens", type=int, default=d.max_tokens)
+    p.add_argument("--temperature", type=float, default=d.temperature, help="0 = greedy (argmax)")
+    p.add_argument("--top-k", type=int, default=d.top_k, help="keep the k most likely tokens; 0 disables")
+    p.add_argument("--top-p", type=float, default=d.top_p, help="nucleus sampling mass; 1 disables")
     p.add_argument("--seed", type=int, default=1337, help="the same seed gives the same text")
     p.add_argument("--num-samples", type=int, default=1)
     p.add_argument(
@@ -119,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _mlx_token_streams(
-    args: argparse.Namespace, prompt_ids: list[int], top_k: int | None
+    args: argparse.Namespace, prompt_ids: list[int], params: SamplingParams
 ) -> Iterator[Iterator[int]]:
     """One MLX token generator per sample (seed + i: MLX draws from keys, not a stateful generator)."""
     from nanogpt.mlx import load_mlx_model
@@ -129,20 +131,11 @@ def _mlx_token_streams(
         raise UserError("--backend mlx needs --model (a checkpoint); --preset random init is PyTorch only")
     model = load_mlx_model(args.model)
     for i in range(args.num_samples):
-        yield mlx_generate(
-            model,
-            prompt_ids,
-            args.max_new_tokens,
-            temperature=args.temperature,
-            top_k=top_k,
-            top_p=args.top_p,
-            seed=args.seed + i,
-            crop=args.crop,
-        )
+        yield mlx_generate(model, prompt_ids, replace(params, seed=args.seed + i), crop=args.crop)
 
 
 def _torch_token_streams(
-    args: argparse.Namespace, prompt_ids: list[int], top_k: int | None, vocab_size: int
+    args: argparse.Namespace, prompt_ids: list[int], params: SamplingParams, vocab_size: int
 ) -> Iterator[Iterator[int]]:
     device = resolve_device(args.device)
     model = load_sampling_model(args.model, args.preset, device, args.seed)
@@ -152,15 +145,13 @@ def _torch_token_streams(
             "sample from a model trained with that tokenizer"
         )
     # one generator for the whole run: samples differ from each other, the run repeats with its seed
-    generator = make_generator(args.seed, device)
+    generator = make_generator(params.seed, device)
     for _ in range(args.num_samples):
-        yield generate(  # checks the prompt against the context now, before anything is printed
+        # checks the prompt against the context now, before anything is printed
+        yield generate(
             model,
             prompt_ids,
-            args.max_new_tokens,
-            temperature=args.temperature,
-            top_k=top_k,
-            top_p=args.top_p,
+            replace(params, seed=None),
             generator=generator,
             crop=args.crop,
             dtype=args.dtype,
@@ -184,11 +175,16 @@ def read_prompt_file(path: str | Path) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    top_k = args.top_k or None
     # every flag is checked before the model loads: a typo costs no loading time
-    check_sampling(args.temperature, top_k, args.top_p, args.seed)
     if args.max_new_tokens < 0:
         raise UserError(f"--max-new-tokens {args.max_new_tokens} must be >= 0; e.g. --max-new-tokens 100")
+    params = SamplingParams(
+        max_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k or None,
+        top_p=args.top_p,
+        seed=args.seed,
+    )
     if args.num_samples < 1:
         raise UserError(f"--num-samples {args.num_samples} must be at least 1; e.g. --num-samples 1")
     refuse_mlx_dtype(args)
@@ -197,9 +193,9 @@ def main(argv: list[str] | None = None) -> int:
     tok = get_tokenizer()
     prompt_ids = encode_prompt(tok, args.prompt)
     if args.backend == "mlx":
-        streams = _mlx_token_streams(args, prompt_ids, top_k)
+        streams = _mlx_token_streams(args, prompt_ids, params)
     else:
-        streams = _torch_token_streams(args, prompt_ids, top_k, tok.vocab_size)
+        streams = _torch_token_streams(args, prompt_ids, params, tok.vocab_size)
     try:
         for i, tokens in enumerate(streams):
             if i:

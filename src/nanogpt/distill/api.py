@@ -48,6 +48,7 @@ from nanogpt.distill.client import (  # noqa: F401  (the client's names are part
 )
 from nanogpt.distill.losses import LossParts, record_parts, sparse_kl
 from nanogpt.errors import UserError
+from nanogpt.infer.sampling import SamplingParams
 
 OTHER_TOKENIZER = "teacher uses another tokenizer"
 
@@ -267,9 +268,9 @@ def build_chat_data(
         return {
             "model": client.cfg.model,
             "messages": [{"role": "user", "content": CHAT_INSTRUCTION + texts[i]}],
-            "max_tokens": reply_tokens,
-            "temperature": 0.7,
-            "seed": seed + i,
+            **SamplingParams(
+                max_tokens=reply_tokens, temperature=0.7, top_k=None, seed=seed + i
+            ).openai_fields(),
         }
 
     def ask(i: int) -> str:

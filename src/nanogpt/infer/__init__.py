@@ -1,6 +1,9 @@
-"""What a trained network is used for: sampling as a generator over the KV cache (`generate.py`:
-`sample_next`, `decode_steps`, `generate`) and held-out perplexity and bits per byte with a sliding
-window (`evaluate.py`). Checkpoints are read through `nanogpt.train.checkpoint`.
+"""What a trained network is used for: sampling as a generator over the KV cache and held-out perplexity.
 
-    ids = list(generate(model, tok.encode("Once upon a time"), 100, temperature=0.8, seed=1337))
+`sampling.py` holds `SamplingParams`, the one description of a sampling request that the CLI, the server,
+the MLX sampler and the distillation teacher share, and `sample_next`, the policy; `generate.py` holds
+`decode_steps`/`generate`, the generators over the KV cache; `evaluate.py` the sliding-window perplexity
+and bits per byte. Checkpoints are read through `nanogpt.train.checkpoint`.
+
+    ids = list(generate(model, tok.encode("Once upon a time"), SamplingParams(max_tokens=100, seed=1337)))
 """

@@ -5,10 +5,10 @@ The policy is the PyTorch one: temperature 0 is greedy, otherwise logits / tempe
 key seeded by `seed` and split once per token, so the same seed gives the same tokens whatever else uses
 `mx.random` (the draws differ from torch's: the two PRNGs are different). The prompt is prefilled into
 the preallocated `KVCache` once, then one token per step; when the cache is full the window slides (the
-last `context_length // 2` tokens are re-prefilled into the reset cache), as in PyTorch. Argument checks
-and prompt rules are shared with `nanogpt.infer.generate`.
+last `context_length // 2` tokens are re-prefilled into the reset cache), as in PyTorch. The settings are
+the shared `SamplingParams` (checked when made); prompt rules are shared with `nanogpt.infer.generate`.
 
-    ids = list(generate(model, tok.encode("Once upon a time"), 100, temperature=0.8, top_k=50, seed=1337))
+    ids = list(generate(model, tok.encode("Once upon a time"), SamplingParams(max_tokens=100, seed=1337)))
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from collections.abc import Iterator, Sequence
 import mlx.core as mx
 
 from nanogpt.data.tokenizer import EOT_ID
-from nanogpt.errors import UserError
-from nanogpt.infer.generate import check_sampling, prepare_prompt, tokens_until
+from nanogpt.infer.generate import prepare_prompt, tokens_until
+from nanogpt.infer.sampling import SamplingParams
 from nanogpt.mlx.kv_cache import KVCache
 from nanogpt.mlx.model import NanoGPTLMHeadModel
 
@@ -46,54 +46,35 @@ def top_p_filter(logits: mx.array, p: float) -> mx.array:
     return mx.where(keep, logits, -mx.inf)
 
 
-def sample_next(
-    logits: mx.array,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float = 1.0,
-    key: mx.array | None = None,
-) -> mx.array:
-    """Next token ids (B,) from logits (B, V); temperature 0 is greedy argmax."""
-    check_sampling(temperature, top_k, top_p)
-    if temperature == 0:
+def sample_next(logits: mx.array, params: SamplingParams, key: mx.array | None = None) -> mx.array:
+    """Next token ids (B,) from logits (B, V); greedy params take the argmax."""
+    if params.greedy:
         return mx.argmax(logits, axis=-1)
-    scaled = logits.astype(mx.float32) / temperature
-    return mx.random.categorical(top_p_filter(top_k_filter(scaled, top_k), top_p), axis=-1, key=key)
+    scaled = logits.astype(mx.float32) / params.temperature
+    filtered = top_p_filter(top_k_filter(scaled, params.top_k), params.top_p)
+    return mx.random.categorical(filtered, axis=-1, key=key)
 
 
 def decode_steps(
     model: NanoGPTLMHeadModel,
     prompt_ids: Sequence[int],
-    max_new_tokens: int,
+    params: SamplingParams = SamplingParams(),
     *,
-    temperature: float = 0.8,
-    top_k: int | None = 50,
-    top_p: float = 1.0,
-    seed: int | None = None,
     crop: bool = False,
 ) -> Iterator[tuple[int, mx.array]]:
-    """Yield (token, logits (V,) float32) for up to `max_new_tokens` new tokens; EOT is ordinary here.
+    """Yield (token, logits (V,) float32) for up to `params.max_tokens` new tokens; EOT is ordinary here.
 
-    Arguments are checked now (UserError at the call). Puts the model in eval mode (dropout off).
+    The prompt is checked now (UserError at the call). Puts the model in eval mode (dropout off).
     seed None draws a fresh random seed (like torch's `Generator.seed()`).
     """
-    check_sampling(temperature, top_k, top_p)
-    if max_new_tokens < 0:
-        raise UserError(f"max_new_tokens={max_new_tokens} must be >= 0")
     ids = prepare_prompt(prompt_ids, model.config.context_length, crop)
-    key = mx.random.key(secrets.randbits(63) if seed is None else seed)
+    key = mx.random.key(secrets.randbits(63) if params.seed is None else params.seed)
     model.eval()
-    return _decode(model, ids, max_new_tokens, temperature, top_k, top_p, key)
+    return _decode(model, ids, params, key)
 
 
 def _decode(
-    model: NanoGPTLMHeadModel,
-    ids: list[int],
-    max_new_tokens: int,
-    temperature: float,
-    top_k: int | None,
-    top_p: float,
-    key: mx.array,
+    model: NanoGPTLMHeadModel, ids: list[int], params: SamplingParams, key: mx.array
 ) -> Iterator[tuple[int, mx.array]]:
     context_length = model.config.context_length
     keep = max(1, context_length // 2)  # tokens re-prefilled when the window slides
@@ -103,15 +84,15 @@ def _decode(
         """Feed `new` after what the cache holds; logits (V,) float32 of the last position."""
         return model(mx.array([new], dtype=mx.int32), cache=cache)[0, -1].astype(mx.float32)
 
-    if max_new_tokens == 0:
+    if params.max_tokens == 0:
         return
     history = list(ids)
     logits = forward(history)  # prefill: the prompt goes through the model once
-    for step in range(max_new_tokens):
+    for step in range(params.max_tokens):
         key, sub = mx.random.split(key)
-        token = int(sample_next(logits[None], temperature, top_k, top_p, sub).item())
+        token = int(sample_next(logits[None], params, sub).item())
         yield token, logits
-        if step == max_new_tokens - 1:
+        if step == params.max_tokens - 1:
             return  # no forward pass for a token nobody will ask for
         history.append(token)
         if cache.pos == context_length:  # full: slide the window
@@ -124,24 +105,10 @@ def _decode(
 def generate(
     model: NanoGPTLMHeadModel,
     prompt_ids: Sequence[int],
-    max_new_tokens: int,
+    params: SamplingParams = SamplingParams(),
     *,
-    temperature: float = 0.8,
-    top_k: int | None = 50,
-    top_p: float = 1.0,
-    seed: int | None = None,
     stop_at_eot: bool = True,
     crop: bool = False,
 ) -> Iterator[int]:
     """Yield new token ids one at a time; with stop_at_eot, `<|endoftext|>` ends the stream unyielded."""
-    steps = decode_steps(
-        model,
-        prompt_ids,
-        max_new_tokens,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        seed=seed,
-        crop=crop,
-    )
-    return tokens_until(steps, EOT_ID if stop_at_eot else None)
+    return tokens_until(decode_steps(model, prompt_ids, params, crop=crop), EOT_ID if stop_at_eot else None)

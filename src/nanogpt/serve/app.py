@@ -35,15 +35,16 @@ import torch.nn.functional as F
 
 from nanogpt.data.tokenizer import EOT_ID, Tokenizer, get_tokenizer
 from nanogpt.errors import UserError
+from nanogpt.infer.sampling import SamplingParams
 from nanogpt.kernels.decode import decode_step
 from nanogpt.kernels.device import autocast, torch_dtype
 from nanogpt.model.gpt import NanoGPTLMHeadModel
 from nanogpt.serve.requests import (
     BadRequest,
-    Sampling,
+    RequestOptions,
     chat_prompt,
+    parse_options,
     parse_prompts,
-    parse_sampling,
 )
 
 # --- output formatting ----------------------------------------------------------------------------------------
@@ -101,22 +102,13 @@ class Engine:
             top.append(top_alternatives(logp[i - 1], k, self.tok, as_ids))
         return {"tokens": tokens, "token_logprobs": token_lp, "top_logprobs": top}
 
-    def steps(self, ids: list[int], s: Sampling) -> Iterator[tuple[int, torch.Tensor]]:
+    def steps(self, ids: list[int], s: SamplingParams) -> Iterator[tuple[int, torch.Tensor]]:
         from nanogpt.infer.generate import decode_steps
 
         if len(ids) > self.ctx:
             raise BadRequest(f"prompt is {len(ids)} tokens, the model's context is {self.ctx}")
         try:
-            return decode_steps(
-                self.model,
-                ids,
-                s.max_tokens,
-                temperature=s.temperature,
-                top_k=s.top_k,
-                top_p=s.top_p,
-                seed=s.seed,
-                dtype=self.dtype,
-            )
+            return decode_steps(self.model, ids, s, dtype=self.dtype)
         except UserError as e:
             raise BadRequest(str(e)) from None
 
@@ -131,7 +123,7 @@ class Piece:
     top: dict[str, float] | None
 
 
-def generate_pieces(engine: Engine, ids: list[int], s: Sampling) -> Iterator[Piece | str]:
+def generate_pieces(engine: Engine, ids: list[int], o: RequestOptions) -> Iterator[Piece | str]:
     """Pieces of new text; ends at EOT or max_tokens; a final str is the finish reason ("stop"/"length").
 
     Stop strings end the text before the stop (it is not returned).
@@ -140,6 +132,7 @@ def generate_pieces(engine: Engine, ids: list[int], s: Sampling) -> Iterator[Pie
 
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     text, emitted, n = "", 0, 0
+    s = o.sampling
     hold = max((len(x) for x in s.stop), default=1) - 1  # characters kept back that may begin a stop
     for token, logits in engine.steps(ids, s):
         n += 1
@@ -148,7 +141,7 @@ def generate_pieces(engine: Engine, ids: list[int], s: Sampling) -> Iterator[Pie
             return
         logp = F.log_softmax(logits.float(), dim=-1)
         text += decoder.decode(engine.tok.decode_bytes([token]))
-        top = top_alternatives(logp, s.logprobs, engine.tok, s.token_ids) if s.logprobs is not None else None
+        top = top_alternatives(logp, o.logprobs, engine.tok, o.token_ids) if o.logprobs is not None else None
         cut = min((i for i in (text.find(x) for x in s.stop) if i >= 0), default=-1)
         if cut >= 0:
             yield Piece(text[emitted:cut], token, float(logp[token]), top)
@@ -226,7 +219,7 @@ def create_app(engine: Engine, api_key: str | None = None):
                 if "prompt" not in body:
                     raise BadRequest("'prompt' is required")
                 ids_list = parse_prompts(body["prompt"], engine.tok)
-            s = parse_sampling(body, default_max_tokens=256 if chat else 16)
+            s = parse_options(body, default_max_tokens=256 if chat else 16)
             if s.stream:
                 if len(ids_list) != 1:
                     raise BadRequest("stream=true takes one prompt")
@@ -258,7 +251,7 @@ def _log(request: Any, status: int, start: float) -> None:
     )
 
 
-def _complete(engine: Engine, ids_list: list[list[int]], s: Sampling, chat: bool) -> dict[str, Any]:
+def _complete(engine: Engine, ids_list: list[list[int]], s: RequestOptions, chat: bool) -> dict[str, Any]:
     choices, prompt_tokens, completion_tokens = [], 0, 0
     with engine.slots:
         for index, ids in enumerate(ids_list):
@@ -270,7 +263,7 @@ def _complete(engine: Engine, ids_list: list[list[int]], s: Sampling, chat: bool
                 if s.logprobs is not None:
                     lp = engine.prompt_logprobs(ids, s.logprobs, s.token_ids)
             finish = "length"
-            for p in generate_pieces(engine, ids, s) if s.max_tokens > 0 else iter(["length"]):
+            for p in generate_pieces(engine, ids, s) if s.sampling.max_tokens > 0 else iter(["length"]):
                 if isinstance(p, str):
                     finish = p
                     continue
@@ -307,7 +300,7 @@ def _complete(engine: Engine, ids_list: list[list[int]], s: Sampling, chat: bool
     }
 
 
-def _sse(engine: Engine, ids: list[int], s: Sampling, chat: bool) -> Iterator[str]:
+def _sse(engine: Engine, ids: list[int], s: RequestOptions, chat: bool) -> Iterator[str]:
     """Server-sent events: one chunk per piece of text, a final chunk with finish_reason, then [DONE]."""
     cid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
     obj = "chat.completion.chunk" if chat else "text_completion"
@@ -332,7 +325,7 @@ def _sse(engine: Engine, ids: list[int], s: Sampling, chat: bool) -> Iterator[st
         elif s.echo:
             yield chunk(engine.tok.decode(ids), None)
         try:
-            for p in generate_pieces(engine, ids, s) if s.max_tokens > 0 else iter(["length"]):
+            for p in generate_pieces(engine, ids, s) if s.sampling.max_tokens > 0 else iter(["length"]):
                 if isinstance(p, str):
                     yield chunk(None if chat else "", p)
                     continue

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from nanogpt.data.tokenizer import EOT_ID, Tokenizer
-from nanogpt.infer.generate import MAX_SEED
+from nanogpt.errors import UserError
+from nanogpt.infer.sampling import MAX_SEED, SamplingParams
 
 MAX_LOGPROBS = 100  # vLLM's default cap is 20; teachers may want more
 
@@ -20,13 +21,10 @@ class BadRequest(Exception):
 
 
 @dataclass(frozen=True)
-class Sampling:
-    max_tokens: int
-    temperature: float
-    top_p: float
-    top_k: int | None
-    seed: int | None
-    stop: list[str]
+class RequestOptions:
+    """What a completion request asks for: the shared sampling settings, then what to return and how."""
+
+    sampling: SamplingParams
     logprobs: int | None
     echo: bool
     stream: bool
@@ -87,7 +85,8 @@ def _no_penalty(body: dict[str, Any]) -> None:
         raise BadRequest("'repetition_penalty' is not supported by this server; leave it 1 or unset")
 
 
-def parse_sampling(body: dict[str, Any], default_max_tokens: int = 16) -> Sampling:
+def parse_options(body: dict[str, Any], default_max_tokens: int = 16) -> RequestOptions:
+    """The request's fields, checked, with OpenAI's defaults (temperature 1, no top-k, 16 tokens)."""
     stop = body.get("stop") or []
     if isinstance(stop, str):
         stop = [stop]
@@ -104,13 +103,19 @@ def parse_sampling(body: dict[str, Any], default_max_tokens: int = 16) -> Sampli
     del n
     _no_penalty(body)
     top_k = _num(body, "top_k", None, int, -1, None)
-    return Sampling(
-        max_tokens=_num(body, "max_tokens", default_max_tokens, int, 0, 1_000_000),
-        temperature=_num(body, "temperature", 1.0, float, 0.0, 100.0),
-        top_p=_num(body, "top_p", 1.0, float, 1e-9, 1.0),
-        top_k=None if top_k in (None, -1, 0) else top_k,
-        seed=_num(body, "seed", None, int, 0, MAX_SEED),
-        stop=stop,
+    try:
+        sampling = SamplingParams(
+            max_tokens=_num(body, "max_tokens", default_max_tokens, int, 0, 1_000_000),
+            temperature=_num(body, "temperature", 1.0, float, 0.0, 100.0),
+            top_p=_num(body, "top_p", 1.0, float, 1e-9, 1.0),
+            top_k=None if top_k in (None, -1, 0) else top_k,
+            seed=_num(body, "seed", None, int, 0, MAX_SEED),
+            stop=tuple(stop),
+        )
+    except UserError as e:  # every field was checked above; this is the last word on their combination
+        raise BadRequest(str(e)) from None
+    return RequestOptions(
+        sampling=sampling,
         logprobs=logprobs,
         echo=_flag(body, "echo"),
         stream=_flag(body, "stream"),

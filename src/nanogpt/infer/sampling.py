@@ -1,0 +1,159 @@
+"""How the next token is chosen: `SamplingParams`, the one description of a sampling request, and the math.
+
+`SamplingParams` is shared by every place that samples: `nanogpt sample` builds one from its flags, the
+server from the OpenAI request fields, the MLX sampler reads the same fields, and the sequence-level
+distillation teacher turns one into the request it sends (`openai_fields`). Its defaults are the CLI's
+(temperature 0.8, top-k 50, 100 new tokens); it is checked when made, so a bad value fails before any
+model work.
+
+The policy, as one pure function on a (B, V) batch of logits (`sample_next`): temperature 0 is greedy
+(argmax, an explicit mode, not a limit); otherwise logits / temperature, then top-k, then top-p (nucleus)
+on what is left (`candidates`), then one draw from a seeded `torch.Generator`, so the same seed gives the
+same text.
+
+    params = SamplingParams(temperature=0.8, top_k=50, seed=1337, max_tokens=100)
+    token = sample_next(logits, params, make_generator(params.seed))
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from nanogpt.errors import UserError
+
+NEG_INF = float("-inf")
+MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes a uint64 (and MLX's random.key too)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """One sampling request: how many tokens, how random, and where the text stops.
+
+    top_k None or 0 keeps every token; top_p 1 disables the nucleus filter; seed None draws a fresh one.
+    `stop` strings end the text (before the stop); they act on text, so whoever turns tokens into text
+    applies them (the server); the token generators only count `max_tokens`.
+    """
+
+    max_tokens: int = 100
+    temperature: float = 0.8
+    top_k: int | None = 50
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        """Refuse settings that mean nothing (nan and inf included), with a one-line fix."""
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise UserError(
+                f"temperature={self.temperature} must be a finite number >= 0 (0 means greedy); "
+                "e.g. --temperature 0.8"
+            )
+        if self.top_k is not None and self.top_k < 0:
+            raise UserError(f"top_k={self.top_k} must be >= 0 (0 disables it); e.g. --top-k 50")
+        if not 0.0 < self.top_p <= 1.0:  # nan fails every comparison, so it lands here too
+            raise UserError(f"top_p={self.top_p} must be in (0, 1] (1 disables it); e.g. --top-p 0.9")
+        if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
+            raise UserError(f"seed={self.seed} must be in 0..2**64-1; e.g. --seed 1337")
+        if self.max_tokens < 0:
+            raise UserError(f"max_tokens={self.max_tokens} must be >= 0; e.g. --max-new-tokens 100")
+        if not all(isinstance(s, str) and s for s in self.stop):
+            raise UserError("every stop string must be non-empty text")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def openai_fields(self) -> dict[str, Any]:
+        """These settings as OpenAI request fields (`top_k` is the vLLM/nanogpt extension).
+
+        A setting at its neutral value (no top-k, top-p 1, no seed, no stop) is left out, as a client
+        would: the request is the same whichever server reads it, and so is its cache key.
+        """
+        fields: dict[str, Any] = {"max_tokens": self.max_tokens, "temperature": self.temperature}
+        if self.top_p < 1.0:
+            fields["top_p"] = self.top_p
+        if self.top_k:
+            fields["top_k"] = self.top_k
+        if self.seed is not None:
+            fields["seed"] = self.seed
+        if self.stop:
+            fields["stop"] = list(self.stop)
+        return fields
+
+
+# ---------------------------------------------------------------------------------------------------
+# Sampling math: pure functions on logits (B, V)
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Candidates:
+    """The tokens sampling may still pick, per row: logits (B, K) with -inf where top-p removed one."""
+
+    logits: torch.Tensor  # (B, K)
+    ids: torch.Tensor  # (B, K) int64: the token id of each logit
+
+    def kept(self, row: int = 0) -> set[int]:
+        return set(self.ids[row][self.logits[row] > NEG_INF].tolist())
+
+
+def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Nucleus filter on (B, K) logits: keep the smallest set of most likely tokens whose mass reaches p.
+
+    A token is dropped when the tokens more likely than it already hold at least p of the mass, so the
+    most likely token always stays. p >= 1 leaves the logits unchanged.
+    """
+    if p >= 1.0:
+        return logits
+    sorted_logits, idx = logits.sort(dim=-1, descending=True)  # (B, K) each
+    probs = sorted_logits.softmax(dim=-1)
+    before = probs.cumsum(dim=-1) - probs  # mass of the strictly more likely tokens; 0 for the first
+    drop_sorted = before >= p
+    drop = torch.zeros_like(drop_sorted).scatter(-1, idx, drop_sorted)  # back to the input order
+    return logits.masked_fill(drop, NEG_INF)
+
+
+def candidates(logits: torch.Tensor, top_k: int | None = None, top_p: float = 1.0) -> Candidates:
+    """Top-k, then top-p on what is left, from (B, V) logits.
+
+    top_k keeps exactly k tokens (ties broken by torch.topk); None or 0 (or k >= V) disables it.
+    Working on the k survivors rather than masking all V logits keeps the softmax, the nucleus sort
+    and the draw small: with V = 50,257 that is most of the sampling cost.
+    """
+    V = logits.size(-1)
+    if top_k and top_k < V:
+        values, ids = torch.topk(logits, top_k, dim=-1)  # (B, k), most likely first
+    else:
+        values = logits
+        ids = torch.arange(V, device=logits.device).expand_as(logits)  # (B, V)
+    return Candidates(top_p_filter(values, top_p), ids)
+
+
+def sample_next(
+    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Next token ids (B,) from logits (B, V).
+
+    Greedy params: argmax (top_k/top_p are irrelevant). Otherwise softmax(logits / T) restricted to
+    `candidates(top_k, top_p)` is sampled once per row with `generator` (on the logits' device, or the
+    default RNG when None).
+    """
+    if params.greedy:
+        return logits.argmax(dim=-1)
+    c = candidates(logits.float() / params.temperature, params.top_k, params.top_p)
+    choice = torch.multinomial(c.logits.softmax(dim=-1), 1, generator=generator)  # (B, 1) index into K
+    return c.ids.gather(-1, choice).squeeze(-1)
+
+
+def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator:
+    """A torch.Generator on `device` seeded with `seed` (a fresh random seed when None)."""
+    g = torch.Generator(device=device)
+    if seed is None:
+        g.seed()
+    else:
+        g.manual_seed(seed)
+    return g
