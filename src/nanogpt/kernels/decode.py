@@ -102,9 +102,9 @@ def column_blocks(device: torch.device, dtype: torch.dtype) -> int:
     """How many column blocks a transposed decode copy is cut into: one per CPU thread for fp32, else 1.
 
     A one-row fp32 product is one CPU BLAS call that streams the weight from memory at what one core
-    reads (~24 GB/s here) whatever the thread count. Cut into blocks, one `bmm` gives each thread its own
-    block to stream: the card's head reads at 27-34 GB/s on 2 cores, and its fp32 decode went from 90-103
-    to 110-139 tokens/s. ATen's bf16/fp16 kernel already splits its work across threads (no gain measured).
+    reads, whatever the thread count. Cut into blocks, one `bmm` gives each thread its own block to
+    stream, so the decode step reads at the bandwidth of all the cores (the figures are in
+    docs/benchmarks.md, "What changed": column blocks). ATen's bf16/fp16 kernel already splits its work across threads.
     """
     return torch.get_num_threads() if device.type == "cpu" and dtype == torch.float32 else 1
 
