@@ -26,7 +26,7 @@ import torch
 
 from nanogpt.data.tokenizer import EOT_ID, Tokenizer
 from nanogpt.errors import UserError
-from nanogpt.infer.sampling import SamplingParams, make_generator, sample_next
+from nanogpt.infer.sampling import SamplingParams, adjust_logits, make_generator, sample_next
 from nanogpt.kernels.decode import decode_step, prepare_decode_weights
 from nanogpt.kernels.device import autocast, torch_dtype
 from nanogpt.model.gpt import NanoGPTLMHeadModel
@@ -77,8 +77,13 @@ def decode_steps(
         generator = make_generator(params.seed, device)
     model.eval()
 
+    counts = torch.zeros(1, model.config.vocab_size, device=device) if params.penalised else None
+
     def pick(logits: torch.Tensor) -> int:  # logits (V,) -> the next token
-        return int(sample_next(logits[None], params, generator).item())
+        token = int(sample_next(adjust_logits(logits[None], params, counts), params, generator).item())
+        if counts is not None:
+            counts[0, token] += 1
+        return token
 
     return _decode(model, ids, params.max_tokens, device, dtype, pick)
 

@@ -35,7 +35,9 @@ class SamplingParams:
 
     top_k None or 0 keeps every token; top_p 1 disables the nucleus filter; seed None draws a fresh one.
     `stop` strings end the text (before the stop); they act on text, so whoever turns tokens into text
-    applies them (the server); the token generators only count `max_tokens`.
+    applies them (the server); the token generators only count `max_tokens`. `logit_bias` (token id, bias)
+    pairs and the OpenAI penalties change the logits before temperature (`adjust_logits`): a token seen n
+    times in the new text loses n * frequency_penalty + presence_penalty.
     """
 
     max_tokens: int = 100
@@ -44,6 +46,9 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
 
     def __post_init__(self) -> None:
         """Refuse settings that mean nothing (nan and inf included), with a one-line fix."""
@@ -62,6 +67,17 @@ class SamplingParams:
             raise UserError(f"max_tokens={self.max_tokens} must be >= 0; e.g. --max-new-tokens 100")
         if not all(isinstance(s, str) and s for s in self.stop):
             raise UserError("every stop string must be non-empty text")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not -2.0 <= value <= 2.0:
+                raise UserError(f"{name}={value} must be in [-2, 2] (0 disables it)")
+        for token, bias in self.logit_bias:
+            if token < 0 or not -100.0 <= bias <= 100.0:
+                raise UserError(f"logit_bias {token}: {bias} needs a token id >= 0 and a bias in [-100, 100]")
+
+    @property
+    def penalised(self) -> bool:
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
     @property
     def greedy(self) -> bool:
@@ -82,6 +98,11 @@ class SamplingParams:
             fields["seed"] = self.seed
         if self.stop:
             fields["stop"] = list(self.stop)
+        if self.logit_bias:
+            fields["logit_bias"] = {str(t): b for t, b in self.logit_bias}
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name):
+                fields[name] = getattr(self, name)
         return fields
 
 
@@ -131,6 +152,18 @@ def candidates(logits: torch.Tensor, top_k: int | None = None, top_p: float = 1.
         values = logits
         ids = torch.arange(V, device=logits.device).expand_as(logits)  # (B, V)
     return Candidates(top_p_filter(values, top_p), ids)
+
+
+def adjust_logits(logits: torch.Tensor, params: SamplingParams, counts: torch.Tensor | None) -> torch.Tensor:
+    """Logits (B, V) with `params.logit_bias` added and the penalties applied; `counts` (B, V) are how
+    often each token appeared in the new text so far (None: nothing generated yet). Unchanged when unused."""
+    if params.logit_bias:
+        ids = torch.tensor([t for t, _ in params.logit_bias], device=logits.device)
+        bias = torch.tensor([b for _, b in params.logit_bias], device=logits.device, dtype=logits.dtype)
+        logits = logits.index_add(-1, ids, bias.expand(logits.size(0), -1))
+    if params.penalised and counts is not None:
+        logits = logits - counts * params.frequency_penalty - (counts > 0) * params.presence_penalty
+    return logits
 
 
 def sample_next(
