@@ -18,6 +18,7 @@ same text.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -122,13 +123,13 @@ class Candidates:
         return set(self.ids[row][self.logits[row] > NEG_INF].tolist())
 
 
-def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
+def top_p_filter(logits: torch.Tensor, p: float | torch.Tensor) -> torch.Tensor:
     """Nucleus filter on (B, K) logits: keep the smallest set of most likely tokens whose mass reaches p.
 
     A token is dropped when the tokens more likely than it already hold at least p of the mass, so the
-    most likely token always stays. p >= 1 leaves the logits unchanged.
+    most likely token always stays. p >= 1 leaves the logits unchanged; a (B, 1) tensor gives each row its p.
     """
-    if p >= 1.0:
+    if not isinstance(p, torch.Tensor) and p >= 1.0:
         return logits
     sorted_logits, idx = logits.sort(dim=-1, descending=True)  # (B, K) each
     probs = sorted_logits.softmax(dim=-1)
@@ -138,7 +139,7 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     return logits.masked_fill(drop, NEG_INF)
 
 
-def candidates(logits: torch.Tensor, top_k: int | None = None, top_p: float = 1.0) -> Candidates:
+def candidates(logits: torch.Tensor, top_k: int | None = None, top_p: float | torch.Tensor = 1.0) -> Candidates:
     """Top-k, then top-p on what is left, from (B, V) logits.
 
     top_k keeps exactly k tokens (ties broken by torch.topk); None or 0 (or k >= V) disables it.
@@ -180,6 +181,43 @@ def sample_next(
     c = candidates(logits.float() / params.temperature, params.top_k, params.top_p)
     choice = torch.multinomial(c.logits.softmax(dim=-1), 1, generator=generator)  # (B, 1) index into K
     return c.ids.gather(-1, choice).squeeze(-1)
+
+
+def sample_rows(
+    logits: torch.Tensor,
+    params: Sequence[SamplingParams],
+    generators: Sequence[torch.Generator | None],
+    counts: Sequence[torch.Tensor | None],
+) -> list[int]:
+    """The next token of each row of logits (B, V), row b with its own settings, generator and token counts.
+
+    Row b gets what `sample_next(adjust_logits(logits[b:b+1], ...), params[b], generators[b])` gives it
+    alone, so a seeded stream draws the same tokens however crowded the batch is: rows are grouped by their
+    top-k (the same candidate shapes as alone), filtered together with per-row temperature and top-p, and
+    each draw uses the row's own generator.
+    """
+    adjusted = [b for b, p in enumerate(params) if p.logit_bias or (p.penalised and counts[b] is not None)]
+    if adjusted:
+        logits = logits.clone()
+        for b in adjusted:
+            logits[b] = adjust_logits(logits[b : b + 1], params[b], counts[b])[0]
+    out = logits.argmax(dim=-1).tolist()  # the greedy rows' answer
+    groups: dict[int | None, list[int]] = {}
+    for b, p in enumerate(params):
+        if not p.greedy:
+            groups.setdefault(p.top_k or None, []).append(b)
+    for k, rows in groups.items():
+        at = torch.tensor(rows, device=logits.device)
+        temperature = torch.tensor([[params[b].temperature] for b in rows], device=logits.device)
+        # p = 1 must leave a row unfiltered, as alone: a cumulative sum may round past 1 before its end
+        ps = [params[b].top_p if params[b].top_p < 1.0 else 2.0 for b in rows]
+        top_p = torch.tensor([[p] for p in ps], device=logits.device) if min(ps) < 1.0 else 1.0
+        c = candidates(logits[at].float() / temperature, k, top_p)
+        probs = c.logits.softmax(dim=-1)
+        for i, b in enumerate(rows):
+            choice = torch.multinomial(probs[i : i + 1], 1, generator=generators[b])  # (1, 1)
+            out[b] = int(c.ids[i, choice])
+    return out
 
 
 def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator:

@@ -264,14 +264,23 @@ def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
 
 
 def causal_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: float = 0.0, n_blocks: int = ATTENTION_BLOCKS
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    p: float = 0.0,
+    n_blocks: int = ATTENTION_BLOCKS,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention with dropout p: q (B, nh, T, hs), k and v (B, nh, past + T, hs) -> (B, nh, T, hs).
 
     Query i sees keys 0 .. past + i: past = 0 is a whole sequence, past > 0 new tokens after a KV cache's
     prefix. It picks the kernel: SDPA, with no mask at all for one new token (it sees every key); on CPU
-    with dropout, `blocked_causal_attention` (SDPA has no fused CPU kernel with dropout).
+    with dropout, `blocked_causal_attention` (SDPA has no fused CPU kernel with dropout). An explicit
+    `mask` (B, 1, T, keys) bool, True where a query sees a key, replaces the causal rule: a batch of
+    streams whose rows hold different lengths.
     """
+    if mask is not None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
     T, past = q.size(2), k.size(2) - q.size(2)
     if past == 0 and p > 0 and q.device.type == "cpu":
         return blocked_causal_attention(q, k, v, p, n_blocks)

@@ -59,10 +59,12 @@ class NanoGPTAttention(nn.Module):
         q, k, v = self.qkv_proj(x).split(C, dim=2)  # (B, T, 3C) -> three (B, T, C)
         # (B, T, C) -> (B, nh, T, hs)
         q, k, v = (t.view(B, T, self.n_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))
+        mask = None
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, nh, past + T, hs): the cached positions, then these
+            mask = cache.mask  # None, or which keys each query sees when rows differ (a batch of streams)
         # query i sees keys 0 .. past + i; softmax(q k^T / sqrt(hs)) v, with dropout on the weights
-        y = causal_attention(q, k, v, self.dropout if self.training else 0.0)  # (B, nh, T, hs)
+        y = causal_attention(q, k, v, self.dropout if self.training else 0.0, mask=mask)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, nh, T, hs) -> (B, T, C)
         return dropout(self.out_proj(y), self.dropout, self.training)
 
@@ -116,12 +118,14 @@ class NanoGPTModel(nn.Module):
 
     def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         T = idx.size(1)
-        start = cache.pos if cache is not None else 0
-        if start + T > self.position_embedding.num_embeddings:
+        if cache is not None:  # it knows where new tokens go: (T,) positions, or (B, T) when rows differ
+            pos = cache.positions(T, idx.device)
+        elif self.position_embedding.num_embeddings < T:
             raise ValueError(
-                f"sequence of {start + T} tokens is longer than the context ({self.position_embedding.num_embeddings})"
+                f"sequence of {T} tokens is longer than the context ({self.position_embedding.num_embeddings})"
             )
-        pos = torch.arange(start, start + T, device=idx.device)
+        else:
+            pos = torch.arange(T, device=idx.device)
         x = self.token_embedding(idx) + self.position_embedding(pos)  # (B, T, C)
         x = dropout(x, self.dropout, self.training)
         for i, block in enumerate(self.blocks):

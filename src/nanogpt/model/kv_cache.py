@@ -56,8 +56,118 @@ class KVCache:
         self.v[layer, :, :, self.pos : end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
+    def positions(self, T: int, device: torch.device) -> torch.Tensor:
+        """Positions (T,) of T new tokens: right after what the cache holds."""
+        if self.pos + T > self.max_len:
+            raise ValueError(f"sequence of {self.pos + T} tokens is longer than the context ({self.max_len})")
+        return torch.arange(self.pos, self.pos + T, device=device)
+
+    mask = None  # every row holds the same positions: the causal rule is enough
+
     def advance(self, n: int) -> None:
         self.pos += n
 
     def reset(self) -> None:
         self.pos = 0
+
+
+class SlotKVCache:
+    """Keys/values of up to `slots` independent sequences (a server's batch), each with its own length.
+
+    One model call feeds rows `start .. start + B` of the slots (`rows`): row b brings `n_new[b]` tokens,
+    left-padded to the longest, so every row's last token sits in the last column (`last_only` logits are
+    each row's next-token logits). The view that `rows` returns gives the model each row's positions and a
+    mask of the keys each query sees; padding writes to a scratch position past the context, so it never
+    lands on a real key. The server keeps its active sequences in consecutive slots (`move`, `swap`), so a
+    call reads a slice of the cache and never gathers it.
+
+    cache = SlotKVCache.for_model(cfg, slots=32)
+    logits = model(idx, cache=cache.rows(0, [12, 5]), last_only=True)  # (2, 1, V): two prompts at once
+    logits = model(next_ids, cache=cache.rows(0, [1, 1]), last_only=True)  # one decode step of both
+    """
+
+    def __init__(
+        self,
+        n_layers: int,
+        slots: int,
+        n_heads: int,
+        context_length: int,
+        head_dim: int,
+        device: torch.device | str,
+        dtype: torch.dtype,
+    ) -> None:
+        shape = (n_layers, slots, n_heads, context_length + 1, head_dim)  # +1: the scratch position
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.context_length = context_length
+        self.lengths = [0] * slots  # positions stored per slot
+
+    @classmethod
+    def for_model(
+        cls,
+        cfg: ModelConfig,
+        slots: int,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> SlotKVCache:
+        return cls(cfg.n_layers, slots, cfg.n_heads, cfg.context_length, cfg.head_dim, device, dtype)
+
+    def rows(self, start: int, n_new: list[int]) -> SlotStep:
+        """The cache as one model call of slots start .. start + len(n_new) sees it (see the class docstring)."""
+        return SlotStep(self, start, n_new)
+
+    def move(self, src: int, dst: int) -> None:
+        """Slot `dst` takes slot `src`'s keys and values (`src` is left as it was)."""
+        n = self.lengths[src]
+        self.k[:, dst, :, :n] = self.k[:, src, :, :n]
+        self.v[:, dst, :, :n] = self.v[:, src, :, :n]
+        self.lengths[dst] = n
+
+    def swap(self, a: int, b: int) -> None:
+        if a == b:
+            return
+        n = self.lengths[a]
+        k, v = self.k[:, a, :, :n].clone(), self.v[:, a, :, :n].clone()
+        self.move(b, a)
+        self.k[:, b, :, :n], self.v[:, b, :, :n] = k, v
+        self.lengths[b] = n
+
+
+class SlotStep:
+    """One model call's view of a `SlotKVCache`: the KVCache interface (positions, mask, update, advance)."""
+
+    def __init__(self, cache: SlotKVCache, start: int, n_new: list[int]) -> None:
+        if not n_new or min(n_new) < 1:
+            raise ValueError("every row of a step feeds at least one token")
+        self.cache, self.start, self.n_new = cache, start, n_new
+        device = cache.k.device
+        B, T = len(n_new), max(n_new)
+        lengths = torch.tensor(cache.lengths[start : start + B], device=device)  # (B,)
+        n = torch.tensor(n_new, device=device)
+        if int((lengths + n).max()) > cache.context_length:
+            raise ValueError(f"a row would hold more than the context ({cache.context_length}) tokens")
+        rel = torch.arange(T, device=device)[None] - (T - n)[:, None]  # (B, T): index among the new tokens
+        self.pos = lengths[:, None] + rel.clamp(min=0)  # padding takes the row's first new position
+        self.write_pos = torch.where(rel >= 0, self.pos, cache.context_length)  # padding: the scratch slot
+        self.keys = int((lengths + n).max())
+        # query (b, i) sees key j when j <= its position: its own past, then the new tokens up to itself
+        j = torch.arange(self.keys, device=device)
+        self.mask = (j[None, None, :] <= self.pos[:, :, None])[:, None]  # (B, 1, T, keys)
+
+    def positions(self, T: int, device: torch.device) -> torch.Tensor:
+        return self.pos  # (B, T)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, nh, T, hs) at each row's positions; return the rows' keys/values (B, nh, keys, hs)."""
+        B = k.size(0)
+        rows = torch.arange(self.start, self.start + B, device=k.device)[:, None].expand_as(self.write_pos)
+        self.cache.k[layer][rows, :, self.write_pos] = k.transpose(1, 2)  # (B, T, nh, hs) at (row, pos)
+        self.cache.v[layer][rows, :, self.write_pos] = v.transpose(1, 2)
+        end = self.start + B
+        return self.cache.k[layer, self.start : end, :, : self.keys], self.cache.v[
+            layer, self.start : end, :, : self.keys
+        ]
+
+    def advance(self, T: int) -> None:
+        for b, n in enumerate(self.n_new):
+            self.cache.lengths[self.start + b] += n

@@ -1,0 +1,424 @@
+"""The serving engine: one scheduler thread owns the model and advances every stream in one batched forward.
+
+Requests (`Job`) wait in a bounded queue (`submit` raises `QueueFull` beyond `max_queue`). Between steps
+the scheduler admits as many as `max_batch` allows, and each iteration then does, in order:
+
+1. scoring: the prompts of jobs that asked for their log-probs (`score_prompt`, what a distillation teacher
+   sends as `echo=true, max_tokens=0, logprobs=k`), right-padded into one full forward;
+2. prefill: the next chunk (`prefill_chunk` tokens at most) of every prompt still being read, left-padded
+   into one forward, so a long prompt is read over several steps and never stalls the streams;
+3. decode: one token for every stream, in one forward over the `SlotKVCache` (each row its own length).
+
+Sampling is per row (`infer.sampling.sample_rows`): each job has its own `SamplingParams` and generator, so
+a seeded job draws the same tokens alone or in a crowd. A cancelled job (`Handle.cancel`: the client went
+away) or one past its deadline leaves before the next step. Generation ends at `<|endoftext|>` ("stop"),
+at `max_tokens` or at the end of the context ("length"); the window never slides here.
+
+Active sequences live in consecutive cache slots, streams first, then prompts being read, so every
+forward reads a slice of the cache; when one leaves, the last one moves into its slot.
+
+Events go to the job's `Handle`: `PromptScores` (once, if asked), one `Token` per new token, then one
+`Finished`. A handle is read with `for ev in handle` (threads) or `async for ev in handle` (asyncio).
+
+    engine = Engine(model, max_batch=32)
+    for ev in engine.submit(Job([50256], SamplingParams(max_tokens=20, temperature=0))):
+        ...
+    engine.close()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from nanogpt.data.tokenizer import EOT_ID
+from nanogpt.infer.sampling import SamplingParams, make_generator, sample_rows
+from nanogpt.kernels.decode import decode_step, prepare_decode_weights
+from nanogpt.kernels.device import autocast, torch_dtype
+from nanogpt.model.gpt import NanoGPTLMHeadModel
+from nanogpt.model.kv_cache import SlotKVCache
+
+# Up to this many rows, a decode step multiplies by the decode copies (kernels.decode); above, the stock
+# weights (a many-row product is compute-bound, and BLAS reads the stock layout as fast). See
+# docs/serving.md for the measurement.
+COPY_ROWS = {"fp32": 4, "bf16": 64, "fp16": 64}
+SCORE_TOKENS = 2048  # prompt tokens per scoring forward (its logits take SCORE_TOKENS * vocab floats)
+
+
+class QueueFull(Exception):
+    """The engine's queue is full: answered 429 with Retry-After."""
+
+
+class EngineClosed(Exception):
+    """The engine is shutting down and takes no new work: answered 503."""
+
+
+@dataclass(frozen=True)
+class Job:
+    """One sequence to generate: a prompt (token ids), how to sample, and what to report."""
+
+    prompt: list[int]
+    params: SamplingParams
+    logprobs: int | None = None  # alternatives per new token (0: the chosen token's log-prob only)
+    score_prompt: bool = False  # report the prompt's log-probs first (`PromptScores`)
+    prompt_top: int = 0  # alternatives per prompt token when scoring
+    deadline: float | None = None  # time.monotonic() past which the job is cancelled ("timeout")
+
+
+@dataclass(frozen=True)
+class Token:
+    id: int
+    logprob: float | None = None  # log-softmax of the raw logits (before temperature and filters)
+    top: list[tuple[int, float]] | None = None
+
+
+@dataclass(frozen=True)
+class PromptScores:
+    logprobs: list[float | None]  # per prompt token; the first has none
+    top: list[list[tuple[int, float]] | None]
+
+
+@dataclass(frozen=True)
+class Finished:
+    reason: str  # "stop" | "length" | "cancelled" | "timeout" | "error"
+    message: str = ""
+
+
+Event = Token | PromptScores | Finished
+
+
+class Handle:
+    """A submitted job's events, in order; `cancel()` takes it out of the batch before the next step."""
+
+    def __init__(self, job: Job, loop: asyncio.AbstractEventLoop | None) -> None:
+        self.job, self._loop = job, loop
+        self._sync: queue.SimpleQueue[Event] = queue.SimpleQueue()
+        self._async: asyncio.Queue[Event] | None = asyncio.Queue() if loop is not None else None
+        self.cancelled = False
+        self.submitted = time.monotonic()
+        self.first_token_at: float | None = None
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    def _put(self, ev: Event) -> None:
+        if self._async is not None and self._loop is not None:
+            try:
+                self._loop.call_soon_threadsafe(self._async.put_nowait, ev)
+            except RuntimeError:  # the event loop is closed: nobody is listening any more
+                self.cancelled = True
+        else:
+            self._sync.put(ev)
+
+    def __iter__(self) -> Iterator[Event]:
+        while True:
+            ev = self._sync.get()
+            yield ev
+            if isinstance(ev, Finished):
+                return
+
+    async def __aiter__(self) -> AsyncIterator[Event]:
+        assert self._async is not None, "submit(..., loop=...) to read a handle with async for"
+        while True:
+            ev = await self._async.get()
+            yield ev
+            if isinstance(ev, Finished):
+                return
+
+
+@dataclass
+class _Seq:
+    """A job in the batch: where its prompt reading is, what it generated, its sampling state."""
+
+    handle: Handle
+    generator: torch.Generator | None
+    limit: int  # new tokens allowed: max_tokens, bounded by the context
+    fed: int = 0  # prompt tokens already in the cache
+    generated: list[int] = field(default_factory=list)
+    counts: torch.Tensor | None = None  # (1, V) token counts for the penalties
+    next_logits: torch.Tensor | None = None  # (V,) logits the next token is drawn from
+
+    @property
+    def job(self) -> Job:
+        return self.handle.job
+
+
+class Engine:
+    """One model, one scheduler thread, a bounded queue; see the module docstring."""
+
+    def __init__(
+        self,
+        model: NanoGPTLMHeadModel,
+        name: str = "nanogpt",
+        *,
+        max_batch: int = 32,
+        max_queue: int = 256,
+        prefill_chunk: int = 256,
+        dtype: str = "fp32",
+        on_event: Callable[[str, float], None] | None = None,
+    ) -> None:
+        self.model, self.name, self.dtype = model.eval(), name, dtype
+        self.cfg = model.config
+        self.ctx = model.config.context_length
+        self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
+        self.device = next(model.parameters()).device
+        self.cache_dtype = next(model.parameters()).dtype if dtype == "fp32" else torch_dtype(dtype)
+        self.on_event = on_event or (lambda kind, value: None)
+        self.cache = SlotKVCache.for_model(self.cfg, max_batch, self.device, self.cache_dtype)
+        self.waiting: deque[Handle] = deque()
+        self.scoring: list[_Seq] = []
+        self.decoding: list[_Seq] = []  # slot i holds decoding[i]
+        self.reading: list[_Seq] = []  # slot len(decoding) + j holds reading[j]
+        self._cond = threading.Condition()
+        self._closing = False
+        self._drain_until: float | None = None
+        self._thread = threading.Thread(target=self._run, name="nanogpt-engine", daemon=True)
+        self._thread.start()
+
+    # --- the API ---------------------------------------------------------------------------------------
+
+    def submit(self, job: Job, loop: asyncio.AbstractEventLoop | None = None) -> Handle:
+        """Queue `job`; its events arrive on the returned handle (async ones on `loop`'s thread)."""
+        if len(job.prompt) > self.ctx + (1 if job.params.max_tokens == 0 else 0):
+            raise ValueError(f"prompt is {len(job.prompt)} tokens, the model's context is {self.ctx}")
+        handle = Handle(job, loop)
+        with self._cond:
+            if self._closing:
+                raise EngineClosed("the server is shutting down")
+            if len(self.waiting) >= self.max_queue:
+                raise QueueFull(f"{len(self.waiting)} requests are waiting (--max-queue {self.max_queue})")
+            self.waiting.append(handle)
+            self._cond.notify()
+        return handle
+
+    @property
+    def queued(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def active(self) -> int:
+        return len(self.scoring) + len(self.decoding) + len(self.reading)
+
+    def close(self, drain_seconds: float = 0.0) -> None:
+        """Take no new jobs; let active and queued ones run for up to `drain_seconds`, cancel the rest."""
+        with self._cond:
+            self._closing = True
+            self._drain_until = time.monotonic() + drain_seconds
+            self._cond.notify()
+        self._thread.join()
+
+    # --- the scheduler -----------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        prepare_decode_weights(self.model, self.cache_dtype)
+        while True:
+            with self._cond:
+                while not (self.waiting or self.active or self._closing):
+                    self._cond.wait()
+                if self._closing and (
+                    not (self.waiting or self.active) or time.monotonic() >= (self._drain_until or 0)
+                ):
+                    break
+                self._admit()
+            try:
+                self._drop_cancelled()
+                with torch.inference_mode():
+                    self._score()
+                    self._prefill()
+                    self._decode()
+            except Exception as e:  # never a dead scheduler: fail what was running, go on
+                for seq in self.scoring + self.decoding + self.reading:
+                    seq.handle._put(Finished("error", f"{type(e).__name__}: {e}"))
+                self.scoring, self.decoding, self.reading = [], [], []
+        for h in list(self.waiting) + [s.handle for s in self.scoring + self.decoding + self.reading]:
+            h._put(Finished("cancelled", "the server shut down"))
+        self.waiting.clear()
+
+    def _admit(self) -> None:
+        """Move waiting jobs into the batch while it has room (called with the lock held)."""
+        while self.waiting and len(self.decoding) + len(self.reading) + len(self.scoring) < self.max_batch:
+            h = self.waiting.popleft()
+            job = h.job
+            # the last new token is never fed back: a prompt of P tokens has room for ctx - P + 1 more
+            limit = min(job.params.max_tokens, self.ctx - len(job.prompt) + 1)
+            gen = None if job.params.greedy else make_generator(job.params.seed, self.device)
+            counts = torch.zeros(1, self.cfg.vocab_size, device=self.device) if job.params.penalised else None
+            seq = _Seq(h, gen, max(0, limit), counts=counts)
+            if job.score_prompt:
+                self.scoring.append(seq)
+            elif seq.limit == 0:
+                h._put(Finished("length"))
+            else:
+                self._start_reading(seq)
+
+    def _start_reading(self, seq: _Seq) -> None:
+        self.cache.lengths[len(self.decoding) + len(self.reading)] = 0
+        self.reading.append(seq)
+
+    def _drop_cancelled(self) -> None:
+        now = time.monotonic()
+
+        def gone(s: _Seq) -> str | None:
+            if s.handle.cancelled:
+                return "cancelled"
+            if s.job.deadline is not None and now >= s.job.deadline:
+                return "timeout"
+            return None
+
+        for s in list(self.scoring):
+            if reason := gone(s):
+                self.scoring.remove(s)
+                s.handle._put(Finished(reason))
+        for group in (self.decoding, self.reading):
+            for s in [s for s in group if gone(s)]:
+                reason = gone(s) or "cancelled"
+                self._remove(s)
+                s.handle._put(Finished(reason))
+        with self._cond:
+            for h in list(self.waiting):
+                late = h.job.deadline is not None and now >= h.job.deadline
+                if h.cancelled or late:
+                    self.waiting.remove(h)
+                    h._put(Finished("timeout" if late and not h.cancelled else "cancelled"))
+
+    def _remove(self, seq: _Seq) -> None:
+        """Take a sequence out of the cache slots, keeping the active ones consecutive."""
+        d = len(self.decoding)
+        if seq in self.decoding:
+            i = self.decoding.index(seq)
+            last = self.decoding.pop()
+            if last is not seq:  # the last stream takes the freed slot
+                self.cache.move(d - 1, i)
+                self.decoding[i] = last
+            if self.reading:  # the last prompt being read fills the stream's old last slot
+                self.cache.move(d - 1 + len(self.reading), d - 1)
+                self.reading.insert(0, self.reading.pop())
+        else:
+            j = self.reading.index(seq)
+            last = self.reading.pop()
+            if last is not seq:
+                self.cache.move(d + len(self.reading), d + j)
+                self.reading[j] = last
+
+    # --- the three kinds of forward ------------------------------------------------------------------------
+
+    def _forward(self, idx: torch.Tensor, cache: Any, rows: int, last_only: bool = True) -> torch.Tensor:
+        one_row = rows == 1 and idx.size(1) == 1
+        copies = idx.size(1) == 1 and rows <= COPY_ROWS.get(self.dtype, 0)
+        step = decode_step(self.device, self.cache_dtype, one_row=one_row, use_copies=copies)
+        with autocast(self.device, self.dtype), step:
+            return self.model(idx, cache=cache, last_only=last_only)
+
+    def _score(self) -> None:
+        """Log-probs of the scoring jobs' prompts, in one right-padded full forward."""
+        if not self.scoring:
+            return
+        n, tokens = 0, 0  # a bounded forward: the (B, T, V) logits of long prompts are large
+        while n < len(self.scoring) and (n == 0 or tokens + len(self.scoring[n].job.prompt) <= SCORE_TOKENS):
+            tokens += len(self.scoring[n].job.prompt)
+            n += 1
+        batch, self.scoring = self.scoring[:n], self.scoring[n:]
+        T = max(len(s.job.prompt) for s in batch)
+        idx = torch.full((len(batch), max(T - 1, 1)), EOT_ID, dtype=torch.long)
+        for b, s in enumerate(batch):
+            idx[b, : len(s.job.prompt) - 1] = torch.tensor(s.job.prompt[:-1], dtype=torch.long)
+        logits = self._forward(idx.to(self.device), None, len(batch), last_only=False)
+        for b, s in enumerate(batch):
+            ids = s.job.prompt
+            logp = F.log_softmax(logits[b, : len(ids) - 1].float(), dim=-1)  # row i: token i + 1
+            chosen = logp.gather(1, torch.tensor(ids[1:], device=logp.device)[:, None])[:, 0].tolist()
+            top: list[list[tuple[int, float]] | None] = [None]
+            if s.job.prompt_top:
+                vals, alt = torch.topk(logp, s.job.prompt_top, dim=-1)
+                top += [list(zip(a, v, strict=True)) for a, v in zip(alt.tolist(), vals.tolist(), strict=True)]
+            else:
+                top += [[] for _ in ids[1:]]
+            s.handle._put(PromptScores([None, *chosen], top))
+            if s.limit == 0:
+                s.handle._put(Finished("length"))
+            else:
+                self._start_reading(s)
+
+    def _prefill(self) -> None:
+        """The next chunk of every prompt being read, left-padded into one forward."""
+        if not self.reading:
+            return
+        start = len(self.decoding)
+        chunks = [s.job.prompt[s.fed : s.fed + self.prefill_chunk] for s in self.reading]
+        T = max(map(len, chunks))
+        idx = torch.full((len(chunks), T), EOT_ID, dtype=torch.long)
+        for b, c in enumerate(chunks):
+            idx[b, T - len(c) :] = torch.tensor(c, dtype=torch.long)
+        step = self.cache.rows(start, [len(c) for c in chunks])
+        logits = self._forward(idx.to(self.device), step, len(chunks))[:, 0].float()  # (B, V)
+        done = []
+        for s, c, row in zip(self.reading, chunks, logits, strict=True):
+            s.fed += len(c)
+            if s.fed == len(s.job.prompt):
+                s.next_logits = row
+                done.append(s)
+        for s in done:  # read in full: it becomes a stream, in the first slot after the streams
+            j, first = self.reading.index(s), len(self.decoding)  # reading[j] is in slot first + j
+            self.cache.swap(first + j, first)
+            self.reading[j], self.reading[0] = self.reading[0], self.reading[j]
+            self.decoding.append(self.reading.pop(0))
+        if done:
+            self._emit(done)
+
+    def _decode(self) -> None:
+        """One new token for every stream: each has exactly one drawn token not yet in the cache."""
+        if not self.decoding:
+            return
+        idx = torch.tensor([[s.generated[-1]] for s in self.decoding], device=self.device)  # slot order
+        step = self.cache.rows(0, [1] * len(self.decoding))
+        logits = self._forward(idx, step, len(self.decoding))[:, 0].float()
+        for s, row in zip(self.decoding, logits, strict=True):
+            s.next_logits = row
+        self._emit(list(self.decoding))
+
+    def _emit(self, seqs: list[_Seq]) -> None:
+        """Draw the next token of each of `seqs` from its `next_logits`, send it, retire finished ones."""
+        seqs = [s for s in seqs if s.next_logits is not None]
+        logits = torch.stack([s.next_logits for s in seqs])  # type: ignore[misc]
+        tokens = sample_rows(
+            logits, [s.job.params for s in seqs], [s.generator for s in seqs], [s.counts for s in seqs]
+        )
+        want_lp = [b for b, s in enumerate(seqs) if s.job.logprobs is not None]
+        logp = F.log_softmax(logits[want_lp], dim=-1) if want_lp else None
+        now = time.monotonic()
+        for b, (s, t) in enumerate(zip(seqs, tokens, strict=True)):
+            s.next_logits = None
+            lp = top = None
+            if logp is not None and b in want_lp:
+                row = logp[want_lp.index(b)]
+                lp = float(row[t])
+                k = s.job.logprobs or 0
+                vals, alt = torch.topk(row, k) if k else (torch.zeros(0), torch.zeros(0, dtype=torch.long))
+                top = list(zip(alt.tolist(), vals.tolist(), strict=True))
+            if s.handle.first_token_at is None:
+                s.handle.first_token_at = now
+                self.on_event("ttft", now - s.handle.submitted)
+            if t == EOT_ID:
+                self._finish(s, "stop")
+                continue
+            s.generated.append(t)
+            if s.counts is not None:
+                s.counts[0, t] += 1
+            s.handle._put(Token(t, lp, top))
+            self.on_event("token", 1.0)
+            if len(s.generated) >= s.limit:  # max_tokens, or the context is full (see `_admit`)
+                self._finish(s, "length")
+
+    def _finish(self, seq: _Seq, reason: str) -> None:
+        self._remove(seq)
+        seq.handle._put(Finished(reason))
+        self.on_event("finished", time.monotonic() - seq.handle.submitted)
