@@ -215,18 +215,16 @@ def mlx_fns(model: torch.nn.Module, inp: Inputs, dtype: str) -> dict[str, Callab
         raise UserError("--backend mlx needs the nanogpt.mlx package, which this install lacks") from None
     import mlx.core as mx
 
-    from nanogpt.mlx.checkpoint import load_mlx_state_into
     from nanogpt.mlx.evaluate import sliding_window_nll as sliding_window_nll_mlx
     from nanogpt.mlx.generate import decode_steps
     from nanogpt.mlx.model import NanoGPTLMHeadModel as MLXModel
-    from nanogpt.mlx.train import make_optimizer, make_train_step
+    from nanogpt.mlx.train.checkpoint import load_state_into
+    from nanogpt.mlx.train.optim import make_optimizer, make_train_step
     from nanogpt.train.checkpoint import model_state
 
     cfg, tcfg = model.config, TrainConfig()
     m = MLXModel(cfg)
-    load_mlx_state_into(
-        m, {k: mx.array(v.cpu().float().numpy()) for k, v in model_state(model).items()}, "model"
-    )
+    load_state_into(m, {k: mx.array(v.cpu().float().numpy()) for k, v in model_state(model).items()}, "model")
     opt = make_optimizer(m, tcfg)
     opt.learning_rate = tcfg.learning_rate
     step = make_train_step(m, opt, tcfg)
@@ -283,7 +281,7 @@ def mlx_fns(model: torch.nn.Module, inp: Inputs, dtype: str) -> dict[str, Callab
 def nn_value_and_grad(m: Any) -> Callable:
     import mlx.nn as nn
 
-    from nanogpt.mlx.train import cross_entropy_loss
+    from nanogpt.mlx.train.optim import cross_entropy_loss
 
     return nn.value_and_grad(m, cross_entropy_loss)
 

@@ -70,10 +70,10 @@ def main(argv: list[str] | None = None) -> int:
         "progress": not args.json,
     }
     if args.backend == "mlx":  # imported only here: MLX is optional
-        from nanogpt.mlx import load_mlx_model
+        from nanogpt.mlx import load_model as mlx_load_model
         from nanogpt.mlx.evaluate import sliding_window_nll as mlx_sliding_window_nll
 
-        result = mlx_sliding_window_nll(load_mlx_model(args.model), tokens, **window)
+        result = mlx_sliding_window_nll(mlx_load_model(args.model), tokens, **window)
     else:
         result = sliding_window_nll(
             load_model(args.model, dev), tokens, device=dev, dtype=args.dtype, **window

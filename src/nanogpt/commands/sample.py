@@ -124,12 +124,12 @@ def _mlx_token_streams(
     args: argparse.Namespace, prompt_ids: list[int], params: SamplingParams
 ) -> Iterator[Iterator[int]]:
     """One MLX token generator per sample (seed + i: MLX draws from keys, not a stateful generator)."""
-    from nanogpt.mlx import load_mlx_model
+    from nanogpt.mlx import load_model as mlx_load_model
     from nanogpt.mlx.generate import generate as mlx_generate
 
     if args.model is None:
         raise UserError("--backend mlx needs --model (a checkpoint); --preset random init is PyTorch only")
-    model = load_mlx_model(args.model)
+    model = mlx_load_model(args.model)
     for i in range(args.num_samples):
         yield mlx_generate(model, prompt_ids, replace(params, seed=args.seed + i), crop=args.crop)
 

@@ -1,7 +1,7 @@
 """The `nanogpt train` command: one flag per TrainConfig field, config resolution, and `main`.
 
 Settings come, in order, from a preset or a `--config` file (or the run's own on `--resume`), then flags;
-`nanogpt.train.loop.train` does the work (`nanogpt.mlx.train.train_mlx` with `--backend mlx`).
+`nanogpt.train.loop.train` does the work (`nanogpt.mlx.train.loop.train` with `--backend mlx`).
 
     nanogpt train --data data/builtin --out runs/tiny --preset tiny --max-iters 2000
 """
@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError("--data DIR is required: a folder made by `nanogpt prepare`")
     trainer = train
     if args.backend == "mlx":
-        from nanogpt.mlx.train import train_mlx as trainer  # raises a one-line error without MLX
+        from nanogpt.mlx.train.loop import train as trainer  # raises a one-line error without MLX
     result = trainer(
         model_cfg,
         train_cfg,

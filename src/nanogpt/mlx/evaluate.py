@@ -3,7 +3,7 @@
 The windows, the bookkeeping and the result are the PyTorch side's (`score_windows`), so both backends
 score exactly the same targets; only the forward pass differs (fp32, MLX's own log-softmax).
 
-    result = sliding_window_nll(load_mlx_model("runs/demo"), split_tokens("data/builtin"), stride=256)
+    result = sliding_window_nll(load_model("runs/demo"), split_tokens("data/builtin"), stride=256)
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 
 from nanogpt.infer.evaluate import EvalResult, check_tokens, score_windows
 from nanogpt.mlx.model import NanoGPTLMHeadModel
-from nanogpt.mlx.train import token_nll
+from nanogpt.mlx.train.optim import token_nll
 
 
 def sliding_window_nll(

@@ -1,6 +1,6 @@
 """The optimisation math shared by every trainer: schedule, AdamW groups, one step, FLOPs.
 
-Pure functions, unit-tested on their own; `train/loop.py` (PyTorch), `mlx/train.py` (its mirror) and
+Pure functions, unit-tested on their own; `train/loop.py` (PyTorch), `mlx/train/` (its mirror) and
 `distill/losses.py` build their loops from them.
 
     opt = make_optimizer(model, cfg, device)

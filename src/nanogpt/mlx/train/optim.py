@@ -1,0 +1,117 @@
+"""The MLX optimisation math: `nanogpt.train.optim`'s loss, AdamW groups and clipping, and a compiled step.
+
+The schedule (`lr_at`), the FLOP count and the warmup warning are the PyTorch side's own functions; this
+module holds only what MLX computes differently: the loss in MLX, AdamW as an `optim.MultiOptimizer` over
+the same decay groups, torch's clipping rule and the `mx.compile`d update over the accumulated micro-batches.
+
+    opt = make_optimizer(model, cfg)
+    step = make_train_step(model, opt, cfg)
+    opt.learning_rate = lr_at(1, cfg)
+    loss, grad_norm = step(*to_mx([sampler.next() for _ in range(cfg.grad_accum_steps)]))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+import torch
+from mlx.utils import tree_flatten, tree_map
+
+from nanogpt.config import TrainConfig
+from nanogpt.mlx.model import NanoGPTLMHeadModel
+
+# loss_fn(model, x, y) -> scalar loss, as `nanogpt.train.optim.LossFn` with MLX arrays
+LossFn = Callable[[nn.Module, mx.array, mx.array], mx.array]
+
+
+def token_nll(model: nn.Module, x: mx.array, y: mx.array) -> mx.array:
+    """Per-token negative log-likelihood (B, T) in fp32: logits (B, T, V) scored against targets y (B, T)."""
+    logits = model(x).astype(mx.float32)
+    return mx.logsumexp(logits, axis=-1) - mx.take_along_axis(logits, y[..., None], axis=-1)[..., 0]
+
+
+def cross_entropy_loss(model: nn.Module, x: mx.array, y: mx.array) -> mx.array:
+    """The default loss: mean next-token cross-entropy in fp32 (as `train.optim.cross_entropy_loss`)."""
+    return token_nll(model, x, y).mean()
+
+
+def decay_names(model: NanoGPTLMHeadModel) -> set[str]:
+    """Parameter names that get weight decay: the 2-D Linear weights (as `train.optim.param_groups`).
+
+    Embeddings (the token table is also the tied head), LayerNorm and biases are not decayed; an untied
+    lm_head is a Linear and is decayed.
+    """
+    return {
+        f"{name}.weight"
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Linear) and m.weight.ndim == 2
+    }
+
+
+def make_optimizer(model: NanoGPTLMHeadModel, cfg: TrainConfig) -> optim.MultiOptimizer:
+    """AdamW with torch's update rule (bias correction on, eps 1e-8) over two groups: decay and no decay."""
+    decay = decay_names(model)
+
+    def adamw(weight_decay: float) -> optim.AdamW:
+        return optim.AdamW(
+            learning_rate=0.0,  # set before every step from lr_at
+            betas=[cfg.beta1, cfg.beta2],
+            eps=1e-8,
+            weight_decay=weight_decay,
+            bias_correction=True,
+        )
+
+    opt = optim.MultiOptimizer([adamw(cfg.weight_decay), adamw(0.0)], [lambda path, _: path in decay])
+    opt.init(model.trainable_parameters())
+    return opt
+
+
+def clip_gradients(grads: dict, max_norm: float) -> tuple[dict, mx.array]:
+    """Scale the gradients so their global L2 norm is at most max_norm (0 disables); returns the pre-clip norm.
+
+    The scale is max_norm / (norm + 1e-6), capped at 1: torch's `clip_grad_norm_` rule.
+    """
+    if max_norm > 0:
+        return optim.clip_grad_norm(grads, max_norm)
+    norm = mx.sqrt(sum(mx.sum(mx.square(g)) for _, g in tree_flatten(grads)))
+    return grads, norm
+
+
+def make_train_step(
+    model: NanoGPTLMHeadModel, opt: optim.Optimizer, cfg: TrainConfig, loss_fn: LossFn = cross_entropy_loss
+) -> Callable[[mx.array, mx.array], tuple[mx.array, mx.array]]:
+    """A compiled optimizer step: xs, ys (A, B, T) micro-batches -> (mean loss, pre-clip grad norm).
+
+    Gradients of the A micro-batches are averaged (torch: each loss scaled by 1/A before backward), then
+    clipped and applied. Model, optimizer and MLX RNG states are the compiled function's implicit state;
+    the caller sets `opt.learning_rate` before each call.
+    """
+    loss_and_grad = nn.value_and_grad(model, loss_fn)
+    state = [model.state, opt.state, mx.random.state]
+
+    @partial(mx.compile, inputs=state, outputs=state)
+    def step(xs: mx.array, ys: mx.array) -> tuple[mx.array, mx.array]:
+        n = xs.shape[0]
+        total, grads = mx.array(0.0), None
+        for i in range(n):  # unrolled at trace time: n is fixed for a run
+            loss, g = loss_and_grad(model, xs[i], ys[i])
+            grads = g if grads is None else tree_map(mx.add, grads, g)
+            total = total + loss
+        grads = tree_map(lambda g: g / n, grads)
+        grads, norm = clip_gradients(grads, cfg.grad_clip)
+        opt.update(model, grads)
+        return total / n, norm
+
+    return step
+
+
+def to_mx(batches: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[mx.array, mx.array]:
+    """BatchSampler batches [(x, y) (B, T) int64] -> stacked mx int32 arrays (A, B, T)."""
+    xs = np.stack([x.numpy() for x, _ in batches]).astype(np.int32)
+    ys = np.stack([y.numpy() for _, y in batches]).astype(np.int32)
+    return mx.array(xs), mx.array(ys)
