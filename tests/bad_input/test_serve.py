@@ -452,6 +452,7 @@ def test_serve_hf_export(exports):
     [
         pytest.param(["--threads", "0"], "--threads 0", "omit it", id="serve_threads_zero"),
         pytest.param(["--max-concurrent", "0"], "--max-concurrent 0", ">= 1", id="serve_max_concurrent_zero"),
+        pytest.param(["--max-body-bytes", "0"], "--max-body-bytes 0", ">= 1", id="serve_max_body_bytes_zero"),
         pytest.param(["--api-key-env", "NANOGPT_TEST_UNSET_KEY"], "NANOGPT_TEST_UNSET_KEY", "empty or unset", id="serve_api_key_env_unset"),
     ],
 )  # fmt: skip
@@ -495,47 +496,90 @@ def test_serve_listening_line_names_the_bound_port(server):
 NAN, INF = math.nan, math.inf
 
 
+BOTH = ("/v1/completions", "/v1/chat/completions")
+COMPLETIONS = ("/v1/completions",)
+CHAT = ("/v1/chat/completions",)
+BODIES = {
+    "/v1/completions": {"prompt": "Hello", "max_tokens": 1},
+    "/v1/chat/completions": {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1},
+}
+
+# (field, value, what the message says, the endpoints that refuse it); the error's param is the field
 REQUEST_CASES = [
-    ("temperature", NAN, "must be a finite number"),
-    ("temperature", INF, "must be a finite number"),
-    ("temperature", -1, "must be in [0.0, 100.0]"),
-    ("temperature", "hot", "must be a finite number"),
-    ("top_p", NAN, "must be a finite number"),
-    ("top_p", 0, "out of range"),
-    ("top_p", 1.5, "out of range"),
-    ("top_k", -2, "must be >= -1"),
-    ("top_k", 2.5, "must be an integer"),
-    ("top_k", "50", "must be an integer"),
-    ("max_tokens", -1, "out of range"),
-    ("max_tokens", INF, "must be an integer"),
-    ("max_tokens", 1.5, "must be an integer"),
-    ("max_tokens", 10**30, "out of range"),
-    ("seed", -1, "out of range"),
-    ("seed", 2**64, "out of range"),
-    ("seed", 1.5, "must be an integer"),
-    ("seed", "7", "must be an integer"),
-    ("logprobs", -1, "out of range"),
-    ("presence_penalty", 0.5, "not supported"),
-    ("presence_penalty", NAN, "must be a finite number"),
-    ("frequency_penalty", 3, "out of range"),
-    ("repetition_penalty", 1.2, "not supported"),
-    ("stream", "false", "must be true or false"),
-    ("echo", "yes", "must be true or false"),
-    ("return_tokens_as_token_ids", 1, "must be true or false"),
+    ("temperature", NAN, "must be a finite number", BOTH),
+    ("temperature", INF, "must be a finite number", BOTH),
+    ("temperature", -1, "must be in [0.0, 100.0]", BOTH),
+    ("temperature", "hot", "must be a finite number", BOTH),
+    ("top_p", NAN, "must be a finite number", BOTH),
+    ("top_p", 0, "out of range", BOTH),
+    ("top_p", 1.5, "out of range", BOTH),
+    ("top_k", -2, "must be >= -1", BOTH),
+    ("top_k", 2.5, "must be an integer", BOTH),
+    ("top_k", "50", "must be an integer", BOTH),
+    ("max_tokens", -1, "out of range", BOTH),
+    ("max_tokens", INF, "must be an integer", BOTH),
+    ("max_tokens", 1.5, "must be an integer", BOTH),
+    ("max_tokens", 10**30, "out of range", BOTH),
+    ("max_completion_tokens", -1, "out of range", CHAT),
+    ("seed", -1, "out of range", BOTH),
+    ("seed", 2**64, "out of range", BOTH),
+    ("seed", 1.5, "must be an integer", BOTH),
+    ("seed", "7", "must be an integer", BOTH),
+    ("logprobs", -1, "out of range", COMPLETIONS),
+    ("logprobs", True, "must be an integer", COMPLETIONS),
+    ("logprobs", 5, "must be true or false", CHAT),
+    ("top_logprobs", 21, "out of range", CHAT),
+    ("presence_penalty", 2.5, "out of range", BOTH),
+    ("presence_penalty", NAN, "must be a finite number", BOTH),
+    ("frequency_penalty", 3, "out of range", BOTH),
+    ("repetition_penalty", 1.2, "not supported", BOTH),
+    ("logit_bias", {"-1": 5}, "not a token id", BOTH),
+    ("logit_bias", {"50257": 5}, "not a token id", BOTH),
+    ("logit_bias", {"7": 101}, "[-100, 100]", BOTH),
+    ("logit_bias", [1, 2], "must be an object", BOTH),
+    ("n", 0, "out of range", BOTH),
+    ("n", 17, "out of range", BOTH),
+    ("best_of", 2, "not supported", COMPLETIONS),
+    ("suffix", "end", "not supported", COMPLETIONS),
+    ("stream", "false", "must be true or false", BOTH),
+    ("stream_options", {"include_usage": True}, "only allowed when 'stream' is true", BOTH),
+    ("echo", "yes", "must be true or false", COMPLETIONS),
+    ("echo", True, "not supported", CHAT),
+    ("return_tokens_as_token_ids", 1, "must be true or false", BOTH),
+    ("model", 7, "must be a string", BOTH),
+    ("store", True, "not supported", BOTH),
+    ("tools", [{"type": "function", "function": {"name": "f"}}], "not supported", CHAT),
+    ("response_format", {"type": "json_object"}, "not supported", CHAT),
+    ("reasoning_effort", "low", "not supported", CHAT),
+    ("min_p", 0.1, "not supported", BOTH),  # a vLLM extension this server does not read
+    ("prompt", "Hi", "not supported", CHAT),
+    ("messages", [{"role": "user", "content": "Hi"}], "not supported", COMPLETIONS),
 ]
 
 
 @pytest.mark.parametrize(
-    "field, value, says", REQUEST_CASES, ids=[f"serve_request_{f}_{v}"[:40] for f, v, _ in REQUEST_CASES]
+    "field, value, says, paths",
+    REQUEST_CASES,
+    ids=[f"serve_request_{f}_{v}"[:40] for f, v, _, _ in REQUEST_CASES],
 )
-def test_serve_request_field_refused(server, field, value, says):
-    for path in ("/v1/completions", "/v1/chat/completions"):
-        body = {"prompt": "Hello", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}
-        status, answer = post(server + path, {**body, field: value})
+def test_serve_request_field_refused(server, field, value, says, paths):
+    for path in paths:
+        status, answer = post(server + path, {**BODIES[path], field: value})
         assert status == 400, (path, answer)
         message = answer["error"]["message"]
-        assert f"'{field}'" in message and says in message, message
+        assert f"'{field}" in message and says in message, message
         assert answer["error"]["type"] == "invalid_request_error"
+        assert answer["error"]["param"] == field, answer
+
+
+def test_serve_request_content_part_refused(server):
+    """A chat message with an image part is refused by its place, not read as text without the image."""
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+    content = [{"type": "text", "text": "What is this?"}, image]
+    body = {"messages": [{"role": "user", "content": content}], "max_tokens": 1}
+    status, answer = post(server + "/v1/chat/completions", body)
+    assert status == 400 and "'image_url' part" in answer["error"]["message"], answer
+    assert answer["error"]["param"] == "messages[0].content[1]"
 
 
 @pytest.mark.parametrize(
@@ -555,6 +599,7 @@ def test_serve_request_body_refused(server, raw, says):
 def test_serve_request_prompt_longer_than_context(server):
     status, answer = post(server + "/v1/completions", {"prompt": "to be or not " * CONTEXT, "max_tokens": 1})
     assert status == 400 and f"the model's context is {CONTEXT}" in answer["error"]["message"]
+    assert (answer["error"]["param"], answer["error"]["code"]) == ("prompt", "context_length_exceeded")
 
 
 def test_serve_request_edge_values_accepted(server):
@@ -566,12 +611,17 @@ def test_serve_request_edge_values_accepted(server):
         "top_p": 1e-9,
         "top_k": -1,
         "seed": 2**64 - 1,
-        "presence_penalty": 0,
-        "frequency_penalty": 0.0,
+        "presence_penalty": -2,
+        "frequency_penalty": 2.0,
         "repetition_penalty": 1,
+        "logit_bias": {"0": -100, "50256": 100},
+        "n": 16,
+        "best_of": 1,
         "stream": False,
         "echo": None,
+        "user": "someone",
+        "store": False,
     }
     status, answer = post(server + "/v1/completions", body)
     assert status == 200, answer
-    assert answer["usage"]["completion_tokens"] <= 2
+    assert len(answer["choices"]) == 16 and answer["usage"]["completion_tokens"] <= 2 * 16

@@ -29,7 +29,7 @@ from nanogpt.distill.api import (  # noqa: E402
 )
 from nanogpt.errors import UserError  # noqa: E402
 from nanogpt.model.gpt import NanoGPTLMHeadModel  # noqa: E402
-from nanogpt.serve.requests import BadRequest, chat_prompt, parse_options, parse_prompts  # noqa: E402
+from nanogpt.serve.requests import BadRequest, chat_prompt, parse_prompts, parse_request  # noqa: E402
 from nanogpt.train.checkpoint import save_model  # noqa: E402
 from tests.local_server import free_port, post  # noqa: E402
 from tests.tiny import tiny_config  # noqa: E402
@@ -111,14 +111,18 @@ def test_parse_prompts_and_sampling():
     for bad in (None, [], [1, "a"], [-1], {"x": 1}):
         with pytest.raises(BadRequest):
             parse_prompts(bad, tok)
-    o = parse_options({"max_tokens": 0, "logprobs": 5, "echo": True, "stop": "\n"})
+
+    def parse(body: dict):
+        return parse_request({"prompt": "Hi", **body}, tok, chat=False, vocab_size=tok.vocab_size)
+
+    o = parse({"max_tokens": 0, "logprobs": 5, "echo": True, "stop": "\n"})
     assert (o.sampling.max_tokens, o.logprobs, o.echo, o.sampling.stop) == (0, 5, True, ("\n",))
     # OpenAI's defaults, not the CLI's: temperature 1, no top-k, 16 tokens
-    d = parse_options({}).sampling
+    d = parse({}).sampling
     assert (d.max_tokens, d.temperature, d.top_k, d.top_p, d.seed) == (16, 1.0, None, 1.0, None)
-    for bad in ({"max_tokens": -1}, {"temperature": "hot"}, {"logprobs": 1000}, {"n": 2}, {"stop": 3}):
+    for bad in ({"max_tokens": -1}, {"temperature": "hot"}, {"logprobs": 1000}, {"n": 0}, {"stop": 3}):
         with pytest.raises(BadRequest):
-            parse_options(bad)
+            parse(bad)
     assert chat_prompt([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]) == (
         "system: Be brief.\nuser: Hi\nassistant:"
     )
@@ -143,6 +147,7 @@ def test_models_auth_and_errors(server):
     with pytest.raises(urllib.error.HTTPError) as e:
         urllib.request.urlopen(server.url + "/v1/models", timeout=10)
     assert e.value.code == 401
+    assert json.loads(e.value.read())["error"]["code"] == "invalid_api_key"
     req = urllib.request.Request(server.url + "/v1/models", headers=AUTH)
     models = json.loads(urllib.request.urlopen(req, timeout=10).read())
     assert models["data"][0]["id"] == "tiny"

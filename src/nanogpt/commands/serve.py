@@ -19,6 +19,7 @@ from nanogpt.commands.options import add_device, add_dtype, add_threads, apply_t
 from nanogpt.errors import ArgumentParser, UserError, missing_extra
 from nanogpt.kernels.device import resolve_device
 from nanogpt.serve.app import Engine, create_app
+from nanogpt.serve.errors import DEFAULT_MAX_BODY_BYTES
 from nanogpt.train.checkpoint import load_model
 
 
@@ -34,6 +35,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--api-key-env", help="require `Authorization: Bearer $NAME` (the key is read from env var NAME)"
     )
     p.add_argument("--max-concurrent", type=int, default=2, help="generations running at once (others wait)")
+    p.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=DEFAULT_MAX_BODY_BYTES,
+        help=f"larger request bodies are refused with 413 (default {DEFAULT_MAX_BODY_BYTES}: 8 MiB)",
+    )
     add_device(p)
     add_dtype(
         p,
@@ -88,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
         raise missing_extra("nanogpt serve needs FastAPI and uvicorn", "serve") from None
     if args.max_concurrent < 1:
         raise UserError(f"--max-concurrent {args.max_concurrent} must be >= 1")
+    if args.max_body_bytes < 1:
+        raise UserError(f"--max-body-bytes {args.max_body_bytes} must be >= 1; e.g. --max-body-bytes 8388608")
     api_key = None
     if args.api_key_env:
         api_key = os.environ.get(args.api_key_env)
@@ -99,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     with sock:
         model = load_model(args.model, device=device)
         name = args.name or Path(args.model).resolve().name
-        app = create_app(Engine(model, name, args.max_concurrent, args.dtype), api_key)
+        engine = Engine(model, name, args.max_concurrent, args.dtype)
+        app = create_app(engine, api_key, max_body_bytes=args.max_body_bytes)
         sock.listen(2048)  # from now on clients queue instead of being refused; uvicorn accepts them
         host, port = sock.getsockname()[:2]
         url_host = f"[{host}]" if ":" in host else host

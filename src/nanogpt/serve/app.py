@@ -1,10 +1,12 @@
 """`nanogpt serve`: an OpenAI-compatible HTTP server for a checkpoint (FastAPI + uvicorn, the `serve` extra).
 
-Endpoints: `GET /v1/models`, `POST /v1/completions` (prompt as a string, a token-id list, or a list of
-either; `echo`, `logprobs` = top-k alternatives per token, prompt tokens included when `echo` is true,
-so `echo=true, max_tokens=0, logprobs=k` scores a prompt: what a token-level distillation teacher
-needs; `max_tokens`, `temperature`, `top_p`, `top_k`, `seed`, `stop`, `stream` as server-sent events),
-`POST /v1/chat/completions` and `GET /health`. Generation uses the KV-cached generator of `generate.py`.
+Endpoints: `GET /v1/models` and `/v1/models/{id}` (`routes.py`), `POST /v1/completions` (prompt as a
+string, a token-id list, or a list of either; `echo`, `logprobs` = top-k alternatives per token, prompt
+tokens included when `echo` is true, so `echo=true, max_tokens=0, logprobs=k` scores a prompt: what a
+token-level distillation teacher needs), `POST /v1/chat/completions` and `GET /health`. The request
+fields (`n`, `logit_bias`, the penalties, `stream` as server-sent events, ...) are read and checked by
+`requests.parse_request`; errors are OpenAI's body for every status (`errors.py`). Generation uses the
+KV-cached generator of `generate.py`.
 
 A base model has no chat format, so chat uses a plain concatenation template, one "role: content" line
 per message and then "assistant:" (see `chat_prompt`). `return_tokens_as_token_ids: true` (vLLM's name)
@@ -12,8 +14,8 @@ writes tokens as "token_id:N" so clients get exact ids even for partial UTF-8 by
 
 Binds 127.0.0.1 unless told otherwise (`--port 0`: any free port), before the model loads, and prints its
 "on http://HOST:PORT/v1" line only once the socket is bound; `--api-key-env NAME` requires
-`Authorization: Bearer $NAME`. Malformed requests (NaN or Infinity, a wrong type, a penalty this server
-does not apply) get a 400 JSON error; at most `--max-concurrent` generations run at once; one log line
+`Authorization: Bearer $NAME`. Malformed requests (NaN or Infinity, a wrong type, a field this server
+cannot honour) get a 400 naming the field; a `model` other than the served one a 404; at most `--max-concurrent` generations run at once; one log line
 per request goes to stderr (method, path, status, milliseconds; never a header).
 
     app = create_app(Engine(load_model("runs/tiny"), "tiny"))  # `nanogpt serve` runs it with uvicorn
@@ -39,13 +41,22 @@ from nanogpt.infer.sampling import SamplingParams
 from nanogpt.kernels.decode import decode_step
 from nanogpt.kernels.device import autocast, torch_dtype
 from nanogpt.model.gpt import NanoGPTLMHeadModel
+from nanogpt.serve.errors import (
+    DEFAULT_MAX_BODY_BYTES,
+    error_body,
+    error_response,
+    install_error_handlers,
+    internal_error_response,
+    model_not_found,
+)
 from nanogpt.serve.requests import (
     BadRequest,
-    RequestOptions,
-    chat_prompt,
-    parse_options,
-    parse_prompts,
+    CompletionRequest,
+    check_context,
+    parse_json_body,
+    parse_request,
 )
+from nanogpt.serve.routes import add_model_routes
 
 # --- output formatting ----------------------------------------------------------------------------------------
 
@@ -59,10 +70,32 @@ def top_alternatives(logp: torch.Tensor, k: int, tok: Tokenizer, as_ids: bool) -
     if k == 0:
         return {}
     vals, ids = torch.topk(logp, k)
+    return completion_top({i: v for i, v in zip(ids.tolist(), vals.tolist(), strict=True)}, tok, as_ids)
+
+
+def top_ids(logp: torch.Tensor, k: int) -> dict[int, float]:
+    """The k most likely token ids of a (V,) log-prob row as {id: logprob}, most likely first."""
+    if k == 0:
+        return {}
+    vals, ids = torch.topk(logp, k)
+    return dict(zip(ids.tolist(), vals.tolist(), strict=True))
+
+
+def completion_top(top: dict[int, float], tok: Tokenizer, as_ids: bool) -> dict[str, float]:
+    """{id: logprob} as the completions API writes top_logprobs: {token: logprob}."""
     out: dict[str, float] = {}
-    for v, i in zip(vals.tolist(), ids.tolist(), strict=True):
+    for i, v in top.items():
         out.setdefault(token_str(i, tok, as_ids), v)  # two partial-byte tokens may print alike
     return out
+
+
+def chat_logprob(token: int, logprob: float, top: dict[int, float], tok: Tokenizer, as_ids: bool) -> dict:
+    """One entry of the chat API's `logprobs.content`: token, logprob, bytes, top_logprobs."""
+
+    def entry(t: int, lp: float) -> dict[str, Any]:
+        return {"token": token_str(t, tok, as_ids), "logprob": lp, "bytes": list(tok.decode_bytes([t]))}
+
+    return {**entry(token, logprob), "top_logprobs": [entry(t, lp) for t, lp in top.items()]}
 
 
 # --- the engine: one model, a bound on concurrent work ------------------------------------------------------
@@ -120,10 +153,12 @@ class Piece:
     text: str
     token: int
     logprob: float
-    top: dict[str, float] | None
+    top: dict[int, float] | None  # the top alternatives {id: logprob}, when logprobs were asked for
 
 
-def generate_pieces(engine: Engine, ids: list[int], o: RequestOptions) -> Iterator[Piece | str]:
+def generate_pieces(
+    engine: Engine, ids: list[int], s: SamplingParams, logprobs: int | None
+) -> Iterator[Piece | str]:
     """Pieces of new text; ends at EOT or max_tokens; a final str is the finish reason ("stop"/"length").
 
     Stop strings end the text before the stop (it is not returned).
@@ -132,7 +167,6 @@ def generate_pieces(engine: Engine, ids: list[int], o: RequestOptions) -> Iterat
 
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     text, emitted, n = "", 0, 0
-    s = o.sampling
     hold = max((len(x) for x in s.stop), default=1) - 1  # characters kept back that may begin a stop
     for token, logits in engine.steps(ids, s):
         n += 1
@@ -141,7 +175,7 @@ def generate_pieces(engine: Engine, ids: list[int], o: RequestOptions) -> Iterat
             return
         logp = F.log_softmax(logits.float(), dim=-1)
         text += decoder.decode(engine.tok.decode_bytes([token]))
-        top = top_alternatives(logp, o.logprobs, engine.tok, o.token_ids) if o.logprobs is not None else None
+        top = top_ids(logp, logprobs) if logprobs is not None else None
         cut = min((i for i in (text.find(x) for x in s.stop) if i >= 0), default=-1)
         if cut >= 0:
             yield Piece(text[emitted:cut], token, float(logp[token]), top)
@@ -158,19 +192,15 @@ def generate_pieces(engine: Engine, ids: list[int], o: RequestOptions) -> Iterat
 # --- the app ------------------------------------------------------------------------------------------------
 
 
-def _error(status: int, message: str, kind: str = "invalid_request_error"):
-    from fastapi.responses import JSONResponse
-
-    return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status)
-
-
-def create_app(engine: Engine, api_key: str | None = None):
-    """The FastAPI app serving `engine`; `api_key` (if given) is required as a bearer token."""
+def create_app(engine: Engine, api_key: str | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES):
+    """The FastAPI app serving `engine`; `api_key` (if given) is required as a bearer token; request bodies
+    over `max_body_bytes` are refused (413)."""
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, StreamingResponse
     from starlette.concurrency import run_in_threadpool
 
     app = FastAPI(title="nanogpt", docs_url=None, redoc_url=None)
+    install_error_handlers(app, max_body_bytes)  # before the middleware below: the body limit sits inside it
 
     @app.middleware("http")
     async def log_and_guard(request: Request, call_next):
@@ -178,60 +208,39 @@ def create_app(engine: Engine, api_key: str | None = None):
         if api_key is not None and request.url.path.startswith("/v1/"):
             got = request.headers.get("authorization", "")
             if not secrets.compare_digest(got.encode(), f"Bearer {api_key}".encode()):
-                response = _error(
-                    401, "missing or wrong API key (Authorization: Bearer KEY)", "authentication_error"
+                response = error_response(
+                    401, "missing or wrong API key (Authorization: Bearer KEY)", code="invalid_api_key"
                 )
                 _log(request, response.status_code, start)
                 return response
         try:
             response = await call_next(request)
         except Exception as e:  # never a crash: a 500 with one line
-            response = _error(500, f"internal error: {type(e).__name__}: {e}", "server_error")
+            response = internal_error_response(e)
         _log(request, response.status_code, start)
         return response
-
-    async def read_body(request: Request) -> dict[str, Any]:
-        try:
-            body = json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise BadRequest("the request body is not valid JSON") from None
-        except (ValueError, RecursionError):  # an integer of over 4,300 digits; nesting deeper than the stack
-            raise BadRequest("the request body holds a number too long or nesting too deep to read") from None
-        if not isinstance(body, dict):
-            raise BadRequest("the request body must be a JSON object")
-        return body
 
     @app.get("/health")
     def health() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/v1/models")
-    def models() -> dict[str, Any]:
-        card = {"id": engine.name, "object": "model", "created": 0, "owned_by": "nanogpt"}
-        return {"object": "list", "data": [{**card, "max_model_len": engine.ctx}]}
+    add_model_routes(app, engine.name, engine.ctx)
+    vocab_size = min(engine.tok.vocab_size, engine.model.config.vocab_size)  # logit_bias ids index the logits
 
     async def handle(request: Request, chat: bool):
         try:
-            body = await read_body(request)
-            if chat:
-                ids_list = [engine.tok.encode(chat_prompt(body.get("messages")))]
-            else:
-                if "prompt" not in body:
-                    raise BadRequest("'prompt' is required")
-                ids_list = parse_prompts(body["prompt"], engine.tok)
-            s = parse_options(body, default_max_tokens=256 if chat else 16)
-            if s.stream:
-                if len(ids_list) != 1:
-                    raise BadRequest("stream=true takes one prompt")
-                if len(ids_list[0]) > engine.ctx:  # a 400 now: once streaming starts the status is sent
-                    raise BadRequest(
-                        f"prompt is {len(ids_list[0])} tokens, the model's context is {engine.ctx}"
-                    )
-                return StreamingResponse(_sse(engine, ids_list[0], s, chat), media_type="text/event-stream")
-            result = await run_in_threadpool(_complete, engine, ids_list, s, chat)
+            req = parse_request(
+                parse_json_body(await request.body()), engine.tok, chat=chat, vocab_size=vocab_size
+            )
+            if req.model is not None and req.model != engine.name:
+                return model_not_found(req.model, engine.name)
+            check_context(req, engine.ctx)  # a 400 now: once streaming starts the status is sent
+            if req.stream:
+                return StreamingResponse(_sse(engine, req), media_type="text/event-stream")
+            result = await run_in_threadpool(_complete, engine, req)
             return JSONResponse(result)
         except BadRequest as e:
-            return _error(400, str(e))
+            return error_response(400, e.message, param=e.param, code=e.code)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -251,101 +260,132 @@ def _log(request: Any, status: int, start: float) -> None:
     )
 
 
-def _complete(engine: Engine, ids_list: list[list[int]], s: RequestOptions, chat: bool) -> dict[str, Any]:
-    choices, prompt_tokens, completion_tokens = [], 0, 0
-    with engine.slots:
-        for index, ids in enumerate(ids_list):
-            prompt_tokens += len(ids)
-            lp: dict[str, list[Any]] = {"tokens": [], "token_logprobs": [], "top_logprobs": []}
-            text = ""
-            if s.echo and not chat:
-                text = engine.tok.decode(ids)
-                if s.logprobs is not None:
-                    lp = engine.prompt_logprobs(ids, s.logprobs, s.token_ids)
-            finish = "length"
-            for p in generate_pieces(engine, ids, s) if s.sampling.max_tokens > 0 else iter(["length"]):
-                if isinstance(p, str):
-                    finish = p
-                    continue
-                text += p.text
-                if p.token >= 0:
-                    completion_tokens += 1
-                    lp["tokens"].append(token_str(p.token, engine.tok, s.token_ids))
-                    lp["token_logprobs"].append(p.logprob)
-                    lp["top_logprobs"].append(p.top)
-            if chat:
-                choices.append(
-                    {
-                        "index": index,
-                        "message": {"role": "assistant", "content": text},
-                        "finish_reason": finish,
-                    }
-                )
-            else:
-                choice = {"index": index, "text": text, "finish_reason": finish, "logprobs": None}
-                if s.logprobs is not None:
-                    choice["logprobs"] = lp
-                choices.append(choice)
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     return {
-        "id": ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24],
-        "object": "chat.completion" if chat else "text_completion",
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def _pieces(engine: Engine, ids: list[int], req: CompletionRequest, choice: int) -> Iterator[Piece | str]:
+    s = req.sampling_for(choice)
+    return generate_pieces(engine, ids, s, req.logprobs) if s.max_tokens > 0 else iter(["length"])
+
+
+def _complete(engine: Engine, req: CompletionRequest) -> dict[str, Any]:
+    """The whole answer: n choices per prompt, choice index = prompt index * n + choice."""
+    choices, prompt_tokens, completion_tokens = [], 0, 0
+    tok, as_ids, k = engine.tok, req.token_ids, req.logprobs
+    with engine.slots:
+        for p, ids in enumerate(req.prompts):
+            prompt_tokens += len(ids)  # once per prompt, however many choices
+            echoed = None
+            if req.echo and k is not None:
+                echoed = engine.prompt_logprobs(ids, k, as_ids)
+            for c in range(req.n):
+                lp: dict[str, list[Any]] = {"tokens": [], "token_logprobs": [], "top_logprobs": []}
+                if echoed is not None:
+                    lp = {key: list(v) for key, v in echoed.items()}
+                content: list[dict[str, Any]] = []
+                text = tok.decode(ids) if req.echo else ""
+                finish = "length"
+                for piece in _pieces(engine, ids, req, c):
+                    if isinstance(piece, str):
+                        finish = piece
+                        continue
+                    text += piece.text
+                    if piece.token >= 0:
+                        completion_tokens += 1
+                        if k is not None:
+                            top = piece.top or {}
+                            lp["tokens"].append(token_str(piece.token, tok, as_ids))
+                            lp["token_logprobs"].append(piece.logprob)
+                            lp["top_logprobs"].append(completion_top(top, tok, as_ids))
+                            content.append(chat_logprob(piece.token, piece.logprob, top, tok, as_ids))
+                index = p * req.n + c
+                if req.chat:
+                    choices.append(
+                        {
+                            "index": index,
+                            "message": {"role": "assistant", "content": text},
+                            "logprobs": None if k is None else {"content": content, "refusal": None},
+                            "finish_reason": finish,
+                        }
+                    )
+                else:
+                    logprobs = None if k is None else lp
+                    choices.append(
+                        {"index": index, "text": text, "finish_reason": finish, "logprobs": logprobs}
+                    )
+    return {
+        "id": ("chatcmpl-" if req.chat else "cmpl-") + uuid.uuid4().hex[:24],
+        "object": "chat.completion" if req.chat else "text_completion",
         "created": int(time.time()),
         "model": engine.name,
         "choices": choices,
-        "usage": {
-            "prompt_tokens": prompt_tokens,
-            "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens,
-        },
+        "usage": _usage(prompt_tokens, completion_tokens),
     }
 
 
-def _sse(engine: Engine, ids: list[int], s: RequestOptions, chat: bool) -> Iterator[str]:
-    """Server-sent events: one chunk per piece of text, a final chunk with finish_reason, then [DONE]."""
+def _sse(engine: Engine, req: CompletionRequest) -> Iterator[str]:
+    """Server-sent events: per choice, chunks of text and a final chunk with finish_reason; then the usage
+    chunk (stream_options.include_usage) and [DONE]. Choices stream one after another, by index."""
+    chat, tok, as_ids, k = req.chat, engine.tok, req.token_ids, req.logprobs
     cid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
     obj = "chat.completion.chunk" if chat else "text_completion"
+    created = int(time.time())
 
-    def chunk(text: str | None, finish: str | None, logprobs: Any = None) -> str:
-        if chat:
-            choice = {"index": 0, "delta": {} if text is None else {"content": text}, "finish_reason": finish}
-        else:
-            choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": logprobs}
-        data = {
-            "id": cid,
-            "object": obj,
-            "created": int(time.time()),
-            "model": engine.name,
-            "choices": [choice],
-        }
+    def event(choices: list[dict[str, Any]], usage: Any = None) -> str:
+        data = {"id": cid, "object": obj, "created": created, "model": engine.name, "choices": choices}
+        if req.include_usage:
+            data["usage"] = usage
         return f"data: {json.dumps(data)}\n\n"
 
-    with engine.slots:
+    def chunk(index: int, text: str | None, finish: str | None, logprobs: Any = None) -> str:
         if chat:
-            yield f"data: {json.dumps(_role_chunk(cid, engine.name))}\n\n"
-        elif s.echo:
-            yield chunk(engine.tok.decode(ids), None)
+            delta = {} if text is None else {"content": text}
+            choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+        else:
+            choice = {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish}
+        return event([choice])
+
+    prompt_tokens = completion_tokens = 0
+    with engine.slots:
         try:
-            for p in generate_pieces(engine, ids, s) if s.sampling.max_tokens > 0 else iter(["length"]):
-                if isinstance(p, str):
-                    yield chunk(None if chat else "", p)
-                    continue
-                lp = None
-                if s.logprobs is not None and not chat and p.token >= 0:
-                    tokens = [token_str(p.token, engine.tok, s.token_ids)]
-                    lp = {"tokens": tokens, "token_logprobs": [p.logprob], "top_logprobs": [p.top]}
-                if p.text or lp:
-                    yield chunk(p.text, None, lp)
+            for p, ids in enumerate(req.prompts):
+                prompt_tokens += len(ids)
+                for c in range(req.n):
+                    index = p * req.n + c
+                    if chat:
+                        role = {"role": "assistant", "content": ""}
+                        yield event(
+                            [{"index": index, "delta": role, "logprobs": None, "finish_reason": None}]
+                        )
+                    elif req.echo:
+                        yield chunk(index, tok.decode(ids), None)
+                    for piece in _pieces(engine, ids, req, c):
+                        if isinstance(piece, str):
+                            yield chunk(index, None if chat else "", piece)
+                            continue
+                        lp = None
+                        if piece.token >= 0:
+                            completion_tokens += 1
+                            if k is not None:
+                                top = piece.top or {}
+                                if chat:
+                                    entry = chat_logprob(piece.token, piece.logprob, top, tok, as_ids)
+                                    lp = {"content": [entry], "refusal": None}
+                                else:
+                                    lp = {
+                                        "tokens": [token_str(piece.token, tok, as_ids)],
+                                        "token_logprobs": [piece.logprob],
+                                        "top_logprobs": [completion_top(top, tok, as_ids)],
+                                    }
+                        if piece.text or lp:
+                            yield chunk(index, piece.text, None, lp)
         except BadRequest as e:  # too late for a status code: report in the stream
-            yield f"data: {json.dumps({'error': {'message': str(e), 'type': 'invalid_request_error'}})}\n\n"
+            yield f"data: {json.dumps(error_body(e.message, 'invalid_request_error', e.param, e.code))}\n\n"
+    if req.include_usage:
+        yield event([], _usage(prompt_tokens, completion_tokens))
     yield "data: [DONE]\n\n"
-
-
-def _role_chunk(cid: str, name: str) -> dict[str, Any]:
-    choice = {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
-    return {
-        "id": cid,
-        "object": "chat.completion.chunk",
-        "created": int(time.time()),
-        "model": name,
-        "choices": [choice],
-    }

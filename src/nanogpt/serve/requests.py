@@ -1,34 +1,259 @@
-"""What `nanogpt serve` accepts: the OpenAI request fields it reads, checked, as pure functions.
+"""What `nanogpt serve` accepts: one OpenAI request body, checked field by field, as pure functions.
 
-Each malformed field raises `BadRequest` with a message that names it; the server answers 400 with it.
+`parse_request` reads a whole /v1/completions or /v1/chat/completions body into a `CompletionRequest`:
+the prompts as token ids, the shared `SamplingParams` (with OpenAI's defaults, not the CLI's), and what
+to return. Each field is on an explicit allow-list per endpoint (`COMPLETIONS_FIELDS`, `CHAT_FIELDS`);
+a field this server cannot honour is refused, never silently ignored, except the metadata-only fields of
+`IGNORED_FIELDS`, which do not change the output. Every refusal is a `BadRequest` whose `param` names the
+field, so the 400 body can name it as OpenAI does.
+
+    req = parse_request({"prompt": "Hello", "max_tokens": 5, "n": 2}, tok, chat=False, vocab_size=50257)
+    req.sampling_for(1)  # choice 1 of each prompt samples with seed + 1
 """
 
 from __future__ import annotations
 
+import json
 import math
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, replace
 from typing import Any
 
 from nanogpt.data.tokenizer import EOT_ID, Tokenizer
 from nanogpt.errors import UserError
 from nanogpt.infer.sampling import MAX_SEED, SamplingParams
 
-MAX_LOGPROBS = 100  # vLLM's default cap is 20; teachers may want more
+MAX_LOGPROBS = (
+    100  # completions' `logprobs: k`; vLLM's default cap is 20, distillation teachers may want more
+)
+MAX_CHAT_LOGPROBS = 20  # chat's `top_logprobs`, as OpenAI documents it
+MAX_N = 16  # choices per prompt
+MAX_TOKENS = 1_000_000
+DEFAULT_MAX_TOKENS = 16  # /v1/completions, as OpenAI
+DEFAULT_CHAT_MAX_TOKENS = 256  # /v1/chat/completions (OpenAI's is the model's whole context)
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
 class BadRequest(Exception):
-    """A malformed request: answered 400 with this message."""
+    """A malformed or unsupported request: answered 400 with this message.
+
+    `param` is the field at fault (None when it is the body as a whole), `code` a machine-readable reason
+    where OpenAI has one (e.g. "context_length_exceeded").
+    """
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message, self.param, self.code = message, param, code
+
+
+# --- the allow-lists -------------------------------------------------------------------------------------------
+
+# Read and honoured on both endpoints (top_k, repetition_penalty and return_tokens_as_token_ids are vLLM's
+# extensions; repetition_penalty only at its neutral value 1).
+SHARED_FIELDS = frozenset(
+    {
+        "model", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "logit_bias",
+        "presence_penalty", "frequency_penalty", "repetition_penalty", "n", "stream", "stream_options",
+        "return_tokens_as_token_ids",
+    }
+)  # fmt: skip
+
+# Accepted and ignored: metadata that does not change a single output token, so honouring it is a no-op.
+#   user, safety_identifier: who the end user is (abuse monitoring);  metadata: tags for stored completions;
+#   service_tier: which capacity pool bills the request;  prompt_cache_key: a hint for a prompt cache;
+#   parallel_tool_calls: how tools may be called, and no tools are ever called here.
+# `store` belongs here too but only when false (true asks the server to keep the completion, which this
+# one cannot): it is in NEUTRAL_ONLY, checked like the fields below.
+IGNORED_FIELDS = frozenset(
+    {"user", "safety_identifier", "metadata", "service_tier", "prompt_cache_key", "parallel_tool_calls"}
+)
+
+# Fields that would change the output and that this server cannot honour: accepted only at the value that
+# changes nothing (absent or null always is), refused with "'X' is not supported by this server" otherwise.
+# name -> (is the value neutral?, the neutral value besides null, if any), per endpoint.
+_NEUTRAL_COMMON: dict[str, tuple[Any, str | None]] = {
+    "store": (lambda v: v is False, "false"),
+}
+_NEUTRAL_COMPLETIONS: dict[str, tuple[Any, str | None]] = {
+    "best_of": (lambda v: v == 1 and not isinstance(v, bool), "1"),
+    "suffix": (lambda v: v == "", "an empty string"),
+}
+_NEUTRAL_CHAT: dict[str, tuple[Any, str | None]] = {
+    "echo": (lambda v: v is False, "false"),  # vLLM's chat echo; with logprobs it would score the prompt
+    "tools": (lambda v: v == [], "an empty list"),
+    "functions": (lambda v: v == [], "an empty list"),
+    "tool_choice": (lambda v: v in ("none", "auto"), '"none" (no tools)'),
+    "function_call": (lambda v: v in ("none", "auto"), '"none" (no functions)'),
+    "response_format": (lambda v: v == {"type": "text"}, '{"type": "text"}'),
+    "modalities": (lambda v: v == ["text"], '["text"]'),
+    "reasoning_effort": (lambda v: False, None),
+    "verbosity": (lambda v: False, None),
+    "prediction": (lambda v: False, None),
+    "audio": (lambda v: False, None),
+    "web_search_options": (lambda v: False, None),
+}
+NEUTRAL_ONLY = {
+    False: {**_NEUTRAL_COMMON, **_NEUTRAL_COMPLETIONS},
+    True: {**_NEUTRAL_COMMON, **_NEUTRAL_CHAT},
+}
+
+COMPLETIONS_FIELDS = SHARED_FIELDS | {"prompt", "logprobs", "echo"}
+CHAT_FIELDS = SHARED_FIELDS | {"messages", "max_completion_tokens", "logprobs", "top_logprobs"}
+
+# keys a chat message may carry; `name` is allowed and not rendered by the template
+MESSAGE_KEYS = frozenset({"role", "content", "name", "tool_call_id", "tool_calls"})
+
+
+def allowed_fields(chat: bool) -> frozenset[str]:
+    """Every top-level field the endpoint accepts (read, ignored, or accepted at its neutral value only)."""
+    return (CHAT_FIELDS if chat else COMPLETIONS_FIELDS) | IGNORED_FIELDS | frozenset(NEUTRAL_ONLY[chat])
+
+
+# --- the request -------------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
-class RequestOptions:
-    """What a completion request asks for: the shared sampling settings, then what to return and how."""
+class CompletionRequest:
+    """One checked /v1/completions or /v1/chat/completions request."""
 
-    sampling: SamplingParams
-    logprobs: int | None
-    echo: bool
+    chat: bool
+    prompts: list[list[int]]  # token ids per prompt (chat: exactly one, from the chat template)
+    sampling: SamplingParams  # every field explicit, OpenAI's defaults
+    n: int  # choices per prompt, 1..MAX_N
+    logprobs: int | None  # top alternatives per token (0: the chosen token's logprob only); None: no logprobs
+    echo: bool  # completions only: the prompt is returned before the completion
     stream: bool
-    token_ids: bool  # return_tokens_as_token_ids
+    include_usage: bool  # stream_options.include_usage: a last chunk with the usage
+    token_ids: bool  # return_tokens_as_token_ids (vLLM): tokens written "token_id:N"
+    model: str | None  # as sent; the app compares it with the served name
+
+    def sampling_for(self, choice: int) -> SamplingParams:
+        """The sampling of choice `choice` (0..n-1) of a prompt: seed, seed+1, ... (or no seed for each)."""
+        if self.sampling.seed is None or choice == 0:
+            return self.sampling
+        return replace(self.sampling, seed=(self.sampling.seed + choice) % (MAX_SEED + 1))
+
+
+def parse_json_body(raw: bytes) -> dict[str, Any]:
+    """The request body as a JSON object; anything else (not JSON, not UTF-8, too deep) is a BadRequest."""
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise BadRequest("the request body is not valid JSON") from None
+    except (ValueError, RecursionError):  # an integer of over 4,300 digits; nesting deeper than the stack
+        raise BadRequest("the request body holds a number too long or nesting too deep to read") from None
+    if not isinstance(body, dict):
+        raise BadRequest("the request body must be a JSON object")
+    return body
+
+
+def parse_request(body: dict[str, Any], tok: Tokenizer, *, chat: bool, vocab_size: int) -> CompletionRequest:
+    """`body` checked against the endpoint's allow-list and read; the first fault raises `BadRequest`.
+
+    `vocab_size` bounds the token ids of `logit_bias` (prompt ids are bounded by the tokenizer).
+    """
+    _check_fields(body, chat)
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise BadRequest(f"'model' must be a string, got {model!r}", "model")
+    if chat:
+        prompts = [tok.encode(chat_prompt(body.get("messages")))]
+        max_tokens = _num(body, "max_tokens", DEFAULT_CHAT_MAX_TOKENS, int, 0, MAX_TOKENS)
+        # the newer name wins; both are checked
+        max_tokens = _num(body, "max_completion_tokens", max_tokens, int, 0, MAX_TOKENS)
+        top = _num(body, "top_logprobs", None, int, 0, MAX_CHAT_LOGPROBS)
+        wants = _flag(body, "logprobs")
+        if top is not None and not wants:
+            raise BadRequest("'top_logprobs' needs 'logprobs': true", "top_logprobs")
+        logprobs = (top or 0) if wants else None
+        echo = False
+    else:
+        if body.get("prompt") is None:
+            raise BadRequest("'prompt' is required", "prompt")
+        prompts = parse_prompts(body["prompt"], tok)
+        max_tokens = _num(body, "max_tokens", DEFAULT_MAX_TOKENS, int, 0, MAX_TOKENS)
+        logprobs = _num(body, "logprobs", None, int, 0, MAX_LOGPROBS)
+        echo = _flag(body, "echo")
+    if _num(body, "repetition_penalty", 1.0, float, 1e-9, None) != 1.0:
+        raise BadRequest(
+            "'repetition_penalty' is not supported by this server; leave it 1 or unset "
+            "(presence_penalty and frequency_penalty are)",
+            "repetition_penalty",
+        )
+    top_k = _num(body, "top_k", None, int, -1, None)
+    try:
+        sampling = SamplingParams(
+            max_tokens=max_tokens,
+            temperature=_num(body, "temperature", 1.0, float, 0.0, 100.0),
+            top_k=None if top_k in (None, -1, 0) else top_k,
+            top_p=_num(body, "top_p", 1.0, float, 1e-9, 1.0),
+            seed=_num(body, "seed", None, int, 0, MAX_SEED),
+            stop=_stop(body),
+            logit_bias=_logit_bias(body, vocab_size),
+            presence_penalty=_num(body, "presence_penalty", 0.0, float, -2.0, 2.0),
+            frequency_penalty=_num(body, "frequency_penalty", 0.0, float, -2.0, 2.0),
+        )
+    except UserError as e:  # every field was checked above; this is the last word on their combination
+        raise BadRequest(str(e)) from None
+    stream = _flag(body, "stream")
+    return CompletionRequest(
+        chat=chat,
+        prompts=prompts,
+        sampling=sampling,
+        n=_num(body, "n", 1, int, 1, MAX_N),
+        logprobs=logprobs,
+        echo=echo,
+        stream=stream,
+        include_usage=_stream_options(body, stream),
+        token_ids=_flag(body, "return_tokens_as_token_ids"),
+        model=model,
+    )
+
+
+def check_context(req: CompletionRequest, context_length: int) -> None:
+    """Refuse a prompt longer than the model's context (code "context_length_exceeded").
+
+    Generation slides its window past the context, so only the prompt counts; scoring alone
+    (max_tokens 0) reads len(prompt) - 1 positions, so it takes one token more.
+    """
+    limit = context_length + 1 if req.sampling.max_tokens == 0 else context_length
+    for ids in req.prompts:
+        if len(ids) > limit:
+            more = " (scoring with max_tokens 0 takes one more)" if req.sampling.max_tokens == 0 else ""
+            raise BadRequest(
+                f"prompt is {len(ids)} tokens, the model's context is {context_length}{more}",
+                "messages" if req.chat else "prompt",
+                "context_length_exceeded",
+            )
+
+
+# --- fields ---------------------------------------------------------------------------------------------------
+
+
+def _check_fields(body: dict[str, Any], chat: bool) -> None:
+    allowed = allowed_fields(chat)
+    endpoint = "/v1/chat/completions" if chat else "/v1/completions"
+    for name in sorted(body):  # sorted: the same body always names the same field
+        if name not in allowed:
+            raise BadRequest(
+                f"'{name}' is not supported by this server (not a field of {endpoint} it knows)", name
+            )
+    for name in sorted(body):
+        value = body[name]
+        if value is None:
+            continue
+        if name in NEUTRAL_ONLY[chat]:
+            neutral, what = NEUTRAL_ONLY[chat][name]
+            if not neutral(value):
+                also = f" or {what}" if what else ""
+                raise BadRequest(f"'{name}' is not supported by this server; leave it unset{also}", name)
+        elif name in ("user", "safety_identifier", "service_tier", "prompt_cache_key"):
+            if not isinstance(value, str):
+                raise BadRequest(f"'{name}' must be a string, got {value!r}", name)
+        elif name == "metadata" and not isinstance(value, dict):
+            raise BadRequest(f"'metadata' must be an object, got {value!r}", name)
+        elif name == "parallel_tool_calls":
+            _flag(body, name)
 
 
 def _num(
@@ -38,18 +263,21 @@ def _num(
     kind: type,
     lo: float | None = None,
     hi: float | None = None,
+    param: str | None = None,
 ):
     """body[name] as a finite int or float in [lo, hi]; null or absent is `default`.
 
     Python's json module reads NaN and Infinity, which no comparison refuses: they are refused here, by name.
+    A float that is an integer (2.0) is read as one; 1.5 is not an integer.
     """
+    param = param or name
     v = body.get(name, default)
     if v is None:
         return default
     what = "an integer" if kind is int else "a finite number"
     bad_float = isinstance(v, float) and not (math.isfinite(v) and (kind is float or v.is_integer()))
     if isinstance(v, bool) or not isinstance(v, (int, float)) or bad_float:
-        raise BadRequest(f"'{name}' must be {what}, got {v!r}")
+        raise BadRequest(f"'{param}' must be {what}, got {v!r}", param)
     span = f"in [{lo}, {hi}]" if hi is not None else f">= {lo}"
     # no field takes a 65-bit integer, and float() of a huge one would overflow
     if (
@@ -58,69 +286,73 @@ def _num(
         or (hi is not None and v > hi)
     ):
         shown = v if abs(v) < 10**30 else f"an integer of {int(v).bit_length()} bits"
-        raise BadRequest(f"'{name}'={shown} is out of range: it must be {span}")
+        raise BadRequest(f"'{param}'={shown} is out of range: it must be {span}", param)
     return kind(v)
 
 
-def _flag(body: dict[str, Any], name: str) -> bool:
+def _flag(body: dict[str, Any], name: str, param: str | None = None) -> bool:
     """body[name] as a JSON boolean (absent or null: false); the string "false" is not false."""
+    param = param or name
     v = body.get(name)
     if v is None:
         return False
     if not isinstance(v, bool):
-        raise BadRequest(f"'{name}' must be true or false, got {v!r}")
+        raise BadRequest(f"'{param}' must be true or false, got {v!r}", param)
     return v
 
 
-def _no_penalty(body: dict[str, Any]) -> None:
-    """Penalties are checked as OpenAI/vLLM define them; any other than the neutral value is refused.
-
-    This server samples without penalties: answering a request that asked for one as if it had been
-    applied would be a silent lie.
-    """
-    for name in ("presence_penalty", "frequency_penalty"):
-        if _num(body, name, 0.0, float, -2.0, 2.0) != 0.0:
-            raise BadRequest(f"'{name}' is not supported by this server; leave it 0 or unset")
-    if _num(body, "repetition_penalty", 1.0, float, 1e-9, None) != 1.0:
-        raise BadRequest("'repetition_penalty' is not supported by this server; leave it 1 or unset")
-
-
-def parse_options(body: dict[str, Any], default_max_tokens: int = 16) -> RequestOptions:
-    """The request's fields, checked, with OpenAI's defaults (temperature 1, no top-k, 16 tokens)."""
+def _stop(body: dict[str, Any]) -> tuple[str, ...]:
     stop = body.get("stop") or []
     if isinstance(stop, str):
         stop = [stop]
     if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
-        raise BadRequest("'stop' must be a string or a list of non-empty strings")
-    logprobs = body.get("logprobs")
-    if logprobs is True:  # the chat API's boolean form, with top_logprobs as the count
-        logprobs = _num(body, "top_logprobs", 0, int, 0, MAX_LOGPROBS)
-    elif logprobs is False:
-        logprobs = None
-    elif logprobs is not None:
-        logprobs = _num(body, "logprobs", None, int, 0, MAX_LOGPROBS)
-    n = _num(body, "n", 1, int, 1, 1)  # one choice per prompt
-    del n
-    _no_penalty(body)
-    top_k = _num(body, "top_k", None, int, -1, None)
-    try:
-        sampling = SamplingParams(
-            max_tokens=_num(body, "max_tokens", default_max_tokens, int, 0, 1_000_000),
-            temperature=_num(body, "temperature", 1.0, float, 0.0, 100.0),
-            top_p=_num(body, "top_p", 1.0, float, 1e-9, 1.0),
-            top_k=None if top_k in (None, -1, 0) else top_k,
-            seed=_num(body, "seed", None, int, 0, MAX_SEED),
-            stop=tuple(stop),
-        )
-    except UserError as e:  # every field was checked above; this is the last word on their combination
-        raise BadRequest(str(e)) from None
-    return RequestOptions(
-        sampling=sampling,
-        logprobs=logprobs,
-        echo=_flag(body, "echo"),
-        stream=_flag(body, "stream"),
-        token_ids=_flag(body, "return_tokens_as_token_ids"),
-    )
+        raise BadRequest("'stop' must be a string or a list of non-empty strings", "stop")
+    return tuple(stop)
+
+
+def _logit_bias(body: dict[str, Any], vocab_size: int) -> tuple[tuple[int, float], ...]:
+    """{"token id": bias} as (id, bias) pairs; ids in [0, vocab_size), biases in [-100, 100]."""
+    v = body.get("logit_bias")
+    if v is None:
+        return ()
+    if not isinstance(v, dict):
+        raise BadRequest(f"'logit_bias' must be an object {{\"token id\": bias}}, got {v!r}", "logit_bias")
+    pairs = []
+    for key, bias in v.items():
+        # JSON keys are strings; a decimal integer one, short enough for int() to read
+        if not (re.fullmatch(r"[0-9]{1,20}", key) and int(key) < vocab_size):
+            raise BadRequest(
+                f"'logit_bias' key {key!r} is not a token id: ids are integers in [0, {vocab_size})",
+                "logit_bias",
+            )
+        if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not -100 <= bias <= 100:
+            # nan fails both comparisons, so it lands here too
+            raise BadRequest(
+                f"'logit_bias' value {bias!r} for token {key} must be a number in [-100, 100]", "logit_bias"
+            )
+        pairs.append((int(key), float(bias)))
+    return tuple(pairs)
+
+
+def _stream_options(body: dict[str, Any], stream: bool) -> bool:
+    """stream_options.include_usage; stream_options without stream=true is refused, as OpenAI does."""
+    so = body.get("stream_options")
+    if so is None:
+        return False
+    if not stream:
+        raise BadRequest("'stream_options' is only allowed when 'stream' is true", "stream_options")
+    if not isinstance(so, dict):
+        raise BadRequest(f"'stream_options' must be an object, got {so!r}", "stream_options")
+    for key in sorted(so):
+        if key not in ("include_usage", "include_obfuscation"):  # obfuscation pads chunks: nothing to pad
+            raise BadRequest(
+                f"'stream_options.{key}' is not supported by this server", f"stream_options.{key}"
+            )
+    _flag(so, "include_obfuscation", "stream_options.include_obfuscation")
+    return _flag(so, "include_usage", "stream_options.include_usage")
+
+
+# --- prompts ---------------------------------------------------------------------------------------------------
 
 
 def parse_prompts(prompt: Any, tok: Tokenizer) -> list[list[int]]:
@@ -143,26 +375,62 @@ def parse_prompts(prompt: Any, tok: Tokenizer) -> list[list[int]]:
 
 
 def _bad_prompt() -> list[list[int]]:
-    raise BadRequest("'prompt' must be a string, a list of token ids, or a non-empty list of either")
+    raise BadRequest(
+        "'prompt' must be a string, a list of token ids, or a non-empty list of either", "prompt"
+    )
 
 
 def _check_ids(ids: list[int], tok: Tokenizer) -> list[int]:
     if any(t < 0 or t >= tok.vocab_size for t in ids):
-        raise BadRequest(f"prompt token ids must be in [0, {tok.vocab_size})")
+        raise BadRequest(f"prompt token ids must be in [0, {tok.vocab_size})", "prompt")
     return ids
 
 
 def chat_prompt(messages: Any) -> str:
-    """The base-model chat template: "role: content\\n" per message, then "assistant:"."""
+    """The base-model chat template: "role: content\\n" per message, then "assistant:".
+
+    `content` is a string or a list of text parts (joined by newlines, as vLLM does); `name` is allowed
+    and not rendered. Any other part (image_url, input_audio, file, ...) is refused, by its place.
+    """
     if not isinstance(messages, list) or not messages:
-        raise BadRequest("'messages' must be a non-empty list of {role, content} objects")
+        raise BadRequest("'messages' must be a non-empty list of {role, content} objects", "messages")
     lines = []
-    for m in messages:
-        if (
-            not isinstance(m, dict)
-            or not isinstance(m.get("role"), str)
-            or not isinstance(m.get("content"), str)
-        ):
-            raise BadRequest("each message must be an object with string 'role' and 'content'")
-        lines.append(f"{m['role']}: {m['content']}\n")
+    for i, m in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise BadRequest(f"'{where}' must be an object with 'role' and 'content'", where)
+        for key in sorted(m):
+            if key not in MESSAGE_KEYS:
+                raise BadRequest(f"'{where}.{key}' is not supported by this server", f"{where}.{key}")
+        role = m.get("role")
+        if role not in CHAT_ROLES:
+            raise BadRequest(
+                f"'{where}.role' must be one of {', '.join(CHAT_ROLES)}; got {role!r}", f"{where}.role"
+            )
+        for key in ("name", "tool_call_id"):
+            if m.get(key) is not None and not isinstance(m[key], str):
+                raise BadRequest(f"'{where}.{key}' must be a string", f"{where}.{key}")
+        if m.get("tool_calls") not in (None, []):
+            raise BadRequest(f"'{where}.tool_calls' is not supported by this server", f"{where}.tool_calls")
+        lines.append(f"{role}: {_message_text(m.get('content'), where, role)}\n")
     return "".join(lines) + "assistant:"
+
+
+def _message_text(content: Any, where: str, role: str) -> str:
+    if isinstance(content, str):
+        return content
+    if content is None and role == "assistant":  # an assistant turn that only called tools
+        return ""
+    if not isinstance(content, list):
+        raise BadRequest(f"'{where}.content' must be a string or a list of text parts", f"{where}.content")
+    texts = []
+    for j, part in enumerate(content):
+        at = f"{where}.content[{j}]"
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind != "text":
+            shown = f"a {kind!r} part" if isinstance(kind, str) else "not a {type, text} object"
+            raise BadRequest(f"'{at}' is {shown}; this server takes text parts only", at)
+        if not isinstance(part.get("text"), str) or set(part) - {"type", "text"}:
+            raise BadRequest(f'\'{at}\' must be {{"type": "text", "text": string}}', at)
+        texts.append(part["text"])
+    return "\n".join(texts)
