@@ -451,7 +451,11 @@ def test_serve_hf_export(exports):
     "flags, names, fix",
     [
         pytest.param(["--threads", "0"], "--threads 0", "omit it", id="serve_threads_zero"),
-        pytest.param(["--max-concurrent", "0"], "--max-concurrent 0", ">= 1", id="serve_max_concurrent_zero"),
+        pytest.param(["--max-batch", "0"], "--max-batch 0", ">= 1", id="serve_max_batch_zero"),
+        pytest.param(["--max-queue", "-1"], "--max-queue -1", ">= 0", id="serve_max_queue_negative"),
+        pytest.param(["--prefill-chunk", "0"], "--prefill-chunk 0", ">= 1", id="serve_prefill_chunk_zero"),
+        pytest.param(["--request-timeout", "-1"], "--request-timeout -1.0", "seconds >= 0", id="serve_request_timeout_negative"),
+        pytest.param(["--drain-seconds", "nan"], "--drain-seconds nan", "seconds >= 0", id="serve_drain_seconds_nan"),
         pytest.param(["--max-body-bytes", "0"], "--max-body-bytes 0", ">= 1", id="serve_max_body_bytes_zero"),
         pytest.param(["--api-key-env", "NANOGPT_TEST_UNSET_KEY"], "NANOGPT_TEST_UNSET_KEY", "empty or unset", id="serve_api_key_env_unset"),
     ],

@@ -13,12 +13,15 @@ import errno
 import os
 import socket
 import sys
+import threading
 from pathlib import Path
+from typing import Any
 
 from nanogpt.commands.options import add_device, add_dtype, add_threads, apply_threads
 from nanogpt.errors import ArgumentParser, UserError, missing_extra
 from nanogpt.kernels.device import resolve_device
-from nanogpt.serve.app import Engine, create_app
+from nanogpt.serve.app import create_app
+from nanogpt.serve.engine import Engine
 from nanogpt.serve.errors import DEFAULT_MAX_BODY_BYTES
 from nanogpt.train.checkpoint import load_model
 
@@ -34,7 +37,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--api-key-env", help="require `Authorization: Bearer $NAME` (the key is read from env var NAME)"
     )
-    p.add_argument("--max-concurrent", type=int, default=2, help="generations running at once (others wait)")
+    p.add_argument(
+        "--max-batch",
+        "--max-concurrent",
+        type=int,
+        default=32,
+        help="sequences advanced together in one step (more wait in the queue)",
+    )
+    p.add_argument(
+        "--max-queue", type=int, default=256, help="requests that may wait; beyond, 429 Retry-After"
+    )
+    p.add_argument(
+        "--prefill-chunk",
+        type=int,
+        default=256,
+        help="prompt tokens read per step, so long prompts never stall streams",
+    )
+    p.add_argument(
+        "--request-timeout",
+        type=float,
+        default=600.0,
+        help="seconds a request may take, queue included (0: none)",
+    )
+    p.add_argument(
+        "--drain-seconds",
+        type=float,
+        default=10.0,
+        help="on SIGTERM/SIGINT, how long running requests may finish",
+    )
     p.add_argument(
         "--max-body-bytes",
         type=int,
@@ -93,8 +123,16 @@ def main(argv: list[str] | None = None) -> int:
         import uvicorn
     except ImportError:
         raise missing_extra("nanogpt serve needs FastAPI and uvicorn", "serve") from None
-    if args.max_concurrent < 1:
-        raise UserError(f"--max-concurrent {args.max_concurrent} must be >= 1")
+    for flag, value, low in (
+        ("--max-batch", args.max_batch, 1),
+        ("--max-queue", args.max_queue, 0),
+        ("--prefill-chunk", args.prefill_chunk, 1),
+    ):
+        if value < low:
+            raise UserError(f"{flag} {value} must be >= {low}")
+    for flag, value in (("--request-timeout", args.request_timeout), ("--drain-seconds", args.drain_seconds)):
+        if not 0 <= value < float("inf"):  # nan fails too
+            raise UserError(f"{flag} {value} must be a number of seconds >= 0")
     if args.max_body_bytes < 1:
         raise UserError(f"--max-body-bytes {args.max_body_bytes} must be >= 1; e.g. --max-body-bytes 8388608")
     api_key = None
@@ -108,8 +146,17 @@ def main(argv: list[str] | None = None) -> int:
     with sock:
         model = load_model(args.model, device=device)
         name = args.name or Path(args.model).resolve().name
-        engine = Engine(model, name, args.max_concurrent, args.dtype)
-        app = create_app(engine, api_key, max_body_bytes=args.max_body_bytes)
+        engine = Engine(
+            model,
+            name,
+            max_batch=args.max_batch,
+            max_queue=args.max_queue,
+            prefill_chunk=args.prefill_chunk,
+            dtype=args.dtype,
+        )
+        app = create_app(
+            engine, api_key, request_timeout=args.request_timeout or None, max_body_bytes=args.max_body_bytes
+        )
         sock.listen(2048)  # from now on clients queue instead of being refused; uvicorn accepts them
         host, port = sock.getsockname()[:2]
         url_host = f"[{host}]" if ":" in host else host
@@ -118,8 +165,28 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
             flush=True,
         )
-        config = uvicorn.Config(app, log_level="warning", access_log=False)
-        uvicorn.Server(config).run(sockets=[sock])
+        config = uvicorn.Config(
+            app, log_level="warning", access_log=False, timeout_graceful_shutdown=args.drain_seconds + 5
+        )
+        server = uvicorn.Server(config)
+        stop_engine = threading.Thread(target=engine.close, args=(args.drain_seconds,), daemon=True)
+        uvicorn_exit = server.handle_exit
+
+        def handle_exit(sig: int, frame: Any) -> None:
+            """SIGTERM/SIGINT: uvicorn stops accepting; the engine lets running work finish, then cancels."""
+            if not stop_engine.is_alive() and stop_engine.ident is None:
+                stop_engine.start()
+            uvicorn_exit(sig, frame)
+
+        server.handle_exit = handle_exit  # type: ignore[method-assign]
+        server.run(sockets=[sock])
+        if stop_engine.ident is None:
+            stop_engine.start()
+        stop_engine.join()
+    print(
+        f"nanogpt serve: stopped ({engine.cancelled_at_close} requests cancelled at shutdown)",
+        file=sys.stderr,
+    )
     return 0
 
 

@@ -181,6 +181,7 @@ class Engine:
         self._cond = threading.Condition()
         self._closing = False
         self._drain_until: float | None = None
+        self.cancelled_at_close = 0
         self._thread = threading.Thread(target=self._run, name="nanogpt-engine", daemon=True)
         self._thread.start()
 
@@ -201,6 +202,10 @@ class Engine:
         return handle
 
     @property
+    def closing(self) -> bool:
+        return self._closing
+
+    @property
     def queued(self) -> int:
         return len(self.waiting)
 
@@ -210,6 +215,8 @@ class Engine:
 
     def close(self, drain_seconds: float = 0.0) -> None:
         """Take no new jobs; let active and queued ones run for up to `drain_seconds`, cancel the rest."""
+        if not self._thread.is_alive():
+            return
         with self._cond:
             self._closing = True
             self._drain_until = time.monotonic() + drain_seconds
@@ -239,9 +246,12 @@ class Engine:
                 for seq in self.scoring + self.decoding + self.reading:
                     seq.handle._put(Finished("error", f"{type(e).__name__}: {e}"))
                 self.scoring, self.decoding, self.reading = [], [], []
-        for h in list(self.waiting) + [s.handle for s in self.scoring + self.decoding + self.reading]:
+        left = list(self.waiting) + [s.handle for s in self.scoring + self.decoding + self.reading]
+        for h in left:
             h._put(Finished("cancelled", "the server shut down"))
+        self.cancelled_at_close = len(left)
         self.waiting.clear()
+        self.scoring, self.decoding, self.reading = [], [], []
 
     def _admit(self) -> None:
         """Move waiting jobs into the batch while it has room (called with the lock held)."""
