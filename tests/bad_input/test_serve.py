@@ -347,6 +347,8 @@ def test_eval_model_is_a_file(capsys, ckpt, text):
 
 # --- bench ----------------------------------------------------------------------------------------------
 
+SERVE_FITS = ["--serve", "--prompt-tokens", "2:8", "--max-tokens", "2:8"]  # 8 + 8 = the context
+
 
 @pytest.mark.parametrize(
     "flags, names, fix",
@@ -358,12 +360,38 @@ def test_eval_model_is_a_file(capsys, ckpt, text):
         pytest.param(["--backend", "jax"], "invalid choice: 'jax'", "--help", id="bench_unknown_backend"),
         pytest.param(["--backend", "mlx", "--dtype", "bf16"], "fp32 only", "drop --dtype bf16", id="bench_mlx_bf16"),
         pytest.param(["--backend", "mlx", "--compile"], "--compile is torch.compile", "drop --compile", id="bench_mlx_compile"),
+        pytest.param(["--serve"], f"exceed the model's context of {CONTEXT}", "lower the upper ends", id="bench_serve_past_context"),
+        pytest.param([*SERVE_FITS, "--dtype", "bf16"], "--dtype bf16 with --serve", '--serve-args="--dtype bf16"', id="bench_serve_dtype"),
+        pytest.param([*SERVE_FITS, "--compile"], "--compile does not apply to --serve", "drop it", id="bench_serve_compile"),
+        pytest.param([*SERVE_FITS, "--batch", "2"], "--batch does not apply to --serve", "drop it", id="bench_serve_batch"),
+        pytest.param([*SERVE_FITS, "--concurrency", "1,0"], "every level must be >= 1", "--help", id="bench_serve_concurrency_zero"),
+        pytest.param([*SERVE_FITS, "--concurrency", "1,x"], "not a comma-separated list", "--help", id="bench_serve_concurrency_text"),
+        pytest.param(["--serve", "--max-tokens", "9:3"], "needs 1 <= LO <= HI", "--help", id="bench_serve_range_backwards"),
+        pytest.param([*SERVE_FITS, "--requests-per-client", "0"], "--requests-per-client 0", "at least 1", id="bench_serve_no_requests"),
+        pytest.param([*SERVE_FITS, "--serve-args=--port 9"], "--serve-args sets --port", "drop it", id="bench_serve_args_port"),
+        pytest.param([*SERVE_FITS, "--serve-args=--dtype 'bf16"], "cannot be split", "check its quotes", id="bench_serve_args_quotes"),
     ],
 )  # fmt: skip
 def test_bench_flag_refused(capsys, ckpt, tmp_path, flags, names, fix):
     out = tmp_path / "out"
     refuse(capsys, ["bench", "--model", str(ckpt), "--out", str(out), *flags], names=names, fix=fix)
     assert not out.exists()  # refused before anything was written
+
+
+def test_bench_serve_server_that_cannot_start(capsys, ckpt, tmp_path):
+    """A server flag the server refuses: after the progress lines, one error line quoting the server's own."""
+    pytest.importorskip("uvicorn")
+    pytest.importorskip("transformers")
+    from nanogpt import cli
+
+    argv = ["bench", "--model", str(ckpt), "--out", str(tmp_path / "out"), "--threads", "1", *SERVE_FITS]
+    capsys.readouterr()
+    assert cli.main([*argv, "--serve-args=--max-concurrent 0"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [x for x in err.splitlines() if not x.startswith("[bench] ")]
+    assert len(lines) == 1 and "exited with code 2" in lines[0] and "check --serve-args" in lines[0], err
+    assert "--max-concurrent 0 must be >= 1" in lines[0]
 
 
 def test_bench_unknown_preset(capsys):

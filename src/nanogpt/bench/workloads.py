@@ -378,3 +378,40 @@ def probe_main(argv: list[str]) -> int:
         json.dumps(activation_probe(cfg, a["batch"], a["seq"], a["dtype"], a["which"], torch.device("cpu")))
     )
     return 0
+
+
+# --- the serving peer: HF generate on a static batch ------------------------------------------------------
+
+
+def peer_static_batch(
+    peer: torch.nn.Module,
+    batch: int,
+    prompt_tokens: int,
+    new_tokens: int,
+    device: torch.device,
+    seed: int = 0,
+) -> Callable[[], torch.Tensor]:
+    """HF `generate` on one static batch: `batch` random prompts of one length (so no padding is needed:
+    the static batch's best case), greedy, exactly `new_tokens` new tokens per row (`min_new_tokens` =
+    `max_new_tokens`, so no row stops early at EOS). The callable returns the (batch, new_tokens) new ids."""
+    from nanogpt.data.tokenizer import EOT_ID
+
+    g = torch.Generator().manual_seed(seed)
+    top = min(EOT_ID, peer.config.vocab_size)
+    ids = torch.randint(0, top, (batch, prompt_tokens), generator=g).to(device)
+    mask = torch.ones_like(ids)
+
+    def run() -> torch.Tensor:
+        peer.eval()
+        with torch.inference_mode():
+            out = peer.generate(
+                ids,
+                attention_mask=mask,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
+                pad_token_id=EOT_ID,
+            )
+        return out[:, prompt_tokens:]
+
+    return run

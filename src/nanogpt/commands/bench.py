@@ -1,21 +1,28 @@
 """The `nanogpt bench` command: the model card's benchmark table for a checkpoint or a preset, written out.
 
 The rows are measured by `nanogpt.bench.run.run_bench`; this module reads the flags, loads or builds the
-model, checks every setting before the output folder is made, and prints the table.
+model, checks every setting before the output folder is made, and prints the table. With `--serve` it
+load-tests `nanogpt serve` instead (`nanogpt.bench.serving`): a server subprocess, streaming clients at
+each `--concurrency`, and HF's static-batch `generate` at the same sizes.
 
     nanogpt bench --preset card --peers --out bench/
+    nanogpt bench --serve --preset card --concurrency 1,4,16,32 --serve-args="--max-batch 32"
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
+import tempfile
+from pathlib import Path
 
 import torch
 
 from nanogpt.bench.run import check_settings, make_out_dir, markdown_table, run_bench, write_outputs
+from nanogpt.bench.serving import DEFAULT_CONCURRENCY
 from nanogpt.commands.options import add_backend, add_device, add_dtype, add_threads, apply_threads
 from nanogpt.config import PRESETS, preset
-from nanogpt.errors import ArgumentParser
+from nanogpt.errors import ArgumentParser, UserError
 from nanogpt.kernels.device import resolve_device
 from nanogpt.model.gpt import NanoGPTLMHeadModel
 from nanogpt.train.checkpoint import load_model
@@ -40,16 +47,84 @@ def build_parser() -> ArgumentParser:
         "--out", default="bench", help="folder for bench.json, bench.md, bench.png (default: bench)"
     )
     p.add_argument("--repeats", type=int, default=3, help="timed runs per row after one warm-up (default: 3)")
-    p.add_argument("--batch", type=int, default=4, help="sequences per batch (default: 4, the card's)")
-    p.add_argument("--seq", type=int, default=512, help="tokens per sequence (default: 512, the card's)")
+    p.add_argument("--batch", type=int, help="sequences per batch (default: 4, the card's)")
+    p.add_argument("--seq", type=int, help="tokens per sequence (default: 512, the card's)")
     add_threads(p)
+    s = p.add_argument_group("load test of `nanogpt serve` (--serve)")
+    s.add_argument(
+        "--serve",
+        action="store_true",
+        help="load-test a `nanogpt serve` subprocess at each --concurrency, beside HF's static-batch generate",
+    )
+    s.add_argument(
+        "--concurrency",
+        type=levels,
+        default=DEFAULT_CONCURRENCY,
+        metavar="C1,C2,...",
+        help="client counts, one level each (default: 1,4,16,32)",
+    )
+    s.add_argument(
+        "--requests-per-client", type=int, default=4, metavar="N", help="requests each client sends in turn"
+    )
+    s.add_argument(
+        "--prompt-tokens",
+        type=token_range,
+        default=(16, 256),
+        metavar="LO:HI",
+        help="prompt lengths, drawn per request (default: 16:256)",
+    )
+    s.add_argument(
+        "--max-tokens",
+        type=token_range,
+        default=(64, 256),
+        metavar="LO:HI",
+        help="max_tokens, drawn per request; HF generates their mean per row (default: 64:256)",
+    )
+    s.add_argument(
+        "--serve-args",
+        default="",
+        metavar="ARGS",
+        help='extra `nanogpt serve` flags, e.g. --serve-args="--max-batch 32 --dtype bf16" (default: none)',
+    )
+    s.add_argument(
+        "--seed", type=int, default=0, help="seed of the requests and of the random weights (default: 0)"
+    )
+    s.add_argument("--json", metavar="PATH", help="results as JSON (default: OUT/serve.json)")
+    s.add_argument("--plot", metavar="PATH", help="throughput and latency plot (default: OUT/serve.png)")
     return p
+
+
+def levels(text: str) -> tuple[int, ...]:
+    """An argparse type: comma-separated concurrency levels, e.g. 1,4,16,32."""
+    try:
+        out = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
+    if not out or min(out) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: every level must be >= 1")
+    return out
+
+
+def token_range(text: str) -> tuple[int, int]:
+    """An argparse type: LO:HI (inclusive) or N (= N:N)."""
+    lo, _, hi = text.partition(":")
+    try:
+        a, b = int(lo), int(hi or lo)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not LO:HI or N (token counts)") from None
+    if not 1 <= a <= b:
+        raise argparse.ArgumentTypeError(f"{text!r} needs 1 <= LO <= HI")
+    return a, b
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     apply_threads(args)
+    if args.serve:
+        return serve_main(args)
     device = resolve_device(args.device)
+    args.batch = 4 if args.batch is None else args.batch
+    args.seq = 512 if args.seq is None else args.seq
     if args.model:
         model = load_model(args.model, device)
     else:
@@ -74,4 +149,78 @@ def main(argv: list[str] | None = None) -> int:
     for w in res.warnings:
         print(f"nanogpt bench: warning: {w}", file=sys.stderr)
     print(f"wrote {out / 'bench.json'}, {out / 'bench.md'}, {out / 'bench.png'} ({res.seconds:.0f} s)")
+    return 0
+
+
+def serve_main(args: argparse.Namespace) -> int:
+    """`nanogpt bench --serve`: check the flags, make or find the checkpoint, run the levels, report."""
+    from nanogpt.bench.loadgen import parse_serve_args
+    from nanogpt.bench.serving import (
+        ServeSettings,
+        check_serve_settings,
+        plot_serving,
+        random_checkpoint,
+        report,
+        run_serving,
+        write_json,
+    )
+
+    for flag, bad in (
+        ("--backend mlx", args.backend == "mlx"),
+        ("--compile", args.compile),
+        ("--batch", args.batch is not None),
+        ("--seq", args.seq is not None),
+    ):
+        if bad:
+            raise UserError(f"{flag} does not apply to --serve (it measures the server as it runs); drop it")
+    if args.dtype != "fp32":
+        raise UserError(
+            f'--dtype {args.dtype} with --serve: pass the server\'s dtype as --serve-args="--dtype {args.dtype}" '
+            "(HF's static batch runs fp32)"
+        )
+    device = resolve_device(args.device)
+    settings = ServeSettings(
+        concurrency=args.concurrency,
+        requests_per_client=args.requests_per_client,
+        prompt_tokens=args.prompt_tokens,
+        max_tokens=args.max_tokens,
+        repeats=args.repeats,
+        seed=args.seed,
+        threads=torch.get_num_threads(),
+        serve_args=tuple(parse_serve_args(args.serve_args)),
+        device=str(device),
+    )
+    out = Path(args.out)
+    json_path = Path(args.json) if args.json else out / "serve.json"
+    plot_path = Path(args.plot) if args.plot else out / "serve.png"
+    say = lambda s: print(f"[bench] {s}", file=sys.stderr, flush=True)  # noqa: E731
+    with tempfile.TemporaryDirectory(prefix="nanogpt-bench-serve-") as tmp:
+        if args.model:
+            model_dir = args.model
+            cfg = load_model(args.model).config  # refuses a folder without a checkpoint, in one line
+            weights = f"checkpoint {args.model}"
+        else:
+            name = args.preset or "card"
+            cfg = preset(name)
+            check_serve_settings(cfg, settings)
+            model_dir = str(random_checkpoint(cfg, Path(tmp) / name, seed=args.seed))
+            weights = (
+                f"preset {name}, random init (seed {args.seed}), end-of-text output row zeroed so greedy "
+                "decoding runs to max_tokens: speed only, the text is meaningless"
+            )
+        check_serve_settings(cfg, settings)
+        for flag, path in (("--json", json_path), ("--plot", plot_path)):  # before minutes of measurement
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise UserError(
+                    f"{flag} {path}: its folder cannot be made ({e.strerror}); pass another path"
+                ) from None
+        log = json_path.with_name(json_path.stem + ".server.log")
+        say(f"serving {weights}; server log: {log}")
+        res = run_serving(model_dir, cfg, settings, device, log, weights=weights, progress=say)
+    write_json(res, json_path)
+    plot_serving(res, plot_path)
+    print(report(res), end="")
+    print(f"wrote {json_path}, {plot_path}, {log} ({res['seconds']:.0f} s)")
     return 0
