@@ -237,7 +237,7 @@ def test_load_generator_against_a_real_server(eot_free_ckpt, tmp_path, capsys):
     argv = ["--serve", "--model", str(eot_free_ckpt), "--concurrency", "1,2", "--requests-per-client", "2"]
     argv += ["--prompt-tokens", "3:10", "--max-tokens", "2:6", "--repeats", "1", "--threads", "1"]
     argv += ["--device", "cpu", "--json", str(out_json), "--plot", str(out_png)]
-    argv += ["--serve-args=--max-concurrent 2"]
+    argv += ["--serve-args=--max-batch 2"]
     assert bench_command.main(argv) == 0
     res = json.loads(out_json.read_text())
     assert {
@@ -253,8 +253,8 @@ def test_load_generator_against_a_real_server(eot_free_ckpt, tmp_path, capsys):
     } <= set(res)
     assert {"cpu", "cores", "torch_threads", "versions"} <= set(res["machine"])
     assert len(res["load_average"]["start"]) == 3 and len(res["load_average"]["end"]) == 3
-    assert res["settings"]["serve_args"] == ["--max-concurrent", "2"] and res["settings"]["threads"] == 1
-    assert "--max-concurrent" in res["server"]["command"] and res["server"]["stopped_by"] == "SIGTERM"
+    assert res["settings"]["serve_args"] == ["--max-batch", "2"] and res["settings"]["threads"] == 1
+    assert "--max-batch" in res["server"]["command"] and res["server"]["stopped_by"] == "SIGTERM"
     with pytest.raises(ProcessLookupError):  # stopped and reaped: nothing left running
         os.kill(res["server"]["pid"], 0)
     assert set(res["ratios"]) == {
@@ -296,7 +296,7 @@ def test_load_generator_against_a_real_server(eot_free_ckpt, tmp_path, capsys):
 
 def test_server_that_cannot_start_is_one_line_and_gone(eot_free_ckpt, tmp_path):
     pytest.importorskip("uvicorn")
-    s = ServerProcess(eot_free_ckpt, threads=1, log=tmp_path / "s.log", serve_args=["--max-concurrent", "0"])
+    s = ServerProcess(eot_free_ckpt, threads=1, log=tmp_path / "s.log", serve_args=["--max-batch", "0"])
     with (
         pytest.raises(
             UserError, match="exited with code 2 before it could print its address.*max-concurrent"

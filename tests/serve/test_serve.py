@@ -3,19 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import pytest
 import torch
-
-pytest.importorskip("fastapi")
-pytest.importorskip("uvicorn")
 
 from nanogpt.commands.distill import main as distill_main  # noqa: E402
 from nanogpt.data.tokenizer import get_tokenizer  # noqa: E402
@@ -31,55 +24,8 @@ from nanogpt.errors import UserError  # noqa: E402
 from nanogpt.model.gpt import NanoGPTLMHeadModel  # noqa: E402
 from nanogpt.serve.requests import BadRequest, chat_prompt, parse_prompts, parse_request  # noqa: E402
 from nanogpt.train.checkpoint import save_model  # noqa: E402
-from tests.local_server import free_port, post  # noqa: E402
+from tests.local_server import KEY_ENV, Server, free_port, post  # noqa: E402
 from tests.tiny import tiny_config  # noqa: E402
-
-KEY_ENV = "NANOGPT_TEST_SERVE_KEY"
-
-
-class Server:
-    """A `nanogpt serve` subprocess; its stderr (one line per request) goes to `log`."""
-
-    def __init__(
-        self, model: Path, log: Path, port: int | None = None, key: str | None = None, dtype: str = "fp32"
-    ) -> None:
-        self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = log
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        args = [
-            sys.executable,
-            "-m",
-            "nanogpt.commands.serve",
-            "--model",
-            str(model),
-            "--port",
-            str(self.port),
-        ]
-        args += ["--name", "tiny", "--threads", "1", "--dtype", dtype]
-        if key:
-            env[KEY_ENV] = key
-            args += ["--api-key-env", KEY_ENV]
-        with open(log, "a") as err:  # the child keeps its own copy of the descriptor
-            self.proc = subprocess.Popen(args, stderr=err, stdout=subprocess.DEVNULL, env=env)
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            try:
-                urllib.request.urlopen(self.url + "/health", timeout=2).read()
-                return
-            except OSError:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(log.read_text()) from None
-                time.sleep(0.2)
-        self.stop()
-        raise RuntimeError("server did not start in 60 s")
-
-    def requests(self, path: str = "/v1/completions") -> int:
-        return sum(f"POST {path} " in line for line in self.log.read_text().splitlines())
-
-    def stop(self) -> None:
-        self.proc.kill()
-        self.proc.wait(timeout=10)
 
 
 @pytest.fixture(scope="module")

@@ -170,13 +170,18 @@ def main(argv: list[str] | None = None) -> int:
         )
         server = uvicorn.Server(config)
         stop_engine = threading.Thread(target=engine.close, args=(args.drain_seconds,), daemon=True)
-        uvicorn_exit = server.handle_exit
 
         def handle_exit(sig: int, frame: Any) -> None:
-            """SIGTERM/SIGINT: uvicorn stops accepting; the engine lets running work finish, then cancels."""
-            if not stop_engine.is_alive() and stop_engine.ident is None:
+            """SIGTERM/SIGINT: uvicorn stops accepting, the engine lets running work finish, then cancels it.
+
+            Ours rather than uvicorn's, which re-raises the signal once it stopped: a drained stop exits 0.
+            A second signal stops at once.
+            """
+            if stop_engine.ident is None:
                 stop_engine.start()
-            uvicorn_exit(sig, frame)
+                server.should_exit = True
+            else:
+                server.force_exit = True
 
         server.handle_exit = handle_exit  # type: ignore[method-assign]
         server.run(sockets=[sock])
@@ -184,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
             stop_engine.start()
         stop_engine.join()
     print(
-        f"nanogpt serve: stopped ({engine.cancelled_at_close} requests cancelled at shutdown)",
+        f"nanogpt serve: stopped; requests cancelled at shutdown: {engine.cancelled_at_close}",
         file=sys.stderr,
     )
     return 0

@@ -213,7 +213,8 @@ def parse_request(body: dict[str, Any], tok: Tokenizer, *, chat: bool, vocab_siz
 def check_context(req: CompletionRequest, context_length: int) -> None:
     """Refuse a prompt longer than the model's context (code "context_length_exceeded").
 
-    Generation slides its window past the context, so only the prompt counts; scoring alone
+    Only the prompt is refused here: generation stops at the end of the context (finish_reason "length",
+    as OpenAI's API does), so a prompt of the whole context still gets its one next token. Scoring alone
     (max_tokens 0) reads len(prompt) - 1 positions, so it takes one token more.
     """
     limit = context_length + 1 if req.sampling.max_tokens == 0 else context_length
