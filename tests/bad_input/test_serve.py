@@ -386,12 +386,12 @@ def test_bench_serve_server_that_cannot_start(capsys, ckpt, tmp_path):
 
     argv = ["bench", "--model", str(ckpt), "--out", str(tmp_path / "out"), "--threads", "1", *SERVE_FITS]
     capsys.readouterr()
-    assert cli.main([*argv, "--serve-args=--max-concurrent 0"]) == 2
+    assert cli.main([*argv, "--serve-args=--max-batch 0"]) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err
     lines = [x for x in err.splitlines() if not x.startswith("[bench] ")]
     assert len(lines) == 1 and "exited with code 2" in lines[0] and "check --serve-args" in lines[0], err
-    assert "--max-concurrent 0 must be >= 1" in lines[0]
+    assert "--max-batch 0 must be >= 1" in lines[0]
 
 
 def test_bench_unknown_preset(capsys):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import errno
 import os
+import signal
 import socket
 import sys
 import threading
@@ -153,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
             max_queue=args.max_queue,
             prefill_chunk=args.prefill_chunk,
             dtype=args.dtype,
+            thread=False,  # it runs in this thread, below: see Engine.run
         )
         app = create_app(
             engine, api_key, request_timeout=args.request_timeout or None, max_body_bytes=args.max_body_bytes
@@ -169,25 +171,32 @@ def main(argv: list[str] | None = None) -> int:
             app, log_level="warning", access_log=False, timeout_graceful_shutdown=args.drain_seconds + 5
         )
         server = uvicorn.Server(config)
-        stop_engine = threading.Thread(target=engine.close, args=(args.drain_seconds,), daemon=True)
+
+        def serve_http() -> None:
+            try:
+                server.run(sockets=[sock])  # in this thread uvicorn leaves the signals to us
+            finally:
+                engine.close(0.0, wait=False)  # the HTTP side is gone (or never came up): so is the work
 
         def handle_exit(sig: int, frame: Any) -> None:
-            """SIGTERM/SIGINT: uvicorn stops accepting, the engine lets running work finish, then cancels it.
+            """SIGTERM/SIGINT: stop accepting; running requests get --drain-seconds to finish; exit 0.
 
-            Ours rather than uvicorn's, which re-raises the signal once it stopped: a drained stop exits 0.
             A second signal stops at once.
             """
-            if stop_engine.ident is None:
-                stop_engine.start()
-                server.should_exit = True
-            else:
+            if engine.closing:
+                engine.close(0.0, wait=False)
                 server.force_exit = True
+            else:
+                engine.close(args.drain_seconds, wait=False)
+            server.should_exit = True
 
-        server.handle_exit = handle_exit  # type: ignore[method-assign]
-        server.run(sockets=[sock])
-        if stop_engine.ident is None:
-            stop_engine.start()
-        stop_engine.join()
+        signal.signal(signal.SIGTERM, handle_exit)
+        signal.signal(signal.SIGINT, handle_exit)
+        http_thread = threading.Thread(target=serve_http, name="nanogpt-http", daemon=True)
+        http_thread.start()
+        engine.run()  # every torch call of the server, in this one thread, until a signal closes it
+        server.should_exit = True
+        http_thread.join(timeout=args.drain_seconds + 10)
     print(
         f"nanogpt serve: stopped; requests cancelled at shutdown: {engine.cancelled_at_close}",
         file=sys.stderr,

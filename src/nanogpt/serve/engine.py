@@ -165,6 +165,7 @@ class Engine:
         prefill_chunk: int = 256,
         dtype: str = "fp32",
         on_event: Callable[[str, float], None] | None = None,
+        thread: bool = True,
     ) -> None:
         self.model, self.name, self.dtype = model.eval(), name, dtype
         self.cfg = model.config
@@ -173,7 +174,6 @@ class Engine:
         self.device = next(model.parameters()).device
         self.cache_dtype = next(model.parameters()).dtype if dtype == "fp32" else torch_dtype(dtype)
         self.on_event = on_event or (lambda kind, value: None)
-        self.cache = SlotKVCache.for_model(self.cfg, max_batch, self.device, self.cache_dtype)
         self.waiting: deque[Handle] = deque()
         self.scoring: list[_Seq] = []
         self.decoding: list[_Seq] = []  # slot i holds decoding[i]
@@ -182,8 +182,11 @@ class Engine:
         self._closing = False
         self._drain_until: float | None = None
         self.cancelled_at_close = 0
-        self._thread = threading.Thread(target=self._run, name="nanogpt-engine", daemon=True)
-        self._thread.start()
+        self._done = threading.Event()
+        self._thread: threading.Thread | None = None
+        if thread:
+            self._thread = threading.Thread(target=self.run, name="nanogpt-engine", daemon=True)
+            self._thread.start()
 
     # --- the API ---------------------------------------------------------------------------------------
 
@@ -213,19 +216,35 @@ class Engine:
     def active(self) -> int:
         return len(self.scoring) + len(self.decoding) + len(self.reading)
 
-    def close(self, drain_seconds: float = 0.0) -> None:
-        """Take no new jobs; let active and queued ones run for up to `drain_seconds`, cancel the rest."""
-        if not self._thread.is_alive():
-            return
+    def close(self, drain_seconds: float = 0.0, wait: bool = True) -> None:
+        """Take no new jobs; let active and queued ones run for up to `drain_seconds`, cancel the rest.
+
+        With `wait`, return once the scheduler stopped (not from the thread that runs it: a signal
+        handler of the thread inside `run` passes wait=False). A second call may shorten the drain.
+        """
         with self._cond:
+            until = time.monotonic() + drain_seconds
+            if not self._closing or until < (self._drain_until or until):
+                self._drain_until = until
             self._closing = True
-            self._drain_until = time.monotonic() + drain_seconds
             self._cond.notify()
-        self._thread.join()
+        if wait:
+            self._done.wait()
 
     # --- the scheduler -----------------------------------------------------------------------------------
 
-    def _run(self) -> None:
+    def run(self) -> None:
+        """The scheduler; until `close`. Its own thread by default (`thread=True`); `nanogpt serve` runs it
+        in the main thread instead, so that every torch call of the process comes from one thread: with
+        GNU OpenMP, a second thread's parallel regions ran at half speed once the first had run its own."""
+        try:
+            self._schedule()
+        finally:
+            self._done.set()
+
+    def _schedule(self) -> None:
+        # made here, in the thread that computes (see `run`)
+        self.cache = SlotKVCache.for_model(self.cfg, self.max_batch, self.device, self.cache_dtype)
         prepare_decode_weights(self.model, self.cache_dtype)
         while True:
             with self._cond:
