@@ -51,8 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--prefill-chunk",
         type=int,
-        default=256,
-        help="prompt tokens read per step, so long prompts never stall streams",
+        default=64,
+        help="prompt tokens read per step (all prompts together), so a long prompt never stalls the streams",
     )
     p.add_argument(
         "--request-timeout",

@@ -145,7 +145,6 @@ class _Seq:
     fed: int = 0  # prompt tokens already in the cache
     generated: list[int] = field(default_factory=list)
     counts: torch.Tensor | None = None  # (1, V) token counts for the penalties
-    next_logits: torch.Tensor | None = None  # (V,) logits the next token is drawn from
 
     @property
     def job(self) -> Job:
@@ -162,7 +161,7 @@ class Engine:
         *,
         max_batch: int = 32,
         max_queue: int = 256,
-        prefill_chunk: int = 256,
+        prefill_chunk: int = 64,
         dtype: str = "fp32",
         on_event: Callable[[str, float], None] | None = None,
         thread: bool = True,
@@ -368,7 +367,9 @@ class Engine:
             top: list[list[tuple[int, float]] | None] = [None]
             if s.job.prompt_top:
                 vals, alt = torch.topk(logp, s.job.prompt_top, dim=-1)
-                top += [list(zip(a, v, strict=True)) for a, v in zip(alt.tolist(), vals.tolist(), strict=True)]
+                top += [
+                    list(zip(a, v, strict=True)) for a, v in zip(alt.tolist(), vals.tolist(), strict=True)
+                ]
             else:
                 top += [[] for _ in ids[1:]]
             s.handle._put(PromptScores([None, *chosen], top))
@@ -378,30 +379,38 @@ class Engine:
                 self._start_reading(s)
 
     def _prefill(self) -> None:
-        """The next chunk of every prompt being read, left-padded into one forward."""
+        """The next `prefill_chunk` prompt tokens, first come first served, left-padded into one forward.
+
+        A budget per step, not per prompt: a step that reads prompts stays about as long as a decode
+        step of a few more streams, so a long prompt never stalls the streams (it takes a few steps).
+        """
         if not self.reading:
             return
-        start = len(self.decoding)
-        chunks = [s.job.prompt[s.fed : s.fed + self.prefill_chunk] for s in self.reading]
+        start, budget, chunks = len(self.decoding), self.prefill_chunk, []
+        for s in self.reading:  # in slot order: the rows of one step must be consecutive slots
+            if budget == 0:
+                break
+            chunks.append(s.job.prompt[s.fed : s.fed + budget])
+            budget -= len(chunks[-1])
         T = max(map(len, chunks))
         idx = torch.full((len(chunks), T), EOT_ID, dtype=torch.long)
         for b, c in enumerate(chunks):
             idx[b, T - len(c) :] = torch.tensor(c, dtype=torch.long)
         step = self.cache.rows(start, [len(c) for c in chunks])
         logits = self._forward(idx.to(self.device), step, len(chunks))[:, 0].float()  # (B, V)
-        done = []
-        for s, c, row in zip(self.reading, chunks, logits, strict=True):
+        done, rows = [], []
+        for b, (s, c) in enumerate(zip(self.reading, chunks, strict=False)):
             s.fed += len(c)
             if s.fed == len(s.job.prompt):
-                s.next_logits = row
                 done.append(s)
+                rows.append(b)
         for s in done:  # read in full: it becomes a stream, in the first slot after the streams
             j, first = self.reading.index(s), len(self.decoding)  # reading[j] is in slot first + j
             self.cache.swap(first + j, first)
             self.reading[j], self.reading[0] = self.reading[0], self.reading[j]
             self.decoding.append(self.reading.pop(0))
         if done:
-            self._emit(done)
+            self._emit(done, logits[rows])
 
     def _decode(self) -> None:
         """One new token for every stream: each has exactly one drawn token not yet in the cache."""
@@ -409,30 +418,43 @@ class Engine:
             return
         idx = torch.tensor([[s.generated[-1]] for s in self.decoding], device=self.device)  # slot order
         step = self.cache.rows(0, [1] * len(self.decoding))
-        logits = self._forward(idx, step, len(self.decoding))[:, 0].float()
-        for s, row in zip(self.decoding, logits, strict=True):
-            s.next_logits = row
-        self._emit(list(self.decoding))
+        logits = self._forward(idx, step, len(self.decoding))[:, 0].float()  # (B, V)
+        self._emit(list(self.decoding), logits)
 
-    def _emit(self, seqs: list[_Seq]) -> None:
-        """Draw the next token of each of `seqs` from its `next_logits`, send it, retire finished ones."""
-        seqs = [s for s in seqs if s.next_logits is not None]
-        logits = torch.stack([s.next_logits for s in seqs])  # type: ignore[misc]
+    def _logprobs(
+        self, seqs: list[_Seq], logits: torch.Tensor, tokens: list[int]
+    ) -> dict[int, tuple[float, list[tuple[int, float]]]]:
+        """Row b -> (log-prob of its token, its top alternatives), for the rows whose job asked.
+
+        From the raw logits: log p = logit - logsumexp(row), so no (B, V) log-softmax is written.
+        """
+        want = [b for b, s in enumerate(seqs) if s.job.logprobs is not None]
+        if not want:
+            return {}
+        rows = logits[want]  # (W, V)
+        lse = torch.logsumexp(rows, dim=-1)  # (W,)
+        chosen = (
+            rows.gather(1, torch.tensor([[tokens[b]] for b in want], device=rows.device))[:, 0] - lse
+        ).tolist()
+        k = max(seqs[b].job.logprobs or 0 for b in want)
+        vals, alt = torch.topk(rows, k, dim=-1) if k else (rows[:, :0], rows[:, :0].long())
+        vals = (vals - lse[:, None]).tolist()
+        alt = alt.tolist()
+        out = {}
+        for i, b in enumerate(want):
+            n = seqs[b].job.logprobs or 0
+            out[b] = (chosen[i], list(zip(alt[i][:n], vals[i][:n], strict=True)))
+        return out
+
+    def _emit(self, seqs: list[_Seq], logits: torch.Tensor) -> None:
+        """Draw the next token of each of `seqs` from its row of `logits` (B, V), send it, retire finished ones."""
         tokens = sample_rows(
             logits, [s.job.params for s in seqs], [s.generator for s in seqs], [s.counts for s in seqs]
         )
-        want_lp = [b for b, s in enumerate(seqs) if s.job.logprobs is not None]
-        logp = F.log_softmax(logits[want_lp], dim=-1) if want_lp else None
+        logprobs = self._logprobs(seqs, logits, tokens)
         now = time.monotonic()
         for b, (s, t) in enumerate(zip(seqs, tokens, strict=True)):
-            s.next_logits = None
-            lp = top = None
-            if logp is not None and b in want_lp:
-                row = logp[want_lp.index(b)]
-                lp = float(row[t])
-                k = s.job.logprobs or 0
-                vals, alt = torch.topk(row, k) if k else (torch.zeros(0), torch.zeros(0, dtype=torch.long))
-                top = list(zip(alt.tolist(), vals.tolist(), strict=True))
+            lp, top = logprobs.get(b, (None, None))
             if s.handle.first_token_at is None:
                 s.handle.first_token_at = now
                 self.on_event("ttft", now - s.handle.submitted)
