@@ -192,7 +192,7 @@ def create_app(
     engine.on_event = metrics.on_event
     install_error_handlers(app, max_body_bytes)  # before Guard: the body limit sits inside it
     app.add_middleware(Guard, api_key=api_key, metrics=metrics)
-    add_model_routes(app, engine.name, engine.ctx)
+    add_model_routes(app, engine.name, engine.context_length)
     tok = get_tokenizer()
 
     @app.get("/health")
@@ -213,7 +213,7 @@ def create_app(
             )
             if req.model is not None and req.model != engine.name:
                 return model_not_found(req.model, engine.name)
-            check_context(req, engine.ctx)
+            check_context(req, engine.context_length)
         except BadRequest as e:
             return error_response(400, str(e), param=e.param, code=e.code)
         deadline = time.monotonic() + request_timeout if request_timeout else None

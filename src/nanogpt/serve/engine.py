@@ -168,7 +168,7 @@ class Engine:
     ) -> None:
         self.model, self.name, self.dtype = model.eval(), name, dtype
         self.cfg = model.config
-        self.ctx = model.config.context_length
+        self.context_length = model.config.context_length
         self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
         self.device = next(model.parameters()).device
         self.cache_dtype = next(model.parameters()).dtype if dtype == "fp32" else torch_dtype(dtype)
@@ -191,8 +191,8 @@ class Engine:
 
     def submit(self, job: Job, loop: asyncio.AbstractEventLoop | None = None) -> Handle:
         """Queue `job`; its events arrive on the returned handle (async ones on `loop`'s thread)."""
-        if len(job.prompt) > self.ctx + (1 if job.params.max_tokens == 0 else 0):
-            raise ValueError(f"prompt is {len(job.prompt)} tokens, the model's context is {self.ctx}")
+        if len(job.prompt) > self.context_length + (1 if job.params.max_tokens == 0 else 0):
+            raise ValueError(f"prompt is {len(job.prompt)} tokens, the model's context is {self.context_length}")
         handle = Handle(job, loop)
         with self._cond:
             if self._closing:
@@ -276,8 +276,8 @@ class Engine:
         while self.waiting and len(self.decoding) + len(self.reading) + len(self.scoring) < self.max_batch:
             h = self.waiting.popleft()
             job = h.job
-            # the last new token is never fed back: a prompt of P tokens has room for ctx - P + 1 more
-            limit = min(job.params.max_tokens, self.ctx - len(job.prompt) + 1)
+            # the last new token is never fed back: a prompt of P tokens has room for context_length - P + 1 more
+            limit = min(job.params.max_tokens, self.context_length - len(job.prompt) + 1)
             gen = None if job.params.greedy else make_generator(job.params.seed, self.device)
             counts = torch.zeros(1, self.cfg.vocab_size, device=self.device) if job.params.penalised else None
             seq = _Seq(h, gen, max(0, limit), counts=counts)
