@@ -47,7 +47,7 @@ def make_ckpt(path, seed=0, **changes) -> NanoGPTLMHeadModel:
 
 
 def field(reader, key):
-    """A GGUF metadata value as Python: a scalar, a string, or a list (works on gguf 0.10 and newer)."""
+    """A GGUF metadata value as Python: a scalar, a string, or a list (works on every gguf nanogpt allows)."""
     f = reader.get_field(key)
     assert f is not None, f"{key} missing"
     kind = f.types[0]

@@ -270,10 +270,6 @@ def _write_atomic(path: Path, write) -> Any:
         result = write(tmp)
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
-        if path.is_dir() and not path.is_symlink():  # --force over a folder: a file takes its place
-            import shutil
-
-            shutil.rmtree(path)
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
