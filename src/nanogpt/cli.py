@@ -38,7 +38,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "export": (
         "nanogpt.commands.export",
         "main",
-        "write a Hugging Face folder (remote-code or native GPT-2)",
+        "write a Hugging Face folder (remote-code or native GPT-2) or a GGUF file (llama.cpp)",
     ),
     "import": (
         "nanogpt.commands.import_",

@@ -36,7 +36,7 @@ KINDS = {
     "run": "a training run",
     "demo": "a demo run",
     "checkpoint": "an imported checkpoint",
-    "export": "a Hugging Face export",
+    "export": "an export (a Hugging Face folder or GGUF)",
     "data": "a prepared data folder",
 }
 # folders written before markers existed, recognised by the file only nanogpt puts there

@@ -1,20 +1,37 @@
-"""The `nanogpt export` command: a checkpoint -> a Hugging Face folder (`nanogpt.export.hf.export`), maybe pushed.
+"""The `nanogpt export` command: a checkpoint -> a Hugging Face folder (`nanogpt.export.hf.export`), maybe
+pushed, or a GGUF file for llama.cpp, Ollama and LM Studio (`nanogpt.export.gguf.export_gguf`).
 
 nanogpt export --model runs/demo --out exports/demo [--format remote-code|gpt2] [--push-to-hub me/demo]
+nanogpt export --model runs/demo --out exports/demo.gguf --format gguf [--outtype f32|f16|q8_0]
 """
 
 from __future__ import annotations
 
-from nanogpt.errors import ArgumentParser
+from nanogpt.errors import ArgumentParser, UserError
+from nanogpt.export.gguf import OUTTYPES, export_gguf
 from nanogpt.export.hf import FORMATS, export, hub_token, push_to_hub
+
+GGUF_DEFAULT_OUTTYPE = "f16"  # llama.cpp's converter's default too
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = ArgumentParser(prog="nanogpt export", description="write a Hugging Face folder from a checkpoint")
+    p = ArgumentParser(
+        prog="nanogpt export", description="write a Hugging Face folder or a GGUF file from a checkpoint"
+    )
     p.add_argument("--model", required=True, help="a run folder or checkpoint folder")
-    p.add_argument("--out", required=True, help="the folder to write")
     p.add_argument(
-        "--format", choices=FORMATS, default="remote-code", help="remote-code (default) or gpt2 (native)"
+        "--out", required=True, help="the folder to write (gguf: a FILE.gguf, or a folder for model.gguf)"
+    )
+    p.add_argument(
+        "--format",
+        choices=(*FORMATS, "gguf"),
+        default="remote-code",
+        help="remote-code (default), gpt2 (native) or gguf (llama.cpp, Ollama, LM Studio)",
+    )
+    p.add_argument(
+        "--outtype",
+        choices=OUTTYPES,
+        help=f"gguf only: the weights' type (default: {GGUF_DEFAULT_OUTTYPE}; norms and biases stay f32)",
     )
     p.add_argument("--force", action="store_true", help="replace --out even if nanogpt did not write it")
     p.add_argument(
@@ -24,6 +41,10 @@ def main(argv: list[str] | None = None) -> int:
         "--push-to-hub", metavar="REPO", help="also upload the folder to this Hub repo (token: HF_TOKEN)"
     )
     args = p.parse_args(argv)
+    if args.format == "gguf":
+        return _gguf(args)
+    if args.outtype is not None:
+        raise UserError(f"--outtype is for --format gguf only; drop it for --format {args.format}")
     token = hub_token() if args.push_to_hub else None  # fail before the work, not after
     res = export(args.model, args.out, args.format, args.force, args.bench)
     print(
@@ -32,4 +53,22 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.push_to_hub and token:
         print(f"pushed to {push_to_hub(res.out, args.push_to_hub, token)}")
+    return 0
+
+
+def _gguf(args) -> int:
+    for flag, value in (("--bench", args.bench), ("--push-to-hub", args.push_to_hub)):
+        if value is not None:
+            raise UserError(f"{flag} is for the Hugging Face formats; drop it for --format gguf")
+    res = export_gguf(args.model, args.out, args.outtype or GGUF_DEFAULT_OUTTYPE, args.force)
+    f16 = sorted(k for k, v in res.tensor_types.items() if v == "f16" and res.outtype == "q8_0")
+    print(
+        f"wrote {res.out} (gguf, {res.outtype}): {res.counts.total:,} parameters "
+        f"({res.counts.unique:,} unique), {res.size / 2**20:.1f} MiB"
+        + (f"; with an Ollama Modelfile beside it in {res.folder}" if res.folder else "")
+    )
+    if f16:  # q8_0 packs rows in blocks of 32 values
+        print(f"kept in f16 (rows not a multiple of 32 values): {', '.join(f16)}")
+    for note in res.notes:
+        print(f"note: {note}")
     return 0
