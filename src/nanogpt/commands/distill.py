@@ -23,7 +23,7 @@ from nanogpt.commands.train import add_train_config_flags
 from nanogpt.config import TrainConfig, override, read_json
 from nanogpt.data.tokenizer import VOCAB_SIZE
 from nanogpt.distill.client import cached_answers
-from nanogpt.distill.losses import KINDS, TEACHER_KINDS
+from nanogpt.distill.losses import CROSS_VOCAB_KINDS, KINDS, TEACHER_KINDS
 from nanogpt.distill.teachers import TeacherSettings, TeacherSpec, api_config, make_loss_fn, parse_teacher
 from nanogpt.errors import ArgumentParser, UserError
 from nanogpt.folders import RunFolder, claim
@@ -66,7 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", choices=list(DISTILL_PRESETS), help="card: 15K iterations, lr 3e-5, alpha 0.5")
     p.add_argument("--alpha", type=float, help="weight of the hard loss (default 0.5)")
     p.add_argument("--temperature", type=float, help="softmax temperature T (default 1)")
-    p.add_argument("--kind", choices=KINDS, help="divergence (local teacher; default forward_kl)")
+    p.add_argument(
+        "--kind",
+        choices=(*KINDS, *CROSS_VOCAB_KINDS),
+        help="local teacher: a divergence (same vocabulary; default forward_kl), or for a teacher of any "
+        "vocabulary (HF folder, .gguf): uld (logits at aligned positions) or sequence (it writes text)",
+    )
     p.add_argument("--beta", type=float, help="jsd mixture weight (default 0.5)")
     add_dtype(p, flag="--teacher-dtype", help="local teacher precision (autocast)")
     p.add_argument("--resume", action="store_true", help="continue OUT from OUT/last/")
@@ -77,6 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_threads(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--teacher-batch",
+        type=int,
+        default=8,
+        help="--kind sequence: prompts per local teacher generate call",
+    )
     api = p.add_argument_group("API teachers (completions:/chat:)")
     # defaults in TEACHER_DEFAULTS; None = unset, so that --resume keeps the run's own settings
     api.add_argument("--top-k", type=int, help="top-k logprobs asked per position (completions; default 20)")
@@ -89,9 +100,13 @@ def build_parser() -> argparse.ArgumentParser:
     api.add_argument("--retries", type=int, default=5, help="retries per request (exponential backoff)")
     api.add_argument("--skip-bad", action="store_true", help="count and skip bad answers instead of stopping")
     api.add_argument("--cache-dir", help="teacher answers cache + chat data (default: OUT.teacher)")
-    api.add_argument("--prompts", type=int, help="chat: prompts drawn from the training split (default 256)")
-    api.add_argument("--prompt-tokens", type=int, help="chat: tokens per prompt (default 64)")
-    api.add_argument("--reply-tokens", type=int, help="chat: max_tokens per teacher reply (default 256)")
+    api.add_argument(
+        "--prompts", type=int, help="chat/sequence: prompts drawn from the training split (default 256)"
+    )
+    api.add_argument("--prompt-tokens", type=int, help="chat/sequence: tokens per prompt (default 64)")
+    api.add_argument(
+        "--reply-tokens", type=int, help="chat/sequence: max tokens per teacher reply (default 256)"
+    )
     add_train_config_flags(p, skip_prefix="distill_")  # defaults: the card's distillation stage
     return p
 
@@ -120,6 +135,7 @@ def teacher_settings(args: argparse.Namespace) -> TeacherSettings:
         prompts=args.prompts,
         prompt_tokens=args.prompt_tokens,
         reply_tokens=args.reply_tokens,
+        teacher_batch=args.teacher_batch,
         skip_bad=args.skip_bad,
         api_key_env=args.api_key_env,
         concurrency=args.concurrency,
@@ -141,6 +157,7 @@ TEACHER_INT_RANGES = {
     "prompts": (1, 10**6),
     "prompt_tokens": (4, 10**5),
     "reply_tokens": (1, 10**6),
+    "teacher_batch": (1, 4096),
 }
 
 

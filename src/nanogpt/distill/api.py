@@ -11,7 +11,8 @@ Two kinds, because what an API returns decides what can be distilled:
 - sequence level (`build_chat_data` + `MixedDataLoss`): any /v1/chat/completions endpoint, any tokenizer
   (the card's GPT-OSS-20B on Groq returns no logprobs). The teacher continues prompts drawn from the
   training split; prompts, replies and the model name are stored in `replies.jsonl`, the texts become a
-  token shard, and the student learns them with the hard loss, mixed with the original data.
+  token shard, and the student learns them with the hard loss, mixed with the original data (the prompts,
+  the data folder and the loss are `nanogpt.distill.sequence`, shared with a local teacher that writes text).
 
 The HTTP side (retries, the answer cache, redirects, key redaction) is `nanogpt.distill.client`; an
 answer is cached only once it parsed here (top-k targets, a chat reply), so garbage is asked again.
@@ -23,15 +24,12 @@ a one-line `UserError`, or are counted and skipped with `skip_bad`.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -47,8 +45,13 @@ from nanogpt.distill.client import (  # noqa: F401  (the client's names are part
     retry_after_seconds,
 )
 from nanogpt.distill.losses import LossParts, record_parts, sparse_kl
+from nanogpt.distill.sequence import (  # noqa: F401  (sequence-level names this module has always offered)
+    CHAT_INSTRUCTION,
+    MixedDataLoss,
+    build_sequence_data,
+    draw_prompts,
+)
 from nanogpt.errors import UserError
-from nanogpt.infer.sampling import SamplingParams
 
 OTHER_TOKENIZER = "teacher uses another tokenizer"
 
@@ -204,28 +207,6 @@ class TopKDistillLoss:
 
 # --- sequence level: a chat teacher writes text -------------------------------------------------------------
 
-CHAT_INSTRUCTION = "Continue the following text. Reply with the continuation only, no preamble.\n\n"
-
-
-def draw_prompts(shards: list[np.ndarray], n: int, prompt_tokens: int, seed: int) -> list[list[int]]:
-    """`n` prompts of up to `prompt_tokens` tokens from the corpus, each within one document."""
-    rng = np.random.default_rng([seed, 7])
-    usable = [s for s in shards if len(s) > prompt_tokens]
-    if not usable:
-        raise UserError(f"the training split is shorter than --prompt-tokens {prompt_tokens}")
-    out: list[list[int]] = []
-    tries = 0
-    while len(out) < n and tries < 20 * n:
-        tries += 1
-        s = usable[int(rng.integers(len(usable)))]
-        off = int(rng.integers(0, len(s) - prompt_tokens))
-        ids = [int(t) for t in s[off : off + prompt_tokens]]
-        if EOT_ID in ids:  # keep the part after the last document boundary
-            ids = ids[len(ids) - ids[::-1].index(EOT_ID) :]
-        if len(ids) >= max(4, prompt_tokens // 4):
-            out.append(ids)
-    return out
-
 
 def chat_reply(answer: dict[str, Any]) -> str:
     """The text of a chat completion; TeacherError (nothing cached) when there is none."""
@@ -258,87 +239,21 @@ def build_chat_data(
 
     Each answer is cached as it arrives; calling again (a resumed run) re-reads the cache for free.
     """
-    from nanogpt.data.shards import ShardWriter, TokenData, write_meta
 
-    tok = get_tokenizer()
-    prompts = draw_prompts(TokenData(data_dir).split("train"), n_prompts, prompt_tokens, seed)
-    texts = [tok.decode(p) for p in prompts]
+    def answer(requests: list[dict[str, Any]]) -> list[str | None]:
+        def ask(body: dict[str, Any]) -> str:
+            return client.post("/chat/completions", body, chat_reply)
 
-    def body(i: int) -> dict[str, Any]:
-        return {
-            "model": client.cfg.model,
-            "messages": [{"role": "user", "content": CHAT_INSTRUCTION + texts[i]}],
-            **SamplingParams(
-                max_tokens=reply_tokens, temperature=0.7, top_k=None, seed=seed + i
-            ).openai_fields(),
-        }
+        return client.map(ask, requests, skip_bad=skip_bad)
 
-    def ask(i: int) -> str:
-        return client.post("/chat/completions", body(i), chat_reply)
-
-    replies = client.map(ask, list(range(len(prompts))), skip_bad=skip_bad)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    writer = ShardWriter(out / "train_00000.bin", vocab_size=tok.vocab_size)
-    docs = 0
-    with open(out / "replies.jsonl", "w") as f:
-        for i, reply in enumerate(replies):
-            if reply is None:
-                continue
-            f.write(
-                json.dumps({"i": i, "model": client.cfg.model, "prompt": texts[i], "reply": reply}) + "\n"
-            )
-            writer.write(prompts[i] + tok.encode(reply) + [EOT_ID])
-            docs += 1
-    writer.close()
-    if docs == 0:
-        raise TeacherError("the chat teacher gave no usable reply; check the model name and the API")
-    split = {"shards": ["train_00000.bin"], "tokens": writer.n_tokens, "documents": docs}
-    write_meta(
+    return build_sequence_data(
+        data_dir,
         out,
-        {"train": split},
-        {"kind": "chat-teacher", "model": client.cfg.model, "base_url": client.cfg.base_url},
+        answer,
+        model=client.cfg.model,
+        source={"kind": "chat-teacher", "base_url": client.cfg.base_url},
+        n_prompts=n_prompts,
+        prompt_tokens=prompt_tokens,
+        reply_tokens=reply_tokens,
+        seed=seed,
     )
-    return out
-
-
-class MixedDataLoss:
-    """alpha * CE on the data batch + (1 - alpha) * CE on an equal batch of teacher-written text.
-
-    The teacher batch is drawn with a seed hashed from the data batch, so it is a pure function of the
-    trainer's (exactly resumed) sampler: a resumed run sees the same teacher windows.
-    """
-
-    def __init__(
-        self, data_dir: str | Path, context_length: int, alpha: float = 0.5, log_path: Path | None = None
-    ):
-        from nanogpt.data.shards import TokenData
-
-        self.shards = [s for s in TokenData(data_dir).split("train") if len(s) > context_length]
-        if not self.shards:
-            raise UserError(
-                f"the teacher's text in {data_dir} is shorter than one window of {context_length + 1} tokens; "
-                "ask for more --prompts or --reply-tokens"
-            )
-        self.context_length, self.alpha, self.log_path, self.history = context_length, alpha, log_path, []
-
-    def teacher_batch(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        seed = int.from_bytes(hashlib.sha256(x.cpu().numpy().tobytes()).digest()[:8], "little")
-        rng = np.random.default_rng(seed)
-        rows = []
-        for _ in range(x.size(0)):
-            s = self.shards[int(rng.integers(len(self.shards)))]
-            off = int(rng.integers(0, len(s) - self.context_length))
-            rows.append(np.asarray(s[off : off + self.context_length + 1], dtype=np.int64))
-        batch = torch.from_numpy(np.stack(rows)).to(x.device)
-        return batch[:, :-1], batch[:, 1:]
-
-    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        xt, yt = self.teacher_batch(x)
-        logits = model(torch.cat([x, xt[:, : x.size(1)]])).float()  # one forward for both halves
-        B, V = x.size(0), logits.size(-1)
-        hard = F.cross_entropy(logits[:B].reshape(-1, V), y.reshape(-1))
-        soft = F.cross_entropy(logits[B:].reshape(-1, V), yt[:, : x.size(1)].reshape(-1))
-        parts = LossParts(self.alpha * hard + (1 - self.alpha) * soft, hard, soft)
-        record_parts(self, parts)
-        return parts.total

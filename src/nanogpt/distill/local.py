@@ -79,7 +79,8 @@ def load_local_teacher(
     if vocab != VOCAB_SIZE or _gpt2_vocab_ok(p) is False:
         raise UserError(
             f"teacher {p} uses another tokenizer (vocab {vocab}, model_type {hf_cfg.get('model_type')!r}); "
-            f"its distributions cannot be matched token by token; use {TEACHER_KINDS}"
+            "its distributions cannot be matched token by token: pass --kind sequence (it writes text) or "
+            "--kind uld (logits across vocabularies), or serve it as chat:MODEL@URL"
         )
     try:
         from transformers import AutoModelForCausalLM

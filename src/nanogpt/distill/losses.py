@@ -8,7 +8,9 @@ computed depends on what the teacher exposes (see `nanogpt.distill.teachers`):
   with D = forward KL, reverse KL or JSD (`divergence`);
 - an API teacher serving our tokenizer gives prompt-token top-k logprobs: `sparse_kl`, top-k + one
   "rest of the mass" bucket;
-- a chat API with any tokenizer gives text only: sequence-level KD with the plain hard loss.
+- a chat API with any tokenizer gives text only: sequence-level KD with the plain hard loss;
+- a local teacher with another vocabulary gives full distributions over *its* tokens: `uld_loss`, the
+  Universal Logit Distillation loss on sorted probabilities (positions aligned by `nanogpt.distill.uld`).
 
     loss = distill_loss(student_logits, targets, teacher_logits, alpha=0.5, T=2.0, kind="forward_kl")
 """
@@ -27,9 +29,12 @@ import torch.nn.functional as F
 from nanogpt.errors import UserError
 
 KINDS = ("forward_kl", "reverse_kl", "jsd")
+# what a local teacher of any vocabulary can give instead of a same-vocabulary divergence
+CROSS_VOCAB_KINDS = ("uld", "sequence")
 TEACHER_KINDS = (
-    "a same-vocabulary local teacher (nanogpt run or Hugging Face folder with GPT-2's 50,257 tokens), "
-    "completions:MODEL@URL (token-level API serving our tokenizer), or chat:MODEL@URL (sequence-level, any tokenizer)"
+    "a local teacher (nanogpt run, Hugging Face folder or .gguf file; one with another vocabulary takes "
+    "--kind sequence or --kind uld), completions:MODEL@URL (token-level API serving our tokenizer), or "
+    "chat:MODEL@URL (sequence-level, any tokenizer)"
 )
 
 
@@ -165,6 +170,52 @@ def sparse_kl(
     return torch.where(keep, kl, torch.zeros_like(kl)).sum() / n.clamp(min=1)
 
 
+def uld_distance(student_logits: torch.Tensor, teacher_logits: torch.Tensor, T: float = 1.0) -> torch.Tensor:
+    """The Universal Logit Distillation distance per row: (N, V_s), (N, V_t) -> (N,), any two vocabularies.
+
+    Boizard et al., 2024, "Towards Cross-Tokenizer Distillation: the Universal Logit Distillation Loss for
+    LLMs" (arXiv:2402.12030). With q = softmax(student / T) and p = softmax(teacher / T), each sorted in
+    decreasing order and the shorter padded with zeros to V = max(V_s, V_t):
+
+        ULD(p, q) = sum_{i=1..V} | p_(i) - q_(i) |
+
+    the paper's closed form of the Wasserstein-1 distance between the two distributions when every token
+    is one unit from every other (uniform support and cost). No token correspondence is needed: the
+    result is invariant to permuting either vocabulary, 0 iff the sorted distributions are equal, and at
+    most 2. Gradients flow through the sort (to the student's logits, rank by rank).
+    """
+    q = F.softmax(student_logits / T, dim=-1).sort(dim=-1, descending=True).values
+    p = F.softmax(teacher_logits.to(q.dtype) / T, dim=-1).sort(dim=-1, descending=True).values
+    V = max(q.size(-1), p.size(-1))
+    q, p = F.pad(q, (0, V - q.size(-1))), F.pad(p, (0, V - p.size(-1)))
+    return (p - q).abs().sum(-1)
+
+
+def uld_parts(
+    student_logits: torch.Tensor,
+    targets: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    positions: torch.Tensor,
+    alpha: float = 0.5,
+    T: float = 1.0,
+) -> LossParts:
+    """alpha * CE(student, targets) + (1 - alpha) * mean ULD over the aligned positions.
+
+    student_logits (..., V_s) and targets (...): the hard loss covers every position. teacher_logits
+    (N, V_t) are the teacher's rows for the N aligned positions, `positions` (N,) their flat indices into
+    the student's positions. No T^2 factor: ULD is a bounded distance, not a KL. With no aligned position
+    the soft half is 0.
+    """
+    V = student_logits.size(-1)
+    s = student_logits.reshape(-1, V)
+    hard = F.cross_entropy(s, targets.reshape(-1))
+    if positions.numel() == 0:
+        soft = torch.zeros((), dtype=s.dtype, device=s.device)
+    else:
+        soft = uld_distance(s[positions], teacher_logits, T).mean()
+    return LossParts(alpha * hard + (1 - alpha) * soft, hard, soft)
+
+
 def record_parts(loss_fn: Any, parts: LossParts, **extra: Any) -> None:
     """Append a call's hard/soft halves to `loss_fn.history` and, on rank 0, to its JSONL log."""
     step = getattr(loss_fn, "step", 0)  # set by the trainer (optim.LossFn): trims this log on resume
@@ -175,12 +226,14 @@ def record_parts(loss_fn: Any, parts: LossParts, **extra: Any) -> None:
             f.write(json.dumps(rec) + "\n")
 
 
-def check_distill_settings(alpha: float, T: float, kind: str, beta: float) -> None:
+def check_distill_settings(
+    alpha: float, T: float, kind: str, beta: float, kinds: tuple[str, ...] = KINDS
+) -> None:
     if not 0.0 <= alpha <= 1.0:
         raise UserError(f"alpha={alpha} must be in [0, 1] (the weight of the hard loss); e.g. --alpha 0.5")
     if not (math.isfinite(T) and T > 0):
         raise UserError(f"temperature={T} must be > 0; e.g. --temperature 2")
-    if kind not in KINDS:
-        raise UserError(f"unknown divergence kind {kind!r}; use one of {', '.join(KINDS)}")
+    if kind not in kinds:
+        raise UserError(f"unknown divergence kind {kind!r}; use one of {', '.join(kinds)}")
     if kind == "jsd" and not 0.0 < beta < 1.0:
         raise UserError(f"jsd beta={beta} must be in (0, 1); e.g. --beta 0.5")

@@ -4,7 +4,9 @@ A SPEC picks one of three paths (see `nanogpt.distill.losses` for the losses):
 
 - a local folder (a nanogpt run/checkpoint, or a Hugging Face causal LM with GPT-2's 50,257-token
   vocabulary): full-vocabulary soft targets on the fly, under no_grad, teacher in eval mode
-  (`nanogpt.distill.local`);
+  (`nanogpt.distill.local`). A Hugging Face folder or `.gguf` file of *any* vocabulary takes
+  `--kind sequence` (it writes text locally, handled like a chat teacher's) or `--kind uld` (the
+  Universal Logit Distillation loss at aligned positions): `nanogpt.distill.crossvocab`, `.uld`;
 - `completions:MODEL@BASE_URL`: an OpenAI-compatible /v1/completions server for a model with *our*
   tokenizer that returns prompt-token top-k logprobs (`nanogpt serve`, vLLM, llama.cpp): sparse top-k KD,
   see `nanogpt.distill.api`;
@@ -30,8 +32,10 @@ from torch import nn
 
 from nanogpt.config import ModelConfig, TrainConfig
 from nanogpt.distill.client import ApiConfig, check_base_url
+from nanogpt.distill.crossvocab import is_gguf
 from nanogpt.distill.local import DistillLossFn, load_local_teacher
-from nanogpt.distill.losses import check_distill_settings
+from nanogpt.distill.losses import CROSS_VOCAB_KINDS, KINDS, check_distill_settings
+from nanogpt.distill.sequence import MixedDataLoss, build_sequence_data
 from nanogpt.errors import UserError
 from nanogpt.kernels.device import resolve_device
 
@@ -67,13 +71,14 @@ def parse_teacher(spec: str) -> TeacherSpec:
 class TeacherSettings:
     """How to use a teacher: the divergence (local), top-k (completions), the chat data set, the API client."""
 
-    kind: str = "forward_kl"  # divergence of a local teacher: forward_kl | reverse_kl | jsd
+    kind: str = "forward_kl"  # local teacher: forward_kl | reverse_kl | jsd | uld | sequence
     beta: float = 0.5  # jsd mixture weight
     dtype: str = "fp32"  # local teacher precision (autocast)
     top_k: int = 20  # completions: top-k logprobs asked per position
-    prompts: int = 256  # chat: prompts drawn from the training split
-    prompt_tokens: int = 64  # chat: tokens per prompt
-    reply_tokens: int = 256  # chat: max_tokens per teacher reply
+    prompts: int = 256  # chat / sequence: prompts drawn from the training split
+    prompt_tokens: int = 64  # chat / sequence: tokens per prompt
+    reply_tokens: int = 256  # chat / sequence: max_tokens per teacher reply
+    teacher_batch: int = 8  # local sequence-level teacher: prompts per generate call
     skip_bad: bool = False  # count and skip bad answers instead of stopping
     api_key_env: str | None = None  # env var holding the key (None: OPENAI_API_KEY, if set)
     concurrency: int = 4
@@ -109,11 +114,29 @@ def make_loss_fn(
     message of an API teacher that stays down (what to rerun).
     """
     alpha, T, s = cfg.distill_alpha, cfg.distill_temperature, settings
-    check_distill_settings(alpha, T, s.kind, s.beta)
+    check_distill_settings(alpha, T, s.kind, s.beta, kinds=(*KINDS, *CROSS_VOCAB_KINDS))
     log_path = cache_dir / "distill_log.jsonl"
     if spec.kind == "local":
-        teacher = load_local_teacher(spec.path, resolve_device(cfg.device), s.dtype)
+        device = resolve_device(cfg.device)
+        if s.kind == "uld":
+            from nanogpt.distill.crossvocab import load_text_teacher
+            from nanogpt.distill.uld import UldLossFn
+
+            return UldLossFn(load_text_teacher(spec.path, device, s.dtype), alpha, T, log_path)
+        if s.kind == "sequence":
+            return local_sequence_loss(spec, s, cfg, model_cfg, data, cache_dir, log_path)
+        if is_gguf(spec.path):
+            raise UserError(
+                f"teacher {spec.path} is a .gguf file, whose vocabulary is its own; pass --kind sequence (it "
+                "writes text) or --kind uld (logits across vocabularies)"
+            )
+        teacher = load_local_teacher(spec.path, device, s.dtype)
         return DistillLossFn(teacher, alpha, T, s.kind, s.beta, log_path)
+    if s.kind == "uld" or (s.kind == "sequence" and spec.kind == "completions"):
+        raise UserError(
+            f"--kind {s.kind} does not apply to a {spec.kind}: teacher; use --kind uld or sequence with a local "
+            "teacher, chat:MODEL@URL for text from an API"
+        )
     from nanogpt.distill import api as teachers  # the HTTP client and its cache: API teachers only
 
     hint = {} if down_hint is None else {"down_hint": down_hint}
@@ -130,4 +153,41 @@ def make_loss_fn(
         seed=cfg.seed,
         skip_bad=s.skip_bad,
     )
-    return teachers.MixedDataLoss(chat_data, model_cfg.context_length, alpha, log_path=log_path)
+    return MixedDataLoss(chat_data, model_cfg.context_length, alpha, log_path=log_path)
+
+
+def local_sequence_loss(
+    spec: TeacherSpec,
+    s: TeacherSettings,
+    cfg: TrainConfig,
+    model_cfg: ModelConfig,
+    data: str | Path,
+    cache_dir: Path,
+    log_path: Path,
+) -> LossFn:
+    """`--kind sequence` with a local teacher: its replies (cached like a chat teacher's) mixed with the data."""
+    from nanogpt.distill.client import AnswerCache
+    from nanogpt.distill.crossvocab import LocalReplies, load_text_teacher, teacher_identity
+
+    if not Path(spec.path).exists():
+        raise UserError(f"teacher {spec.path} not found; give a Hugging Face model folder or a .gguf file")
+    device = resolve_device(cfg.device)
+    replies = LocalReplies(
+        lambda: load_text_teacher(spec.path, device, s.dtype),
+        AnswerCache(cache_dir / "cache.sqlite"),
+        teacher_identity(spec.path),
+        s.teacher_batch,
+    )
+    path = Path(spec.path)
+    chat_data = build_sequence_data(
+        data,
+        cache_dir / "chat_data",
+        replies,
+        model=path.stem if is_gguf(path) else path.name,
+        source={"kind": "local-teacher", "path": str(path.resolve())},
+        n_prompts=s.prompts,
+        prompt_tokens=s.prompt_tokens,
+        reply_tokens=s.reply_tokens,
+        seed=cfg.seed,
+    )
+    return MixedDataLoss(chat_data, model_cfg.context_length, alpha=cfg.distill_alpha, log_path=log_path)
