@@ -218,15 +218,16 @@ def test_logit_and_greedy_parity_card(card_export, fmt):
 def test_left_padded_batch_matches_single_prompts(exported, fmt):
     folder = exported[fmt]
     tok = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=True)
-    tok.pad_token, tok.padding_side = tok.eos_token, "left"
+    assert tok.pad_token == tok.eos_token == "<|endoftext|>"  # the export's own, as its model card says
+    tok.padding_side = "left"
     model = load_hf(folder)
     batch = tok(PROMPTS, return_tensors="pt", padding=True)
     assert (batch["attention_mask"] == 0).any()  # the short prompt really is padded
-    outs = model.generate(**batch, max_new_tokens=10, do_sample=False, pad_token_id=tok.eos_token_id)
+    outs = model.generate(**batch, max_new_tokens=10, do_sample=False, pad_token_id=tok.pad_token_id)
     width = batch["input_ids"].shape[1]
     for row, prompt in zip(outs, PROMPTS, strict=True):
         single = tok(prompt, return_tensors="pt")
-        alone = model.generate(**single, max_new_tokens=10, do_sample=False, pad_token_id=tok.eos_token_id)
+        alone = model.generate(**single, max_new_tokens=10, do_sample=False, pad_token_id=tok.pad_token_id)
         assert row[width:].tolist() == alone[0, single["input_ids"].shape[1] :].tolist()
 
 
@@ -325,6 +326,11 @@ def test_model_card_readme(tmp_path, small_data):
     bare = (hf.export(tmp_path / "bare", tmp_path / "out2").out / "README.md").read_text()
     assert "### Training" not in bare and "validation" not in bare
     assert "trust_remote_code=True" in bare
+    # PEFT has no default target modules for a remote-code model: its card names them; GPT-2's needs none
+    targets = 'target_modules=["qkv_proj", "out_proj", "fc1", "fc2"]'
+    assert targets in bare and targets not in text and "PEFT's default target modules" in text
+    assert all('tokenizer.padding_side = "left"' in t and "`pad_token`" in t for t in (bare, text))
+    assert 'attn_implementation="eager"' in bare and "GPT2TokenizerFast.from_pretrained" in bare
 
 
 def test_model_card_takes_the_bench_table(exported, tmp_path):

@@ -250,7 +250,9 @@ def write_tokenizer(folder: Path, context_length: int) -> None:
     tok.save(str(folder / "tokenizer.json"))
     shutil.copyfile(encoder, folder / "vocab.json")
     shutil.copyfile(merges, folder / "merges.txt")
-    special = {"bos_token": EOT_TOKEN, "eos_token": EOT_TOKEN, "unk_token": EOT_TOKEN}
+    # GPT-2 has no padding token; batching (padding=True, data collators, batched generate) needs one, and
+    # padded positions are masked out, so the end-of-text token serves, as is usual for GPT-2
+    special = {"bos_token": EOT_TOKEN, "eos_token": EOT_TOKEN, "unk_token": EOT_TOKEN, "pad_token": EOT_TOKEN}
     write_json(folder / "special_tokens_map.json", special)
     write_json(
         folder / "tokenizer_config.json",

@@ -173,6 +173,52 @@ print(text)
 ```"""
 
 
+# the remote-code model's Linear layers, as PEFT's `target_modules` names them (it has no defaults for `nanogpt`)
+LORA_TARGETS = ("qkv_proj", "out_proj", "fc1", "fc2")
+
+
+def _tools(fmt: str) -> str:
+    """The usage notes beyond the snippet: padding, training, attention weights, tracing, LoRA, the tokenizer."""
+    remote = fmt == "remote-code"
+    lines = [
+        "### Batches, fine-tuning and export",
+        "",
+        "- **Padding:** the tokenizer's `pad_token` is its end-of-text token `<|endoftext|>` (GPT-2 has none of "
+        "its own; padded positions are masked out). For batched generation pad on the left: "
+        '`tokenizer.padding_side = "left"`, then `tokenizer(prompts, padding=True, return_tensors="pt")`. A '
+        "collator that drops padding from the loss by token id (`DataCollatorForLanguageModeling`) drops real "
+        "end-of-text tokens too.",
+        "- **Training:** `Trainer` (gradient accumulation included) and `model.gradient_checkpointing_enable()` "
+        "work as with transformers' own models.",
+        '- **Attention weights:** `output_attentions=True` needs the model loaded with `attn_implementation="eager"`.',
+        "- **Export:** with `model.config.use_cache = False`, `torch.export.export`, "
+        "`torch.onnx.export(..., dynamo=True)` and `torch.compile(model, fullgraph=True)` trace the whole model.",
+    ]
+    if not remote:
+        lines.append("- **LoRA (PEFT):** PEFT's default target modules for GPT-2 apply.")
+        return "\n".join(lines)
+    names = ", ".join(f'"{n}"' for n in LORA_TARGETS)
+    lines += [
+        "- **Tokenizer:** a stock GPT-2 tokenizer. With transformers 5, `AutoTokenizer.from_pretrained` reads "
+        "`config.json` first and, as that names custom code, asks whether to run it (either answer loads the "
+        'tokenizer; "no" adds a warning). `GPT2TokenizerFast.from_pretrained(folder)`, or '
+        "`trust_remote_code=True`, loads it without the question.",
+        "",
+        "**LoRA (PEFT):** PEFT chooses default target modules by `model_type` and has none for `nanogpt`, so name "
+        "them:",
+        "",
+        "```python",
+        "from peft import LoraConfig, get_peft_model",
+        "",
+        f"config = LoraConfig(r=8, lora_alpha=16, target_modules=[{names}])",
+        "model = get_peft_model(model, config)",
+        "```",
+        "",
+        '`target_modules="all-linear"` selects the same four and leaves the tied output head alone.',
+    ]
+    return "\n".join(lines)
+
+
 def render_model_card(
     cfg: ModelConfig,
     facts: RunFacts,
@@ -259,13 +305,7 @@ def render_model_card(
         "",
         _usage(folder, fmt, min(100, cfg.context_length)),
     ]
-    if fmt == "remote-code":
-        out += [
-            "",
-            "With transformers 5, `AutoTokenizer.from_pretrained` on a folder with custom code first asks "
-            "whether to run it (the tokenizer itself is a stock GPT-2 tokenizer, so either answer works); "
-            "pass `trust_remote_code=True` to it as well to skip the question.",
-        ]
+    out += ["", _tools(fmt)]
     out += [
         "",
         "## Limitations",
