@@ -402,3 +402,14 @@ def test_cli(corpus, tmp_path, capsys):
     assert cli.main(["prepare", "--source", str(tmp_path / "missing.jsonl"), "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("nanogpt prepare: error:") and "missing.jsonl not found" in err and "\n" not in err
+
+
+def test_a_literal_separator_in_a_document_is_text_not_a_document_boundary(tmp_path):
+    """docs/data.md: `<|endoftext|>` typed in a document is 7 ordinary tokens; the only 50256 is the separator."""
+    texts = real_texts(3)
+    texts[1] = texts[1][:300] + " <|endoftext|> " + texts[1][300:]
+    src = write_jsonl(tmp_path / "c.jsonl", [{"text": t} for t in texts])
+    prepare(str(src), tmp_path / "out", verbose=False)
+    stored = split_docs(tmp_path / "out", "train") + split_docs(tmp_path / "out", "val")
+    assert sorted(stored) == sorted(ids + [EOT] for ids in get_tokenizer().encode_batch(texts))
+    assert len(stored) == 3 and all(d.count(EOT) == 1 for d in stored)
