@@ -29,7 +29,7 @@ from nanogpt.errors import ArgumentParser, UserError
 from nanogpt.folders import RunFolder, claim
 from nanogpt.train.checkpoint import load_config_of, saved_data_dir
 from nanogpt.train.loop import train
-from nanogpt.train.tracking import parse_trackers
+from nanogpt.train.tracking import check_installed, parse_trackers
 
 # `--preset card`: the card's distillation stage. Without it the same lr applies (the card's 3e-5).
 DISTILL_PRESETS: dict[str, dict[str, Any]] = {
@@ -196,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     apply_threads(args)
     trackers = parse_trackers(args.tracker)
+    check_installed(trackers)
     run = Path(args.out)
     if not args.resume and not args.student:
         raise UserError(

@@ -31,7 +31,7 @@ from nanogpt.folders import RunFolder
 from nanogpt.train.checkpoint import load_config_of, saved_data_dir
 from nanogpt.train.loop import train
 from nanogpt.train.plot import plot_run
-from nanogpt.train.tracking import parse_trackers
+from nanogpt.train.tracking import check_installed, parse_trackers
 
 
 def _number(kind: type) -> Callable[[str], Any]:
@@ -145,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.out:
         raise UserError("--out RUN is required: the run folder to write (or --plot RUN to only draw a log)")
     trackers = parse_trackers(args.tracker)
+    check_installed(trackers)
     model_cfg, train_cfg = resolve_configs(args)
     data = args.data
     if data is None and args.resume:

@@ -27,8 +27,6 @@ from nanogpt.folders import RunFolder
 from nanogpt.train.plot import append_log
 
 TRACKERS = ("tensorboard", "wandb", "mlflow")
-EXTRA = "track"  # the pyproject extra that installs all three
-_MODULES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
 _PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow-skinny"}
 Configs = dict[str, dict[str, Any]]  # {"model": ModelConfig.to_dict(), "train": TrainConfig.to_dict()}
 
@@ -46,11 +44,14 @@ def parse_trackers(values: Sequence[str] | None) -> tuple[str, ...] | None:
         raise UserError(
             f"unknown tracker {unknown[0]!r}; use {', '.join(TRACKERS)} or none (repeat --tracker or give a comma list)"
         )
-    chosen = tuple(dict.fromkeys(n for n in names if n != "none"))
-    for name in chosen:  # before any work: a missing package is found before the run folder is written
-        if importlib.util.find_spec(_MODULES[name]) is None:
-            raise missing_extra(f"--tracker {name} needs the {_PACKAGES[name]} package", EXTRA)
-    return chosen
+    return tuple(dict.fromkeys(n for n in names if n != "none"))
+
+
+def check_installed(names: Sequence[str] | None) -> None:
+    """Refuse a tracker whose package is missing before any work (the run folder is not written yet)."""
+    for name in names or ():
+        if importlib.util.find_spec(name) is None:  # each tracker's module is named as the flag
+            raise missing_extra(f"--tracker {name} needs the {_PACKAGES[name]} package", "track")
 
 
 def _scalars(record: dict[str, Any]) -> dict[str, float]:
@@ -87,7 +88,7 @@ class TensorBoard:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
-            raise missing_extra("--tracker tensorboard needs the tensorboard package", EXTRA) from None
+            raise missing_extra("--tracker tensorboard needs the tensorboard package", "track") from None
         # purge_step: events a killed session wrote past the checkpoint are dropped when the run is read
         purge = None if resume_step is None else resume_step + 1
         self._w = SummaryWriter(str(folder.tensorboard), purge_step=purge)
@@ -117,7 +118,7 @@ class Wandb:
         try:
             import wandb
         except ImportError:
-            raise missing_extra("--tracker wandb needs the wandb package", EXTRA) from None
+            raise missing_extra("--tracker wandb needs the wandb package", "track") from None
         project = (saved or {}).get("project") or os.environ.get("WANDB_PROJECT") or "nanogpt"
         self._run = wandb.init(
             project=project,
@@ -156,7 +157,7 @@ class Mlflow:
             from mlflow.entities import Param
             from mlflow.tracking import MlflowClient
         except ImportError:
-            raise missing_extra("--tracker mlflow needs the mlflow-skinny package", EXTRA) from None
+            raise missing_extra("--tracker mlflow needs the mlflow-skinny package", "track") from None
         from mlflow.exceptions import MlflowException
 
         uri = (saved or {}).get("tracking_uri") or mlflow.get_tracking_uri()
@@ -176,7 +177,9 @@ class Mlflow:
             exp = client.get_experiment_by_name(name)
             exp_id = exp.experiment_id if exp is not None else client.create_experiment(name)
             run_id = client.create_run(exp_id, run_name=folder.path.name).info.run_id
-            client.log_batch(run_id, params=[Param(k, v) for k, v in _config_params(configs).items()])
+            params = [Param(k, v) for k, v in _config_params(configs).items()]
+            for i in range(0, len(params), 100):  # a tracking server takes at most 100 per request
+                client.log_batch(run_id, params=params[i : i + 100])
         client.log_dict(run_id, configs, "configs.json")  # this session's: flags given on resume win
         self._run_id = run_id
         self.saved = {"run_id": run_id, "tracking_uri": uri}
