@@ -383,7 +383,8 @@ def document_nlls(
     context = cfg.context_length if context is None else context
     stride = context if stride is None else stride
     flat = [t for d in docs for t in d]
-    check_tokens(torch.tensor(flat + [0, 0]), cfg, context, stride, batch_size)  # ids and settings only
+    # the ids and the settings (two padding ids: a short document is no error here)
+    check_tokens(torch.tensor(flat + [0, 0]), cfg, context, stride, batch_size)
     with _scoring(model, device, dtype) as (net, dev):
         tensors = [torch.as_tensor(list(d), dtype=torch.long) for d in docs]
         return score_documents(

@@ -18,6 +18,7 @@ import importlib.util
 import json
 import os
 import sys
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -185,8 +186,6 @@ class Mlflow:
         self.saved = {"run_id": run_id, "tracking_uri": uri}
 
     def log(self, step: int, scalars: dict[str, float]) -> None:
-        import time
-
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
@@ -214,7 +213,7 @@ class RunLog:
         for t in list(self.trackers):
             try:
                 t.log(int(record["step"]), scalars)
-            except Exception as e:  # noqa: BLE001 (any failure of a third-party tool)
+            except Exception as e:  # any failure of a third-party tool
                 self.trackers.remove(t)
                 print(f"warning: --tracker {t.name} stopped logging ({_first_line(e)})", file=sys.stderr)
 
@@ -222,7 +221,7 @@ class RunLog:
         for t in self.trackers:
             try:
                 t.close(status)
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:  # the run is over anyway: say so, close the others
                 print(
                     f"warning: --tracker {t.name} did not close cleanly ({_first_line(e)})", file=sys.stderr
                 )
@@ -253,7 +252,7 @@ def _open(
         return Mlflow(folder, configs, saved)
     except UserError:
         raise
-    except Exception as e:  # noqa: BLE001 (a tool's own setup error: no login, a bad store URI, ...)
+    except Exception as e:  # a tool's own setup error: no login, a bad store URI, ...
         raise UserError(
             f"--tracker {name} could not start ({_first_line(e)}); fix its settings or drop --tracker {name}"
         ) from None
