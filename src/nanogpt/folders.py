@@ -86,6 +86,7 @@ class RunFolder:
 
         RUN/config.json  train_config.json  log.jsonl  loss.png  .nanogpt.json
         RUN/last/  (resume point: weights + training state)   RUN/best/  (lowest held-out loss)
+        RUN/trackers.json  RUN/tensorboard/  RUN/wandb/   (only with --tracker)
     """
 
     path: Path
@@ -105,6 +106,15 @@ class RunFolder:
     @property
     def plot(self) -> Path:
         return self.path / "loss.png"
+
+    @property
+    def trackers(self) -> Path:
+        """Which --tracker runs the run uses, and their ids (nanogpt.train.tracking)."""
+        return self.path / "trackers.json"
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.path / "tensorboard"
 
     @property
     def last(self) -> Path:

@@ -188,6 +188,44 @@ def test_hf_streaming_path_matches_the_local_parquet_reader(tmp_path):
         list(hf_documents("parquet", data_files=str(tmp_path / "x.parquet"), text_field="content"))
 
 
+def test_hf_source_reads_a_save_to_disk_folder(tmp_path):
+    """`hf:PATH` on a folder `save_to_disk` wrote (which `load_dataset` refuses): a DatasetDict or one Dataset."""
+    datasets = pytest.importorskip("datasets")
+    texts = real_texts(12)
+    train = datasets.Dataset.from_dict({"text": texts[:10], "url": ["u"] * 10})
+    val = datasets.Dataset.from_dict({"text": texts[10:], "url": ["v"] * 2})
+    datasets.DatasetDict({"train": train, "validation": val}).save_to_disk(str(tmp_path / "dd"))
+    train.save_to_disk(str(tmp_path / "one"))
+    assert list(hf_documents(str(tmp_path / "dd"))) == texts[:10]
+    assert list(hf_documents(str(tmp_path / "dd"), split="validation")) == texts[10:]
+    assert list(hf_documents(str(tmp_path / "one"))) == texts[:10]
+
+    # the command's path: every saved document lands in the data folder, whole
+    r = prepare(f"hf:{tmp_path / 'dd'}", tmp_path / "out", verbose=False)
+    assert r.documents["train"] + r.documents["val"] == 10 and r.documents["val"] >= 1
+    stored = split_docs(tmp_path / "out", "train") + split_docs(tmp_path / "out", "val")
+    want = [ids + [EOT] for ids in get_tokenizer().encode_batch(texts[:10])]
+    assert sorted(stored) == sorted(want)
+    assert "save_to_disk" in TokenData(tmp_path / "out").meta["source"]["description"]
+
+    dd = f"hf:{tmp_path / 'dd'}"
+    one_line_error(
+        r"has no split 'test' \(it has: train, validation\); pass --split", dd, tmp_path / "o2", split="test"
+    )
+    one_line_error(
+        r"no 'body' column \(it has: text, url\); pass --text-field", dd, tmp_path / "o3", text_field="body"
+    )
+    one_line_error("save_to_disk folder, which has no configs; drop :sample", f"{dd}:sample", tmp_path / "o4")
+    datasets.Dataset.from_dict({"text": texts[10:]}, split="validation").save_to_disk(
+        str(tmp_path / "val_only")
+    )
+    one_line_error(
+        "holds the validation split only; pass --split validation",
+        f"hf:{tmp_path / 'val_only'}",
+        tmp_path / "o5",
+    )
+
+
 # ---- re-runs and restarts ----------------------------------------------------------------------------
 
 
@@ -364,3 +402,14 @@ def test_cli(corpus, tmp_path, capsys):
     assert cli.main(["prepare", "--source", str(tmp_path / "missing.jsonl"), "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("nanogpt prepare: error:") and "missing.jsonl not found" in err and "\n" not in err
+
+
+def test_a_literal_separator_in_a_document_is_text_not_a_document_boundary(tmp_path):
+    """docs/data.md: `<|endoftext|>` typed in a document is 7 ordinary tokens; the only 50256 is the separator."""
+    texts = real_texts(3)
+    texts[1] = texts[1][:300] + " <|endoftext|> " + texts[1][300:]
+    src = write_jsonl(tmp_path / "c.jsonl", [{"text": t} for t in texts])
+    prepare(str(src), tmp_path / "out", verbose=False)
+    stored = split_docs(tmp_path / "out", "train") + split_docs(tmp_path / "out", "val")
+    assert sorted(stored) == sorted(ids + [EOT] for ids in get_tokenizer().encode_batch(texts))
+    assert len(stored) == 3 and all(d.count(EOT) == 1 for d in stored)

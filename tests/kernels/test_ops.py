@@ -67,12 +67,23 @@ def test_no_grad_cpu_loss_matches_stock_loss(dtype, monkeypatch) -> None:
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
         total = ops.linear_cross_entropy(h, w, y, reduction="sum")
         mean = ops.linear_cross_entropy(h, w, y)
+        each = ops.linear_cross_entropy(h, w, y, reduction="none")
         ref = F.cross_entropy((h @ w.t()).float(), y, reduction="sum")
+        ref_each = F.cross_entropy((h @ w.t()).float(), y, reduction="none")
     fp32 = F.cross_entropy(h @ w.t(), y, reduction="sum")
     assert torch.allclose(total, ref, rtol=1e-5)
+    # per position (evaluation per document): the same values, 0 at ignored positions
+    assert each.shape == (70,) and torch.allclose(each, ref_each, rtol=1e-5, atol=1e-5)
+    assert bool((each[::6] == 0).all()) and torch.allclose(each.sum(), total, rtol=1e-6)
     if dtype == torch.bfloat16:  # the matmul really ran in bf16: near fp32, but not within fp32 rounding
         assert torch.allclose(total, fp32, rtol=1e-2) and not torch.allclose(total, fp32, rtol=1e-5)
     assert torch.allclose(mean, total / (y != -100).sum(), rtol=1e-6)
+
+
+def test_per_position_loss_is_for_evaluation_only() -> None:
+    h, w = torch.randn(4, 8, requires_grad=True), torch.randn(10, 8)
+    with pytest.raises(ValueError, match="torch.no_grad"):
+        ops.linear_cross_entropy(h, w, torch.zeros(4, dtype=torch.long), reduction="none")
 
 
 def test_model_loss_with_targets_equals_cross_entropy_of_logits() -> None:

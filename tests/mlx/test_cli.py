@@ -66,14 +66,16 @@ def test_cli_backends_train_eval_sample_and_export(small_data, tmp_path, capsys)
     assert main([*args, "--out", str(run), "--no-progress", *flags]) == 0
     capsys.readouterr()
 
-    # the same checkpoint scored by both backends
-    evals = {}
-    for backend in ("torch", "mlx"):
-        base = ["eval", "--model", str(run), "--data", str(small_data), "--max-tokens", "400", "--json"]
-        assert main([*base, "--backend", backend]) == 0
-        evals[backend] = json.loads(capsys.readouterr().out)
-    assert evals["torch"]["tokens_scored"] == evals["mlx"]["tokens_scored"] == 399
-    assert abs(evals["torch"]["mean_nll"] - evals["mlx"]["mean_nll"]) < 1e-4
+    # the same checkpoint scored by both backends, per document (the first token after the separator
+    # too: 400) and as one stream (from the second token on: 399)
+    for mode, scored in (([], 400), (["--stream"], 399)):
+        evals = {}
+        for backend in ("torch", "mlx"):
+            base = ["eval", "--model", str(run), "--data", str(small_data), "--max-tokens", "400", "--json"]
+            assert main([*base, *mode, "--backend", backend]) == 0
+            evals[backend] = json.loads(capsys.readouterr().out)
+        assert evals["torch"]["tokens_scored"] == evals["mlx"]["tokens_scored"] == scored
+        assert abs(evals["torch"]["mean_nll"] - evals["mlx"]["mean_nll"]) < 1e-4
 
     assert (
         main(

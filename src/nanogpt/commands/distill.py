@@ -18,7 +18,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from nanogpt.commands.options import add_dtype, add_threads, apply_threads
+from nanogpt.commands.options import add_dtype, add_threads, add_tracker, apply_threads
 from nanogpt.commands.train import add_train_config_flags
 from nanogpt.config import TrainConfig, override, read_json
 from nanogpt.data.tokenizer import VOCAB_SIZE
@@ -29,6 +29,7 @@ from nanogpt.errors import ArgumentParser, UserError
 from nanogpt.folders import RunFolder, claim
 from nanogpt.train.checkpoint import load_config_of, saved_data_dir
 from nanogpt.train.loop import train
+from nanogpt.train.tracking import check_installed, parse_trackers
 
 # `--preset card`: the card's distillation stage. Without it the same lr applies (the card's 3e-5).
 DISTILL_PRESETS: dict[str, dict[str, Any]] = {
@@ -88,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=8,
         help="--kind sequence: prompts per local teacher generate call",
     )
+    add_tracker(p)
     api = p.add_argument_group("API teachers (completions:/chat:)")
     # defaults in TEACHER_DEFAULTS; None = unset, so that --resume keeps the run's own settings
     api.add_argument("--top-k", type=int, help="top-k logprobs asked per position (completions; default 20)")
@@ -210,6 +212,8 @@ def drop_unused_teacher_folder(cache_dir: Path, run: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     apply_threads(args)
+    trackers = parse_trackers(args.tracker)
+    check_installed(trackers)
     run = Path(args.out)
     if not args.resume and not args.student:
         raise UserError(
@@ -247,6 +251,7 @@ def main(argv: list[str] | None = None) -> int:
             init_from=args.student,
             progress=not args.no_progress,
             loss_fn=loss_fn,
+            trackers=trackers,
         )
     except BaseException:
         if created:  # a failed run leaves no empty OUT.teacher/ behind, and never touches an earlier one

@@ -1,7 +1,9 @@
 """The `nanogpt eval` command: held-out perplexity and bits per byte of a checkpoint, in either backend.
 
 The measurement is `nanogpt.infer.evaluate.sliding_window_nll` (`nanogpt.mlx.evaluate`'s with
-`--backend mlx`); this module reads the flags, picks the backend and prints the result.
+`--backend mlx`); this module reads the flags, picks the backend and prints the result. By default each
+document is scored on its own, as lm-evaluation-harness's `loglikelihood_rolling` does (same windows,
+same bytes: its bits_per_byte on the same text); `--stream` scores the `<|endoftext|>`-joined stream.
 
     nanogpt eval --model runs/demo --data data/builtin --split val --stride 256
 """
@@ -19,9 +21,10 @@ from nanogpt.train.checkpoint import load_model
 
 
 def format_result(r: EvalResult) -> str:
+    how = f"{r.documents:,} documents, each on its own" if r.mode == "documents" else "one stream"
     return "\n".join(
         [
-            f"tokens scored: {r.tokens_scored:,} (context {r.context}, stride {r.stride}, {r.n_bytes:,} bytes)",
+            f"tokens scored: {r.tokens_scored:,} ({how}; context {r.context}, stride {r.stride}, {r.n_bytes:,} bytes)",
             f"mean NLL:      {r.mean_nll:.4f} nats/token",
             f"perplexity:    {r.perplexity:.2f}",
             f"bits per byte: {r.bits_per_byte:.4f}",
@@ -44,6 +47,12 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--context", type=int, help="window length (default: the model's context_length)")
     p.add_argument(
         "--stride", type=int, help="window step; smaller = more history per token (default: context)"
+    )
+    p.add_argument(
+        "--stream",
+        action="store_true",
+        help="score the documents joined by <|endoftext|> as one stream (separators are targets, 13 bytes "
+        "each) instead of each on its own as lm-eval's loglikelihood_rolling does",
     )
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default: 8)")
     add_device(p)
@@ -68,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         "stride": args.stride,
         "batch_size": args.batch_size,
         "progress": not args.json,
+        "per_document": not args.stream,
     }
     if args.backend == "mlx":  # imported only here: MLX is optional
         from nanogpt.mlx import load_model as mlx_load_model

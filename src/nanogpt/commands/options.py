@@ -1,10 +1,11 @@
-"""The options several commands share: `--device`, `--dtype`, `--backend`, `--threads`, added in one way.
+"""The options several commands share: `--device`, `--dtype`, `--backend`, `--threads`, `--tracker`, added in
+one way.
 
 Each helper adds its flag with the same values and the same meaning wherever it appears, so
 `--dtype fp16` or `--device auto` is never accepted by one command and refused by the next. A command
 that cannot run one of the values refuses it with one line (`refuse_mlx_dtype`), not with another list.
 
-    add_device(p); add_dtype(p); add_backend(p); add_threads(p)
+    add_device(p); add_dtype(p); add_backend(p); add_threads(p); add_tracker(p)
 """
 
 from __future__ import annotations
@@ -61,3 +62,18 @@ def refuse_mlx_dtype(args: argparse.Namespace) -> None:
     """The MLX backend runs fp32 only: any other `--dtype` is refused before any work."""
     if args.backend == "mlx" and args.dtype != "fp32":
         raise UserError(f"--backend mlx runs fp32 only; drop --dtype {args.dtype}")
+
+
+def add_tracker(p: Options) -> None:
+    """`--tracker NAME` (repeatable, or a comma list): mirror the run's log to experiment trackers.
+
+    The values are checked by `nanogpt.train.tracking.parse_trackers`; unset (None) means "on resume, the
+    trackers the run used, else none".
+    """
+    p.add_argument(
+        "--tracker",
+        action="append",
+        metavar="NAME",
+        help="log to tensorboard, wandb and/or mlflow (repeat or comma list; `none` turns them off; "
+        "default: none, or the run's own on --resume)",
+    )

@@ -42,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--source",
         default=BUILTIN,
         help="'builtin' (default, offline), a .txt/.jsonl/.jsonl.gz/.parquet file or a folder of them, "
-        "or hf:NAME[:CONFIG] (e.g. hf:HuggingFaceFW/fineweb-edu:sample-10BT)",
+        "or hf:NAME[:CONFIG] (e.g. hf:HuggingFaceFW/fineweb-edu:sample-10BT; NAME may be a folder written by "
+        "datasets' save_to_disk)",
     )
     p.add_argument("--out", help="output folder (default: data/<source name>)")
     p.add_argument(

@@ -22,6 +22,7 @@ from nanogpt.commands.options import (
     add_device,
     add_dtype,
     add_threads,
+    add_tracker,
     apply_threads,
 )
 from nanogpt.config import PRESETS, ModelConfig, TrainConfig, override, preset, read_json
@@ -30,6 +31,7 @@ from nanogpt.folders import RunFolder
 from nanogpt.train.checkpoint import load_config_of, saved_data_dir
 from nanogpt.train.loop import train
 from nanogpt.train.plot import plot_run
+from nanogpt.train.tracking import check_installed, parse_trackers
 
 
 def _number(kind: type) -> Callable[[str], Any]:
@@ -98,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--peak-flops", type=float, help="peak FLOP/s per device for the MFU estimate")
     add_threads(p, help="torch CPU threads (fix it for bit-identical resumes)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_tracker(p)
     add_backend(p, help="PyTorch (default) or Apple MLX (fp32)")
     add_train_config_flags(p)
     return p
@@ -141,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not args.out:
         raise UserError("--out RUN is required: the run folder to write (or --plot RUN to only draw a log)")
+    trackers = parse_trackers(args.tracker)
+    check_installed(trackers)
     model_cfg, train_cfg = resolve_configs(args)
     data = args.data
     if data is None and args.resume:
@@ -160,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         init_from=args.init_from,
         progress=not args.no_progress,
         peak_flops=args.peak_flops,
+        trackers=trackers,
     )
     if int(os.environ.get("RANK", 0)) == 0:
         best = f"{result.best_val_loss:.4f}" if result.best_val_loss is not None else "n/a"

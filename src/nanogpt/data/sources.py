@@ -1,4 +1,5 @@
-"""Where documents come from: the builtin corpus, text/JSONL/Parquet files and folders, HF datasets.
+"""Where documents come from: the builtin corpus, text/JSONL/Parquet files and folders, HF datasets (from the
+Hub, or a folder written by `datasets`' `save_to_disk`).
 
 Every source becomes one iterator of document strings (`iter_documents`), streamed so that a corpus of
 any size is never held in memory. Errors name the file (and line or byte offset) and the fix.
@@ -34,7 +35,7 @@ FOLDER_SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".parquet")  # what a source f
 class Source:
     """A resolved `--source`: what to read and how to name it."""
 
-    spec: str  # as given: "builtin", a path, or "hf:NAME[:CONFIG]"
+    spec: str  # as given: "builtin", a path, or "hf:NAME[:CONFIG]" (NAME may be a save_to_disk folder)
     kind: str  # builtin | text | jsonl | parquet | folder | hf
     files: tuple[Path, ...] = ()  # the files read, in order (path sources)
     hf_name: str | None = None
@@ -103,9 +104,22 @@ def source_fingerprint(src: Source) -> str:
     return h.hexdigest()[:16]
 
 
+def saved_to_disk(name: str) -> str | None:
+    """ "dict" or "dataset" when `name` is a folder that `datasets`' `save_to_disk` wrote (a DatasetDict or
+    one Dataset), else None. `load_dataset` refuses these folders; `load_from_disk` reads them."""
+    path = Path(name)
+    if (path / "dataset_dict.json").is_file():
+        return "dict"
+    if (path / "state.json").is_file() and (path / "dataset_info.json").is_file():
+        return "dataset"
+    return None
+
+
 def describe(src: Source, split: str = "train") -> str:
     if src.kind == "builtin":
         return "the builtin Shakespeare corpus (42 works, Project Gutenberg, public domain)"
+    if src.kind == "hf" and saved_to_disk(src.hf_name or ""):
+        return f"Hugging Face dataset saved at {src.hf_name} (save_to_disk), split {split}"
     if src.kind == "hf":
         config = f", config {src.hf_config}" if src.hf_config else ""
         return f"Hugging Face dataset {src.hf_name}{config}, split {split} (streamed)"
@@ -236,6 +250,9 @@ def hf_documents(
         raise missing_extra(
             "hf: sources need the `datasets` package, which is not installed", "data"
         ) from None
+    if saved_to_disk(name):
+        yield from _saved_documents(datasets, name, config, split, text_field)
+        return
     try:
         ds = datasets.load_dataset(name, config, split=split, streaming=True, data_files=data_files)
     except Exception as e:  # network, unknown name/config/split: all end the same way for the user
@@ -246,6 +263,36 @@ def hf_documents(
         ) from None
     for i, row in enumerate(ds):
         yield _field_text(row, text_field, f"hf:{name} row {i}")
+
+
+def _saved_documents(
+    datasets: Any, name: str, config: str | None, split: str, field: str
+) -> Iterator[str | None]:
+    """Rows of a `save_to_disk` folder, memory-mapped from its Arrow files (`datasets.load_from_disk`)."""
+    if config:
+        raise UserError(f"hf:{name} is a save_to_disk folder, which has no configs; drop :{config}")
+    try:
+        ds = datasets.load_from_disk(name)
+    except Exception as e:  # a damaged folder: missing or unreadable Arrow files, bad JSON
+        msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(
+            f"cannot read the saved dataset {name} ({msg}); save it again with save_to_disk"
+        ) from None
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise UserError(
+                f"hf:{name} has no split {split!r} (it has: {', '.join(ds)}); pass --split with one"
+            )
+        ds = ds[split]
+    elif ds.split is not None and str(ds.split) != split:  # one saved split, which says what it is
+        raise UserError(f"hf:{name} holds the {ds.split} split only; pass --split {ds.split}")
+    if field not in ds.column_names:
+        raise UserError(
+            f"hf:{name}: no {field!r} column (it has: {', '.join(ds.column_names)}); pass --text-field with the right one"
+        )
+    for i, batch in enumerate(ds.select_columns([field]).iter(batch_size=1024)):
+        for j, text in enumerate(batch[field]):
+            yield _field_text({field: text}, field, f"hf:{name} row {i * 1024 + j}")
 
 
 def _raw_documents(src: Source, field: str, errors: str, split: str) -> Iterator[str | None]:

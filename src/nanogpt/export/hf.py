@@ -264,6 +264,9 @@ def write_tokenizer(folder: Path, context_length: int) -> None:
             "clean_up_tokenization_spaces": False,
             "errors": "replace",
             "model_max_length": context_length,
+            # "<|endoftext|>" typed in text is text, as in training (nanogpt.data.tokenizer): without this,
+            # transformers would turn it into the separator token that only ever ends a document
+            "split_special_tokens": True,
             "added_tokens_decoder": {
                 str(EOT_ID): {
                     "content": EOT_TOKEN,

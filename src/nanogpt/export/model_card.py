@@ -308,6 +308,10 @@ def render_model_card(
     out += ["", _tools(fmt)]
     out += [
         "",
+        "The tokenizer reads `<|endoftext|>` typed in a text as ordinary text (7 tokens), as the model saw it "
+        "in training: its `tokenizer_config.json` sets `split_special_tokens`. Token 50256 only ever ends a "
+        "document; to put it in an input, add `tokenizer.eos_token_id` to the ids.",
+        "",
         "## Limitations",
         "",
         f"- **Context length:** limited to {cfg.context_length} tokens",

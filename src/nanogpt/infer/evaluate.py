@@ -11,15 +11,28 @@ chunks (the training loss's view, fast); a smaller stride gives every scored tok
 Bits per byte divides the total NLL (in bits) by the UTF-8 bytes the scored tokens decode to, so it
 compares models with different tokenizers; perplexity is per GPT-2 token.
 
+Two ways to read a split whose documents are joined by `<|endoftext|>`:
+
+- per document (`per_document=True`, what `nanogpt eval` does by default): lm-evaluation-harness's
+  `loglikelihood_rolling` convention. Each document is scored on its own, as `[<|endoftext|>] + doc`:
+  its first token is predicted from the separator alone (lm-eval's prefix token), no separator is a
+  target, and the bytes are the UTF-8 bytes of the document's text. The windows are lm-eval's rolling
+  windows (`document_windows`): with stride = context a document's log-likelihood equals lm-eval's.
+- as one stream (`per_document=False`, `nanogpt eval --stream`): the windows run across documents, so a
+  document's first tokens see the end of the previous one, each separator is a target, and it counts as
+  the 13 bytes of its text; on short documents bits per byte comes out a few percent off lm-eval's.
+
     result = sliding_window_nll(load_model("runs/demo"), split_tokens("data/builtin", "val"), stride=256)
+    nlls = document_nlls(load_model("runs/demo"), [tok.encode(t) for t in texts])  # one total per text
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +42,7 @@ from tqdm import tqdm
 
 from nanogpt.config import ModelConfig
 from nanogpt.data.shards import TokenData
-from nanogpt.data.tokenizer import get_tokenizer
+from nanogpt.data.tokenizer import EOT_ID, get_tokenizer
 from nanogpt.errors import UserError
 from nanogpt.kernels.device import autocast, torch_dtype
 from nanogpt.kernels.ops import linear_cross_entropy
@@ -60,6 +73,8 @@ class EvalResult:
     stride: int
     seconds: float  # scoring only (not loading)
     tokens_per_s: float
+    mode: str = "stream"  # "documents": each scored on its own (lm-eval's convention); "stream": joined
+    documents: int | None = None  # how many documents were scored ("documents" mode)
 
 
 def iter_windows(n_tokens: int, context: int, stride: int) -> Iterator[Window]:
@@ -74,6 +89,38 @@ def iter_windows(n_tokens: int, context: int, stride: int) -> Iterator[Window]:
         yield Window(start, end - start, end - last)
         last = end
         start += stride
+
+
+def document_windows(n_tokens: int, context: int, stride: int) -> Iterator[Window]:
+    """The rolling windows that score targets 1 .. n_tokens - 1 of one sequence (`[EOT] + doc`) once each.
+
+    The first window scores the first `context` targets; each next one scores up to `stride` new ones,
+    fed the `context` tokens before its last target (the last window too, reaching back over targets
+    already scored). With stride = context these are lm-evaluation-harness's `loglikelihood_rolling`
+    windows (its `get_rolling_token_windows` with `context_len=1`). Needs 1 <= stride <= context.
+    """
+    if not 1 <= stride <= context:
+        raise ValueError(f"need 1 <= stride <= context, got stride={stride}, context={context}")
+    last = min(context, n_tokens - 1)  # index of the last target scored so far
+    if last < 1:
+        return
+    yield Window(0, last, last)
+    while last < n_tokens - 1:
+        end = min(last + stride, n_tokens - 1)  # this window's last target
+        start = end - context  # > 0: last >= context here
+        yield Window(start, context, end - last)
+        last = end
+
+
+def split_documents(tokens: torch.Tensor) -> list[torch.Tensor]:
+    """A token stream cut at its `<|endoftext|>` separators: the documents, separators and empty ones dropped."""
+    ends = (tokens == EOT_ID).nonzero().flatten().tolist() + [len(tokens)]
+    docs, start = [], 0
+    for end in ends:
+        if end > start:
+            docs.append(tokens[start:end])
+        start = end + 1
+    return docs
 
 
 def bits_per_byte(total_nll: float, n_bytes: int) -> float:
@@ -104,6 +151,13 @@ def _batch(tokens: torch.Tensor, windows: list[Window]) -> tuple[torch.Tensor, t
 
 
 ScoreFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], float]
+# the same, but one summed NLL per window (row) of the batch: what tells documents apart
+RowScoreFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], Sequence[float]]
+
+
+def _progress_bar(total: int, progress: bool) -> tqdm:
+    # disable=None: a bar only when asked for and stderr is a terminal
+    return tqdm(total=total, unit="tok", disable=True if not progress else None, leave=False)
 
 
 def score_windows(
@@ -120,8 +174,7 @@ def score_windows(
     windows = list(iter_windows(len(tokens), context, stride))
     total_nll = 0.0  # accumulated in Python float64
     t0 = time.perf_counter()
-    # disable=None: a bar only when asked for and stderr is a terminal
-    bar = tqdm(total=len(tokens) - 1, unit="tok", disable=True if not progress else None, leave=False)
+    bar = _progress_bar(len(tokens) - 1, progress)
     try:
         for b in range(0, len(windows), batch_size):
             chunk = windows[b : b + batch_size]
@@ -147,6 +200,80 @@ def score_windows(
     )
 
 
+def score_documents(
+    docs: Sequence[torch.Tensor],
+    score: RowScoreFn,
+    *,
+    context: int,
+    stride: int,
+    batch_size: int,
+    progress: bool = False,
+) -> list[float]:
+    """Each document's total NLL (nats), scored on its own as `[EOT] + doc` through `document_windows`.
+
+    Windows of different documents share batches: they are cut from one flat tensor of all the sequences,
+    and no window reaches outside its own document.
+    """
+    eot = torch.tensor([EOT_ID], dtype=torch.long)
+    seqs = [torch.cat([eot, torch.as_tensor(d, dtype=torch.long)]) for d in docs]
+    windows: list[Window] = []
+    owner: list[int] = []  # the document of each window
+    offset = 0
+    for i, seq in enumerate(seqs):
+        for w in document_windows(len(seq), context, stride):
+            windows.append(Window(offset + w.start, w.length, w.scored))
+            owner.append(i)
+        offset += len(seq)
+    flat = torch.cat(seqs) if seqs else torch.zeros(0, dtype=torch.long)
+    nlls = [0.0] * len(seqs)  # Python float64 sums
+    bar = _progress_bar(sum(len(s) - 1 for s in seqs), progress)
+    try:
+        for b in range(0, len(windows), batch_size):
+            chunk = windows[b : b + batch_size]
+            for i, nll in zip(owner[b : b + batch_size], score(*_batch(flat, chunk)), strict=True):
+                nlls[i] += float(nll)
+            bar.update(sum(w.scored for w in chunk))
+    finally:
+        bar.close()
+    return nlls
+
+
+def evaluate_documents(
+    tokens: torch.Tensor,
+    score: RowScoreFn,
+    *,
+    context: int,
+    stride: int,
+    batch_size: int,
+    progress: bool = False,
+) -> EvalResult:
+    """Either backend's per-document evaluation of a checked token stream (`score_windows`'s twin): each
+    `<|endoftext|>`-separated document on its own, bytes of the documents' text only."""
+    docs = split_documents(tokens)
+    t0 = time.perf_counter()
+    total_nll = math.fsum(
+        score_documents(docs, score, context=context, stride=stride, batch_size=batch_size, progress=progress)
+    )
+    seconds = time.perf_counter() - t0
+    n = sum(len(d) for d in docs)
+    n_bytes = sum(count_bytes(d) for d in docs)  # the documents' own text: no separator
+    if n == 0 or n_bytes == 0:
+        raise UserError("no document holds text between the <|endoftext|> separators; use --stream")
+    return EvalResult(
+        tokens_scored=n,
+        mean_nll=total_nll / n,
+        perplexity=perplexity(total_nll / n),
+        bits_per_byte=bits_per_byte(total_nll, n_bytes),
+        n_bytes=n_bytes,
+        context=context,
+        stride=stride,
+        seconds=seconds,
+        tokens_per_s=n / seconds if seconds > 0 else float("inf"),
+        mode="documents",
+        documents=len(docs),
+    )
+
+
 def check_tokens(
     tokens: torch.Tensor | np.ndarray, cfg: ModelConfig, context: int, stride: int, batch_size: int
 ) -> torch.Tensor:
@@ -161,31 +288,8 @@ def check_tokens(
     return tokens
 
 
-def sliding_window_nll(
-    model: torch.nn.Module,
-    tokens: torch.Tensor,
-    *,
-    context: int | None = None,
-    stride: int | None = None,
-    batch_size: int = 8,
-    device: str | torch.device | None = None,
-    dtype: str = "fp32",
-    progress: bool = False,
-) -> EvalResult:
-    """Score every token of `tokens` (N,) from position 1 on, once, with up to `context` tokens of history.
-
-    `context` defaults to the model's context_length and `stride` to `context` (non-overlapping windows);
-    `device` defaults to where the model's weights are (a given one moves the model there). The model
-    runs in eval mode, its previous mode restored after.
-    """
-    net = unwrap(model)
-    cfg = net.config
-    context = cfg.context_length if context is None else context
-    stride = context if stride is None else stride
-    tokens = check_tokens(tokens, cfg, context, stride, batch_size)
-    torch_dtype(dtype)  # a clear error for an unknown dtype before any work
-    dev = torch.device(device) if device is not None else next(net.parameters()).device
-    net.to(dev)
+def _scorer(net: torch.nn.Module, dev: torch.device, dtype: str) -> ScoreFn:
+    """The PyTorch model's summed NLL of a batch's scored targets."""
 
     def score(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> float:
         x, y, mask = x.to(dev), y.to(dev), mask.to(dev)
@@ -197,14 +301,95 @@ def sliding_window_nll(
             nll = linear_cross_entropy(h[mask], net.lm_head.weight, y[mask], reduction="sum")
         return nll.item()
 
+    return score
+
+
+def _row_scorer(net: torch.nn.Module, dev: torch.device, dtype: str) -> RowScoreFn:
+    """The same, one sum per window (row of the batch): each scored target's NLL, added up by row."""
+
+    def score(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> list[float]:
+        x, y, mask = x.to(dev), y.to(dev), mask.to(dev)
+        with torch.inference_mode(), autocast(dev, dtype):
+            h = net.transformer(x)
+            nll = linear_cross_entropy(h[mask], net.lm_head.weight, y[mask], reduction="none")
+        rows = mask.nonzero()[:, 0]  # the row of each scored target, in h[mask]'s (row-major) order
+        sums = torch.zeros(x.size(0), dtype=torch.float64, device=dev).index_add_(0, rows, nll.double())
+        return sums.tolist()
+
+    return score
+
+
+@contextlib.contextmanager
+def _scoring(
+    model: torch.nn.Module, device: str | torch.device | None, dtype: str
+) -> Iterator[tuple[torch.nn.Module, torch.device]]:
+    """(network, device) in eval mode for the duration; `device` None keeps the model where it is."""
+    net = unwrap(model)
+    torch_dtype(dtype)  # a clear error for an unknown dtype before any work
+    dev = torch.device(device) if device is not None else next(net.parameters()).device
+    net.to(dev)
     was_training = net.training
     net.eval()
     try:
-        return score_windows(
-            tokens, score, context=context, stride=stride, batch_size=batch_size, progress=progress
-        )
+        yield net, dev
     finally:
         net.train(was_training)
+
+
+def sliding_window_nll(
+    model: torch.nn.Module,
+    tokens: torch.Tensor,
+    *,
+    context: int | None = None,
+    stride: int | None = None,
+    batch_size: int = 8,
+    device: str | torch.device | None = None,
+    dtype: str = "fp32",
+    progress: bool = False,
+    per_document: bool = False,
+) -> EvalResult:
+    """Score `tokens` (N,) with up to `context` tokens of history: as one stream (every token from position
+    1 on, once), or with `per_document` each `<|endoftext|>`-separated document on its own (lm-eval's
+    convention, see the module docstring).
+
+    `context` defaults to the model's context_length and `stride` to `context` (non-overlapping windows);
+    `device` defaults to where the model's weights are (a given one moves the model there). The model
+    runs in eval mode, its previous mode restored after.
+    """
+    cfg = unwrap(model).config
+    context = cfg.context_length if context is None else context
+    stride = context if stride is None else stride
+    tokens = check_tokens(tokens, cfg, context, stride, batch_size)
+    window = {"context": context, "stride": stride, "batch_size": batch_size, "progress": progress}
+    with _scoring(model, device, dtype) as (net, dev):
+        if per_document:
+            return evaluate_documents(tokens, _row_scorer(net, dev, dtype), **window)
+        return score_windows(tokens, _scorer(net, dev, dtype), **window)
+
+
+def document_nlls(
+    model: torch.nn.Module,
+    docs: Sequence[Sequence[int]],
+    *,
+    context: int | None = None,
+    stride: int | None = None,
+    batch_size: int = 8,
+    device: str | torch.device | None = None,
+    dtype: str = "fp32",
+) -> list[float]:
+    """The total NLL (nats) of each document's tokens, each scored on its own after `<|endoftext|>`: with
+    the default stride, minus lm-eval's `loglikelihood_rolling` of the document's text."""
+    cfg = unwrap(model).config
+    context = cfg.context_length if context is None else context
+    stride = context if stride is None else stride
+    flat = [t for d in docs for t in d]
+    # the ids and the settings (two padding ids: a short document is no error here)
+    check_tokens(torch.tensor(flat + [0, 0]), cfg, context, stride, batch_size)
+    with _scoring(model, device, dtype) as (net, dev):
+        tensors = [torch.as_tensor(list(d), dtype=torch.long) for d in docs]
+        return score_documents(
+            tensors, _row_scorer(net, dev, dtype), context=context, stride=stride, batch_size=batch_size
+        )
 
 
 def check_settings(n_tokens: int, context: int, stride: int, batch_size: int, model_context: int) -> None:

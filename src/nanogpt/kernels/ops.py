@@ -147,7 +147,8 @@ def _fused_head_rows(
 def _blocked_nll(
     h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int
 ) -> torch.Tensor:
-    """Summed NLL without gradients, one pass over the vocabulary in cache-sized blocks (CPU eval in fp32).
+    """Each position's NLL (fp32, 0 where ignored) without gradients, one pass over the vocabulary in
+    cache-sized blocks (CPU eval in fp32).
 
     Each (block, chunk) tile of logits is made, folded into a running max and sum of exponentials per
     position (the online softmax) and dropped while it is still in cache: one trip through memory for the
@@ -156,7 +157,7 @@ def _blocked_nll(
     dev = h.device
     cdt = _matmul_dtype(h)
     n, vocab = h.size(0), weight.size(0)
-    total = torch.zeros((), dtype=torch.float32, device=dev)
+    out = torch.zeros(n, dtype=torch.float32, device=dev)
     with torch.autocast(dev.type, enabled=False):
         hc, w = h.to(cdt), weight.to(cdt)
         for r in range(0, n, NLL_ROWS):
@@ -174,29 +175,30 @@ def _blocked_nll(
                 sumexp = sumexp.mul_((top - new_top).exp_()).add_(tile.sub_(new_top).exp_().sum(0))
                 top = new_top
             nll = top + sumexp.log() - target
-            total += torch.where(yr != ignore_index, nll, 0.0).sum()
-    return total
+            out[r : r + m] = torch.where(yr != ignore_index, nll, 0.0)
+    return out
 
 
 def _rowwise_nll(
     h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int
 ) -> torch.Tensor:
-    """Summed NLL without gradients, NLL_ROWS positions at a time (CPU evaluation in bf16/fp16).
+    """Each position's NLL without gradients, NLL_ROWS positions at a time (CPU evaluation in bf16/fp16,
+    and any device for `reduction="none"`).
 
     Their logits come from one low-precision matmul and go through ATen's fused fp32 log-softmax. Once
     the matmul runs twice as fast as in fp32, `_blocked_nll`'s separate max/exp/sum passes per tile cost
     more than they save: measured 12% slower on the card's eval in bf16.
     """
     cdt = _matmul_dtype(h)  # before autocast is turned off below
-    total = torch.zeros((), dtype=torch.float32, device=h.device)
+    out = torch.zeros(h.size(0), dtype=torch.float32, device=h.device)
     with torch.autocast(h.device.type, enabled=False):
         hc, w = h.to(cdt), weight.to(cdt)
         for r in range(0, h.size(0), NLL_ROWS):
             logits = torch.mm(hc[r : r + NLL_ROWS], w.t()).float()
-            total += F.cross_entropy(
-                logits, targets[r : r + NLL_ROWS], ignore_index=ignore_index, reduction="sum"
+            out[r : r + NLL_ROWS] = F.cross_entropy(
+                logits, targets[r : r + NLL_ROWS], ignore_index=ignore_index, reduction="none"
             )
-    return total
+    return out
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -231,18 +233,29 @@ def linear_cross_entropy(
     """`F.cross_entropy(h @ weight.T, targets, reduction=...)` in fp32, never materialising the logits.
 
     h (N, d), weight (vocab, d), targets (N,) int64; reduction "mean" (over targets != ignore_index; 0 if
-    there are none) or "sum". Under autocast the matmuls run in the autocast dtype and the softmax in fp32.
+    there are none), "sum", or "none" (each position's NLL, 0 where ignored; evaluation only, no
+    gradients). Under autocast the matmuls run in the autocast dtype and the softmax in fp32.
     """
-    if reduction not in ("mean", "sum"):
-        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
+        if reduction == "none":
+            raise ValueError("reduction 'none' is for evaluation: call it under torch.no_grad()")
         return _LinearCrossEntropy.apply(h, weight, targets, ignore_index, reduction == "mean")
     if h.device.type == "cpu" and _matmul_dtype(h) == torch.float32:
-        total = _blocked_nll(h, weight, targets, ignore_index)
-    elif h.device.type == "cpu":
-        total = _rowwise_nll(h, weight, targets, ignore_index)
+        per_row = _blocked_nll(h, weight, targets, ignore_index)
+    elif h.device.type == "cpu" or reduction == "none":
+        per_row = _rowwise_nll(h, weight, targets, ignore_index)
     else:  # on a GPU the whole-vocabulary chunk is fewer, larger kernels
-        total = _fused_head(h, weight, targets, ignore_index, None)[0]
+        return _reduce(
+            _fused_head(h, weight, targets, ignore_index, None)[0], targets, ignore_index, reduction
+        )
+    if reduction == "none":
+        return per_row
+    return _reduce(per_row.sum(), targets, ignore_index, reduction)
+
+
+def _reduce(total: torch.Tensor, targets: torch.Tensor, ignore_index: int, reduction: str) -> torch.Tensor:
     return total if reduction == "sum" else total / (targets != ignore_index).sum().clamp(min=1)
 
 

@@ -34,7 +34,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -76,7 +76,8 @@ from nanogpt.train.optim import (
     optimizer_step,
     schedule_warning,
 )
-from nanogpt.train.plot import append_log, plot_log, read_log, truncate_log
+from nanogpt.train.plot import plot_log, read_log, truncate_log
+from nanogpt.train.tracking import RunLog, open_run_log
 
 EVAL_SEED = 0  # one fixed stream of val windows for every run and seed: val losses are comparable
 KILL_ENV = "NANOGPT_TEST_KILL"  # test hook: "step:N" or "checkpoint:N" SIGKILLs the process there
@@ -432,6 +433,7 @@ def train(
     loss_fn: LossFn | None = None,
     peak_flops: float | None = None,
     kind: str = "run",
+    trackers: Sequence[str] | None = None,
 ) -> TrainResult:
     """Train `model_cfg` on `data_dir` into the run folder `out_dir` (layout in the module docstring).
 
@@ -440,6 +442,8 @@ def train(
     `peak_flops` (per device) is the MFU denominator; default: `default_peak_flops`.
     `force` replaces whatever is at `out_dir` (else only a run that never wrote a checkpoint); `kind` is
     the folder kind its marker records (`nanogpt.folders.KINDS`: "run", or "demo" for the demo's run).
+    `trackers` mirror the log to TensorBoard/W&B/MLflow (`nanogpt.train.tracking`; None: on resume, the
+    run's own).
     """
     info, device = setup_distributed(train_cfg.device)
     run = Path(out_dir)
@@ -459,9 +463,9 @@ def train(
             warning = schedule_warning(train_cfg)
             if warning and info.main and src is None:  # once the run is known to start
                 print(warning, file=sys.stderr)
-            result = _loop(
-                s, progress, (peak_flops or default_peak_flops(device, train_cfg.dtype)) * info.world_size
-            )
+            with session_log(s.run, info.main, trackers, model_cfg, train_cfg, src, s.counters.step) as log:
+                peak = (peak_flops or default_peak_flops(device, train_cfg.dtype)) * info.world_size
+                result = _loop(s, progress, peak, log)
         if info.enabled:  # leave together: tearing gloo down while rank 0 still writes last/ can abort a rank
             import torch.distributed as dist
 
@@ -481,11 +485,27 @@ def train(
                 dist.destroy_process_group()
 
 
-def _loop(s: _Session, progress: bool, peak: float) -> TrainResult:
+def session_log(
+    run: Path,
+    main: bool,
+    trackers: Sequence[str] | None,
+    model_cfg: ModelConfig,
+    train_cfg: TrainConfig,
+    src: Path | None,
+    step: int,
+) -> contextlib.AbstractContextManager[RunLog]:
+    """The session's RunLog (both backends): log.jsonl plus the trackers on the main process."""
+    if not main:
+        return contextlib.nullcontext(RunLog(RunFolder(run).log))
+    configs = {"model": model_cfg.to_dict(), "train": train_cfg.to_dict()}
+    return open_run_log(RunFolder(run), trackers, configs, resume_step=step if src is not None else None)
+
+
+def _loop(s: _Session, progress: bool, peak: float, log: RunLog) -> TrainResult:
     """Evaluate, step, log, checkpoint until max_iters / max_tokens / max_time."""
     from tqdm import tqdm
 
-    c, k, main, log = s.cfg, s.counters, s.info.main, RunFolder(s.run).log
+    c, k, main = s.cfg, s.counters, s.info.main
     fpt = flops_per_token(s.model_cfg, s.model.num_params(unique=True))
     tps_total = (
         c.max_iters if not c.max_tokens else min(c.max_iters, math.ceil(c.max_tokens / s.tokens_per_step))
@@ -509,7 +529,7 @@ def _loop(s: _Session, progress: bool, peak: float) -> TrainResult:
     train_seconds, trained_tokens = 0.0, 0
     if k.step == 0 and main and k.first_val_loss is None:  # a new run: where it starts from
         val = evaluate()
-        append_log(log, {"step": 0, "tokens": 0, "val_loss": val, "val_ppl": perplexity(val)})
+        log.append({"step": 0, "tokens": 0, "val_loss": val, "val_ppl": perplexity(val)})
     t_log, tokens_log = time.perf_counter(), k.step * s.tokens_per_step
     stop = k.step >= c.max_iters or (c.max_tokens is not None and k.step * s.tokens_per_step >= c.max_tokens)
     s.fwd.train()
@@ -544,15 +564,15 @@ def _loop(s: _Session, progress: bool, peak: float) -> TrainResult:
             if val is not None:
                 record.update(val_loss=val, val_ppl=perplexity(val))
         if record:
-            append_log(log, record)
+            log.append(record)
         if is_eval:
             s.save(val)
             t_log = time.perf_counter()  # throughput excludes eval and checkpoint time
         _maybe_kill("step", step)
     bar.close()
 
-    if main and log.is_file():
-        plot_log(read_log(log), RunFolder(s.run).plot, title=s.run.name)
+    if main and log.path.is_file():
+        plot_log(read_log(log.path), RunFolder(s.run).plot, title=s.run.name)
     ppl = {n: None if v is None else perplexity(v) for n, v in asdict(k).items() if n.endswith("val_loss")}
     return TrainResult(
         steps=k.step,

@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -45,9 +45,10 @@ from nanogpt.mlx.train.checkpoint import (
 )
 from nanogpt.mlx.train.optim import LossFn, cross_entropy_loss, make_optimizer, make_train_step, to_mx
 from nanogpt.train.checkpoint import atomic_dir, resolve_checkpoint, write_json
-from nanogpt.train.loop import EVAL_SEED, Counters, TrainResult, perplexity, run_folder
+from nanogpt.train.loop import EVAL_SEED, Counters, TrainResult, perplexity, run_folder, session_log
 from nanogpt.train.optim import default_peak_flops, flops_per_token, lr_at, schedule_warning
-from nanogpt.train.plot import append_log, plot_log, read_log, truncate_log
+from nanogpt.train.plot import plot_log, read_log, truncate_log
+from nanogpt.train.tracking import RunLog
 
 # the counters in state.json, in the order MLX checkpoints have always listed them
 _STATE_COUNTERS = ("step", "elapsed", "best_val_loss", "first_val_loss", "last_val_loss")
@@ -222,6 +223,7 @@ def train(
     loss_fn: LossFn | None = None,
     peak_flops: float | None = None,
     kind: str = "run",
+    trackers: Sequence[str] | None = None,
 ) -> TrainResult:
     """Train `model_cfg` on `data_dir` into the run folder `out_dir` with MLX (see the module docstring).
 
@@ -242,7 +244,8 @@ def train(
             print(warning, file=sys.stderr)
         apple_gpu = mx.default_device() == mx.gpu
         peak = peak_flops or default_peak_flops(torch.device("mps" if apple_gpu else "cpu"), "fp32")
-        return _loop(s, progress, peak)
+        with session_log(run, True, trackers, model_cfg, train_cfg, src, s.counters.step) as log:
+            return _loop(s, progress, peak, log)
 
 
 def _reached_end(cfg: TrainConfig, step: int, tokens: int) -> bool:
@@ -294,9 +297,9 @@ def _progress_bar(s: _Session, progress: bool) -> Any:
     )
 
 
-def _loop(s: _Session, progress: bool, peak: float) -> TrainResult:
+def _loop(s: _Session, progress: bool, peak: float, log: RunLog) -> TrainResult:
     """Evaluate, step, log, checkpoint until max_iters / max_tokens / max_time."""
-    c, k, log = s.cfg, s.counters, RunFolder(s.run).log
+    c, k = s.cfg, s.counters
     bar = _progress_bar(s, progress)
 
     def evaluate() -> float:
@@ -309,7 +312,7 @@ def _loop(s: _Session, progress: bool, peak: float) -> TrainResult:
     train_seconds, trained_tokens = 0.0, 0
     if k.step == 0 and k.first_val_loss is None:  # a new run: where it starts from
         val = evaluate()
-        append_log(log, {"step": 0, "tokens": 0, "val_loss": val, "val_ppl": perplexity(val)})
+        log.append({"step": 0, "tokens": 0, "val_loss": val, "val_ppl": perplexity(val)})
     fpt = flops_per_token(s.model_cfg, s.model.num_params(unique=True))
     meter = _Meter(fpt, peak, time.perf_counter(), k.step * s.tokens_per_step)
     stop = _reached_end(c, k.step, k.step * s.tokens_per_step)
@@ -332,14 +335,14 @@ def _loop(s: _Session, progress: bool, peak: float) -> TrainResult:
             val = evaluate()
             record.update(val_loss=val, val_ppl=perplexity(val))
         if record:
-            append_log(log, record)
+            log.append(record)
         if is_eval:
             s.save(val)
             meter.t_log = time.perf_counter()  # throughput excludes eval and checkpoint time
     bar.close()
 
-    if log.is_file():
-        plot_log(read_log(log), RunFolder(s.run).plot, title=s.run.name)
+    if log.path.is_file():
+        plot_log(read_log(log.path), RunFolder(s.run).plot, title=s.run.name)
     return _result(s, time.perf_counter() - t_start, trained_tokens / train_seconds if train_seconds else 0.0)
 
 
