@@ -35,6 +35,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -75,6 +76,25 @@ class EvalResult:
     tokens_per_s: float
     mode: str = "stream"  # "documents": each scored on its own (lm-eval's convention); "stream": joined
     documents: int | None = None  # how many documents were scored ("documents" mode)
+
+    @classmethod
+    def of(
+        cls, total_nll: float, n: int, n_bytes: int, context: int, stride: int, seconds: float, **extra: Any
+    ) -> EvalResult:
+        """The figures of `n` scored tokens whose NLLs sum to `total_nll` (nats) over `n_bytes` bytes."""
+        mean = total_nll / n
+        return cls(
+            tokens_scored=n,
+            mean_nll=mean,
+            perplexity=perplexity(mean),
+            bits_per_byte=bits_per_byte(total_nll, n_bytes),
+            n_bytes=n_bytes,
+            context=context,
+            stride=stride,
+            seconds=seconds,
+            tokens_per_s=n / seconds if seconds > 0 else float("inf"),
+            **extra,
+        )
 
 
 def iter_windows(n_tokens: int, context: int, stride: int) -> Iterator[Window]:
@@ -185,19 +205,7 @@ def score_windows(
     seconds = time.perf_counter() - t0
 
     n = len(tokens) - 1
-    n_bytes = count_bytes(tokens[1:])
-    mean = total_nll / n
-    return EvalResult(
-        tokens_scored=n,
-        mean_nll=mean,
-        perplexity=perplexity(mean),
-        bits_per_byte=bits_per_byte(total_nll, n_bytes),
-        n_bytes=n_bytes,
-        context=context,
-        stride=stride,
-        seconds=seconds,
-        tokens_per_s=n / seconds if seconds > 0 else float("inf"),
-    )
+    return EvalResult.of(total_nll, n, count_bytes(tokens[1:]), context, stride, seconds)
 
 
 def score_documents(
@@ -259,19 +267,7 @@ def evaluate_documents(
     n_bytes = sum(count_bytes(d) for d in docs)  # the documents' own text: no separator
     if n == 0 or n_bytes == 0:
         raise UserError("no document holds text between the <|endoftext|> separators; use --stream")
-    return EvalResult(
-        tokens_scored=n,
-        mean_nll=total_nll / n,
-        perplexity=perplexity(total_nll / n),
-        bits_per_byte=bits_per_byte(total_nll, n_bytes),
-        n_bytes=n_bytes,
-        context=context,
-        stride=stride,
-        seconds=seconds,
-        tokens_per_s=n / seconds if seconds > 0 else float("inf"),
-        mode="documents",
-        documents=len(docs),
-    )
+    return EvalResult.of(total_nll, n, n_bytes, context, stride, seconds, mode="documents", documents=len(docs))
 
 
 def check_tokens(
