@@ -29,6 +29,7 @@ from nanogpt.train.optim import schedule_warning
 from nanogpt.train.plot import read_log
 from tests.bad_input import refuse, refuse_subprocess, run_nanogpt
 from tests.bad_input import small_disk as disk
+from tests.processes import default_sigint
 from tests.tiny import TINY_MODEL
 
 MODEL = {**TINY_MODEL, "context_length": 32}
@@ -381,7 +382,9 @@ def test_info_bad_config(capsys, tmp_path, text, names, fix):
 
 def _start_train(data: Path, run: Path, config: Path, *extra: str) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "nanogpt", *train_argv(data, run, config, *extra)]
-    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint
+    )
 
 
 def _wait_for(cond, proc: subprocess.Popen, timeout: float = 120) -> None:

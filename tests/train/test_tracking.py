@@ -24,6 +24,7 @@ from nanogpt.errors import UserError
 from nanogpt.train.plot import read_log
 from nanogpt.train.tracking import RunLog, check_installed, parse_trackers
 from tests.bad_input import run_nanogpt
+from tests.processes import default_sigint
 from tests.tiny import TINY_MODEL
 
 QUICK = [
@@ -254,6 +255,7 @@ def test_trackers_hold_the_log_through_ctrl_c_and_resume_the_same_runs(
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,
+        preexec_fn=default_sigint,
     )
     try:
         _wait_for(lambda: past_a_checkpoint(run), proc)
