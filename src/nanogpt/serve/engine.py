@@ -48,9 +48,9 @@ from nanogpt.model.gpt import NanoGPTLMHeadModel
 from nanogpt.model.kv_cache import SlotKVCache
 
 # Up to this many rows, a decode step multiplies by the decode copies (kernels.decode); above, the stock
-# weights (a many-row product is compute-bound, and BLAS reads the stock layout as fast). See
-# docs/serving.md for the measurement.
-COPY_ROWS = {"fp32": 4, "bf16": 64, "fp16": 64}
+# weights. Measured at the card's shapes, the copies are never slower than noise up to 32 rows, and far
+# faster in bf16 (docs/serving.md, "Kernels").
+COPY_ROWS = 64
 SCORE_TOKENS = 2048  # prompt tokens per scoring forward (its logits take SCORE_TOKENS * vocab floats)
 
 
@@ -341,7 +341,7 @@ class Engine:
 
     def _forward(self, idx: torch.Tensor, cache: Any, rows: int, last_only: bool = True) -> torch.Tensor:
         one_row = rows == 1 and idx.size(1) == 1
-        copies = idx.size(1) == 1 and rows <= COPY_ROWS.get(self.dtype, 0)
+        copies = idx.size(1) == 1 and rows <= COPY_ROWS
         step = decode_step(self.device, self.cache_dtype, one_row=one_row, use_copies=copies)
         with autocast(self.device, self.dtype), step:
             return self.model(idx, cache=cache, last_only=last_only)
