@@ -34,7 +34,9 @@ from nanogpt.data.tokenizer import Tokenizer, get_tokenizer
 from nanogpt.serve.engine import Engine, EngineClosed, Finished, Job, PromptScores, QueueFull, Token
 from nanogpt.serve.errors import (
     DEFAULT_MAX_BODY_BYTES,
+    error_body,
     error_response,
+    error_type,
     install_error_handlers,
     model_not_found,
 )
@@ -276,12 +278,11 @@ async def _events(request: Any, handles: list) -> AsyncIterator[tuple[int, Any]]
     pumps = [asyncio.ensure_future(pump(i, h)) for i, h in enumerate(handles)]
     watcher = asyncio.ensure_future(watch())
     try:
-        for _ in range(sum(1 for _ in handles)):
-            while True:
-                i, ev = await merged.get()
-                yield i, ev
-                if isinstance(ev, Finished):
-                    break
+        unfinished = len(handles)
+        while unfinished:
+            i, ev = await merged.get()
+            yield i, ev
+            unfinished -= isinstance(ev, Finished)
     finally:
         for h in handles:
             h.cancel()  # a no-op for finished jobs; stops the rest when the answer was abandoned
@@ -419,7 +420,7 @@ async def _sse(request: Any, name: str, req: CompletionRequest, handles: list, c
             rest = c.end(ev.reason)
             if ev.reason in ("timeout", "cancelled", "error") and not stopped:
                 status, message = _failure([ev]) or (500, "internal error")
-                yield f"data: {json.dumps({'error': {'message': message, 'type': 'server_error', 'param': None, 'code': status}})}\n\n"
+                yield f"data: {json.dumps(error_body(message, error_type(status)))}\n\n"  # too late for a status
                 continue
             if rest:
                 yield chunk([piece(c, rest, None)])
