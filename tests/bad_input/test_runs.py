@@ -13,7 +13,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,7 +28,7 @@ from nanogpt.train.optim import schedule_warning
 from nanogpt.train.plot import read_log
 from tests.bad_input import refuse, refuse_subprocess, run_nanogpt
 from tests.bad_input import small_disk as disk
-from tests.processes import default_sigint
+from tests.processes import default_sigint, wait_for
 from tests.tiny import TINY_MODEL
 
 MODEL = {**TINY_MODEL, "context_length": 32}
@@ -387,13 +386,6 @@ def _start_train(data: Path, run: Path, config: Path, *extra: str) -> subprocess
     )
 
 
-def _wait_for(cond, proc: subprocess.Popen, timeout: float = 120) -> None:
-    t0 = time.time()
-    while not cond():
-        assert proc.poll() is None, f"training ended early: {proc.stderr.read() if proc.stderr else ''}"
-        assert time.time() - t0 < timeout, "timed out"
-        time.sleep(0.1)
-
 
 def test_train_two_resumes_at_once(small_data, config, copy_of):
     """The second resume is refused naming the first one's PID; a SIGKILL leaves no stale lock behind."""
@@ -401,7 +393,7 @@ def test_train_two_resumes_at_once(small_data, config, copy_of):
         small_data, copy_of, config, "--resume", "--max-iters", "100000", "--eval-interval", "5"
     )
     try:
-        _wait_for(
+        wait_for(
             lambda: (copy_of / LOCK).is_file() and (copy_of / LOCK).read_text().strip() == str(first.pid),
             first,
         )
@@ -426,7 +418,7 @@ def test_train_ctrl_c_says_how_to_continue(small_data, config, tmp_path):
     run = tmp_path / "r"
     proc = _start_train(small_data, run, config, "--max-iters", "100000", "--eval-interval", "3")
     try:
-        _wait_for(lambda: (run / "last" / "state.json").is_file(), proc)
+        wait_for(lambda: (run / "last" / "state.json").is_file(), proc)
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=60)
     finally:
@@ -444,7 +436,7 @@ def test_train_ctrl_c_before_the_first_checkpoint_says_start_over(small_data, co
     run = tmp_path / "r"
     proc = _start_train(small_data, run, config, "--max-iters", "100000", "--eval-interval", "100000")
     try:
-        _wait_for(lambda: (run / "log.jsonl").is_file(), proc)
+        wait_for(lambda: (run / "log.jsonl").is_file(), proc)
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=60)
     finally:

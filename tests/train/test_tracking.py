@@ -14,7 +14,6 @@ import struct
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,7 @@ from nanogpt.errors import UserError
 from nanogpt.train.plot import read_log
 from nanogpt.train.tracking import RunLog, check_installed, parse_trackers
 from tests.bad_input import run_nanogpt
-from tests.processes import default_sigint
+from tests.processes import default_sigint, wait_for
 from tests.tiny import TINY_MODEL
 
 QUICK = [
@@ -227,13 +226,6 @@ def past_a_checkpoint(run: Path) -> bool:
     return (run / "last" / "state.json").is_file() and len(steps) >= 6 and steps[-1] % 3 == 1
 
 
-def _wait_for(cond, proc: subprocess.Popen, timeout: float = 180) -> None:
-    t0 = time.time()
-    while not cond():
-        assert proc.poll() is None, f"training ended early: {proc.communicate()[1]}"
-        assert time.time() - t0 < timeout, "timed out"
-        time.sleep(0.1)
-
 
 @pytest.mark.ecosystem
 def test_trackers_hold_the_log_through_ctrl_c_and_resume_the_same_runs(
@@ -258,7 +250,7 @@ def test_trackers_hold_the_log_through_ctrl_c_and_resume_the_same_runs(
         preexec_fn=default_sigint,
     )
     try:
-        _wait_for(lambda: past_a_checkpoint(run), proc)
+        wait_for(lambda: past_a_checkpoint(run), proc, timeout=180)
         os.killpg(proc.pid, signal.SIGINT)
         _, err = proc.communicate(timeout=120)
     finally:
