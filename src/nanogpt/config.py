@@ -20,6 +20,7 @@ from nanogpt.errors import UserError
 NORM_POSITIONS = ("pre", "post")
 ACTIVATIONS = ("gelu", "gelu_tanh")  # exact erf GELU (the card, BERT) or GPT-2's tanh approximation
 DTYPE_NAMES = ("fp32", "bf16", "fp16")  # training/inference precisions (torch dtypes in kernels/device.py)
+OPTIMIZERS = ("adamw", "muon")  # muon: Muon for the blocks' weight matrices, AdamW for the rest
 
 
 # --- validation: every config, however it was made (JSON, flags, code), is checked when it is built ----
@@ -131,6 +132,7 @@ class TrainConfig:
     dtype: str = "fp32"  # fp32 | bf16 (autocast)
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     compile: bool = False  # torch.compile the model (CUDA)
+    optimizer: str = "adamw"  # adamw | muon (train/optim.py; the card's recipe is AdamW)
     # knowledge distillation (the card's second stage)
     distill_alpha: float = 0.5  # weight of the hard (data) loss; 1 - alpha goes to the soft (teacher) loss
     distill_temperature: float = 1.0
@@ -154,6 +156,8 @@ class TrainConfig:
         _require(self, "distill_temperature", self.distill_temperature > 0, "a number > 0")
         if self.dtype not in DTYPE_NAMES:
             raise UserError(f"dtype={self.dtype!r} is unknown; use one of {', '.join(DTYPE_NAMES)}")
+        if self.optimizer not in OPTIMIZERS:
+            raise UserError(f"optimizer={self.optimizer!r} is unknown; use one of {', '.join(OPTIMIZERS)}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -43,45 +43,64 @@ class DemoResult:
     hf_sample: str | None = None
 
 
-def seconds_per_iter(model_cfg: Any, cfg: TrainConfig, repeats: int = 2) -> float:
-    """Time a few real training steps at the demo's shapes to size the run to its time budget."""
-    import torch.nn.functional as F
+# The demo's recipe for the small presets (docs/demo.md holds the A/B runs behind each value). Keys are
+# TrainConfig fields; `demo_train_config` adds the iterations that fit the time budget and the evals.
+DEMO_RECIPE: dict[str, Any] = {
+    "batch_size": 16,
+    "learning_rate": 2e-3,  # small models tolerate (and need) a higher rate than the card's 3e-4
+    "min_lr": 2e-4,
+    "weight_decay": 0.1,
+    "eval_iters": 20,
+    "optimizer": "adamw",
+    "dtype": "fp32",
+}
+EVALS = 10  # held-out evaluations (and best/ checkpoints) per run
+OVERHEAD = 0.13  # logging, checkpoints and the progress bar, as a share of the step time (measured)
 
+
+def seconds_per_iter(model_cfg: Any, cfg: TrainConfig, repeats: int = 2) -> float:
+    """Time a few real training steps of the recipe (its batch, dtype and optimizer) to size the run."""
+    from nanogpt.kernels.device import autocast
     from nanogpt.model.gpt import NanoGPTLMHeadModel
+    from nanogpt.train.optim import make_optimizer, optimizer_step
 
     torch.manual_seed(cfg.seed)
+    cpu = torch.device("cpu")
     model = NanoGPTLMHeadModel(model_cfg).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate)
+    opt = make_optimizer(model, cfg, cpu)
     x = torch.randint(0, model_cfg.vocab_size, (cfg.batch_size, model_cfg.context_length))
     times = []
     for _ in range(repeats + 1):  # the first step warms up allocators and kernels
         t = time.perf_counter()
         for _ in range(cfg.grad_accum_steps):
-            F.cross_entropy(model(x).flatten(0, 1), x.flatten()).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+            with autocast(cpu, cfg.dtype):
+                loss = model(x, targets=x)
+            loss.backward()
+        optimizer_step(model, opt, cfg.learning_rate, cfg.grad_clip)
         times.append(time.perf_counter() - t)
     return min(times[1:])
 
 
-def demo_train_config(s_per_iter: float, minutes: float, seed: int, iters: int | None = None) -> TrainConfig:
-    """A recipe for the small presets: fixed batch, as many iterations as fit the budget, evals included.
+def demo_train_config(
+    s_per_iter: float, minutes: float, seed: int, iters: int | None = None, **changes: Any
+) -> TrainConfig:
+    """The demo's recipe (`DEMO_RECIPE` with `changes`) and as many iterations as fit the budget.
 
-    `iters` fixes the number of iterations instead (the time budget then only caps the run).
+    An eval batch costs about a third of a training step (forward only); `iters` fixes the number of
+    iterations instead (the time budget then only caps the run).
     """
+    recipe = {**DEMO_RECIPE, **changes}
     budget = minutes * 60
-    eval_cost = 0.35  # evals cost about this fraction of the step time (20 batches every 1/10 of the run)
-    iters = iters or max(20, int(budget / (s_per_iter * (1 + eval_cost))))
+    steps_in_budget = budget / s_per_iter
+    eval_share = EVALS * recipe["eval_iters"] / 3 / steps_in_budget
+    iters = iters or max(20, int(steps_in_budget / (1 + OVERHEAD + eval_share)))
+    recipe["eval_iters"] = min(recipe["eval_iters"], max(2, iters))  # fewer only for a few-step smoke run
     return TrainConfig(
-        batch_size=16,
-        learning_rate=2e-3,  # small models tolerate (and need) a higher rate than the card's 3e-4
-        min_lr=2e-4,
+        **recipe,
         warmup_iters=min(max(10, iters // 20), max(1, iters // 10)),  # never most of a short run
         max_iters=iters,
         max_time=budget,  # a hard stop if the machine is slower than the calibration said
-        weight_decay=0.1,
-        eval_interval=max(10, iters // 10),
-        eval_iters=min(20, max(2, iters)),  # 20 batches; fewer only for a few-step smoke run
+        eval_interval=max(10, iters // EVALS),
         log_interval=5,
         seed=seed,
     )
@@ -98,6 +117,8 @@ def run_demo(
     force: bool = False,
     iters: int | None = None,
     eval_tokens: int = 40_000,
+    changes: dict[str, Any] | None = None,
+    model_changes: dict[str, Any] | None = None,
 ) -> DemoResult:
     from nanogpt.data.prepare import prepare
     from nanogpt.data.tokenizer import get_tokenizer
@@ -113,10 +134,9 @@ def run_demo(
     prep = prepare("builtin", data_dir, verbose=progress)
     say(prep.summary())
 
-    model_cfg = preset(preset_name)
-    base = TrainConfig(batch_size=16, seed=seed)
-    spi = seconds_per_iter(model_cfg, base)
-    cfg = demo_train_config(spi, minutes, seed, iters)
+    model_cfg = replace(preset(preset_name), **(model_changes or {}))
+    spi = seconds_per_iter(model_cfg, demo_train_config(1.0, minutes, seed, iters, **(changes or {})))
+    cfg = demo_train_config(spi, minutes, seed, iters, **(changes or {}))
     say(
         f"== 2/5 train preset {preset_name!r} for ~{minutes:g} min: {spi:.2f} s/iter measured -> {cfg.max_iters} iterations"
     )

@@ -25,7 +25,7 @@ from nanogpt.commands.options import (
     add_tracker,
     apply_threads,
 )
-from nanogpt.config import PRESETS, ModelConfig, TrainConfig, override, preset, read_json
+from nanogpt.config import OPTIMIZERS, PRESETS, ModelConfig, TrainConfig, override, preset, read_json
 from nanogpt.errors import ArgumentParser, UserError
 from nanogpt.folders import RunFolder
 from nanogpt.train.checkpoint import load_config_of, saved_data_dir
@@ -61,6 +61,8 @@ def add_train_config_flags(p: argparse.ArgumentParser, skip_prefix: str | None =
             add_device(g, default=None, help=f"{DEVICE_HELP}; default {default}")
         elif f.name == "dtype":
             add_dtype(g, default=None, help=f"default {default}")
+        elif f.name == "optimizer":
+            g.add_argument(flag, choices=OPTIMIZERS, default=None, help=f"default {default}")
         elif f.type == "bool":
             g.add_argument(
                 flag, action=argparse.BooleanOptionalAction, default=None, help=f"default {default}"

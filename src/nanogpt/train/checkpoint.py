@@ -265,10 +265,11 @@ def load_optimizer_tensors(
                 state.setdefault(int(idx), {})[key] = value
         for idx, extra in meta.get("scalars", {}).items():
             state.setdefault(int(idx), {}).update(extra)
-        # JSON has no tuples; AdamW's betas (and any other tuple hyper-parameter) were tuples
-        groups = [{k: tuple(v) if k == "betas" else v for k, v in g.items()} for g in meta["param_groups"]]
-        # the implementation (fused on CUDA, foreach, ...) belongs to this device, not to the saved run
+        groups = meta["param_groups"]
         for saved, current in zip(groups, optimizer.param_groups, strict=True):
+            # JSON has no tuples: AdamW's betas, Muon's ns_coefficients were
+            saved.update({k: tuple(v) for k, v in saved.items() if isinstance(current.get(k), tuple)})
+            # the implementation (fused on CUDA, foreach, ...) belongs to this device, not to the saved run
             saved.update({k: current[k] for k in _IMPL_KEYS if k in current})
         optimizer.load_state_dict({"state": state, "param_groups": groups})
     except (ValueError, KeyError, TypeError, AttributeError) as e:  # another model's, or a damaged state.json

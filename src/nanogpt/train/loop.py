@@ -368,8 +368,9 @@ def _open_session(
         load_state_into(model, load_weights(src, device), src)
         state = load_train_state(src, optimizer)
         for group in optimizer.param_groups:  # flags given on resume win over the saved hyper-parameters
-            decay = cfg.weight_decay if group["weight_decay"] else 0.0
-            group.update(betas=(cfg.beta1, cfg.beta2), weight_decay=decay)
+            group["weight_decay"] = cfg.weight_decay if group["weight_decay"] else 0.0
+            if "betas" in group:  # AdamW's (Muon has its own momentum)
+                group["betas"] = (cfg.beta1, cfg.beta2)
         try:
             counters = Counters(**{f.name: state.info[f.name] for f in fields(Counters)})
             ranks = state.info["ranks"]

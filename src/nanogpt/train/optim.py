@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from nanogpt.config import ModelConfig, TrainConfig
+from nanogpt.errors import UserError
 from nanogpt.kernels.device import autocast
 
 # loss_fn(model, x, y) -> loss. A loss object that keeps its own JSONL log (a `log_path` attribute, as the
@@ -78,13 +79,85 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW over `param_groups`; the fused kernel on CUDA and CPU (3-5x faster than the default one on
-    CPU: docs/benchmarks.md, "What changed"), torch's default implementation elsewhere."""
+class MuonAdamW:
+    """Muon for the blocks' weight matrices and AdamW for everything else, stepped as one optimizer.
+
+    It offers what the trainer and the checkpoint use of an optimizer: `param_groups` (Muon's first),
+    `step`, `zero_grad`, and one `state_dict` whose parameter indices run on from Muon's into AdamW's.
+    """
+
+    def __init__(self, muon: torch.optim.Optimizer, adamw: torch.optim.Optimizer) -> None:
+        self.parts = (muon, adamw)
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return [g for opt in self.parts for g in opt.param_groups]
+
+    def step(self) -> None:
+        for opt in self.parts:
+            opt.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for opt in self.parts:
+            opt.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[int, Any] = {}
+        groups: list[dict[str, Any]] = []
+        offset = 0
+        for opt in self.parts:
+            sd = opt.state_dict()
+            state |= {offset + i: s for i, s in sd["state"].items()}
+            groups += [{**g, "params": [offset + i for i in g["params"]]} for g in sd["param_groups"]]
+            offset += sum(len(g["params"]) for g in sd["param_groups"])
+        return {"state": state, "param_groups": groups}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        if len(sd["param_groups"]) != len(self.param_groups):
+            raise ValueError(
+                f"{len(sd['param_groups'])} parameter groups saved, {len(self.param_groups)} here"
+            )
+        first = 0
+        for opt in self.parts:
+            groups = sd["param_groups"][first : first + len(opt.param_groups)]
+            first += len(groups)
+            ids = [i for g in groups for i in g["params"]]
+            base = min(ids, default=0)
+            opt.load_state_dict(
+                {
+                    "state": {i - base: sd["state"][i] for i in ids if i in sd["state"]},
+                    "param_groups": [{**g, "params": [i - base for i in g["params"]]} for g in groups],
+                }
+            )
+
+
+def make_optimizer(
+    model: nn.Module, cfg: TrainConfig, device: torch.device
+) -> torch.optim.Optimizer | MuonAdamW:
+    """AdamW over `param_groups` (`cfg.optimizer == "adamw"`, the card's), or `MuonAdamW` ("muon").
+
+    AdamW uses the fused kernel on CUDA and CPU (3-5x faster than the default one on CPU:
+    docs/benchmarks.md, "What changed"), torch's default implementation elsewhere. Muon (torch.optim.Muon:
+    momentum orthogonalised by Newton-Schulz) takes the blocks' Linear weight matrices, the decayed group;
+    embeddings, an untied head, biases and LayerNorm gains stay with AdamW, as in modded-nanogpt. Its lr is
+    scaled to match AdamW's update size ("match_rms_adamw"), so one lr and one schedule serve both.
+    """
     extra = {"fused": True} if device.type in ("cuda", "cpu") else {}
-    return torch.optim.AdamW(
-        param_groups(model, cfg.weight_decay), lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), **extra
+    groups = param_groups(model, cfg.weight_decay)
+    betas = (cfg.beta1, cfg.beta2)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=betas, **extra)
+    if not hasattr(torch.optim, "Muon"):
+        raise UserError(
+            f"--optimizer muon needs torch.optim.Muon (torch 2.9 or newer; this is {torch.__version__})"
+        )
+    head = getattr(getattr(model, "lm_head", None), "weight", None)
+    matrices = [p for p in groups[0]["params"] if p is not head]
+    groups[0]["params"] = [p for p in groups[0]["params"] if p is head]  # an untied head, else empty
+    muon = torch.optim.Muon(
+        matrices, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, adjust_lr_fn="match_rms_adamw"
     )
+    return MuonAdamW(muon, torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=betas, **extra))
 
 
 def flops_per_token(cfg: ModelConfig, n_params: int) -> float:

@@ -234,6 +234,10 @@ def train(
         raise UserError(
             f"the MLX backend trains in fp32, not {train_cfg.dtype}; drop --dtype or use --backend torch"
         )
+    if train_cfg.optimizer != "adamw":
+        raise UserError(
+            f"the MLX backend trains with AdamW, not {train_cfg.optimizer}; drop --optimizer or use --backend torch"
+        )
     run = Path(out_dir)
     with run_folder(run, model_cfg, resume=resume, force=force, kind=kind) as src:
         s = _open_session(
