@@ -17,6 +17,7 @@ same rows in the same process, alternating with ours run by run so that machine 
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import time
@@ -57,6 +58,7 @@ from nanogpt.bench.workloads import (
 from nanogpt.config import ModelConfig
 from nanogpt.errors import UserError
 from nanogpt.kernels.device import torch_dtype
+from nanogpt.kernels.quant import quantize_int8
 
 # --- the run ------------------------------------------------------------------------------------------
 
@@ -118,13 +120,21 @@ def check_settings(
     for flag, n, least in (("--batch", batch, 1), ("--repeats", repeats, 1), ("warmup", warmup, 0)):
         if n < least:
             raise UserError(f"{flag} {n} must be at least {least}")
-    torch_dtype(dtype)
+    if dtype != "int8":
+        torch_dtype(dtype)
     if backend not in ("torch", "mlx"):
         raise UserError(f"--backend {backend!r} is unknown; use torch or mlx")
     if backend == "mlx" and dtype != "fp32":
         raise UserError(f"--backend mlx measures fp32 only; drop --dtype {dtype}")
     if backend == "mlx" and compile:
         raise UserError("--compile is torch.compile; the mlx backend has no such step, drop --compile")
+    if dtype == "int8" and compile:
+        raise UserError("--dtype int8 measures the eager int8 kernel; drop --compile")
+
+
+def check_int8_peers(dtype: str, peers: bool) -> None:
+    if dtype == "int8" and peers:
+        raise UserError("--dtype int8 compares our int8 decode with our bf16 and fp32 ones; drop --peers")
 
 
 def run_bench(
@@ -146,8 +156,11 @@ def run_bench(
     t_start = time.perf_counter()
     cfg: ModelConfig = model.config
     check_settings(cfg, batch, seq, repeats, warmup, dtype, backend, compile)
+    check_int8_peers(dtype, peers)
     device = next(model.parameters()).device
     load0 = list(os.getloadavg())
+    if dtype == "int8":
+        return int8_bench(model, batch, seq, repeats, warmup, device, say, load0, t_start)
     n_total, n_unique = model.num_params(unique=False), model.num_params(unique=True)
     inp = Inputs.make(cfg, batch, seq, eval_windows or batch)
     ours = mlx_fns(model, inp, dtype) if backend == "mlx" else torch_fns(model, inp, dtype, device, compile)
@@ -204,6 +217,104 @@ def run_bench(
     res.load_average = {"start": load0, "end": list(os.getloadavg())}
     # a physically impossible number is never written as a result; a busy machine is said, not hidden
     res.warnings = check_rows(rows) + load_warnings(
+        load0, res.load_average["end"], os.cpu_count() or 1, torch.get_num_threads()
+    )
+    res.seconds = time.perf_counter() - t_start
+    return res
+
+
+def int8_bench(
+    model: torch.nn.Module,
+    batch: int,
+    seq: int,
+    repeats: int,
+    warmup: int,
+    device: torch.device,
+    say: Callable[[str], None],
+    load0: list[float],
+    t_start: float,
+) -> BenchResult:
+    """`--dtype int8`: the inference rows of an int8-weight copy of `model`, beside its bf16 and fp32 decode.
+
+    The three decodes alternate run by run (`timed`), so load hits them alike; no training, activation or
+    MFU rows (int8 here is weights for inference only), and the accuracy row is against fp32.
+    """
+    cfg: ModelConfig = model.config
+    inp = Inputs.make(cfg, batch, seq, batch)
+    int8 = torch_fns(quantize_int8(copy.deepcopy(model)), inp, "fp32", device)
+    bf16, fp32 = torch_fns(model, inp, "bf16", device), torch_fns(model, inp, "fp32", device)
+    say("roofline: matmul GFLOP/s at the model's shapes, copy bandwidth")
+    roof = measure_roofline(cfg, batch, seq, "fp32", device, repeats, "torch")
+    settings = {
+        "batch": batch,
+        "seq": seq,
+        "dtype": "int8",
+        "repeats": repeats,
+        "warmup": warmup,
+        "backend": "torch",
+        "compile": False,
+        "prompt_tokens": PROMPT_TOKENS,
+        "new_tokens": inp.new_tokens,
+        "eval_tokens": len(inp.eval_tokens) - 1,
+        "inputs": "fixed random token ids",
+        "peer": None,
+    }
+    res = BenchResult(cfg.to_dict(), settings, machine_info(device), roof)
+    n_total, n_unique = model.num_params(unique=False), model.num_params(unique=True)
+    res.rows += size_rows(cfg, n_total, n_unique, None)
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    res.rows.append(
+        Row(
+            "weights_int8_mib",
+            "Weight memory int8: Linear layers and the head in int8 (+ one fp32 scale per row), the rest fp32",
+            (
+                linear
+                + 4 * sum(m.weight.shape[0] for m in model.modules() if isinstance(m, torch.nn.Linear))
+                + 4 * (n_unique - linear + (cfg.vocab_size * cfg.d_model if cfg.tie_embeddings else 0))
+            )
+            / MIB,
+            "MiB",
+            higher_is_better=False,
+        )
+    )
+    say("decode (batch 1, KV cache, greedy): int8, bf16 and fp32 alternating")
+    q, b, f = timed([int8["decode"], bf16["decode"], fp32["decode"]], repeats, warmup, device)
+    what = f"Decode: batch 1, KV cache, greedy, {PROMPT_TOKENS}-token prompt, {inp.new_tokens} new tokens"
+    new = inp.new_tokens
+    res.rows += [
+        rate_row("decode_tokens_per_s", f"{what}, int8 weights", new, "tokens/s", q),
+        rate_row(
+            "decode_bf16_tokens_per_s",
+            f"{what}, bf16 (the same model, bf16 weight copies)",
+            new,
+            "tokens/s",
+            b,
+        ),
+        rate_row("decode_fp32_tokens_per_s", f"{what}, fp32", new, "tokens/s", f),
+        Row("decode_int8_over_bf16", "Decode speed of int8 over bf16 (medians)", b.median / q.median, "x"),
+        time_row(
+            "ttft_s",
+            f"Time to first token, int8: {seq}-token prompt",
+            *timed([int8["ttft"]], repeats, warmup, device),
+        ),
+    ]
+    say("perplexity evaluation and accuracy (int8 against fp32)")
+    res.rows += eval_rows(
+        lambda key: timed([int8[key]], repeats, warmup, device), batch, seq, len(inp.eval_tokens) - 1
+    )
+    delta = abs(int8["eval"]().mean_nll - fp32["eval"]().mean_nll)
+    what = "Accuracy cost of int8: absolute difference of the mean NLL with int8 weights and in fp32"
+    res.rows.append(
+        Row(
+            "low_precision_nll_delta",
+            f"{what}, eval tokens at stride {seq}",
+            delta,
+            "nats",
+            higher_is_better=False,
+        )
+    )
+    res.load_average = {"start": load0, "end": list(os.getloadavg())}
+    res.warnings = check_rows(res.rows) + load_warnings(
         load0, res.load_average["end"], os.cpu_count() or 1, torch.get_num_threads()
     )
     res.seconds = time.perf_counter() - t_start

@@ -18,7 +18,14 @@ from pathlib import Path
 
 import torch
 
-from nanogpt.bench.run import check_settings, make_out_dir, markdown_table, run_bench, write_outputs
+from nanogpt.bench.run import (
+    check_int8_peers,
+    check_settings,
+    make_out_dir,
+    markdown_table,
+    run_bench,
+    write_outputs,
+)
 from nanogpt.bench.serving import DEFAULT_CONCURRENCY
 from nanogpt.commands.options import add_backend, add_device, add_dtype, add_threads, apply_threads
 from nanogpt.config import PRESETS, preset
@@ -37,7 +44,11 @@ def build_parser() -> ArgumentParser:
     src.add_argument("--model", help="a checkpoint or run folder")
     src.add_argument("--preset", choices=list(PRESETS), help="a named config, random init (default: card)")
     add_backend(p, help="whose rows to measure")
-    add_dtype(p, help="fp32, or bf16/fp16 autocast")
+    add_dtype(
+        p,
+        help="fp32, or bf16/fp16 autocast, or int8 weights (inference rows, against bf16 and fp32)",
+        int8=True,
+    )
     add_device(p)
     p.add_argument("--peers", action="store_true", help="also run HF GPT2LMHeadModel at the same shapes")
     p.add_argument(
@@ -132,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         model = NanoGPTLMHeadModel(preset(args.preset or "card")).to(device)
     seq = min(args.seq, model.config.context_length)
     check_settings(model.config, args.batch, seq, args.repeats, 1, args.dtype, args.backend, args.compile)
+    check_int8_peers(args.dtype, args.peers)
     make_out_dir(args.out)  # after the checks: a refused run leaves no folder behind
     res = run_bench(
         model,

@@ -17,6 +17,7 @@ from nanogpt.commands.options import add_backend, add_device, add_dtype, refuse_
 from nanogpt.errors import ArgumentParser, UserError
 from nanogpt.infer.evaluate import EvalResult, sliding_window_nll, split_tokens, text_tokens
 from nanogpt.kernels.device import resolve_device
+from nanogpt.kernels.quant import apply_dtype
 from nanogpt.train.checkpoint import load_model
 
 
@@ -56,7 +57,7 @@ def build_parser() -> ArgumentParser:
     )
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default: 8)")
     add_device(p)
-    add_dtype(p, help="autocast precision (log-softmax stays fp32)")
+    add_dtype(p, help="autocast precision (log-softmax stays fp32), or int8 weights (weight-only)", int8=True)
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     add_backend(p)
     return p
@@ -85,8 +86,7 @@ def main(argv: list[str] | None = None) -> int:
 
         result = mlx_sliding_window_nll(mlx_load_model(args.model), tokens, **window)
     else:
-        result = sliding_window_nll(
-            load_model(args.model, dev), tokens, device=dev, dtype=args.dtype, **window
-        )
+        model = load_model(args.model, dev)
+        result = sliding_window_nll(model, tokens, device=dev, dtype=apply_dtype(model, args.dtype), **window)
     print(json.dumps(asdict(result)) if args.json else format_result(result))
     return 0

@@ -23,10 +23,13 @@ BACKENDS = ("torch", "mlx")
 DEVICE_HELP = "auto | cpu | cuda | cuda:N | mps"
 
 
-def dtype_name(text: str) -> str:
-    """An argparse type: one of fp32, bf16, fp16 (a type, not `choices`, so the error names the fix)."""
-    if text not in DTYPE_NAMES:
-        raise argparse.ArgumentTypeError(f"unknown dtype {text!r}; use one of {', '.join(DTYPE_NAMES)}")
+INFERENCE_DTYPES = (*DTYPE_NAMES, "int8")  # int8: weight-only, for sample/serve/eval/bench (kernels/quant.py)
+
+
+def dtype_name(text: str, names: tuple[str, ...] = DTYPE_NAMES) -> str:
+    """An argparse type: one of `names` (a type, not `choices`, so the error names the fix)."""
+    if text not in names:
+        raise argparse.ArgumentTypeError(f"unknown dtype {text!r}; use one of {', '.join(names)}")
     return text
 
 
@@ -36,11 +39,17 @@ def add_device(p: Options, default: str | None = "auto", help: str = DEVICE_HELP
 
 
 def add_dtype(
-    p: Options, default: str | None = "fp32", help: str = "autocast precision", flag: str = "--dtype"
+    p: Options,
+    default: str | None = "fp32",
+    help: str = "autocast precision",
+    flag: str = "--dtype",
+    int8: bool = False,
 ) -> None:
-    """`--dtype` (or `flag`): fp32, or bf16/fp16 autocast; the same three values in every command."""
-    metavar = "{" + ",".join(DTYPE_NAMES) + "}"
-    p.add_argument(flag, type=dtype_name, default=default, metavar=metavar, help=help)
+    """`--dtype` (or `flag`): fp32, or bf16/fp16 autocast, the same in every command; with `int8` (the
+    inference commands) also weight-only int8 (`nanogpt.kernels.quant.apply_dtype`)."""
+    names = INFERENCE_DTYPES if int8 else DTYPE_NAMES
+    metavar = "{" + ",".join(names) + "}"
+    p.add_argument(flag, type=lambda t: dtype_name(t, names), default=default, metavar=metavar, help=help)
 
 
 def add_backend(p: Options, help: str = "PyTorch or Apple MLX (fp32)") -> None:

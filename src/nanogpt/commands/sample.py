@@ -27,6 +27,7 @@ from nanogpt.errors import ArgumentParser, UserError
 from nanogpt.infer.generate import generate, stream_text
 from nanogpt.infer.sampling import SamplingParams, make_generator
 from nanogpt.kernels.device import resolve_device
+from nanogpt.kernels.quant import apply_dtype
 from nanogpt.model.gpt import NanoGPTLMHeadModel
 from nanogpt.train.checkpoint import load_model
 
@@ -115,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--crop", action="store_true", help="keep the last context_length tokens of a too-long prompt"
     )
     add_device(p)
-    add_dtype(p)
+    add_dtype(p, help="autocast precision, or int8 weights (weight-only, fp32 activations)", int8=True)
     add_backend(p)
     return p
 
@@ -144,6 +145,7 @@ def _torch_token_streams(
             f"the model's vocab_size is {model.config.vocab_size}, the GPT-2 tokenizer has {vocab_size}; "
             "sample from a model trained with that tokenizer"
         )
+    dtype = apply_dtype(model, args.dtype)
     # one generator for the whole run: samples differ from each other, the run repeats with its seed
     generator = make_generator(params.seed, device)
     for _ in range(args.num_samples):
@@ -154,7 +156,7 @@ def _torch_token_streams(
             replace(params, seed=None),
             generator=generator,
             crop=args.crop,
-            dtype=args.dtype,
+            dtype=dtype,
         )
 
 

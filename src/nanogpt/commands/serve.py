@@ -21,6 +21,7 @@ from typing import Any
 from nanogpt.commands.options import add_device, add_dtype, add_threads, apply_threads
 from nanogpt.errors import ArgumentParser, UserError, missing_extra
 from nanogpt.kernels.device import resolve_device
+from nanogpt.kernels.quant import apply_dtype
 from nanogpt.serve.app import create_app
 from nanogpt.serve.engine import Engine
 from nanogpt.serve.errors import DEFAULT_MAX_BODY_BYTES
@@ -75,7 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_device(p)
     add_dtype(
         p,
-        help="fp32, or bf16/fp16 autocast with decode on bf16/fp16 weight copies (~2x faster decode on CPU)",
+        help="fp32, or bf16/fp16 autocast with decode on bf16/fp16 weight copies (~2x faster decode on CPU), "
+        "or int8 weights (weight-only, fp32 activations)",
+        int8=True,
     )
     add_threads(p)
     return p
@@ -153,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
             max_batch=args.max_batch,
             max_queue=args.max_queue,
             prefill_chunk=args.prefill_chunk,
-            dtype=args.dtype,
+            dtype=apply_dtype(model, args.dtype),
             thread=False,  # it runs in this thread, below: see Engine.run
         )
         app = create_app(
