@@ -14,7 +14,7 @@ from nanogpt.data.tokenizer import get_tokenizer
 from nanogpt.infer.evaluate import sliding_window_nll, split_tokens
 from nanogpt.infer.generate import generate
 from nanogpt.infer.sampling import SamplingParams
-from nanogpt.kernels.quant import Int8Linear, apply_dtype, quantize_int8
+from nanogpt.kernels.quant import Int8Embedding, Int8Linear, apply_dtype, quantize_int8
 from nanogpt.model.gpt import NanoGPTLMHeadModel
 from nanogpt.train.checkpoint import load_model
 from nanogpt.train.loop import train
@@ -56,8 +56,12 @@ def test_quantize_int8_replaces_every_linear_and_the_tied_head(model):
     assert not any(isinstance(m, nn.Linear) for m in q.modules())
     n_linear = sum(isinstance(m, nn.Linear) for m in fp32.modules())
     assert sum(isinstance(m, Int8Linear) for m in q.modules()) == n_linear == 4 * 2 + 1  # 2 blocks + head
-    # the embedding keeps its fp32 table for the lookup
-    assert q.transformer.token_embedding.weight.dtype == torch.float32
+    # the tied token table reads the head's int8 rows: one int8 copy for both
+    assert isinstance(q.transformer.token_embedding, Int8Embedding)
+    assert q.transformer.token_embedding.table[0] is q.lm_head
+    idx = torch.tensor([[0, 7, 50256]])
+    table = fp32.transformer.token_embedding(idx)
+    assert (q.transformer.token_embedding(idx) - table).abs().max() <= q.lm_head.scale.float().max() / 2 + 1e-7
     x = torch.randint(0, 50257, (2, 24))
     with torch.no_grad():
         a, b = fp32(x), q(x)
@@ -127,6 +131,7 @@ def test_bench_int8_reports_the_ratio_to_bf16_and_the_nll_cost(tmp_path, capsys)
     assert ratio == pytest.approx(rows["decode_tokens_per_s"]["value"] / bf16, rel=1e-6)
     assert 0 < rows["low_precision_nll_delta"]["value"] < 0.01
     assert "train_tokens_per_s" not in rows  # int8 is for inference: no training rows
+    assert rows["weights_int8_mib"]["value"] < 0.3 * rows["weights_fp32_mib"]["value"]
     capsys.readouterr()
     assert main([*argv, "--peers", "--out", str(tmp_path / "b2")]) == 2
     assert "drop --peers" in capsys.readouterr().err

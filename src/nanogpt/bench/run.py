@@ -241,7 +241,8 @@ def int8_bench(
     """
     cfg: ModelConfig = model.config
     inp = Inputs.make(cfg, batch, seq, batch)
-    int8 = torch_fns(quantize_int8(copy.deepcopy(model)), inp, "fp32", device)
+    qmodel = quantize_int8(copy.deepcopy(model))
+    int8 = torch_fns(qmodel, inp, "fp32", device)
     bf16, fp32 = torch_fns(model, inp, "bf16", device), torch_fns(model, inp, "fp32", device)
     say("roofline: matmul GFLOP/s at the model's shapes, copy bandwidth")
     roof = measure_roofline(cfg, batch, seq, "fp32", device, repeats, "torch")
@@ -262,21 +263,10 @@ def int8_bench(
     res = BenchResult(cfg.to_dict(), settings, machine_info(device), roof)
     n_total, n_unique = model.num_params(unique=False), model.num_params(unique=True)
     res.rows += size_rows(cfg, n_total, n_unique, None)
-    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
-    res.rows.append(
-        Row(
-            "weights_int8_mib",
-            "Weight memory int8: Linear layers and the head in int8 (+ one fp32 scale per row), the rest fp32",
-            (
-                linear
-                + 4 * sum(m.weight.shape[0] for m in model.modules() if isinstance(m, torch.nn.Linear))
-                + 4 * (n_unique - linear + (cfg.vocab_size * cfg.d_model if cfg.tie_embeddings else 0))
-            )
-            / MIB,
-            "MiB",
-            higher_is_better=False,
-        )
-    )
+    tensors = {id(t): t for t in [*qmodel.parameters(), *qmodel.buffers()]}.values()
+    what = "Weight memory int8: Linear layers and the head int8 (+ a bf16 scale per row), embeddings fp32"
+    nbytes = sum(t.numel() * t.element_size() for t in tensors)
+    res.rows.append(Row("weights_int8_mib", what, nbytes / MIB, "MiB", higher_is_better=False))
     say("decode (batch 1, KV cache, greedy): int8, bf16 and fp32 alternating")
     q, b, f = timed([int8["decode"], bf16["decode"], fp32["decode"]], repeats, warmup, device)
     what = f"Decode: batch 1, KV cache, greedy, {PROMPT_TOKENS}-token prompt, {inp.new_tokens} new tokens"

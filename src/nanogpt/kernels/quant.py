@@ -1,14 +1,14 @@
-"""Weight-only int8 for inference (`--dtype int8` in sample, serve and bench): a quarter of fp32's bytes.
+"""Weight-only int8 for inference (`--dtype int8` in sample, serve, eval and bench): a quarter of fp32's bytes.
 
 A batch-1 decode step is bound by reading the weights, so storing them in int8 (one byte, against bf16's
 two and fp32's four) is the lever that is left once the kernels read at the memory's speed. Every
-`nn.Linear` of the model, and the lm_head (tied to the token table, which stays fp32 for the lookup),
-becomes an `Int8Linear`: int8 weights with one scale per output row (symmetric, absmax / 127), multiplied
-by ATen's weight-only int8 kernel (`torch._weight_int8pack_mm`, the one torchao and gpt-fast use on CPU).
-That kernel is fast with bf16 activations and scales, and about 10x slower with fp32 ones on this
-project's CPU (docs/benchmarks.md, "int8"), so a layer's input is rounded to bf16 for the product and its
-output comes back in the caller's dtype. Everything else (embeddings, LayerNorm, attention, the KV cache)
-stays fp32.
+`nn.Linear` of the model becomes an `Int8Linear`: int8 weights with one scale per output row (symmetric,
+absmax / 127), multiplied by ATen's weight-only int8 kernel (`torch._weight_int8pack_mm`, the one torchao
+and gpt-fast use on CPU). That kernel is fast with bf16 activations and scales and about 10x slower with
+fp32 ones on this project's CPU (docs/benchmarks.md, "int8"), so a layer's input is rounded to bf16 for the
+product and its output comes back in the caller's dtype. The token table, tied to the lm_head, becomes an
+`Int8Embedding` that reads the head's int8 rows and scales: one int8 copy serves both. The position table,
+LayerNorm, attention and the KV cache stay fp32.
 
     model = quantize_int8(load_model("runs/demo"))   # in place; returns the model
     text = generate(model, ids, params)               # int8 weights, fp32 elsewhere
@@ -62,17 +62,36 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 weights"
 
 
-def quantize_int8(model: nn.Module) -> nn.Module:
-    """Replace every `nn.Linear` of `model` (the lm_head included) by an `Int8Linear`, in place.
+class Int8Embedding(nn.Module):
+    """A token table read from an `Int8Linear`'s rows: row i is W_q[i] * scale[i] (a tied lm_head's copy)."""
 
-    A tied lm_head is untied by this: the head gets its int8 copy and the embedding keeps its fp32 table
-    for the lookup. The model is for inference from then on (the int8 tensors are buffers, not
-    parameters).
-    """
+    def __init__(self, table: Int8Linear) -> None:
+        super().__init__()
+        self.table = [table]  # a list: the head owns the buffers, this module only reads them
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        t = self.table[0]
+        return F.embedding(idx, t.weight_int8).float() * t.scale.float()[idx, None]
+
+
+def quantize_int8(model: nn.Module) -> nn.Module:
+    """Replace every `nn.Linear` of `model` by an `Int8Linear`, and a token table tied to one by an
+    `Int8Embedding` of its int8 rows, in place. The model is for inference from then on (the int8
+    tensors are buffers, not parameters)."""
+    tables = {
+        id(m.weight): (parent, name)
+        for parent in model.modules()
+        for name, m in parent.named_children()
+        if isinstance(m, nn.Embedding)
+    }
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear):
-                setattr(parent, name, Int8Linear(child.weight, child.bias).to(child.weight.device))
+                q = Int8Linear(child.weight, child.bias).to(child.weight.device)
+                setattr(parent, name, q)
+                if id(child.weight) in tables:  # a tied table: the lookup reads the same int8 rows
+                    owner, table_name = tables[id(child.weight)]
+                    setattr(owner, table_name, Int8Embedding(q))
     return model.eval()
 
 
