@@ -77,6 +77,9 @@ def run(a: argparse.Namespace) -> None:
 
 
 def pair(a: argparse.Namespace) -> None:
+    from nanogpt.data.prepare import prepare
+
+    prepare("builtin", Path(a.workdir) / "data", verbose=False)  # once, before two runs would race for it
     base = [sys.executable, __file__, "run", a.workdir, "--seed", str(a.seed), "--minutes", str(a.minutes)]
     procs = [subprocess.Popen([*base, arm, "--threads", "1"]) for arm in (a.arm_a, a.arm_b)]
     if any(p.wait() for p in procs):

@@ -301,7 +301,7 @@ def test_eval_text_jsonl_bad_line(capsys, ckpt, tmp_path):
         pytest.param(["--context", str(CONTEXT * 2)], f"--context {CONTEXT * 2}", f"--context in 1..{CONTEXT}", id="eval_context_above_model"),
         pytest.param(["--batch-size", "0"], "--batch-size 0", "at least 1", id="eval_batch_size_zero"),
         pytest.param(["--max-tokens", "1"], "--max-tokens 1", "at least 2", id="eval_max_tokens_one"),
-        pytest.param(["--dtype", "int8"], "unknown dtype 'int8'", "fp32", id="eval_unknown_dtype"),
+        pytest.param(["--dtype", "int4"], "unknown dtype 'int4'", "fp32, bf16, fp16, int8", id="eval_unknown_dtype"),
     ],
 )  # fmt: skip
 def test_eval_flag_refused(capsys, ckpt, text, flags, names, fix):

@@ -264,7 +264,7 @@ def int8_bench(
     n_total, n_unique = model.num_params(unique=False), model.num_params(unique=True)
     res.rows += size_rows(cfg, n_total, n_unique, None)
     tensors = {id(t): t for t in [*qmodel.parameters(), *qmodel.buffers()]}.values()
-    what = "Weight memory int8: Linear layers and the head int8 (+ a bf16 scale per row), embeddings fp32"
+    what = "Weight memory int8: the Linear layers and the tied head / token table int8 (+ a bf16 scale per row)"
     nbytes = sum(t.numel() * t.element_size() for t in tensors)
     res.rows.append(Row("weights_int8_mib", what, nbytes / MIB, "MiB", higher_is_better=False))
     say("decode (batch 1, KV cache, greedy): int8, bf16 and fp32 alternating")
