@@ -1,13 +1,13 @@
 """A/B runs of `nanogpt demo`'s training at equal wall time: which lever buys perplexity per minute.
 
     python scripts/demo_levers.py run WORKDIR ARM [--seed 1337 --minutes 8 --threads 2]
-    python scripts/demo_levers.py pair WORKDIR ARM_A ARM_B [--seed 1337 --minutes 8]
+    python scripts/demo_levers.py pair WORKDIR ARM_A ARM_B [ARM_C ...] [--seed 1337 --minutes 8]
     python scripts/demo_levers.py report WORKDIR [--plot docs/demo_time_to_target.png --arms base,...]
 
 `run` is the demo's own pipeline (`run_demo`: calibrate, size the run to the budget, train, held-out
 perplexity of best/ on the first 40,000 val tokens) with one arm's changes to the recipe or the model.
-`pair` runs two arms at once, one thread each, so that both see the same machine: an A/B at equal wall
-time even when the load drifts. `report` prints a table (mean +- sd over seeds) and draws held-out loss
+`pair` runs two arms (or more) at once, one thread each, so that all see the same machine: an A/B at equal
+wall time even when the load drifts. `report` prints a table (mean +- sd over seeds) and draws held-out loss
 against wall time with the seed bands. Results: docs/demo.md.
 """
 
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -22,9 +23,11 @@ import sys
 import time
 from pathlib import Path
 
-# arm -> (TrainConfig changes over the demo's recipe, ModelConfig changes over the `tiny` preset)
+# arm -> (TrainConfig changes over the demo's recipe, ModelConfig changes over the `tiny` preset); arms
+# join with "+", later ones winning: "old+batch8" is the recipe before docs/demo.md's A/B runs, at batch 8
 ARMS: dict[str, tuple[dict, dict]] = {
     "base": ({}, {}),
+    "old": ({"batch_size": 16, "learning_rate": 2e-3, "min_lr": 2e-4, "optimizer": "adamw"}, {}),
     "muon": ({"optimizer": "muon"}, {}),
     "bf16": ({"dtype": "bf16"}, {}),
     "batch8": ({"batch_size": 8}, {}),
@@ -41,8 +44,12 @@ def run(a: argparse.Namespace) -> None:
 
     torch.set_num_threads(a.threads)
     work = Path(a.workdir)
-    changes, model_changes = ARMS[a.arm] if a.arm in ARMS else json.loads(a.arm)
-    name = f"{a.arm}_s{a.seed}"
+    changes: dict = {}
+    model_changes: dict = {}
+    for part in a.arm.split("+"):  # "batch8+muon": both levers
+        changes |= ARMS[part][0]
+        model_changes |= ARMS[part][1]
+    name = f"{a.arm}_s{a.seed}_t{a.threads}_m{a.minutes:g}"
     load = os.getloadavg()[0]
     t = time.time()
     r = run_demo(
@@ -72,7 +79,7 @@ def run(a: argparse.Namespace) -> None:
         "sample": r.samples,
     }
     (work / "results").mkdir(exist_ok=True)
-    (work / "results" / f"{name}_t{a.threads}_m{a.minutes:g}.json").write_text(json.dumps(rec, indent=1))
+    (work / "results" / f"{name}.json").write_text(json.dumps(rec, indent=1))
     print(f"{name}: ppl {r.final_val_ppl:.1f} after {r.steps} steps ({r.train_tokens_per_s:,.0f} tokens/s)")
 
 
@@ -81,7 +88,7 @@ def pair(a: argparse.Namespace) -> None:
 
     prepare("builtin", Path(a.workdir) / "data", verbose=False)  # once, before two runs would race for it
     base = [sys.executable, __file__, "run", a.workdir, "--seed", str(a.seed), "--minutes", str(a.minutes)]
-    procs = [subprocess.Popen([*base, arm, "--threads", "1"]) for arm in (a.arm_a, a.arm_b)]
+    procs = [subprocess.Popen([*base, arm, "--threads", "1"]) for arm in a.arms]
     if any(p.wait() for p in procs):
         sys.exit("a run failed")
 
@@ -127,13 +134,14 @@ def plot(work: Path, recs: list[dict], arms: list[str] | None, threads: int, out
         rs = [r for r in recs if r["arm"] == arm and r["threads"] == threads]
         if not rs:
             continue
-        curves = [curve(work / "runs" / f"{arm}_s{r['seed']}") for r in rs]
+        curves = [curve(work / "runs" / f"{arm}_s{r['seed']}_t{threads}_m{r['minutes']:g}") for r in rs]
         grid = np.linspace(0, min(c[-1][0] for c in curves), 60)
         ys = np.array([np.interp(grid, [t for t, _ in c], [v for _, v in c]) for c in curves])
         (line,) = ax.plot(grid / 60, ys.mean(0), label=f"{arm} ({len(rs)} seeds)")
         if len(rs) > 1:
             sd = ys.std(0, ddof=1)
             ax.fill_between(grid / 60, ys.mean(0) - sd, ys.mean(0) + sd, color=line.get_color(), alpha=0.2)
+    ax.axhline(math.log(200), color="gray", ls="--", lw=0.8, label="perplexity 200")
     ax.set_xlabel("training wall time (min)")
     ax.set_ylabel("held-out loss (nats, in-run eval)")
     ax.set_ylim(top=8)
@@ -150,14 +158,13 @@ def main() -> None:
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run")
     r.add_argument("workdir")
-    r.add_argument("arm", help=f"one of {', '.join(ARMS)}, or a JSON [train changes, model changes]")
+    r.add_argument("arm", help=f"one of {', '.join(ARMS)}, or several joined by + (batch8+muon)")
     r.add_argument("--seed", type=int, default=1337)
     r.add_argument("--minutes", type=float, default=8.0)
     r.add_argument("--threads", type=int, default=2)
     q = sub.add_parser("pair")
     q.add_argument("workdir")
-    q.add_argument("arm_a")
-    q.add_argument("arm_b")
+    q.add_argument("arms", nargs="+", help="two arms (or more: each then gets a share of the cores)")
     q.add_argument("--seed", type=int, default=1337)
     q.add_argument("--minutes", type=float, default=8.0)
     s = sub.add_parser("report")

@@ -24,7 +24,7 @@ def test_demo_smoke(tmp_path, capsys, monkeypatch):
     out = capsys.readouterr().out
     run = tmp_path / "runs/demo"
     result = json.loads((run / "demo.json").read_text())
-    assert result["steps"] == 2 and result["tokens"] == 2 * 16 * 128  # batch 16 of the tiny preset's 128
+    assert result["steps"] == 2 and result["tokens"] == 2 * 8 * 128  # batch 8 of the tiny preset's 128
     assert result["val_tokens_scored"] == 299  # the first token of the 300 has no context
     for ppl in (result["init_val_ppl"], result["final_val_ppl"]):
         assert math.isfinite(ppl) and 1 < ppl < 2 * 50257  # about the vocabulary size untrained
