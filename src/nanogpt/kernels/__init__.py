@@ -8,6 +8,8 @@ For the decode loop (`infer/generate.py`, `serve/`), the hook of `decode.py`: `p
 gives the model's `nn.Linear` layers weight copies made for one-token steps, `decode_step` wraps each
 step, `drop_decode_weights` frees them. The model knows nothing of it.
 
+`quant.py`: weight-only int8 `Int8Linear` / `Int8Embedding` for inference (`--dtype int8`, `apply_dtype`).
+
 `device.py`: device resolution, autocast, CPU threads and the allocator tuning every command shares. This
 layer sits below `model/` and never imports it (docs/architecture.md).
 
