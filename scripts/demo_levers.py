@@ -59,8 +59,7 @@ def run(a: argparse.Namespace) -> None:
         a.minutes,
         a.seed,
         export=False,
-        progress=False,
-        force=True,
+        progress=False,  # no force: a rerun replaces its own earlier demo folder, never anything else
         changes=changes,
         model_changes=model_changes,
     )
