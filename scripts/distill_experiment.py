@@ -180,8 +180,9 @@ def run(a: argparse.Namespace) -> None:
     Path("teacher.json").write_text(json.dumps(TEACHER_SHAPE))
     Path("settings.json").write_text(json.dumps(vars(a), indent=1))
     port = a.port
-    pending = [j for j in plan(a, port) if not done(j)]
-    finished = {j.name for j in plan(a, port) if done(j)}
+    jobs = plan(a, port)
+    finished = {j.name for j in jobs if done(j)}
+    pending = [j for j in jobs if j.name not in finished]
     running: dict[str, tuple[Job, subprocess.Popen, float]] = {}
     server: subprocess.Popen | None = None
     times = json.loads(Path("times.json").read_text()) if Path("times.json").exists() else {}

@@ -214,9 +214,14 @@ def run_bench(
     res.activation = {"ours": act, "peer": act_peer}
     rows += memory_rows(cfg, batch, seq, dtype, act, act_peer)
     rows += efficiency_rows(res, cfg, n_unique, seq, dtype, inp.new_tokens)
+    return finish(res, load0, t_start)
+
+
+def finish(res: BenchResult, load0: list[float], t_start: float) -> BenchResult:
+    """Close a run: the load average at its end, its warnings and its duration."""
     res.load_average = {"start": load0, "end": list(os.getloadavg())}
     # a physically impossible number is never written as a result; a busy machine is said, not hidden
-    res.warnings = check_rows(rows) + load_warnings(
+    res.warnings = check_rows(res.rows) + load_warnings(
         load0, res.load_average["end"], os.cpu_count() or 1, torch.get_num_threads()
     )
     res.seconds = time.perf_counter() - t_start
@@ -303,12 +308,7 @@ def int8_bench(
             higher_is_better=False,
         )
     )
-    res.load_average = {"start": load0, "end": list(os.getloadavg())}
-    res.warnings = check_rows(res.rows) + load_warnings(
-        load0, res.load_average["end"], os.cpu_count() or 1, torch.get_num_threads()
-    )
-    res.seconds = time.perf_counter() - t_start
-    return res
+    return finish(res, load0, t_start)
 
 
 # --- the rows, section by section (run_bench times; these turn the timings into rows) --------------------

@@ -53,11 +53,9 @@ class Int8Linear(nn.Module):
             y = torch._weight_int8pack_mm(rows.to(torch.bfloat16).contiguous(), self.weight_int8, self.scale)
         else:  # devices without that kernel: dequantize (correct, not faster)
             y = F.linear(rows.float(), self.weight)
-        if self.bias is not None and self.bias.dtype == x.dtype:
-            y = torch.add(self.bias, y)  # type promotion: one op for the add and the cast back (decode speed)
-        else:
-            y = y.to(x.dtype) if self.bias is None else y.to(x.dtype) + self.bias.to(x.dtype)
-        return y.view(*x.shape[:-1], self.out_features)
+        if self.bias is not None:  # for an fp32 x, promotion makes the add the cast back too (decode speed)
+            y = torch.add(self.bias.to(x.dtype), y)
+        return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 weights"
