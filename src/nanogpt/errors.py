@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import errno
 import re
 
 
@@ -36,6 +37,17 @@ def missing_extra(what: str, extra: str) -> UserError:
     Raised `from None` where the import fails: `raise missing_extra("serve needs uvicorn", "serve") from None`.
     """
     return UserError(f"{what}; install with `{install_command(extra)}` in the nanogpt repository folder")
+
+
+def write_fix(code: int | None) -> str:
+    """How to fix a failed write, by its errno: a full disk, a read-only file system, or permissions."""
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        return "free space"
+    if code == errno.EROFS:
+        return "the file system is read-only: choose a folder on a writable disk"
+    if code in (errno.EACCES, errno.EPERM):
+        return "fix its permissions or choose a folder you may write"
+    return "check the disk"
 
 
 class _DefaultsFormatter(argparse.HelpFormatter):

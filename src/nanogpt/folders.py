@@ -1,10 +1,12 @@
 """Output folders: which ones nanogpt wrote, the one rule for replacing them, and the lock on a run folder.
 
 Every command that writes a folder (`train`, `distill`, `demo`, `import`, `export`, `prepare`) calls `claim`
-first. It
-lets the command write a folder that is absent, empty, or one that nanogpt itself wrote for the same
-purpose (its `.nanogpt.json` marker names the kind); anything else (a folder of the user's files, a file,
-a training run given to `import`) is refused with one line naming `--force`. Nothing is deleted here:
+first. It lets the command write a folder that is absent, empty, or one that nanogpt itself wrote for the
+same purpose and that holds nothing else: the `.nanogpt.json` marker names the kind and lists the entries
+nanogpt wrote, and any other entry (a note, an `eval/` folder the user added) makes `claim` refuse, in one
+line naming `--force`. A file's name alone never proves a folder is ours: without a marker it is the user's.
+A marker without a list (a run folder, which writes its files for as long as it trains, or a folder of an
+older nanogpt) is checked against the entries that kind of folder holds (`LAYOUT`). Nothing is deleted here:
 `claim` only decides, and `clear` removes what the caller was allowed to replace.
 
 A run folder is locked while a process writes it (`RunLock`): an OS file lock that the kernel releases
@@ -18,6 +20,7 @@ checkpoints and log lines.
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import shutil
@@ -39,36 +42,77 @@ KINDS = {
     "export": "an export (a Hugging Face folder or GGUF)",
     "data": "a prepared data folder",
 }
-# folders written before markers existed, recognised by the file only nanogpt puts there
-_LEGACY = {
-    "demo.json": "demo",
-    "train_config.json": "run",  # RunFolder.train_config
-    "nanogpt_export.json": "export",
-    "meta.json": "data",
-    "prepare.state.json": "data",
+_RUN_LAYOUT = (
+    "config.json", "train_config.json", "log.jsonl", "log.jsonl.tmp", "loss.png", "trackers.json",
+    "last", "last.tmp", "last.old", "best", "best.tmp", "best.old", "tensorboard", "wandb", "mlruns", "mlflow.db",
+)  # fmt: skip
+# the entries each kind of folder holds, for a marker that lists none (fnmatch patterns, top level only)
+LAYOUT: dict[str, tuple[str, ...]] = {
+    "run": _RUN_LAYOUT,
+    "demo": (*_RUN_LAYOUT, "demo.json", "hf"),
+    "checkpoint": ("config.json", "model.safetensors"),
+    "export": (
+        "config.json", "model.safetensors", "generation_config.json", "README.md", "tokenizer*.json",
+        "special_tokens_map.json", "vocab.json", "merges.txt", "*_nanogpt.py", "model.gguf", "Modelfile",
+    ),  # fmt: skip
+    "data": (
+        "meta.json", "meta.json.tmp", "prepare.state.json", "prepare.state.json.tmp", "train_*.bin*", "val_*.bin*",
+    ),  # fmt: skip
 }
+
+
+def read_marker(path: str | Path) -> dict | None:
+    """The marker of the folder at `path`, or None if it has none (or a damaged one, which proves nothing)."""
+    try:
+        info = json.loads((Path(path) / MARKER).read_text())
+    except (ValueError, OSError):
+        return None
+    return info if isinstance(info, dict) and info.get("kind") in KINDS else None
 
 
 def folder_kind(path: str | Path) -> str | None:
     """The kind of folder nanogpt wrote at `path` (see KINDS), or None if nanogpt did not write it."""
+    info = read_marker(path)
+    return None if info is None else info["kind"]
+
+
+def foreign_entries(path: str | Path) -> list[str]:
+    """The entries of a folder that nanogpt did not write (paths relative to it), sorted.
+
+    Ours: the marker's `files` list, or the kind's LAYOUT when it has none. A subfolder with a marker of
+    its own (the demo's `hf/` export) is checked the same way, so a note dropped inside it counts too.
+    """
     path = Path(path)
-    marker = path / MARKER
-    if marker.is_file():
-        try:
-            kind = json.loads(marker.read_text()).get("kind")
-        except (ValueError, AttributeError, OSError):
-            return None  # a damaged marker proves nothing: treat the folder as the user's
-        return kind if kind in KINDS else None
-    for name, kind in _LEGACY.items():
-        if (path / name).is_file():
-            return kind
-    return None
+    info = read_marker(path)
+    if info is None:
+        return sorted(p.name for p in path.iterdir() if p.name not in (MARKER, LOCK))
+    listed = info.get("files")
+    ours = tuple(listed) if isinstance(listed, list) else LAYOUT[info["kind"]]
+    found: list[str] = []
+    for child in path.iterdir():
+        if child.name in (MARKER, LOCK):
+            continue
+        if not any(fnmatch.fnmatchcase(child.name, str(pattern)) for pattern in ours):
+            found.append(child.name)
+        elif child.is_dir() and not child.is_symlink() and read_marker(child) is not None:
+            found += [f"{child.name}/{name}" for name in foreign_entries(child)]
+    return sorted(found)
 
 
-def mark(folder: str | Path, kind: str, **facts: object) -> None:
-    """Write the marker that lets a later command recognise (and replace) this folder."""
+def mark(folder: str | Path, kind: str, *, files: list[str] | None = None, **facts: object) -> None:
+    """Write the marker that lets a later command recognise (and replace) this folder.
+
+    `files`: the entries this command wrote; by default everything in `folder` now (a scratch folder that
+    atomic_dir is about to publish holds nothing else). Run, demo and data folders list none by default:
+    they are written over time and a killed one is continued, so they are checked against LAYOUT.
+    """
+    folder = Path(folder)
+    if files is None and kind not in ("run", "demo", "data"):
+        files = sorted(p.name for p in folder.iterdir() if p.name not in (MARKER, LOCK))
     info = {"kind": kind, "nanogpt_version": __version__, **facts}
-    (Path(folder) / MARKER).write_text(json.dumps(info, indent=2) + "\n")
+    if files is not None:
+        info["files"] = files
+    (folder / MARKER).write_text(json.dumps(info, indent=2) + "\n")
 
 
 def recover_dir(path: str | Path) -> Path:
@@ -162,6 +206,13 @@ def claim(path: str | Path, kind: str, *, force: bool = False, flag: str = "--ou
     if found != kind:
         raise UserError(
             f"{flag} {path} holds {KINDS[found]}, not {what}; choose another {flag} or pass --force to replace it"
+        )
+    foreign = foreign_entries(path)
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise UserError(
+            f"{flag} {path} holds {what} but also files nanogpt did not write ({shown}); move them out, "
+            f"choose another {flag}, or pass --force to replace the whole folder"
         )
     if kind == "run" and RunFolder(path).has_checkpoint():
         raise UserError(

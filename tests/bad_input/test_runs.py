@@ -26,7 +26,7 @@ from nanogpt.train.checkpoint import load_model, save_model
 from nanogpt.train.loop import train
 from nanogpt.train.optim import schedule_warning
 from nanogpt.train.plot import read_log
-from tests.bad_input import refuse, refuse_subprocess, run_nanogpt
+from tests.bad_input import mount_tmpfs, refuse, refuse_subprocess, run_nanogpt
 from tests.bad_input import small_disk as disk
 from tests.processes import default_sigint, wait_for
 from tests.tiny import TINY_MODEL
@@ -147,6 +147,79 @@ def test_train_run_without_checkpoint_restarts_by_the_same_command(capsys, small
     )
     assert cli.main(train_argv(small_data, stub, config, "--max-iters", "2")) == 0
     assert (stub / "last" / "state.json").is_file()
+
+
+def test_train_out_holding_files_named_like_ours_is_the_users(capsys, small_data, config, tmp_path):
+    """A file's name is no proof: `train_config.json` beside the user's notes does not make a run folder."""
+    ud = tmp_path / "ud"
+    ud.mkdir()
+    (ud / "train_config.json").write_text("{}")
+    (ud / "notes.txt").write_text("precious\n")
+    refuse(
+        capsys,
+        train_argv(small_data, ud, config, "--max-iters", "1"),
+        names="did not write",
+        fix="--force",
+        untouched=[ud],
+    )
+
+
+def test_train_out_a_run_stub_with_the_users_note(capsys, small_data, config, tmp_path):
+    """A run stopped before its first checkpoint restarts by the same command, unless the user added a file."""
+    stub = tmp_path / "stub"
+    stub.mkdir()
+    (stub / MARKER).write_text(json.dumps({"kind": "run"}))
+    ModelConfig(**MODEL).save(stub / "config.json")
+    (stub / "notes.txt").write_text("why this run\n")
+    line = refuse(
+        capsys,
+        train_argv(small_data, stub, config, "--max-iters", "2"),
+        names=["did not write", "notes.txt"],
+        fix="--force",
+        untouched=[stub],
+    )
+    assert "move them out" in line
+
+
+def test_train_resume_before_the_first_checkpoint_without_data(capsys, tmp_path):
+    """--resume takes the run's data by default: a run with nothing to resume says so, not "--data is required"."""
+    stub = tmp_path / "stub"
+    stub.mkdir()
+    (stub / MARKER).write_text(json.dumps({"kind": "run"}))
+    ModelConfig(**MODEL).save(stub / "config.json")
+    refuse(
+        capsys,
+        ["train", "--out", str(stub), "--resume", "--no-progress"],
+        names="no checkpoint yet",
+        fix="without --resume",
+        untouched=[stub],
+    )
+
+
+def test_train_out_on_a_read_only_file_system(capsys, small_data, config, tmp_path, monkeypatch):
+    where = tmp_path / "ro"
+    where.mkdir()
+    mounted = mount_tmpfs(where, "ro,size=1m")
+    if not mounted:  # no read-only mount here: the same OSError from the first write into --out
+        import errno
+
+        from nanogpt.folders import RunLock
+
+        def read_only(self):
+            raise OSError(errno.EROFS, "Read-only file system", str(self.path))
+
+        monkeypatch.setattr(RunLock, "acquire", read_only)
+    try:
+        line = refuse(
+            capsys,
+            train_argv(small_data, where / "run", config, "--max-iters", "1"),
+            names=["could not write", "read-only"],
+            fix="writable",
+        )
+        assert "free space" not in line
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(where)], capture_output=True, timeout=10)
 
 
 # --- train: flags and configs ------------------------------------------------------------------------------
@@ -330,6 +403,89 @@ def test_demo_out_not_an_earlier_demo(capsys, request, copy_of, tmp_path, target
     assert not data.exists()  # refused before any work
 
 
+def user_adds(folder: Path) -> Path:
+    """What a user puts into a folder nanogpt wrote: a note and a folder of results."""
+    (folder / "my_notes.txt").write_text("findings\n")
+    (folder / "eval").mkdir()
+    (folder / "eval" / "scores.csv").write_text("ppl\n42\n")
+    return folder
+
+
+@pytest.mark.parametrize("fmt", ["gpt2", "remote-code"])
+def test_export_into_an_earlier_export_with_the_users_files(capsys, trained, exported, tmp_path, fmt):
+    out = user_adds(Path(shutil.copytree(exported, tmp_path / "exp")))
+    refuse(
+        capsys,
+        ["export", "--model", str(trained), "--out", str(out), "--format", fmt],
+        names=["did not write", "eval", "my_notes.txt"],
+        fix="--force",
+        untouched=[out, trained],
+    )
+
+
+def test_export_replaces_an_earlier_export_of_its_own_files(trained, exported, tmp_path):
+    out = Path(shutil.copytree(exported, tmp_path / "exp"))
+    assert cli.main(["export", "--model", str(trained), "--out", str(out), "--format", "gpt2"]) == 0
+    assert json.loads((out / "config.json").read_text())["model_type"] == "gpt2"
+    marker = json.loads((out / MARKER).read_text())
+    assert sorted(marker["files"]) == sorted(p.name for p in out.iterdir() if p.name != MARKER)
+
+
+def test_export_of_an_older_version_without_a_list(capsys, trained, exported, tmp_path):
+    """A marker without `files` (an older nanogpt): the export's own files are replaced, nothing else."""
+    old = Path(shutil.copytree(exported, tmp_path / "old"))
+    (old / MARKER).write_text(json.dumps({"kind": "export"}))
+    assert cli.main(["export", "--model", str(trained), "--out", str(old), "--format", "gpt2"]) == 0
+    (old / MARKER).write_text(json.dumps({"kind": "export"}))
+    user_adds(old)
+    refuse(
+        capsys,
+        ["export", "--model", str(trained), "--out", str(old)],
+        names=["did not write", "my_notes.txt"],
+        fix="--force",
+        untouched=[old],
+    )
+
+
+def test_import_into_an_earlier_import_with_the_users_files(capsys, exported, tmp_path):
+    out = tmp_path / "ckpt"
+    assert cli.main(["import", "--hf", str(exported), "--out", str(out)]) == 0
+    user_adds(out)
+    refuse(
+        capsys,
+        ["import", "--hf", str(exported), "--out", str(out)],
+        names=["did not write", "eval", "my_notes.txt"],
+        fix="--force",
+        untouched=[out, exported],
+    )
+
+
+@pytest.fixture
+def earlier_demo(tmp_path, small_data, trained) -> Path:
+    """A demo folder as `nanogpt demo` leaves it: its run (kind "demo"), its hf/ export and demo.json."""
+    out = tmp_path / "demo"
+    cfg = TrainConfig(batch_size=2, max_iters=2, eval_interval=2, eval_iters=1, warmup_iters=1, device="cpu")
+    train(ModelConfig(**MODEL), cfg, small_data, out, progress=False, kind="demo")
+    assert cli.main(["export", "--model", str(out), "--out", str(out / "hf")]) == 0
+    (out / "demo.json").write_text("{}\n")
+    return out
+
+
+@pytest.mark.parametrize("where", [".", "hf"])
+def test_demo_into_an_earlier_demo_with_the_users_files(capsys, earlier_demo, tmp_path, where):
+    (earlier_demo / where / "notes.txt").write_text("keep\n")
+    data = tmp_path / "demo_data"
+    name = "notes.txt" if where == "." else "hf/notes.txt"
+    refuse(
+        capsys,
+        ["demo", "--out", str(earlier_demo), "--data", str(data), "--minutes", "0.1"],
+        names=["did not write", name],
+        fix="--force",
+        untouched=[earlier_demo],
+    )
+    assert not data.exists()  # refused before any work
+
+
 def test_demo_minutes_not_positive(capsys, tmp_path):
     refuse(
         capsys, ["demo", "--out", str(tmp_path / "d"), "--minutes", "-1"], names="--minutes", fix="positive"
@@ -360,6 +516,21 @@ def test_prepare_out_is_a_user_folder(capsys, user_folder, tmp_path):
         fix="--force",
         untouched=[user_folder, src],
     )
+
+
+def test_prepare_out_is_a_user_folder_holding_a_meta_json(capsys, user_folder, tmp_path):
+    """A user's `meta.json` does not make a prepared-data folder: not "prepared with other settings"."""
+    src = tmp_path / "corpus.txt"
+    src.write_text("A line of text.\n" * 400)
+    (user_folder / "meta.json").write_text('{"source": {"settings": {"seed": 7}}}')
+    line = refuse(
+        capsys,
+        ["prepare", "--source", str(src), "--out", str(user_folder), "--quiet"],
+        names="did not write",
+        fix="--force",
+        untouched=[user_folder, src],
+    )
+    assert "other settings" not in line
 
 
 @pytest.mark.parametrize(

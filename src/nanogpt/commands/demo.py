@@ -150,9 +150,10 @@ def run_demo(
     say("== 3/5 held-out perplexity (sliding window over the val split)")
     val = split_tokens(data_dir, "val", max_tokens=eval_tokens)
     torch.manual_seed(seed)
-    init = sliding_window_nll(NanoGPTLMHeadModel(model_cfg), val, batch_size=8)
+    # two evaluations of minutes each on a busy CPU: the same bar as `nanogpt eval`
+    init = sliding_window_nll(NanoGPTLMHeadModel(model_cfg), val, batch_size=8, progress=progress)
     model = load_model(out)  # best/ (lowest val loss)
-    final = sliding_window_nll(model, val, batch_size=8)
+    final = sliding_window_nll(model, val, batch_size=8, progress=progress)
     say(
         f"val perplexity: {init.perplexity:,.1f} at initialisation -> {final.perplexity:,.1f} after training "
         f"({final.bits_per_byte:.3f} bits/byte, {final.tokens_scored:,} tokens)"
@@ -196,7 +197,7 @@ def export_and_reload(run: Path, seed: int) -> tuple[Path | None, str | None]:
         print(f"(export skipped: {e})")
         return None, None
     dst = run / "hf"
-    export(run, dst, fmt="remote-code", force=True)
+    export(run, dst, fmt="remote-code")  # the train step cleared the demo folder: hf/ is new
     try:
         from transformers import AutoModelForCausalLM, AutoTokenizer
     except ImportError:

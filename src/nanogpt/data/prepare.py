@@ -58,7 +58,7 @@ from nanogpt.data.sources import (
 )
 from nanogpt.data.tokenizer import get_tokenizer
 from nanogpt.errors import UserError
-from nanogpt.folders import claim, mark
+from nanogpt.folders import MARKER, claim, folder_kind, mark
 
 SPLITS = ("train", "val")
 STATE = "prepare.state.json"  # progress of an unfinished run; removed once meta.json is written
@@ -286,6 +286,13 @@ def _io_error(e: OSError, out: Path) -> UserError:
     return UserError(f"cannot read {where} ({e.strerror}); check the file and its permissions")
 
 
+def _drop_if_unused(out: Path, created: bool) -> None:
+    """Remove `out` again if this call created it and it holds nothing but the marker."""
+    if created and {p.name for p in out.iterdir()} <= {MARKER}:
+        (out / MARKER).unlink(missing_ok=True)
+        out.rmdir()
+
+
 def _clean(folder: Path) -> None:
     """Remove everything a previous run of prepare may have left (and nothing else)."""
     for pattern in ("train_*.bin*", "val_*.bin*", META, META + ".tmp", STATE, STATE + ".tmp"):
@@ -399,7 +406,7 @@ def prepare(
         "shard_tokens": shard_tokens,
         "errors": errors,
     }
-    if (out / META).is_file() and not force:
+    if (out / META).is_file() and not force and folder_kind(out) == "data":
         old = _settings_of(out)
         if old == settings:
             return _result(out, "unchanged")
@@ -413,6 +420,8 @@ def prepare(
     created = not out.exists()  # only a folder this call made may be removed again
     try:
         out.mkdir(parents=True, exist_ok=True)
+        if folder_kind(out) != "data":  # from the first shard on: a killed preparation is continued as ours
+            mark(out, "data")
         return _prepare_into(out, created, src, settings, state_ok=not force, say=say, verbose=verbose)
     except OSError as e:
         raise _io_error(e, out) from None
@@ -444,8 +453,10 @@ def _prepare_into(
         room = None if max_tokens is None else max_tokens - start
         bar = tqdm(total=max_tokens, initial=start, unit="tok", unit_scale=True, desc="tokenizing",
                    file=sys.stderr, disable=not verbose, dynamic_ncols=True)  # fmt: skip
+        # said once the bar is closed: a line written while it is drawn shares its line in a log file
+        notes: list[str] = []
         try:
-            for doc in _units(docs, progress, settings["val_fraction"], max_tokens, say):
+            for doc in _units(docs, progress, settings["val_fraction"], max_tokens, notes.append):
                 if room is not None and doc.size - progress.offset >= room:
                     doc, progress.truncated = doc[: progress.offset + room], True
                 room = None if room is None else room - (doc.size - progress.offset)
@@ -457,18 +468,18 @@ def _prepare_into(
             progress.save(finished=True)
         except BaseException:
             progress.abort()
-            if created and not any(out.iterdir()):  # failed before anything was saved: leave no trace
-                out.rmdir()
+            _drop_if_unused(out, created)  # failed before anything was saved: leave no trace
             raise
         finally:
             bar.close()
             docs.close()
+        for note in notes:
+            say(note)
     seconds = time.perf_counter() - t0
 
     if progress.tokens == 0:
         _clean(out)
-        if created and not any(out.iterdir()):
-            out.rmdir()
+        _drop_if_unused(out, created)
         raise UserError(f"source {source} holds no documents (no non-empty text); check it and --text-field")
     records = progress.records()
     info = {"source": src.spec, "description": describe(src, settings["split"]), "settings": settings}

@@ -30,7 +30,7 @@ import numpy as np
 from nanogpt import __version__
 from nanogpt.config import ModelConfig
 from nanogpt.data.tokenizer import EOT_ID, EOT_TOKEN, VOCAB_SIZE, bpe_files
-from nanogpt.errors import UserError, missing_extra
+from nanogpt.errors import UserError, missing_extra, write_fix
 from nanogpt.export.model_card import ParamCounts
 from nanogpt.folders import claim, mark
 from nanogpt.train.checkpoint import CONFIG, atomic_dir, load_model, resolve_checkpoint
@@ -274,8 +274,7 @@ def _write_atomic(path: Path, write) -> Any:
     except OSError as e:
         tmp.unlink(missing_ok=True)
         raise UserError(
-            f"could not write {path} ({e.strerror or e}); it is unchanged: free space or fix permissions and "
-            "run again"
+            f"could not write {path} ({e.strerror or e}); it is unchanged: {write_fix(e.errno)}, then run again"
         ) from None
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -30,7 +30,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from nanogpt.config import ModelConfig, read_json
-from nanogpt.errors import UserError
+from nanogpt.errors import UserError, write_fix
 from nanogpt.folders import STATE_JSON, RunFolder, recover_dir
 from nanogpt.model.gpt import NanoGPTLMHeadModel
 
@@ -48,15 +48,19 @@ def atomic_dir(dst: str | Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         yield tmp
-        for f in tmp.iterdir():  # make the bytes durable before the rename publishes them
-            with open(f, "rb") as fh:
+        # safetensors creates its files 0600 whatever the umask: give every file what the umask gives a new
+        # file (the folder's own mode, which mkdir took from the umask, less the execute bits), so that a
+        # folder shared or served from another account reads whole
+        mode = tmp.stat().st_mode & 0o666
+        for f in tmp.iterdir():
+            os.chmod(f, mode)
+            with open(f, "rb") as fh:  # make the bytes durable before the rename publishes them
                 os.fsync(fh.fileno())
     except (OSError, SafetensorError) as e:  # disk full, read-only, no permission: dst was not touched
         shutil.rmtree(tmp, ignore_errors=True)
         reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).split(": ", 1)[-1]
-        raise UserError(
-            f"could not write {dst} ({reason}); it is unchanged: free space or fix permissions and run again"
-        ) from None
+        fix = write_fix(e.errno) if isinstance(e, OSError) else "free space or fix permissions"
+        raise UserError(f"could not write {dst} ({reason}); it is unchanged: {fix}, then run again") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -206,11 +210,25 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> NanoGPTL
     return model.to(device).eval()
 
 
+def check_resumable(run: str | Path) -> None:
+    """Refuse `--resume` of a folder that holds no run, or a run killed before its first checkpoint."""
+    folder = RunFolder(Path(run))
+    if not folder.config.is_file():
+        raise UserError(f"{run}/config.json not found: nothing to resume; drop --resume to start a new run")
+    if not folder.has_checkpoint():
+        raise UserError(
+            f"{run} holds no checkpoint yet (the run stopped before its first one); "
+            "run the same command without --resume to start it again"
+        )
+
+
 def saved_data_dir(run: str | Path) -> str | None:
-    """The data folder a run trained on (its resume point's state.json): `--resume` without `--data`."""
+    """The data folder a run trained on (its resume point's state.json): `--resume` without `--data`.
+
+    A folder with nothing to resume is refused here, before "--data is required" could mislead.
+    """
+    check_resumable(run)
     state = RunFolder(Path(run)).resume_point / STATE_JSON
-    if not state.is_file():
-        return None
     data = read_json(state, "training state").get("data_dir")
     return data if isinstance(data, str) else None
 

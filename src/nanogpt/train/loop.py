@@ -34,7 +34,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -45,12 +45,13 @@ from torch import nn
 
 from nanogpt.config import ModelConfig, TrainConfig, first_difference
 from nanogpt.data.shards import BatchSampler, TokenData
-from nanogpt.errors import UserError
+from nanogpt.errors import UserError, write_fix
 from nanogpt.folders import LOCK, MARKER, RunFolder, RunLock, claim, clear, mark
 from nanogpt.kernels.device import autocast
 from nanogpt.model.gpt import NanoGPTLMHeadModel
 from nanogpt.train.checkpoint import (
     atomic_dir,
+    check_resumable,
     join_rank_state,
     load_state_into,
     load_train_state,
@@ -77,6 +78,7 @@ from nanogpt.train.optim import (
     schedule_warning,
 )
 from nanogpt.train.plot import plot_log, read_log, truncate_log
+from nanogpt.train.progress import StepBar
 from nanogpt.train.tracking import RunLog, open_run_log
 
 EVAL_SEED = 0  # one fixed stream of val windows for every run and seed: val losses are comparable
@@ -94,13 +96,18 @@ def estimate_loss(
     device: torch.device,
     dtype: str = "fp32",
     seed: int = EVAL_SEED,
+    on_batch: Callable[[int, int], None] | None = None,
 ) -> float:
-    """Mean cross-entropy over `iters` batches from a freshly seeded sampler: the same windows every call."""
+    """Mean cross-entropy over `iters` batches from a freshly seeded sampler: the same windows every call.
+
+    `on_batch(done, iters)` is called before each batch (progress: an evaluation can take minutes)."""
     sampler = BatchSampler(shards, batch_size, context_length, seed)  # its own stream: training data untouched
     was_training = model.training
     model.eval()
     total = 0.0
-    for _ in range(iters):
+    for i in range(iters):
+        if on_batch is not None:
+            on_batch(i, iters)
         x, y = sampler.next()
         with autocast(device, dtype):
             total += float(cross_entropy_loss(model, x.to(device), y.to(device)))
@@ -154,7 +161,7 @@ def _check_resume(run: Path, model_cfg: ModelConfig) -> Path:
     """Validate a run folder to resume; return the checkpoint folder to continue from."""
     folder = RunFolder(run)
     if not folder.config.is_file():
-        raise UserError(f"{run}/config.json not found: nothing to resume; drop --resume to start a new run")
+        check_resumable(run)  # says there is nothing to resume
     saved = ModelConfig.load(folder.config).to_dict()
     key = first_difference(saved, model_cfg.to_dict())
     if key is not None:
@@ -162,11 +169,7 @@ def _check_resume(run: Path, model_cfg: ModelConfig) -> Path:
             f"--resume: model config differs from {run}/config.json at {key!r} (run has {saved.get(key)!r}, "
             f"requested {model_cfg.to_dict().get(key)!r}); resume with the run's config or start a new --out"
         )
-    if not folder.has_checkpoint():
-        raise UserError(
-            f"{run} holds no checkpoint yet (the run stopped before its first one); "
-            "run the same command without --resume to start it again"
-        )
+    check_resumable(run)
     return folder.resume_point
 
 
@@ -202,7 +205,7 @@ def run_folder(
         if e.errno not in _WRITE_ERRNOS:
             raise
         raise UserError(
-            f"could not write to {run} ({e.strerror}); free space, then {resume_hint(run)}"
+            f"could not write to {run} ({e.strerror}); {write_fix(e.errno)}, then {resume_hint(run)}"
         ) from None
     finally:
         if lock is not None:
@@ -283,7 +286,7 @@ class _Session:
         self.counters.step = step
         return loss, grad_norm, time_up
 
-    def evaluate(self) -> float:
+    def evaluate(self, on_batch: Callable[[int, int], None] | None = None) -> float:
         """Held-out loss (rank 0 only); records it in the counters, refuses a non-finite one."""
         c, step = self.cfg, self.counters.step
         try:
@@ -295,6 +298,7 @@ class _Session:
                 context_length=self.model_cfg.context_length,
                 device=self.device,
                 dtype=c.dtype,
+                on_batch=on_batch,
             )
         except RuntimeError as e:
             raise (_oom_error(c, self.device, step) if _is_oom(e) else e) from None
@@ -435,6 +439,7 @@ def train(
     peak_flops: float | None = None,
     kind: str = "run",
     trackers: Sequence[str] | None = None,
+    label: str = "train",
 ) -> TrainResult:
     """Train `model_cfg` on `data_dir` into the run folder `out_dir` (layout in the module docstring).
 
@@ -444,7 +449,7 @@ def train(
     `force` replaces whatever is at `out_dir` (else only a run that never wrote a checkpoint); `kind` is
     the folder kind its marker records (`nanogpt.folders.KINDS`: "run", or "demo" for the demo's run).
     `trackers` mirror the log to TensorBoard/W&B/MLflow (`nanogpt.train.tracking`; None: on resume, the
-    run's own).
+    run's own). `label` names the run on its progress bar ("distill" for a distillation).
     """
     info, device = setup_distributed(train_cfg.device)
     run = Path(out_dir)
@@ -466,7 +471,8 @@ def train(
                 print(warning, file=sys.stderr)
             with session_log(s.run, info.main, trackers, model_cfg, train_cfg, src, s.counters.step) as log:
                 peak = (peak_flops or default_peak_flops(device, train_cfg.dtype)) * info.world_size
-                result = _loop(s, progress, peak, log)
+                bar = StepBar(_total_steps(s), s.counters.step, label, progress and info.main)
+                result = _loop(s, bar, peak, log)
         if info.enabled:  # leave together: tearing gloo down while rank 0 still writes last/ can abort a rank
             import torch.distributed as dist
 
@@ -502,28 +508,33 @@ def session_log(
     return open_run_log(RunFolder(run), trackers, configs, resume_step=step if src is not None else None)
 
 
-def _loop(s: _Session, progress: bool, peak: float, log: RunLog) -> TrainResult:
-    """Evaluate, step, log, checkpoint until max_iters / max_tokens / max_time."""
-    from tqdm import tqdm
+def _total_steps(s: _Session) -> int:
+    """The optimizer steps max_iters or max_tokens allow: the bar's length."""
+    c = s.cfg
+    return c.max_iters if not c.max_tokens else min(c.max_iters, math.ceil(c.max_tokens / s.tokens_per_step))
 
+
+def _data_ce(loss_fn: LossFn, step: int) -> float | None:
+    """A distillation loss's hard part at `step`: cross-entropy on the data batch, the mean over this process's
+    micro-batches (`distill.losses.record_parts` keeps them in `history`); None for any other loss, whose
+    logged `loss` already is that cross-entropy."""
+    hard = []
+    for rec in reversed(getattr(loss_fn, "history", None) or []):
+        if rec.get("step") != step:
+            break
+        hard.append(rec["hard"])
+    return sum(hard) / len(hard) if hard else None
+
+
+def _loop(s: _Session, bar: StepBar, peak: float, log: RunLog) -> TrainResult:
+    """Evaluate, step, log, checkpoint until max_iters / max_tokens / max_time."""
     c, k, main = s.cfg, s.counters, s.info.main
     fpt = flops_per_token(s.model_cfg, s.model.num_params(unique=True))
-    tps_total = (
-        c.max_iters if not c.max_tokens else min(c.max_iters, math.ceil(c.max_tokens / s.tokens_per_step))
-    )
-    bar = tqdm(
-        total=tps_total,
-        initial=k.step,
-        desc="train",
-        file=sys.stderr,
-        dynamic_ncols=True,
-        disable=not (progress and main),
-    )
 
     def evaluate() -> float:
-        val = s.evaluate()
-        if progress:
-            bar.write(f"step {k.step}: val loss {val:.4f}, ppl {perplexity(val):.2f}")
+        val = s.evaluate(on_batch=bar.evaluating)
+        bar.evaluated()
+        bar.say(f"step {k.step}: val loss {val:.4f}, ppl {perplexity(val):.2f}")
         return val
 
     t_start, elapsed0 = time.perf_counter(), k.elapsed
@@ -543,8 +554,7 @@ def _loop(s: _Session, progress: bool, peak: float, log: RunLog) -> TrainResult:
         step, tokens = k.step, k.step * s.tokens_per_step
         stop = step >= c.max_iters or time_up or (c.max_tokens is not None and tokens >= c.max_tokens)
         is_eval = step % c.eval_interval == 0 or stop
-        bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", refresh=False)
-        bar.update(1)
+        bar.step(loss, lr)
         record: dict[str, Any] = {}
         if main and (step % c.log_interval == 0 or is_eval):
             now = time.perf_counter()
@@ -559,6 +569,8 @@ def _loop(s: _Session, progress: bool, peak: float, log: RunLog) -> TrainResult:
                 "grad_norm": grad_norm,
                 "elapsed": round(k.elapsed, 3),
             }
+            if (ce := _data_ce(s.loss_fn, step)) is not None:  # distillation: `loss` mixes CE with the soft part
+                record["train_ce"] = ce
             t_log, tokens_log = now, tokens
         if is_eval:
             val = evaluate() if main else None
