@@ -177,6 +177,51 @@ PRESETS: dict[str, ModelConfig] = {
 }
 
 
+# Training recipes, one per preset: TrainConfig fields over its defaults (which are the card's recipe). The
+# small presets take the demo's recipe, chosen by A/B runs at equal wall time on a 2-core CPU (docs/demo.md):
+# a small batch for more updates, Muon for the blocks' matrices, and the higher rate small models need.
+_SMALL_RECIPE: dict[str, Any] = {
+    "batch_size": 8,
+    "learning_rate": 4e-3,
+    "min_lr": 4e-4,
+    "optimizer": "muon",
+    "max_iters": 2000,
+    "eval_interval": 200,
+    "eval_iters": 20,
+    "log_interval": 5,
+}
+RECIPES: dict[str, dict[str, Any]] = {"card": {}, "small": _SMALL_RECIPE, "tiny": _SMALL_RECIPE}
+SCALED_WARMUP = ("small", "tiny")  # presets whose warmup follows max_iters unless it is given
+
+
+def warmup_for(iters: int) -> int:
+    """Warmup for a short run of `iters`: about 5%, at least 10, never more than a tenth of the run."""
+    return min(max(10, iters // 20), max(1, iters // 10))
+
+
+def recipe(name: str, **changes: Any) -> TrainConfig:
+    """The training recipe of preset `name` with `changes` applied (None values ignored, as flags left unset).
+
+    For the small presets the warmup is `warmup_for(max_iters)` unless `warmup_iters` is among the changes,
+    so that `--max-iters 100` does not spend the whole run warming up.
+    """
+    preset(name)  # a one-line error for an unknown name
+    cfg = override(TrainConfig(**RECIPES[name]), **changes)
+    if name in SCALED_WARMUP and changes.get("warmup_iters") is None:
+        cfg = replace(cfg, warmup_iters=warmup_for(cfg.max_iters))
+    return cfg
+
+
+def describe_recipe(cfg: TrainConfig, context_length: int) -> str:
+    """One line that says how a run will train (printed at its start)."""
+    accum = f" x {cfg.grad_accum_steps} accumulated" if cfg.grad_accum_steps > 1 else ""
+    return (
+        f"batch {cfg.batch_size} x {context_length}{accum}, {cfg.optimizer} lr {cfg.learning_rate:g} -> "
+        f"{cfg.min_lr:g} (cosine, warmup {cfg.warmup_iters}), {cfg.max_iters:,} iterations, held-out eval "
+        f"every {cfg.eval_interval} ({cfg.eval_iters} batches), {cfg.dtype}"
+    )
+
+
 def preset(name: str) -> ModelConfig:
     if name not in PRESETS:
         raise UserError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}")

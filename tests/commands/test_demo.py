@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -35,6 +36,13 @@ def test_demo_smoke(tmp_path, capsys, monkeypatch):
     assert (run / "hf/modeling_nanogpt.py").is_file()
     assert result["hf_sample"].startswith(WIDGET_PROMPTS[0])  # loaded back through transformers
     assert "val perplexity" in out and all(f"--- {p}" in out for p in WIDGET_PROMPTS)
+    assert f"exported to {Path('runs/demo/hf')}" in out  # where the Hugging Face folder went
+    # a run the time cap cuts short says so at the end, with what to do about it
+    capped = ["demo", "--iters", "400", "--minutes", "0.05", "--eval-tokens", "300", "--no-export"]
+    assert main([*capped, "--out", "runs/capped", "--data", "data/builtin"]) == 0
+    err = capsys.readouterr().err.splitlines()
+    note = next(line for line in err if line.startswith("note: "))
+    assert "stopped training at step" in note and "of 400 planned" in note and "--minutes" in note
     # a folder the demo did not write is refused before any work
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")

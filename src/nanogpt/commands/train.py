@@ -12,7 +12,7 @@ import argparse
 import json
 import os
 from collections.abc import Callable
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,18 @@ from nanogpt.commands.options import (
     add_tracker,
     apply_threads,
 )
-from nanogpt.config import OPTIMIZERS, PRESETS, ModelConfig, TrainConfig, override, preset, read_json
+from nanogpt.config import (
+    OPTIMIZERS,
+    PRESETS,
+    RECIPES,
+    ModelConfig,
+    TrainConfig,
+    describe_recipe,
+    override,
+    preset,
+    read_json,
+    recipe,
+)
 from nanogpt.errors import ArgumentParser, UserError
 from nanogpt.folders import RunFolder
 from nanogpt.train.checkpoint import load_config_of, saved_data_dir
@@ -49,14 +60,22 @@ def _number(kind: type) -> Callable[[str], Any]:
     return parse
 
 
-def add_train_config_flags(p: argparse.ArgumentParser, skip_prefix: str | None = None) -> None:
-    """One flag per TrainConfig field (`--max-iters`, ...), default None so unset flags keep the config's."""
-    g = p.add_argument_group("training config (TrainConfig fields)")
+def add_train_config_flags(
+    p: argparse.ArgumentParser, skip_prefix: str | None = None, presets: bool = True
+) -> None:
+    """One flag per TrainConfig field (`--max-iters`, ...), default None so unset flags keep the config's.
+
+    `presets`: the command has `--preset`, so the help names where the small presets' recipe differs."""
+    g = p.add_argument_group("training config (TrainConfig fields; defaults: the card's recipe)")
     defaults = TrainConfig()
     for f in fields(TrainConfig):
         if skip_prefix and f.name.startswith(skip_prefix):
             continue
         flag, default = "--" + f.name.replace("_", "-"), getattr(defaults, f.name)
+        if presets and f.name in RECIPES["tiny"]:  # the small presets' recipe differs here
+            default = f"{default}; --preset small/tiny: {RECIPES['tiny'][f.name]}"
+        elif presets and f.name == "warmup_iters":
+            default = f"{default}; --preset small/tiny: ~5%% of max_iters"
         if f.name == "device":  # the shared options, unset (None) here: the config's value stays
             add_device(g, default=None, help=f"{DEVICE_HELP}; default {default}")
         elif f.name == "dtype":
@@ -79,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(
         prog="nanogpt train",
         description="Train a model into a run folder (resumable; torchrun for many processes). "
-        "Unset flags keep the config's values; TrainConfig defaults are the card's recipe.",
+        "Unset flags keep the config's or the preset's values: each preset has a training recipe for its "
+        "size (the card's for card; batch 8, Muon, lr 4e-3 for small and tiny), printed as the run starts.",
     )
     p.add_argument(
         "--data", help="prepared data folder (`nanogpt prepare`); on --resume defaults to the run's"
@@ -87,7 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="run folder to create (or continue with --resume)")
     src = p.add_mutually_exclusive_group()
     src.add_argument(
-        "--preset", choices=list(PRESETS), help="model preset (default: card, or the run's on --resume)"
+        "--preset",
+        choices=list(PRESETS),
+        help="model preset and its training recipe (default: card, or the run's on --resume)",
     )
     src.add_argument("--config", help="JSON config: model keys, training keys, or both (the card's block)")
     p.add_argument("--dropout", type=float, help="model dropout (a model config key)")
@@ -111,8 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
 def resolve_configs(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig]:
     """Model and training configs from, in order: preset/config/the run's/init-from's, then flags.
 
-    On --resume training settings start from the run's train_config.json, then a --config file's
-    training keys, then flags.
+    A preset brings its own training recipe (config.RECIPES: the card's for `card`, the demo's for the small
+    ones); otherwise training starts from the card's. On --resume training settings start from the run's
+    train_config.json, then a --config file's training keys, then flags.
     """
     run = Path(args.out)
     file_keys: dict[str, Any] = {}
@@ -122,20 +145,34 @@ def resolve_configs(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig]
         model_cfg, train_cfg = load_config(args.config)
         file_keys = json.loads(Path(args.config).read_text())
     elif args.preset:
-        model_cfg, train_cfg = preset(args.preset), TrainConfig()
+        model_cfg, train_cfg = preset(args.preset), recipe(args.preset)
     elif args.resume and RunFolder(run).config.is_file():
         model_cfg, train_cfg = ModelConfig.load(RunFolder(run).config), TrainConfig()
     elif args.init_from:
         model_cfg, train_cfg = load_config_of(args.init_from), TrainConfig()
     else:
         model_cfg, train_cfg = preset("card"), TrainConfig()
+    flags = {f.name: getattr(args, f.name) for f in fields(TrainConfig)}
     if args.resume and RunFolder(run).train_config.is_file():
         saved = TrainConfig.from_dict(read_json(RunFolder(run).train_config, "training config"))
         names = {f.name for f in fields(TrainConfig)}
         train_cfg = override(saved, **{k: v for k, v in file_keys.items() if k in names})
+    elif args.preset and not args.config:
+        train_cfg = recipe(args.preset, **flags)  # its warmup follows a --max-iters
     model_cfg = override(model_cfg, dropout=args.dropout)
-    train_cfg = override(train_cfg, **{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
+    train_cfg = override(train_cfg, **flags)
     return model_cfg, train_cfg
+
+
+def recipe_origin(args: argparse.Namespace) -> str:
+    """Where the run's training settings come from, for the line printed at its start."""
+    if args.resume and RunFolder(Path(args.out)).train_config.is_file():
+        return f"the run's {RunFolder(Path(args.out)).train_config.name}"
+    if args.config:
+        return f"{args.config} over the card's recipe"
+    if args.preset:
+        return f"preset {args.preset!r}'s recipe" + (" (the card's)" if args.preset == "card" else "")
+    return "the card's recipe"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -154,6 +191,13 @@ def main(argv: list[str] | None = None) -> int:
         data = saved_data_dir(args.out)
     if data is None:
         raise UserError("--data DIR is required: a folder made by `nanogpt prepare`")
+    origin = recipe_origin(args)
+    if args.backend == "mlx" and args.optimizer is None and train_cfg.optimizer == "muon" and not args.resume:
+        train_cfg = replace(train_cfg, optimizer="adamw")  # the recipe's Muon runs in the PyTorch backend only
+        origin += "; AdamW in place of Muon, which the MLX backend lacks"
+    if int(os.environ.get("RANK", 0)) == 0:
+        flags = " and your flags" if any(getattr(args, f.name) is not None for f in fields(TrainConfig)) else ""
+        print(f"training: {describe_recipe(train_cfg, model_cfg.context_length)} ({origin}{flags})")
     trainer = train
     if args.backend == "mlx":
         from nanogpt.mlx.train.loop import train as trainer  # raises a one-line error without MLX
