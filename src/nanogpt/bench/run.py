@@ -531,41 +531,100 @@ def markdown_table(res: BenchResult) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_bench(res: BenchResult, path: Path) -> None:
-    """Bar chart: each row relative to the peer (peer = 1) when a peer ran, else our timed rates (log)."""
+@dataclass(frozen=True)
+class Bar:
+    """One bar of bench.png: a row of the table under its table name, oriented so that right is better."""
+
+    label: str  # the row's metric, as bench.md names it
+    value: float  # with a peer: how many times better than it (> 1: ours is better); else our rate
+    note: str  # written at the bar's end
+
+
+@dataclass(frozen=True)
+class BenchPlot:
+    """What bench.png draws, decided apart from the drawing."""
+
+    bars: list[Bar]
+    xlabel: str
+    compared: bool  # True: values relative to the peer, bars drawn from 1; False: our own rates
+
+
+# a row's unit -> what "better" and "worse" are for it (rates and times: speed)
+_WORDS = {"tokens/s": ("faster", "slower"), "batches/s": ("faster", "slower"), "s": ("faster", "slower"),
+          "MiB": ("less memory", "more memory"), "fraction": ("higher", "lower")}  # fmt: skip
+
+
+def bench_plot(res: BenchResult) -> BenchPlot:
+    """The bars of bench.png. With a peer, each row compared with it and oriented so that right of 1 is better
+    for ours (rates: ours/peer; times and memory: peer/ours): a 5x slower time to first token sits left of 1,
+    never beside a 5x faster throughput. Without one, our measured rates."""
+    bars, seen = [], set()
+    for r in res.rows:
+        if r.ratio is None or r.ratio <= 0 or r.key.startswith(("params", "weights")):  # sizes: no "better"
+            continue
+        if r.metric in seen:  # batches/s beside tokens/s: the same measurement, the same ratio
+            continue
+        seen.add(r.metric)
+        better = r.ratio if r.higher_is_better else 1 / r.ratio
+        up, down = _WORDS.get(r.unit, ("better", "worse"))
+        note = f"{better:.2f}x {up}" if better >= 1 else f"{1 / better:.2f}x {down}"
+        bars.append(Bar(r.metric, better, note))
+    if bars:
+        xlabel = (
+            f"nanogpt compared with {PEER_NAME} (log scale): right of 1 = nanogpt better "
+            "(rates: ours / peer; times and memory: peer / ours)"
+        )
+        return BenchPlot(bars, xlabel, compared=True)
+    rates = [r for r in res.rows if r.unit in ("tokens/s", "batches/s") and r.value]
+    bars = [Bar(f"{r.metric} ({r.unit})", r.value, f"{fmt(r.value, r.unit)} {r.unit}") for r in rates]
+    return BenchPlot(bars, "per second (log scale): right = faster", compared=False)
+
+
+def plot_bench(res: BenchResult, path: Path) -> Path:
+    """bench.png: `bench_plot`'s bars, horizontal, row names wrapped; compared bars grow from 1 (the peer)."""
+    import textwrap
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
 
-    peers = [r for r in res.rows if r.ratio is not None and not r.key.startswith(("params", "weights"))]
-    rows = peers or [r for r in res.rows if r.unit in ("tokens/s", "batches/s") and r.value is not None]
-    fig, ax = plt.subplots(figsize=(9, 0.45 * len(rows) + 1.5))
-    labels = [r.key for r in rows]
-    ys = range(len(rows))
-    if peers:
-        ax.barh([y + 0.2 for y in ys], [r.ratio for r in rows], height=0.4, label="nanogpt")
-        ax.barh([y - 0.2 for y in ys], [1.0] * len(rows), height=0.4, label=PEER_NAME)
+    plan = bench_plot(res)
+    values = [b.value for b in plan.bars]
+    labels = [textwrap.fill(b.label, 60) for b in plan.bars]
+    height = 0.2 * sum(t.count("\n") + 1 for t in labels) + 0.2 * len(labels) + 1.2
+    fig, ax = plt.subplots(figsize=(11, height))
+    ys = list(range(len(plan.bars)))
+    if plan.compared:
+        colors = ["tab:green" if v >= 1 else "tab:red" for v in values]
+        ax.barh(ys, [v - 1 for v in values], left=1.0, color=colors, height=0.6)
         ax.axvline(1.0, color="gray", lw=0.8)
-        ax.set_xlabel("relative to the peer (peer = 1; latency rows: lower is better)")
-        for y, r in zip(ys, rows, strict=True):
-            ax.text(r.ratio, y + 0.2, f" {r.ratio:.2f}", va="center", fontsize=8)
     else:
-        ax.barh(list(ys), [r.value for r in rows])
-        ax.set_xscale("log")
-        ax.set_xlabel("per second (log scale)")
-    ax.set_yticks(list(ys), labels)
+        floor = min(values, default=1.0) / 3  # a log axis has no 0 to grow from
+        ax.barh(ys, [v - floor for v in values], left=floor, height=0.6)
+    for y, b in zip(ys, plan.bars, strict=True):
+        ax.text(b.value, y, f" {b.note}", va="center", fontsize=8, ha="left" if b.value >= 1 else "right")
+    ax.set_xscale("log")
+    if plan.compared:  # after the scale, which sets its own: 0.5x 1x 2x, not 10^0
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}x"))
+        # minor ticks: only 2x and 5x of each decade are named, so the names never run together
+        some = FuncFormatter(lambda v, _: f"{v:g}x" if f"{v:.0e}"[0] in "25" else "")
+        ax.xaxis.set_minor_formatter(some)
+    ax.set_xlabel(plan.xlabel, fontsize=8)
+    ax.set_yticks(ys, labels, fontsize=7)
     ax.invert_yaxis()
+    ax.margins(x=0.3)  # room for the notes
+    m, st = res.machine, res.settings
     ax.set_title(
-        f"nanogpt bench: {res.settings['backend']} {res.settings['dtype']}, "
-        f"batch {res.settings['batch']} x {res.settings['seq']}, {res.machine['cpu']}",
+        f"nanogpt bench: {st['backend']} {st['dtype']}, batch {st['batch']} x {st['seq']}, "
+        f"{m.get('gpu') or m['cpu']}",
         fontsize=9,
     )
-    if peers:
-        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2, fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
+    return path
 
 
 def make_out_dir(out: str | Path) -> Path:

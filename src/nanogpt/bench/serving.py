@@ -306,10 +306,22 @@ def table(res: dict[str, Any]) -> str:
 
 
 def ratio_lines(res: dict[str, Any]) -> list[str]:
-    out = []
-    for r in res["ratios"].values():
-        verdict = "not measured" if r["meets"] is None else ("meets" if r["meets"] else "misses")
-        out.append(f"{r['what']} = {_num(r['value'], '.2f')} (target {r['target']}: {verdict})")
+    """Each target ratio this run measured, with the target and whether it is met; then one line naming
+    those it could not measure and the --concurrency levels they need (never a figure without a value)."""
+    out, unmeasured, levels = [], [], set()
+    for key, _, num, den, _, _ in TARGETS:
+        r = res["ratios"].get(key)
+        if r is None:
+            continue  # a results file from before this target existed
+        if r["meets"] is None:
+            unmeasured.append(r["what"])
+            levels |= {num[1], den[1]}
+            continue
+        verdict = "met" if r["meets"] else "missed"
+        out.append(f"{r['what']} = {r['value']:.2f} (serving target {r['target']}: {verdict})")
+    if unmeasured:
+        need = ",".join(map(str, sorted(levels)))
+        out.append(f"not measured: {'; '.join(unmeasured)} (they need --concurrency {need})")
     return out
 
 

@@ -252,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
             progress=not args.no_progress,
             loss_fn=loss_fn,
             trackers=trackers,
+            label="distill",
         )
     except BaseException:
         if created:  # a failed run leaves no empty OUT.teacher/ behind, and never touches an earlier one

@@ -59,6 +59,7 @@ def build_parser() -> ArgumentParser:
     add_device(p)
     add_dtype(p, help="autocast precision (log-softmax stays fp32), or int8 weights (weight-only)", int8=True)
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (it goes to stderr)")
     add_backend(p)
     return p
 
@@ -77,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         "context": args.context,
         "stride": args.stride,
         "batch_size": args.batch_size,
-        "progress": not args.json,
+        "progress": not args.no_progress,
         "per_document": not args.stream,
     }
     if args.backend == "mlx":  # imported only here: MLX is optional

@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -176,8 +177,11 @@ RowScoreFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], Sequence[float
 
 
 def _progress_bar(total: int, progress: bool) -> tqdm:
-    # disable=None: a bar only when asked for and stderr is a terminal
-    return tqdm(total=total, unit="tok", disable=True if not progress else None, leave=False)
+    # the training bar's rule: on stderr whenever asked for, a terminal or not (a log file of a long
+    # evaluation shows how far it got); `nanogpt eval --no-progress` turns it off
+    return tqdm(
+        total=total, desc="eval", unit="tok", file=sys.stderr, dynamic_ncols=True, disable=not progress
+    )
 
 
 def score_windows(
@@ -258,16 +262,18 @@ def evaluate_documents(
     """Either backend's per-document evaluation of a checked token stream (`score_windows`'s twin): each
     `<|endoftext|>`-separated document on its own, bytes of the documents' text only."""
     docs = split_documents(tokens)
+    n = sum(len(d) for d in docs)
+    n_bytes = sum(count_bytes(d) for d in docs)  # the documents' own text: no separator
+    if n == 0 or n_bytes == 0:  # before the progress bar: a refusal is its one line alone
+        raise UserError("no document holds text between the <|endoftext|> separators; use --stream")
     t0 = time.perf_counter()
     total_nll = math.fsum(
         score_documents(docs, score, context=context, stride=stride, batch_size=batch_size, progress=progress)
     )
     seconds = time.perf_counter() - t0
-    n = sum(len(d) for d in docs)
-    n_bytes = sum(count_bytes(d) for d in docs)  # the documents' own text: no separator
-    if n == 0 or n_bytes == 0:
-        raise UserError("no document holds text between the <|endoftext|> separators; use --stream")
-    return EvalResult.of(total_nll, n, n_bytes, context, stride, seconds, mode="documents", documents=len(docs))
+    return EvalResult.of(
+        total_nll, n, n_bytes, context, stride, seconds, mode="documents", documents=len(docs)
+    )
 
 
 def check_tokens(

@@ -48,6 +48,7 @@ from nanogpt.train.checkpoint import atomic_dir, resolve_checkpoint, write_json
 from nanogpt.train.loop import EVAL_SEED, Counters, TrainResult, perplexity, run_folder, session_log
 from nanogpt.train.optim import default_peak_flops, flops_per_token, lr_at, schedule_warning
 from nanogpt.train.plot import plot_log, read_log, truncate_log
+from nanogpt.train.progress import StepBar
 from nanogpt.train.tracking import RunLog
 
 # the counters in state.json, in the order MLX checkpoints have always listed them
@@ -62,13 +63,18 @@ def estimate_loss(
     context_length: int,
     iters: int,
     seed: int = EVAL_SEED,
+    on_batch: Callable[[int, int], None] | None = None,
 ) -> float:
-    """Mean cross-entropy over `iters` batches from a freshly seeded sampler: the same windows every call."""
+    """Mean cross-entropy over `iters` batches from a freshly seeded sampler: the same windows every call.
+
+    `on_batch(done, iters)` is called before each batch (progress: an evaluation can take minutes)."""
     sampler = BatchSampler(shards, batch_size, context_length, seed)
     was_training = model.training
     model.eval()
     total = 0.0
-    for _ in range(iters):
+    for i in range(iters):
+        if on_batch is not None:
+            on_batch(i, iters)
         x, y = to_mx([sampler.next()])
         total += cross_entropy_loss(model, x[0], y[0]).item()
     model.train(was_training)
@@ -123,7 +129,7 @@ class _Session:
         time_up = c.max_time is not None and self.counters.elapsed >= c.max_time
         return loss, norm if c.grad_clip > 0 else None, time_up
 
-    def evaluate(self) -> float:
+    def evaluate(self, on_batch: Callable[[int, int], None] | None = None) -> float:
         """Held-out loss; records it in the counters, refuses a non-finite one."""
         c, step = self.cfg, self.counters.step
         val = estimate_loss(
@@ -132,6 +138,7 @@ class _Session:
             batch_size=c.batch_size,
             context_length=self.model_cfg.context_length,
             iters=c.eval_iters,
+            on_batch=on_batch,
         )
         if not math.isfinite(val):
             raise UserError(
@@ -285,20 +292,11 @@ class _Meter:
         }
 
 
-def _progress_bar(s: _Session, progress: bool) -> Any:
+def _progress_bar(s: _Session, progress: bool) -> StepBar:
     """The steps bar on stderr (disabled without `progress`): the steps max_iters or max_tokens allow."""
-    from tqdm import tqdm
-
     c = s.cfg
     total = min(c.max_iters, math.ceil(c.max_tokens / s.tokens_per_step)) if c.max_tokens else c.max_iters
-    return tqdm(
-        total=total,
-        initial=s.counters.step,
-        desc="train (mlx)",
-        file=sys.stderr,
-        dynamic_ncols=True,
-        disable=not progress,
-    )
+    return StepBar(total, s.counters.step, "train (mlx)", progress)
 
 
 def _loop(s: _Session, progress: bool, peak: float, log: RunLog) -> TrainResult:
@@ -307,9 +305,9 @@ def _loop(s: _Session, progress: bool, peak: float, log: RunLog) -> TrainResult:
     bar = _progress_bar(s, progress)
 
     def evaluate() -> float:
-        val = s.evaluate()
-        if progress:
-            bar.write(f"step {k.step}: val loss {val:.4f}, ppl {perplexity(val):.2f}")
+        val = s.evaluate(on_batch=bar.evaluating)
+        bar.evaluated()
+        bar.say(f"step {k.step}: val loss {val:.4f}, ppl {perplexity(val):.2f}")
         return val
 
     t_start, elapsed0 = time.perf_counter(), k.elapsed
@@ -330,8 +328,7 @@ def _loop(s: _Session, progress: bool, peak: float, log: RunLog) -> TrainResult:
         step, tokens = k.step, k.step * s.tokens_per_step
         stop = time_up or _reached_end(c, step, tokens)
         is_eval = step % c.eval_interval == 0 or stop
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", refresh=False)
+        bar.step(loss, lr)
         record: dict[str, Any] = {}
         if step % c.log_interval == 0 or is_eval:
             record = meter.record(step, tokens, loss, lr, grad_norm, k.elapsed)
