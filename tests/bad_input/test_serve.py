@@ -13,10 +13,12 @@ import math
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import threading
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -29,7 +31,8 @@ from nanogpt.data.tokenizer import get_tokenizer
 from nanogpt.model.gpt import NanoGPTLMHeadModel
 from nanogpt.train.checkpoint import save_model
 from tests.bad_input import refuse, refuse_subprocess
-from tests.local_server import post
+from tests.local_server import Server, post
+from tests.serve.test_lifecycle import wait_for
 from tests.tiny import tiny_config
 
 CONTEXT = 16
@@ -657,3 +660,114 @@ def test_serve_request_edge_values_accepted(server):
     status, answer = post(server + "/v1/completions", body)
     assert status == 200, answer
     assert len(answer["choices"]) == 16 and answer["usage"]["completion_tokens"] <= 2 * 16
+
+
+# --- serve: what a running server answers and logs (a real process with a key and a queue of 2) -------------
+
+GUARD_KEY = "sk-bad-input-test"
+
+
+@pytest.fixture(scope="module")
+def guarded(ckpt, root):
+    s = Server(ckpt, root / "guarded.log", key=GUARD_KEY, extra=["--max-queue", "2"])
+    yield s
+    s.stop()
+
+
+def bearer(scheme: str = "Bearer", key: str = GUARD_KEY) -> dict[str, str]:
+    return {"Authorization": f"{scheme} {key}"}
+
+
+@pytest.mark.parametrize(
+    "path, body, fits, message",
+    [
+        pytest.param("/v1/completions", {"prompt": "Hi", "n": 3}, {"n": 2}, "'n'=3 exceeds this server's queue of 2", id="completions"),
+        pytest.param("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "n": 3}, {"n": 2}, "'n'=3 exceeds", id="chat"),
+        pytest.param("/v1/completions", {"prompt": ["a", "b"], "n": 2}, {"n": 1}, "2 prompts x 'n'=2 = 4 choices exceed", id="prompts"),
+    ],
+)  # fmt: skip
+def test_serve_n_larger_than_the_queue_is_a_400(guarded, path, body, fits, message):
+    """More choices than the whole queue holds can never be queued: a 400 saying so, not a 429 (retry later)."""
+    status, answer = post(guarded.url + path, {**body, "max_tokens": 1}, bearer())
+    assert status == 400, answer
+    error = answer["error"]
+    assert message in error["message"] and "restart the server with a larger --max-queue" in error["message"]
+    assert (error["param"], error["type"]) == ("n", "invalid_request_error")
+    status, answer = post(guarded.url + path, {**body, **fits, "max_tokens": 1}, bearer())
+    assert status == 200, answer  # as many as the queue holds fit
+
+
+def test_serve_client_hanging_up_mid_body_is_a_disconnect(guarded):
+    """A body cut short (Content-Length not reached, or a chunked body never ended) is a client that left:
+    logged and counted as 499, with no traceback, not as a 500."""
+    before = guarded.log.read_text()
+    heads = {
+        "short": b'Content-Length: 200\r\n\r\n{"prompt": "Hi",',
+        "chunked": b'Transfer-Encoding: chunked\r\n\r\n10\r\n{"prompt": "Hi",\r\n',  # 0x10 bytes, no end
+    }
+    for head in heads.values():
+        with socket.create_connection(("127.0.0.1", guarded.port), timeout=30) as s:
+            s.sendall(
+                f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {GUARD_KEY}\r\n"
+                "Content-Type: application/json\r\n".encode()
+                + head
+            )
+
+    def new_lines() -> list[str]:
+        return guarded.log.read_text()[len(before) :].splitlines()
+
+    assert wait_for(lambda: sum(" 499 " in line for line in new_lines()) == 2), new_lines()
+    assert "Traceback" not in guarded.log.read_text() and not any(" 500 " in line for line in new_lines())
+    with urllib.request.urlopen(guarded.url + "/metrics", timeout=30) as r:
+        metrics = r.read().decode()
+    assert re.search(r'nanogpt_requests_total\{path="/v1/completions",status="499"\} [1-9]', metrics)
+    assert 'status="500"' not in metrics
+
+
+@pytest.mark.parametrize("scheme", ["bearer", "BEARER", "bEaReR"])
+def test_serve_authorization_scheme_is_case_insensitive(guarded, scheme):
+    """RFC 7235: the scheme of `Authorization` is case-insensitive; the key itself is not."""
+    body = {"prompt": "Hi", "max_tokens": 1}
+    status, answer = post(guarded.url + "/v1/completions", body, bearer(scheme))
+    assert status == 200, answer
+    for wrong in (bearer(scheme, GUARD_KEY.upper()), bearer("Basic"), {"Authorization": GUARD_KEY}):
+        status, answer = post(guarded.url + "/v1/completions", body, wrong)
+        assert status == 401 and answer["error"]["code"] == "invalid_api_key", (wrong, answer)
+
+
+def test_serve_non_loopback_host_without_a_key_warns(ckpt):
+    """Reachable from other machines with no key: one warning line at start, before the socket listens."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nanogpt", *serve_argv(ckpt, "--host", "0.0.0.0", "--port", "0")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        first = proc.stderr.readline()  # printed right after the bind, before the model loads
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+    for says in (
+        "warning",
+        "--host 0.0.0.0 without an API key",
+        "anyone who can reach",
+        "--api-key-env NAME",
+    ):
+        assert says in first, first
+
+
+def test_serve_sigterm_on_an_idle_server_ends_quietly(ckpt, tmp_path):
+    """SIGTERM, once or twice (a second signal stops at once): exit 0, no traceback, no CancelledError."""
+    for i, twice in enumerate((False, True, True)):
+        log = tmp_path / f"serve{i}.log"
+        server = Server(ckpt, log)
+        server.proc.send_signal(signal.SIGTERM)
+        if twice:
+            time.sleep(0.1)  # inside the first signal's shutdown
+            server.proc.send_signal(signal.SIGTERM)  # a no-op if it already exited
+        rc = server.proc.wait(timeout=60)
+        text = log.read_text()
+        assert rc == 0 and "Traceback" not in text and "CancelledError" not in text, text
+        assert text.splitlines()[-1] == "nanogpt serve: stopped; requests cancelled at shutdown: 0", text

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import ipaddress
 import os
 import signal
 import socket
@@ -121,6 +122,16 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def exposure_warning(host: str, bound: str, api_key: str | None) -> str | None:
+    """The one-line warning for a server others can reach without a key (`bound`: the address bound)."""
+    if api_key is not None or ipaddress.ip_address(bound.split("%")[0]).is_loopback:
+        return None
+    return (
+        f"nanogpt serve: warning: --host {host} without an API key: anyone who can reach this host can use "
+        "the server; set a key with --api-key-env NAME (clients then send Authorization: Bearer KEY)"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -147,6 +158,9 @@ def main(argv: list[str] | None = None) -> int:
     apply_threads(args)
     device = resolve_device(args.device)
     sock = bind(args.host, args.port)  # before the model loads: a taken port costs no loading time
+    warning = exposure_warning(args.host, sock.getsockname()[0], api_key)
+    if warning:  # at once, before anyone can connect (the socket listens once the model is loaded)
+        print(warning, file=sys.stderr, flush=True)
     with sock:
         model = load_model(args.model, device=device)
         name = args.name or Path(args.model).resolve().name
@@ -170,8 +184,15 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
             flush=True,
         )
+        # lifespan off: the app has no startup or shutdown hooks, and uvicorn's lifespan task, left pending
+        # when a second signal skips the lifespan shutdown (force_exit), was cancelled as the loop closed and
+        # Starlette logged that CancelledError as a traceback
         config = uvicorn.Config(
-            app, log_level="warning", access_log=False, timeout_graceful_shutdown=args.drain_seconds + 5
+            app,
+            log_level="warning",
+            access_log=False,
+            lifespan="off",
+            timeout_graceful_shutdown=args.drain_seconds + 5,
         )
         server = uvicorn.Server(config)
 

@@ -21,128 +21,66 @@ as "token_id:N" so clients get exact ids even for partial UTF-8 bytes.
 # no `from __future__ import annotations`: FastAPI must see the real `Request` class on the handlers
 
 import asyncio
-import codecs
 import json
 import secrets
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
-from nanogpt.data.tokenizer import Tokenizer, get_tokenizer
+from nanogpt.data.tokenizer import get_tokenizer
+from nanogpt.serve import responses
+from nanogpt.serve.choices import Choice, events, failure
 from nanogpt.serve.engine import Engine, EngineClosed, Finished, Job, PromptScores, QueueFull, Token
 from nanogpt.serve.errors import (
     DEFAULT_MAX_BODY_BYTES,
+    ApiError,
     error_body,
     error_response,
     error_type,
     install_error_handlers,
-    model_not_found,
+    model_not_found_error,
 )
 from nanogpt.serve.metrics import Metrics
 from nanogpt.serve.requests import (
     BadRequest,
     CompletionRequest,
     check_context,
+    check_queue,
     parse_json_body,
     parse_request,
 )
+from nanogpt.serve.responses import parse_responses
 from nanogpt.serve.routes import add_model_routes
 
-KNOWN_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
-
-# --- one choice: token events -> text, stop strings, logprobs ----------------------------------------------
-
-
-def token_str(t: int, tok: Tokenizer, as_ids: bool) -> str:
-    return f"token_id:{t}" if as_ids else tok.decode_bytes([t]).decode("utf-8", errors="replace")
-
-
-class Choice:
-    """The text of one choice as its tokens arrive: what may be sent now, and its logprob entries."""
-
-    def __init__(self, index: int, req: CompletionRequest, tok: Tokenizer) -> None:
-        self.index, self.req, self.tok = index, req, tok
-        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self.text, self.sent = "", 0  # all text decoded so far; how much of it was handed out
-        self.hold = max((len(s) for s in req.sampling.stop), default=1) - 1  # may begin a stop string
-        self.finish: str | None = None
-        self.n_tokens = 0
-        self.logprobs: list[tuple[int, float | None, list[tuple[int, float]] | None]] = []  # this chunk's
-        self.prompt_scores: PromptScores | None = None
-
-    def add(self, ev: Token) -> str:
-        """Take one token; return the text that can be sent now ("" while a character or a stop is pending)."""
-        self.n_tokens += 1
-        self.text += self.decoder.decode(self.tok.decode_bytes([ev.id]))
-        stops = [
-            i
-            for i in (self.text.find(s, max(0, self.sent - self.hold)) for s in self.req.sampling.stop)
-            if i >= 0
-        ]
-        if stops:
-            self.text, self.finish = self.text[: min(stops)], "stop"
-            return self._take(len(self.text))
-        if self.req.logprobs is not None:
-            self.logprobs.append((ev.id, ev.logprob, ev.top))
-        return self._take(len(self.text) - self.hold if self.req.sampling.stop else len(self.text))
-
-    def end(self, reason: str) -> str:
-        """The finish reason is known: the held-back text goes out (unless a stop string ended it)."""
-        if self.finish is None:
-            self.text += self.decoder.decode(b"", final=True)
-            self.finish = reason
-        return self._take(len(self.text))
-
-    def prompt_text(self) -> str:
-        return self.tok.decode(self.req.prompts[self.index // self.req.n])
-
-    def _take(self, upto: int) -> str:
-        piece = self.text[self.sent : max(self.sent, upto)]
-        self.sent += len(piece)
-        return piece
-
-    def logprob_fields(self, include_prompt: bool) -> Any:
-        """This choice's logprobs so far, in the endpoint's format; the entries are handed out once."""
-        entries, self.logprobs = self.logprobs, []
-        as_ids = self.req.token_ids
-        if self.req.chat:
-            return {"content": [self._chat_entry(t, lp, top) for t, lp, top in entries]}
-        out: dict[str, list[Any]] = {"tokens": [], "token_logprobs": [], "top_logprobs": []}
-        if include_prompt and self.prompt_scores is not None:
-            ids = self.req.prompts[self.index // self.req.n]
-            out["tokens"] += [token_str(t, self.tok, as_ids) for t in ids]
-            out["token_logprobs"] += self.prompt_scores.logprobs
-            out["top_logprobs"] += [None if t is None else self._top(t) for t in self.prompt_scores.top]
-        for t, lp, top in entries:
-            out["tokens"].append(token_str(t, self.tok, as_ids))
-            out["token_logprobs"].append(lp)
-            out["top_logprobs"].append(self._top(top or []))
-        return out
-
-    def _top(self, top: list[tuple[int, float]]) -> dict[str, float]:
-        out: dict[str, float] = {}
-        for t, lp in top:
-            out.setdefault(token_str(t, self.tok, self.req.token_ids), lp)  # partial bytes may print alike
-        return out
-
-    def _chat_entry(self, t: int, lp: float | None, top: list[tuple[int, float]] | None) -> dict[str, Any]:
-        def one(t: int, lp: float | None) -> dict[str, Any]:
-            raw = self.tok.decode_bytes([t])
-            return {"token": token_str(t, self.tok, self.req.token_ids), "logprob": lp, "bytes": list(raw)}
-
-        return {**one(t, lp), "top_logprobs": [one(a, v) for a, v in top or []]}
-
+KNOWN_PATHS = (
+    "/v1/completions",
+    "/v1/chat/completions",
+    "/v1/responses",
+    "/v1/models",
+    "/health",
+    "/metrics",
+)
 
 # --- the app ------------------------------------------------------------------------------------------------
+
+
+CLIENT_GONE = 499  # nginx's "client closed request": the status logged and counted for a client that left
+
+
+def bearer_token(header: bytes) -> bytes | None:
+    """The token of an `Authorization: Bearer TOKEN` header; the scheme is case-insensitive (RFC 7235)."""
+    scheme, _, token = header.strip().partition(b" ")
+    return token.strip() if scheme.lower() == b"bearer" else None
 
 
 class Guard:
     """ASGI middleware: the API key on /v1/, one log line and the metrics of every request.
 
-    Plain ASGI rather than FastAPI's `http` middleware, which would stand between a streaming answer and
-    the client's disconnect.
+    A request whose client went away before the last byte of its answer (while still sending its body,
+    waiting for a whole answer, or reading a stream) is logged and counted as 499, whatever the app
+    answered into the closed connection. Plain ASGI rather than FastAPI's `http` middleware, which would
+    stand between a streaming answer and the client's disconnect.
     """
 
     def __init__(self, app: Any, api_key: str | None, metrics: Metrics) -> None:
@@ -154,27 +92,40 @@ class Guard:
             return
         start, status = time.perf_counter(), 500
         path = scope["path"]
+        answered = gone = False
 
         async def send_status(message: dict) -> None:
-            nonlocal status
+            nonlocal status, answered
             if message["type"] == "http.response.start":
                 status = message["status"]
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                answered = True
             await send(message)
+
+        async def watched_receive() -> dict:
+            nonlocal gone
+            message = await receive()
+            gone = gone or (message["type"] == "http.disconnect" and not answered)
+            return message
 
         try:
             if self.api_key is not None and path.startswith("/v1/"):
-                got = dict(scope["headers"]).get(b"authorization", b"")
-                if not secrets.compare_digest(got, f"Bearer {self.api_key}".encode()):
+                token = bearer_token(dict(scope["headers"]).get(b"authorization", b""))
+                if token is None or not secrets.compare_digest(token, self.api_key.encode()):
                     message = "missing or wrong API key (Authorization: Bearer KEY)"
                     await error_response(401, message, code="invalid_api_key")(scope, receive, send_status)
                     return
-            await self.app(scope, receive, send_status)
+            await self.app(scope, watched_receive, send_status)
         finally:
             seconds = time.perf_counter() - start
+            status = CLIENT_GONE if gone else status
             self.metrics.request(path if path in KNOWN_PATHS else "other", status, seconds)
             method = scope.get("method", "")
             print(
-                f"nanogpt serve: {method} {path} {status} {seconds * 1000:.0f}ms", file=sys.stderr, flush=True
+                f"nanogpt serve: {method} {path} {status} {seconds * 1000:.0f}ms"
+                + (" (the client disconnected)" if gone else ""),
+                file=sys.stderr,
+                flush=True,
             )
 
 
@@ -208,38 +159,44 @@ def create_app(
         body, content_type = metrics.render()
         return Response(body, media_type=content_type)
 
+    def submit(req: CompletionRequest) -> list:
+        """Every choice of `req` as a job of the engine, all queued or none (ApiError 429 / 503)."""
+        deadline = time.monotonic() + request_timeout if request_timeout else None
+        jobs = [
+            Job(
+                ids,
+                req.sampling_for(c),
+                logprobs=req.logprobs,
+                score_prompt=req.echo and req.logprobs is not None,
+                prompt_top=req.logprobs or 0,
+                deadline=deadline,
+            )
+            for ids in req.prompts
+            for c in range(req.n)
+        ]
+        try:
+            return engine.submit_all(jobs, asyncio.get_running_loop())
+        except QueueFull as e:
+            raise ApiError(429, str(e), code="rate_limit_exceeded", headers={"Retry-After": "1"}) from None
+        except EngineClosed as e:
+            raise ApiError(503, f"{e}; retry on another server") from None
+
+    def check(req: CompletionRequest, prompt_param: str | None = None) -> None:
+        """What a parsed request must also meet on this server: its model, the context, the queue."""
+        if req.model is not None and req.model != engine.name:
+            raise model_not_found_error(req.model, engine.name)
+        check_context(req, engine.context_length, prompt_param)
+        check_queue(req, engine.max_queue)
+
     async def handle(request: Request, chat: bool):
         try:
             req = parse_request(
                 parse_json_body(await request.body()), tok, chat=chat, vocab_size=engine.cfg.vocab_size
             )
-            if req.model is not None and req.model != engine.name:
-                return model_not_found(req.model, engine.name)
-            check_context(req, engine.context_length)
+            check(req)
         except BadRequest as e:
             return error_response(400, str(e), param=e.param, code=e.code)
-        deadline = time.monotonic() + request_timeout if request_timeout else None
-        handles = []
-        try:
-            for ids in req.prompts:
-                for c in range(req.n):
-                    job = Job(
-                        ids,
-                        req.sampling_for(c),
-                        logprobs=req.logprobs,
-                        score_prompt=req.echo and req.logprobs is not None,
-                        prompt_top=req.logprobs or 0,
-                        deadline=deadline,
-                    )
-                    handles.append(engine.submit(job, asyncio.get_running_loop()))
-        except QueueFull as e:
-            for h in handles:
-                h.cancel()
-            return error_response(429, str(e), code="rate_limit_exceeded", headers={"Retry-After": "1"})
-        except EngineClosed as e:
-            for h in handles:
-                h.cancel()
-            return error_response(503, f"{e}; retry on another server")
+        handles = submit(req)
         choices = [Choice(i, req, tok) for i in range(len(handles))]
         if req.stream:
             return StreamingResponse(
@@ -255,52 +212,25 @@ def create_app(
     async def chat_completions(request: Request):
         return await handle(request, chat=True)
 
+    @app.post("/v1/responses")
+    async def create_response(request: Request):
+        try:
+            rr = parse_responses(parse_json_body(await request.body()), tok, vocab_size=engine.cfg.vocab_size)
+            check(rr.request, "input")
+        except BadRequest as e:
+            return error_response(400, str(e), param=e.param, code=e.code)
+        handles = submit(rr.request)
+        choice = Choice(0, rr.request, tok)
+        if rr.stream:
+            return StreamingResponse(
+                responses.stream(request, engine.name, rr, handles, choice), media_type="text/event-stream"
+            )
+        return await responses.complete(request, engine.name, rr, handles, choice)
+
     return app
 
 
 # --- answers -------------------------------------------------------------------------------------------------
-
-
-async def _events(request: Any, handles: list) -> AsyncIterator[tuple[int, Any]]:
-    """(choice index, event) from every handle as they come; a client that leaves cancels them all."""
-    merged: asyncio.Queue = asyncio.Queue()
-
-    async def pump(i: int, h: Any) -> None:
-        async for ev in h:
-            await merged.put((i, ev))
-
-    async def watch() -> None:  # the ASGI receive channel says "http.disconnect" when the client leaves
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
-        for h in handles:
-            h.cancel()
-
-    pumps = [asyncio.ensure_future(pump(i, h)) for i, h in enumerate(handles)]
-    watcher = asyncio.ensure_future(watch())
-    try:
-        unfinished = len(handles)
-        while unfinished:
-            i, ev = await merged.get()
-            yield i, ev
-            unfinished -= isinstance(ev, Finished)
-    finally:
-        for h in handles:
-            h.cancel()  # a no-op for finished jobs; stops the rest when the answer was abandoned
-        watcher.cancel()
-        for p in pumps:
-            p.cancel()
-
-
-def _failure(failed: list[Finished]) -> tuple[int, str] | None:
-    """The error of a request whose job ended without an answer (timeout, shutdown, engine error)."""
-    for f in failed:
-        if f.reason == "timeout":
-            return 408, "the request took longer than this server's --request-timeout"
-        if f.reason == "cancelled":
-            return 503, f.message or "the request was cancelled"
-        if f.reason == "error":
-            return 500, f"internal error: {f.message}"
-    return None
 
 
 def _usage(req: CompletionRequest, choices: list[Choice]) -> dict[str, int]:
@@ -313,7 +243,7 @@ async def _complete(request: Any, name: str, req: CompletionRequest, handles: li
     from fastapi.responses import JSONResponse
 
     failed: list[Finished] = []
-    async for i, ev in _events(request, handles):
+    async for i, ev in events(request, handles):
         c = choices[i]
         if isinstance(ev, PromptScores):
             c.prompt_scores = ev
@@ -325,9 +255,9 @@ async def _complete(request: Any, name: str, req: CompletionRequest, handles: li
             if c.finish is None and ev.reason not in ("stop", "length"):
                 failed.append(ev)
             c.end(ev.reason)
-    failure = _failure(failed)
-    if failure is not None:
-        return error_response(*failure)
+    problem = failure(failed)
+    if problem is not None:
+        return error_response(*problem)
     out = []
     for c in choices:
         if req.chat:
@@ -394,7 +324,7 @@ async def _sse(request: Any, name: str, req: CompletionRequest, handles: list, c
             yield chunk(
                 [{"index": c.index, "text": c.prompt_text(), "logprobs": None, "finish_reason": None}]
             )
-    async for i, ev in _events(request, handles):
+    async for i, ev in events(request, handles):
         c = choices[i]
         if isinstance(ev, PromptScores):
             c.prompt_scores = ev
@@ -419,7 +349,7 @@ async def _sse(request: Any, name: str, req: CompletionRequest, handles: list, c
             stopped = c.finish is not None
             rest = c.end(ev.reason)
             if ev.reason in ("timeout", "cancelled", "error") and not stopped:
-                status, message = _failure([ev]) or (500, "internal error")
+                status, message = failure([ev]) or (500, "internal error")
                 yield f"data: {json.dumps(error_body(message, error_type(status)))}\n\n"  # too late for a status
                 continue
             if rest:

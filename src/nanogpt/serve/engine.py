@@ -191,17 +191,28 @@ class Engine:
 
     def submit(self, job: Job, loop: asyncio.AbstractEventLoop | None = None) -> Handle:
         """Queue `job`; its events arrive on the returned handle (async ones on `loop`'s thread)."""
-        if len(job.prompt) > self.context_length + (1 if job.params.max_tokens == 0 else 0):
-            raise ValueError(f"prompt is {len(job.prompt)} tokens, the model's context is {self.context_length}")
-        handle = Handle(job, loop)
+        return self.submit_all([job], loop)[0]
+
+    def submit_all(self, jobs: list[Job], loop: asyncio.AbstractEventLoop | None = None) -> list[Handle]:
+        """Queue every job of `jobs` or none of them (`QueueFull` when they do not all fit in the queue).
+
+        All or none: a request's choices never hold queue places they give back a moment later, so more
+        choices than `max_queue` never fit, and fewer always do once the queue has room for them.
+        """
+        for job in jobs:
+            if len(job.prompt) > self.context_length + (1 if job.params.max_tokens == 0 else 0):
+                raise ValueError(
+                    f"prompt is {len(job.prompt)} tokens, the model's context is {self.context_length}"
+                )
+        handles = [Handle(job, loop) for job in jobs]
         with self._cond:
             if self._closing:
                 raise EngineClosed("the server is shutting down")
-            if len(self.waiting) >= self.max_queue:
+            if len(self.waiting) + len(handles) > self.max_queue:
                 raise QueueFull(f"{len(self.waiting)} requests are waiting (--max-queue {self.max_queue})")
-            self.waiting.append(handle)
+            self.waiting.extend(handles)
             self._cond.notify()
-        return handle
+        return handles
 
     @property
     def closing(self) -> bool:

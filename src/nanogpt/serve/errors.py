@@ -82,14 +82,16 @@ def error_response(
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-def model_not_found(model: str, served: str, param: str | None = "model"):
+def model_not_found_error(model: str, served: str, param: str | None = "model") -> ApiError:
     """404 "model_not_found": the request named a model this server does not serve."""
-    return error_response(
-        404,
-        f"The model {model!r} does not exist; this server serves {served!r}",
-        param=param,
-        code="model_not_found",
-    )
+    message = f"The model {model!r} does not exist; this server serves {served!r}"
+    return ApiError(404, message, param=param, code="model_not_found")
+
+
+def model_not_found(model: str, served: str, param: str | None = "model"):
+    """`model_not_found_error` as a response."""
+    e = model_not_found_error(model, served, param)
+    return error_response(e.status, e.message, param=e.param, code=e.code)
 
 
 def internal_error_response(exc: BaseException):
@@ -114,7 +116,8 @@ class BodyTooLarge(Exception):
 
 
 class _BodyLimit:
-    """ASGI middleware: a 413 for a body over `limit` bytes, and a 500 body for any uncaught exception.
+    """ASGI middleware: a 413 for a body over `limit` bytes, a 500 body for any uncaught exception, and
+    nothing (no traceback either) for a client that hung up while it was still sending its body.
 
     Content-Length is checked before anything is read; without one (chunked), the bytes are counted as they
     arrive and reading stops at the first chunk past the limit, so at most `limit` bytes plus one chunk are
@@ -126,6 +129,8 @@ class _BodyLimit:
         self.app, self.limit = app, limit
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        from starlette.requests import ClientDisconnect
+
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
@@ -153,6 +158,8 @@ class _BodyLimit:
 
         try:
             await self.app(scope, counted_receive, tracked_send)
+        except ClientDisconnect:  # it hung up while sending its body: nobody to answer (the log says 499)
+            return
         except BodyTooLarge:
             if started:
                 raise

@@ -158,11 +158,11 @@ def parse_request(body: dict[str, Any], tok: Tokenizer, *, chat: bool, vocab_siz
         raise BadRequest(f"'model' must be a string, got {model!r}", "model")
     if chat:
         prompts = [tok.encode(chat_prompt(body.get("messages")))]
-        max_tokens = _num(body, "max_tokens", DEFAULT_CHAT_MAX_TOKENS, int, 0, MAX_TOKENS)
+        max_tokens = read_number(body, "max_tokens", DEFAULT_CHAT_MAX_TOKENS, int, 0, MAX_TOKENS)
         # the newer name wins; both are checked
-        max_tokens = _num(body, "max_completion_tokens", max_tokens, int, 0, MAX_TOKENS)
-        top = _num(body, "top_logprobs", None, int, 0, MAX_CHAT_LOGPROBS)
-        wants = _flag(body, "logprobs")
+        max_tokens = read_number(body, "max_completion_tokens", max_tokens, int, 0, MAX_TOKENS)
+        top = read_number(body, "top_logprobs", None, int, 0, MAX_CHAT_LOGPROBS)
+        wants = read_flag(body, "logprobs")
         if top is not None and not wants:
             raise BadRequest("'top_logprobs' needs 'logprobs': true", "top_logprobs")
         logprobs = (top or 0) if wants else None
@@ -171,51 +171,52 @@ def parse_request(body: dict[str, Any], tok: Tokenizer, *, chat: bool, vocab_siz
         if body.get("prompt") is None:
             raise BadRequest("'prompt' is required", "prompt")
         prompts = parse_prompts(body["prompt"], tok)
-        max_tokens = _num(body, "max_tokens", DEFAULT_MAX_TOKENS, int, 0, MAX_TOKENS)
-        logprobs = _num(body, "logprobs", None, int, 0, MAX_LOGPROBS)
-        echo = _flag(body, "echo")
-    if _num(body, "repetition_penalty", 1.0, float, 1e-9, None) != 1.0:
+        max_tokens = read_number(body, "max_tokens", DEFAULT_MAX_TOKENS, int, 0, MAX_TOKENS)
+        logprobs = read_number(body, "logprobs", None, int, 0, MAX_LOGPROBS)
+        echo = read_flag(body, "echo")
+    if read_number(body, "repetition_penalty", 1.0, float, 1e-9, None) != 1.0:
         raise BadRequest(
             "'repetition_penalty' is not supported by this server; leave it 1 or unset "
             "(presence_penalty and frequency_penalty are)",
             "repetition_penalty",
         )
-    top_k = _num(body, "top_k", None, int, -1, None)
+    top_k = read_number(body, "top_k", None, int, -1, None)
     try:
         sampling = SamplingParams(
             max_tokens=max_tokens,
-            temperature=_num(body, "temperature", 1.0, float, 0.0, 100.0),
+            temperature=read_number(body, "temperature", 1.0, float, 0.0, 100.0),
             top_k=None if top_k in (None, -1, 0) else top_k,
-            top_p=_num(body, "top_p", 1.0, float, 1e-9, 1.0),
-            seed=_num(body, "seed", None, int, 0, MAX_SEED),
+            top_p=read_number(body, "top_p", 1.0, float, 1e-9, 1.0),
+            seed=read_number(body, "seed", None, int, 0, MAX_SEED),
             stop=_stop(body),
             logit_bias=_logit_bias(body, vocab_size),
-            presence_penalty=_num(body, "presence_penalty", 0.0, float, -2.0, 2.0),
-            frequency_penalty=_num(body, "frequency_penalty", 0.0, float, -2.0, 2.0),
+            presence_penalty=read_number(body, "presence_penalty", 0.0, float, -2.0, 2.0),
+            frequency_penalty=read_number(body, "frequency_penalty", 0.0, float, -2.0, 2.0),
         )
     except UserError as e:  # every field was checked above; this is the last word on their combination
         raise BadRequest(str(e)) from None
-    stream = _flag(body, "stream")
+    stream = read_flag(body, "stream")
     return CompletionRequest(
         chat=chat,
         prompts=prompts,
         sampling=sampling,
-        n=_num(body, "n", 1, int, 1, MAX_N),
+        n=read_number(body, "n", 1, int, 1, MAX_N),
         logprobs=logprobs,
         echo=echo,
         stream=stream,
         include_usage=_stream_options(body, stream),
-        token_ids=_flag(body, "return_tokens_as_token_ids"),
+        token_ids=read_flag(body, "return_tokens_as_token_ids"),
         model=model,
     )
 
 
-def check_context(req: CompletionRequest, context_length: int) -> None:
+def check_context(req: CompletionRequest, context_length: int, param: str | None = None) -> None:
     """Refuse a prompt longer than the model's context (code "context_length_exceeded").
 
     Only the prompt is refused here: generation stops at the end of the context (finish_reason "length",
     as OpenAI's API does), so a prompt of the whole context still gets its one next token. Scoring alone
-    (max_tokens 0) reads len(prompt) - 1 positions, so it takes one token more.
+    (max_tokens 0) reads len(prompt) - 1 positions, so it takes one token more. `param` names the field
+    that held the prompt (default: "messages" or "prompt").
     """
     limit = context_length + 1 if req.sampling.max_tokens == 0 else context_length
     for ids in req.prompts:
@@ -223,17 +224,47 @@ def check_context(req: CompletionRequest, context_length: int) -> None:
             more = " (scoring with max_tokens 0 takes one more)" if req.sampling.max_tokens == 0 else ""
             raise BadRequest(
                 f"prompt is {len(ids)} tokens, the model's context is {context_length}{more}",
-                "messages" if req.chat else "prompt",
+                param or ("messages" if req.chat else "prompt"),
                 "context_length_exceeded",
             )
+
+
+def check_queue(req: CompletionRequest, max_queue: int) -> None:
+    """Refuse a request of more choices than the server's whole queue holds: it could never be queued, so
+    a 429 (come back later) would mislead; the server takes a request's choices all at once or not at all."""
+    jobs = len(req.prompts) * req.n
+    if jobs <= max_queue:
+        return
+    fix = "restart the server with a larger --max-queue"
+    if len(req.prompts) == 1:
+        raise BadRequest(
+            f"'n'={req.n} exceeds this server's queue of {max_queue} requests (--max-queue), so it can never "
+            f"be queued; lower n or {fix}",
+            "n",
+        )
+    raise BadRequest(
+        f"{len(req.prompts)} prompts x 'n'={req.n} = {jobs} choices exceed this server's queue of {max_queue} "
+        f"requests (--max-queue), so they can never be queued; send fewer prompts or a lower n, or {fix}",
+        "n" if req.n > 1 else "prompt",
+    )
 
 
 # --- fields ---------------------------------------------------------------------------------------------------
 
 
 def _check_fields(body: dict[str, Any], chat: bool) -> None:
-    allowed = allowed_fields(chat)
     endpoint = "/v1/chat/completions" if chat else "/v1/completions"
+    check_fields(body, allowed_fields(chat), NEUTRAL_ONLY[chat], endpoint)
+
+
+def check_fields(
+    body: dict[str, Any],
+    allowed: frozenset[str],
+    neutral_only: dict[str, tuple[Any, str | None]],
+    endpoint: str,
+) -> None:
+    """Refuse a field not in `allowed`, a `neutral_only` one at a value that would change the output, and an
+    ignored metadata field of the wrong type; `endpoint` is named in the message."""
     for name in sorted(body):  # sorted: the same body always names the same field
         if name not in allowed:
             raise BadRequest(
@@ -243,8 +274,8 @@ def _check_fields(body: dict[str, Any], chat: bool) -> None:
         value = body[name]
         if value is None:
             continue
-        if name in NEUTRAL_ONLY[chat]:
-            neutral, what = NEUTRAL_ONLY[chat][name]
+        if name in neutral_only:
+            neutral, what = neutral_only[name]
             if not neutral(value):
                 also = f" or {what}" if what else ""
                 raise BadRequest(f"'{name}' is not supported by this server; leave it unset{also}", name)
@@ -254,10 +285,10 @@ def _check_fields(body: dict[str, Any], chat: bool) -> None:
         elif name == "metadata" and not isinstance(value, dict):
             raise BadRequest(f"'metadata' must be an object, got {value!r}", name)
         elif name == "parallel_tool_calls":
-            _flag(body, name)
+            read_flag(body, name)
 
 
-def _num(
+def read_number(
     body: dict[str, Any],
     name: str,
     default: Any,
@@ -291,7 +322,7 @@ def _num(
     return kind(v)
 
 
-def _flag(body: dict[str, Any], name: str, param: str | None = None) -> bool:
+def read_flag(body: dict[str, Any], name: str, param: str | None = None) -> bool:
     """body[name] as a JSON boolean (absent or null: false); the string "false" is not false."""
     param = param or name
     v = body.get(name)
@@ -349,8 +380,8 @@ def _stream_options(body: dict[str, Any], stream: bool) -> bool:
             raise BadRequest(
                 f"'stream_options.{key}' is not supported by this server", f"stream_options.{key}"
             )
-    _flag(so, "include_obfuscation", "stream_options.include_obfuscation")
-    return _flag(so, "include_usage", "stream_options.include_usage")
+    read_flag(so, "include_obfuscation", "stream_options.include_obfuscation")
+    return read_flag(so, "include_usage", "stream_options.include_usage")
 
 
 # --- prompts ---------------------------------------------------------------------------------------------------
