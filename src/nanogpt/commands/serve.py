@@ -221,6 +221,11 @@ def main(argv: list[str] | None = None) -> int:
         engine.run()  # every torch call of the server, in this one thread, until a signal closes it
         server.should_exit = True
         http_thread.join(timeout=args.drain_seconds + 10)
+        # stopped: a signal from now on has nothing left to stop, and during the interpreter's teardown
+        # Python's handlers are gone (the default one would end the process with -SIGTERM, not 0); an
+        # ignored signal stays ignored through that teardown
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     print(
         f"nanogpt serve: stopped; requests cancelled at shutdown: {engine.cancelled_at_close}",
         file=sys.stderr,

@@ -3,14 +3,15 @@
 Endpoints: `POST /v1/completions` (a prompt as a string, token ids, or a list of either; `echo`, `logprobs`
 = top-k alternatives per token, the prompt's own included when `echo` is true, so `echo=true, max_tokens=0,
 logprobs=k` scores a prompt: what a token-level distillation teacher sends), `POST /v1/chat/completions`,
-`GET /v1/models[/{id}]`, `GET /health` (503 while shutting down) and `GET /metrics` (Prometheus).
+`POST /v1/responses` (OpenAI's Responses API on the chat path: `responses.py`), `GET /v1/models[/{id}]`,
+`GET /health` (503 while shutting down) and `GET /metrics` (Prometheus).
 What a request may hold is `requests.py`'s to say; every error has OpenAI's body (`errors.py`).
 
 Each choice of a request is one `Job` of the engine (`engine.py`), which batches every running sequence.
-This module turns the engine's token events into text (stop strings held back until they cannot match)
-and OpenAI's answers, streamed as server-sent events or whole. A client that goes away cancels its jobs
+`choices.py` turns the engine's token events into text (stop strings held back until they cannot match);
+this module makes OpenAI's answers of it, streamed as server-sent events or whole. A client that goes away cancels its jobs
 before the engine's next step; a request past `request_timeout` seconds is cancelled ("timeout"); a full
-queue answers 429 with Retry-After.
+queue answers 429 with Retry-After, a request of more choices than the whole queue a 400.
 
 A base model has no chat format, so chat uses a plain template, one "role: content" line per message and
 then "assistant:" (`requests.chat_prompt`). `return_tokens_as_token_ids: true` (vLLM's name) writes tokens
@@ -31,7 +32,7 @@ from typing import Any
 from nanogpt.data.tokenizer import get_tokenizer
 from nanogpt.serve import responses
 from nanogpt.serve.choices import Choice, events, failure
-from nanogpt.serve.engine import Engine, EngineClosed, Finished, Job, PromptScores, QueueFull, Token
+from nanogpt.serve.engine import Engine, EngineClosed, Finished, Handle, Job, PromptScores, QueueFull, Token
 from nanogpt.serve.errors import (
     DEFAULT_MAX_BODY_BYTES,
     ApiError,
@@ -159,44 +160,15 @@ def create_app(
         body, content_type = metrics.render()
         return Response(body, media_type=content_type)
 
-    def submit(req: CompletionRequest) -> list:
-        """Every choice of `req` as a job of the engine, all queued or none (ApiError 429 / 503)."""
-        deadline = time.monotonic() + request_timeout if request_timeout else None
-        jobs = [
-            Job(
-                ids,
-                req.sampling_for(c),
-                logprobs=req.logprobs,
-                score_prompt=req.echo and req.logprobs is not None,
-                prompt_top=req.logprobs or 0,
-                deadline=deadline,
-            )
-            for ids in req.prompts
-            for c in range(req.n)
-        ]
-        try:
-            return engine.submit_all(jobs, asyncio.get_running_loop())
-        except QueueFull as e:
-            raise ApiError(429, str(e), code="rate_limit_exceeded", headers={"Retry-After": "1"}) from None
-        except EngineClosed as e:
-            raise ApiError(503, f"{e}; retry on another server") from None
-
-    def check(req: CompletionRequest, prompt_param: str | None = None) -> None:
-        """What a parsed request must also meet on this server: its model, the context, the queue."""
-        if req.model is not None and req.model != engine.name:
-            raise model_not_found_error(req.model, engine.name)
-        check_context(req, engine.context_length, prompt_param)
-        check_queue(req, engine.max_queue)
-
     async def handle(request: Request, chat: bool):
         try:
             req = parse_request(
                 parse_json_body(await request.body()), tok, chat=chat, vocab_size=engine.cfg.vocab_size
             )
-            check(req)
+            check(engine, req)
         except BadRequest as e:
             return error_response(400, str(e), param=e.param, code=e.code)
-        handles = submit(req)
+        handles = submit(engine, req, request_timeout)
         choices = [Choice(i, req, tok) for i in range(len(handles))]
         if req.stream:
             return StreamingResponse(
@@ -216,10 +188,10 @@ def create_app(
     async def create_response(request: Request):
         try:
             rr = parse_responses(parse_json_body(await request.body()), tok, vocab_size=engine.cfg.vocab_size)
-            check(rr.request, "input")
+            check(engine, rr.request, "input")
         except BadRequest as e:
             return error_response(400, str(e), param=e.param, code=e.code)
-        handles = submit(rr.request)
+        handles = submit(engine, rr.request, request_timeout)
         choice = Choice(0, rr.request, tok)
         if rr.stream:
             return StreamingResponse(
@@ -228,6 +200,37 @@ def create_app(
         return await responses.complete(request, engine.name, rr, handles, choice)
 
     return app
+
+
+def submit(engine: Engine, req: CompletionRequest, request_timeout: float | None) -> list[Handle]:
+    """Every choice of `req` as a job of `engine`, all queued or none (ApiError 429 / 503)."""
+    deadline = time.monotonic() + request_timeout if request_timeout else None
+    jobs = [
+        Job(
+            ids,
+            req.sampling_for(c),
+            logprobs=req.logprobs,
+            score_prompt=req.echo and req.logprobs is not None,
+            prompt_top=req.logprobs or 0,
+            deadline=deadline,
+        )
+        for ids in req.prompts
+        for c in range(req.n)
+    ]
+    try:
+        return engine.submit_all(jobs, asyncio.get_running_loop())
+    except QueueFull as e:
+        raise ApiError(429, str(e), code="rate_limit_exceeded", headers={"Retry-After": "1"}) from None
+    except EngineClosed as e:
+        raise ApiError(503, f"{e}; retry on another server") from None
+
+
+def check(engine: Engine, req: CompletionRequest, prompt_param: str | None = None) -> None:
+    """What a parsed request must also meet on this server: its model, the context, the queue."""
+    if req.model is not None and req.model != engine.name:
+        raise model_not_found_error(req.model, engine.name)
+    check_context(req, engine.context_length, prompt_param)
+    check_queue(req, engine.max_queue)
 
 
 # --- answers -------------------------------------------------------------------------------------------------
