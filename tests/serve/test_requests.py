@@ -432,3 +432,36 @@ def test_context_length_exceeded():
     refused(lambda **f: check_context(completion(**f), 8), "prompt", "one more", prompt=ids, max_tokens=0)
     long_chat = [{"role": "user", "content": "to be or not " * 10}]
     refused(lambda **f: check_context(chat(**f), 16), "messages", "context", messages=long_chat)
+
+
+def test_a_request_of_more_choices_than_the_queue_is_refused():
+    from nanogpt.serve.requests import check_queue
+
+    check_queue(completion(n=4), 4)  # the whole queue is fine
+    refused(lambda **f: check_queue(completion(**f), 3), "n", "'n'=4 exceeds this server's queue of 3", n=4)
+    e = refused(
+        lambda **f: check_queue(completion(**f), 3),
+        "prompt",
+        "4 prompts x 'n'=1 = 4 choices",
+        prompt=["a", "b"] * 2,
+    )
+    assert "--max-queue" in str(e)
+
+
+def test_bearer_scheme_is_case_insensitive_and_the_key_is_not():
+    from nanogpt.serve.app import bearer_token
+
+    for header in (b"Bearer k-1", b"bearer k-1", b"BEARER  k-1", b" bEaReR k-1 "):
+        assert bearer_token(header) == b"k-1", header
+    for header in (b"", b"Basic k-1", b"k-1", b"Bearerk-1"):
+        assert bearer_token(header) is None, header
+
+
+def test_exposure_warning_only_without_a_key_off_loopback():
+    from nanogpt.commands.serve import exposure_warning
+
+    assert exposure_warning("0.0.0.0", "0.0.0.0", None).startswith("nanogpt serve: warning: --host 0.0.0.0")
+    assert exposure_warning("::", "::", None) is not None
+    assert exposure_warning("0.0.0.0", "0.0.0.0", "key") is None
+    for host in ("127.0.0.1", "127.0.0.2", "::1"):
+        assert exposure_warning("localhost", host, None) is None

@@ -368,3 +368,26 @@ def test_full_queue_is_429_and_a_client_that_leaves_cancels_its_job(server):
         return sum("POST /v1/responses 499" in line for line in server.log.read_text().splitlines())
 
     assert wait_for(lambda: left() == 2), server.log.read_text()[-2000:]
+
+
+def test_input_and_instructions_make_the_prompt_chat_makes():
+    """The one formatter: `instructions` first as a system message, then each input message, as chat reads them."""
+    from nanogpt.serve.requests import parse_request
+
+    tok = get_tokenizer()
+    rr = parse_responses(
+        {"instructions": "Be brief.", "input": [{"type": "message", "role": "user", "content": "Hi"}]},
+        tok,
+        vocab_size=50257,
+    )
+    chat = parse_request(
+        {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]},
+        tok,
+        chat=True,
+        vocab_size=50257,
+    )
+    assert rr.request.prompts == chat.prompts
+    assert tok.decode(rr.request.prompts[0]) == "system: Be brief.\nuser: Hi\nassistant:"
+    assert parse_responses({"input": "Hi"}, tok, vocab_size=50257).request.prompts == [
+        tok.encode("user: Hi\nassistant:")
+    ]
