@@ -265,6 +265,7 @@ def test_validation_and_api_errors_of_other_routes():
 
 def test_openai_client_new_fields_and_errors(url):
     import openai
+
     client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
     tok = get_tokenizer()
     eot = tok.eot_id
@@ -352,6 +353,7 @@ def test_openai_client_new_fields_and_errors(url):
 def test_langchain_chat_client(url):
     """What LangChain's ChatOpenAI sends (stream false, n, stream_options when streaming) is all accepted."""
     import langchain_openai as lc
+
     llm = lc.ChatOpenAI(
         base_url=url + "/v1", api_key="unused", model="tiny", max_tokens=3, n=1, max_retries=0
     )
