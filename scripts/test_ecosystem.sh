@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The ecosystem tests: our exports and commands driven by heavy third-party tools (ONNX Runtime, llama.cpp,
-# lm-eval, PEFT, trackers). Installs the `ecosystem` extra beside `dev` and llama.cpp's prebuilt runtime
+# mlx-lm, lm-eval, PEFT, trackers). Installs the `ecosystem` extra beside `dev` and llama.cpp's prebuilt runtime
 # (node-llama-cpp, pinned in tests/export/gguf_runner), then runs only those tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."

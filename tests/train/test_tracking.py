@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import struct
 import subprocess
@@ -49,6 +50,38 @@ def test_a_tracker_that_is_not_installed_names_the_extra(monkeypatch):
         check_installed(parse_trackers(["mlflow"]))
     assert str(e.value).startswith("--tracker mlflow needs the mlflow-skinny package; install with")
     assert 'pip install -e ".[track]"' in str(e.value) and "\n" not in str(e.value)
+
+
+def test_mlflow_default_store_needs_sqlalchemy_and_says_so(monkeypatch):
+    """MLflow 3 keeps runs in SQLite (./mlflow.db) when MLFLOW_TRACKING_URI is unset; mlflow-skinny opens it
+    only beside sqlalchemy (and alembic). Without them: one line naming the packages and the extra, before
+    any work, instead of MLflow's model-registry error after the run folder is written."""
+    pytest.importorskip("mlflow")
+    for k in [k for k in os.environ if k.startswith("MLFLOW_")]:
+        monkeypatch.delenv(k)
+    monkeypatch.setitem(sys.modules, "sqlalchemy", None)  # how Python marks a module that cannot be imported
+    with pytest.raises(UserError) as e:
+        check_installed(("mlflow",))
+    msg = str(e.value)
+    assert msg.startswith(
+        "--tracker mlflow keeps runs in its default store, SQLite in ./mlflow.db, which needs"
+    )
+    assert "sqlalchemy" in msg and 'pip install -e ".[track]"' in msg and "\n" not in msg
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")  # a server: nothing to open here
+    check_installed(("mlflow",))
+
+
+def test_the_track_extra_installs_what_mlflows_default_store_needs():
+    """`pip install -e ".[track]"` (the README's line) gives mlflow-skinny its SQLite store: sqlalchemy and
+    alembic are in the extra, and in the ecosystem extra that runs the real-tracker tests."""
+    tomllib = pytest.importorskip("tomllib")
+    extras = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())["project"]
+    for extra in ("track", "ecosystem"):
+        names = {
+            re.split(r"[<>=!~;\[ ]", req, maxsplit=1)[0].lower()
+            for req in extras["optional-dependencies"][extra]
+        }
+        assert {"mlflow-skinny", "sqlalchemy", "alembic"} <= names, extra
 
 
 class _Recorder:
@@ -226,7 +259,6 @@ def past_a_checkpoint(run: Path) -> bool:
     return (run / "last" / "state.json").is_file() and len(steps) >= 6 and steps[-1] % 3 == 1
 
 
-
 @pytest.mark.ecosystem
 def test_trackers_hold_the_log_through_ctrl_c_and_resume_the_same_runs(
     small_data, model_config, tracker_env, tmp_path
@@ -316,6 +348,53 @@ def test_trackers_hold_the_log_through_ctrl_c_and_resume_the_same_runs(
     }
     assert s2["config"]["model"] == json.loads((run / "config.json").read_text())
     assert s2["config"]["train"]["max_iters"] == stop
+
+
+@pytest.mark.ecosystem
+def test_mlflow_as_installed_with_no_mlflow_settings(small_data, model_config, tmp_path):
+    """A README user: the `track` extra, no MLFLOW_* variable at all. The run lands in MLflow 3's default
+    store (SQLite in ./mlflow.db of the folder nanogpt ran in, what `mlflow ui` there shows), whole."""
+    pytest.importorskip("mlflow")
+    pytest.importorskip("sqlalchemy")
+    from mlflow.tracking import MlflowClient
+
+    work, run = tmp_path / "work", tmp_path / "run"
+    work.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    argv = ["train", "--data", str(small_data), "--out", str(run), "--config", str(model_config), *QUICK]
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "nanogpt",
+            *argv,
+            "--max-iters",
+            "4",
+            "--eval-interval",
+            "2",
+            "--tracker",
+            "mlflow",
+        ],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr
+    assert "warning" not in r.stderr.lower() and "Traceback" not in r.stderr, r.stderr
+    uri = f"sqlite:///{work / 'mlflow.db'}"
+    saved = json.loads((run / "trackers.json").read_text())["runs"]["mlflow"]
+    assert saved["tracking_uri"] == uri  # a --resume from another folder reopens this store
+    client = MlflowClient(uri)
+    (found,) = client.search_runs([client.get_experiment_by_name("nanogpt").experiment_id])
+    assert found.info.run_id == saved["run_id"] and found.info.run_name == "run"
+    assert found.info.status == "FINISHED"
+    log = scalars_of_log(run)
+    assert sorted(log["loss"]) == [1, 2, 3, 4]
+    assert mlflow_scalars(client, found.info.run_id, list(log)) == log
+    assert found.data.params["model.d_model"] == "32"
 
 
 @pytest.mark.ecosystem

@@ -29,6 +29,8 @@ from nanogpt.train.plot import append_log
 
 TRACKERS = ("tensorboard", "wandb", "mlflow")
 _PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow-skinny"}
+# MLflow's database stores (SQLAlchemy URIs, `sqlite:///mlflow.db` its default since MLflow 3)
+_MLFLOW_DB_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
 Configs = dict[str, dict[str, Any]]  # {"model": ModelConfig.to_dict(), "train": TrainConfig.to_dict()}
 
 
@@ -53,6 +55,23 @@ def check_installed(names: Sequence[str] | None) -> None:
     for name in names or ():
         if importlib.util.find_spec(name) is None:  # each tracker's module is named as the flag
             raise missing_extra(f"--tracker {name} needs the {_PACKAGES[name]} package", "track")
+        if name == "mlflow":
+            _check_mlflow_store(os.environ.get("MLFLOW_TRACKING_URI") or None)
+
+
+def _check_mlflow_store(uri: str | None) -> None:
+    """Refuse a database store (`uri`; None: MLflow 3's default, SQLite in ./mlflow.db) that mlflow-skinny
+    cannot open: it registers them only where sqlalchemy imports (and alembic creates the tables), else
+    MLflow fails later with a message about its model registry."""
+    scheme = (uri or "sqlite:").split(":", 1)[0].split("+", 1)[0].lower()
+    missing = [m for m in ("sqlalchemy", "alembic") if importlib.util.find_spec(m) is None]
+    if scheme in _MLFLOW_DB_SCHEMES and missing:
+        where = uri or "its default store, SQLite in ./mlflow.db"
+        raise missing_extra(
+            f"--tracker mlflow keeps runs in {where}, which needs {' and '.join(missing)} "
+            "(or set MLFLOW_TRACKING_URI to a tracking server)",
+            "track",
+        )
 
 
 def _scalars(record: dict[str, Any]) -> dict[str, float]:
@@ -145,8 +164,10 @@ class Wandb:
 class Mlflow:
     """An MLflow run named after the run folder, in experiment `MLFLOW_EXPERIMENT_NAME` (default nanogpt).
 
-    The store is MLflow's own choice (`MLFLOW_TRACKING_URI`); a resumed run reopens the saved run id in the
-    store it was created in. Configs go in as parameters (at the first session) and as `configs.json`.
+    The store is MLflow's own choice: `MLFLOW_TRACKING_URI`, else MLflow 3's default, SQLite in
+    `./mlflow.db` with artifacts in `./mlruns` (what `mlflow ui` started in that folder shows; the `track`
+    extra installs what mlflow-skinny needs to open it). A resumed run reopens the saved run id in the store
+    it was created in. Configs go in as parameters (at the first session) and as `configs.json`.
     """
 
     name = "mlflow"
@@ -162,6 +183,7 @@ class Mlflow:
         from mlflow.exceptions import MlflowException
 
         uri = (saved or {}).get("tracking_uri") or mlflow.get_tracking_uri()
+        _check_mlflow_store(uri)  # a resumed run's saved store, too
         self._client = client = MlflowClient(tracking_uri=uri)
         run_id = (saved or {}).get("run_id")
         if run_id is not None:
