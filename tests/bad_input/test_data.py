@@ -27,7 +27,7 @@ from nanogpt.data.prepare import STATE, WINDOW
 from nanogpt.data.shards import HEADER, META, TokenData, write_meta
 from nanogpt.export import hf
 from nanogpt.model.gpt import NanoGPTLMHeadModel
-from tests.bad_input import mount_tmpfs, refuse
+from tests.bad_input import mount_tmpfs, refuse, refuse_subprocess
 from tests.bad_input import small_disk as disk
 from tests.corpus import builtin_works
 from tests.tiny import TINY_MODEL, tiny_config
@@ -423,6 +423,27 @@ def test_import_bin_of_non_tensors(capsys, tmp_path, gpt2_folder, payload):
     names = ["pytorch_model.bin", "not a state dict of tensors"]
     refuse(capsys, import_argv(gpt2_folder, tmp_path), names=names,
            fix="download or export the model again", untouched=[gpt2_folder])  # fmt: skip
+
+
+class _Payload:
+    """Code a pickle runs when loaded: what weights_only refuses (torch.load stops before running it)."""
+
+    def __reduce__(self):
+        return (print, ("this ran",))
+
+
+def test_import_bin_that_is_a_plain_pickle_says_only_one_line(tmp_path, gpt2_folder):
+    """A pytorch_model.bin written by pickle (protocol 4, not torch.save) used to print torch's two-line
+    UserWarning about the protocol before the refusal: the refusal is the only line (a fresh process, so
+    that Python's own warning printer, not pytest's, would show it)."""
+    import pickle
+
+    (gpt2_folder / "model.safetensors").unlink()
+    with open(gpt2_folder / "pytorch_model.bin", "wb") as f:
+        pickle.dump({"transformer.wte.weight": _Payload()}, f, protocol=4)
+    names = ["pytorch_model.bin", "cannot be read as plain tensors"]
+    refuse_subprocess(import_argv(gpt2_folder, tmp_path), names=names, fix="use a safetensors copy",
+                      untouched=[gpt2_folder])  # fmt: skip
 
 
 def test_write_seam_raises_the_errno_it_is_told(tmp_path, monkeypatch):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -272,6 +273,52 @@ def test_round_trip_is_bit_identical(exported, tmp_path, fmt):
     again = hf.export(tmp_path / "imported", tmp_path / "again", fmt).out
     assert (again / "model.safetensors").read_bytes() == (exported[fmt] / "model.safetensors").read_bytes()
     assert (again / "config.json").read_text() == (exported[fmt] / "config.json").read_text()
+
+
+def test_gpt2_export_names_tensors_as_the_reference_checkpoint(exported):
+    """The reference GPT-2 file's names, without `transformer.` (mlx-lm takes no other), and transformers
+    loads them with nothing missing, unexpected or mis-shaped."""
+    tensors = load_file(str(exported["gpt2"] / "model.safetensors"))
+    block = [f"{m}.{p}" for m in ("ln_1", "attn.c_attn", "attn.c_proj", "ln_2", "mlp.c_fc", "mlp.c_proj")
+             for p in ("weight", "bias")]  # fmt: skip
+    top = ["wte.weight", "wpe.weight", "ln_f.weight", "ln_f.bias"]  # the head is tied: stored once
+    assert sorted(tensors) == sorted(top + [f"h.{i}.{n}" for i in range(2) for n in block])
+    assert tensors["h.0.attn.c_attn.weight"].shape == (32, 96)  # Conv1D: (in, out)
+    model, info = GPT2LMHeadModel.from_pretrained(str(exported["gpt2"]), output_loading_info=True)
+    assert not any(info.get(k) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    assert torch.equal(model.transformer.wte.weight, exported["model"].transformer.token_embedding.weight)
+
+
+def test_import_reads_both_gpt2_namings(exported, tmp_path):
+    """Exports written before the names changed carry the `transformer.` prefix: they import the same."""
+    from safetensors.torch import save_file
+
+    old = tmp_path / "old"
+    shutil.copytree(exported["gpt2"], old)
+    original = load_file(str(exported["ckpt"] / "model.safetensors"))
+    save_file(hf.to_gpt2_state(original), str(old / "model.safetensors"))  # GPT2LMHeadModel's own names
+    assert "transformer.h.0.attn.c_attn.weight" in load_file(str(old / "model.safetensors"))
+    for folder in (exported["gpt2"], old):
+        hf.import_hf(folder, tmp_path / f"from_{folder.name}")
+        imported = load_file(str(tmp_path / f"from_{folder.name}" / "model.safetensors"))
+        assert imported.keys() == original.keys()
+        assert all(torch.equal(original[k], imported[k]) for k in original), folder
+
+
+def test_gpt2_export_says_when_mlx_lm_cannot_load_it(tmp_path, capsys):
+    """mlx-lm's GPT-2 assumes d_ff = 4 x d_model (transformers reads n_inner): the export says so."""
+
+    def notes_of(cfg: ModelConfig, name: str) -> list[str]:
+        make_ckpt(tmp_path / name, cfg)
+        argv = ["--model", str(tmp_path / name), "--out", str(tmp_path / f"{name}_gpt2"), "--format", "gpt2"]
+        assert export_main(argv) == 0
+        return [line for line in capsys.readouterr().out.splitlines() if line.startswith("note: ")]
+
+    assert notes_of(tiny(d_ff=96), "narrow") == [
+        "note: mlx-lm cannot load this gpt2 export: its GPT-2 assumes d_ff = 4 x d_model (128), this model "
+        "has d_ff 96 (transformers loads it)"
+    ]
+    assert notes_of(tiny(), "four_x") == []
 
 
 @pytest.mark.parametrize("weights", ["safetensors", "bin"])

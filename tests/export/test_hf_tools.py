@@ -5,6 +5,7 @@ tokenizer. The heavy tools (Trainer, ONNX Runtime, inductor, PEFT) are in test_e
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -227,6 +228,30 @@ def test_tokenizer_has_a_pad_token_and_loads_without_custom_code(tiny_exports, f
     for way, (line, chatter) in loads.items():
         assert line.endswith("pad=<|endoftext|>/50256 ids=[15496, 995]"), line
         assert not any(word in chatter for word in NOISE), (way, chatter)
+
+
+def test_model_card_gives_the_tokenizer_call_that_does_not_ask(tiny_exports):
+    """The card's snippet asks on transformers 5 (pinned below, no folder layout avoids it): right under it,
+    the README says so and prints the call that is silent. That call, copied from the README and run in a
+    fresh process with stdin closed, loads the tokenizer with nothing printed."""
+    folder = tiny_exports["remote-code"]
+    readme = (folder / "README.md").read_text()
+    calls = re.findall(r"^tokenizer = AutoTokenizer\.from_pretrained\(.*\)$", readme, flags=re.M)
+    assert calls[0] == f'tokenizer = AutoTokenizer.from_pretrained("{folder}")'  # the card's own line
+    assert len(calls) == 2 and "[y/N]" in readme.split(calls[0])[1].split(calls[1])[0]  # explained between
+    show = "print('@@', tokenizer('Hello world')['input_ids'])"
+    code = f"from transformers import AutoTokenizer\n{calls[1]}\n{show}"
+    r = subprocess.run(
+        [sys.executable, "-c", code],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stdout[-2000:]
+    assert r.stdout == "@@ [15496, 995]\n"  # no question, no "model of type" warning, nothing else
 
 
 @pytest.mark.skipif(not V5, reason="transformers 4 loads this tokenizer without asking")

@@ -51,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
         f"wrote {res.out} ({res.format}): {res.counts.total:,} parameters "
         f"({res.counts.unique:,} unique), files: {', '.join(res.files)}"
     )
+    for note in res.notes:
+        print(f"note: {note}")
     if args.push_to_hub and token:
         print(f"pushed to {push_to_hub(res.out, args.push_to_hub, token)}")
     return 0

@@ -7,6 +7,8 @@ Two export formats:
 - `gpt2`: a stock `GPT2LMHeadModel`, loadable without remote code. The card's Pre-LN block *is* the
   GPT-2 block, so only names change and Conv1D weights are transposed; what GPT-2 cannot express
   (Post-LN, no biases, an untied head) is refused. `GPT2_FIELDS` is the one map between config names.
+  The file names its tensors as the reference GPT-2 checkpoint does (`h.0.attn.c_attn.weight`, `wte.weight`:
+  no `transformer.` prefix), which transformers loads and mlx-lm requires.
 
 Both write the GPT-2 tokenizer (built offline from our BPE files), `generation_config.json`, a README
 model card with measured numbers, and a marker file so a later export may overwrite the folder.
@@ -22,6 +24,7 @@ import math
 import os
 import re
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -100,12 +103,17 @@ GPT2_TOP = {
 }
 
 
+# GPT2LMHeadModel's base model: its state dict's names carry it, the reference checkpoint's file does not
+GPT2_BASE = "transformer."
+
+
 @dataclass(frozen=True)
 class ExportResult:
     out: Path
     format: str
     counts: ParamCounts
     files: list[str]
+    notes: tuple[str, ...] = ()  # what a tool reading the export should know (printed)
 
 
 # ---------------------------------------------------------------- GPT-2 names and configs
@@ -194,7 +202,7 @@ def config_from_gpt2(d: dict, path: Path = Path(CONFIG)) -> ModelConfig:
 
 
 def to_gpt2_state(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """nanogpt tensors -> GPT2LMHeadModel tensors (renamed; Linear weights transposed to Conv1D)."""
+    """nanogpt tensors -> GPT2LMHeadModel's state dict (renamed; Linear weights transposed to Conv1D)."""
     out = {}
     for k, v in sd.items():
         name, transpose = gpt2_name(k)
@@ -202,10 +210,18 @@ def to_gpt2_state(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def gpt2_checkpoint_state(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """nanogpt tensors -> the tensors of a GPT-2 `model.safetensors`, named as the reference checkpoint
+    (openai-community/gpt2) names them: the base model's without `transformer.`. transformers loads either
+    naming; mlx-lm's GPT-2 (`sanitize`) takes only this one."""
+    return {k.removeprefix(GPT2_BASE): v for k, v in to_gpt2_state(sd).items()}
+
+
 def from_gpt2_state(sd: dict[str, torch.Tensor], cfg: ModelConfig, source: Path) -> dict[str, torch.Tensor]:
     """GPT-2 tensors (with or without the `transformer.` prefix) -> nanogpt tensors for `cfg`."""
-    # stock checkpoints (openai-community/gpt2) name the base model's tensors without the prefix
-    sd = {(k if k.startswith(("transformer.", "lm_head.")) else f"transformer.{k}"): v for k, v in sd.items()}
+    # the reference checkpoint and our gpt2 exports drop the prefix; older exports and a GPT2LMHeadModel's
+    # own save_pretrained keep it
+    sd = {(k if k.startswith((GPT2_BASE, "lm_head.")) else GPT2_BASE + k): v for k, v in sd.items()}
     with torch.device("meta"):
         keys = list(NanoGPTLMHeadModel(cfg).state_dict())
     out = {}
@@ -333,13 +349,23 @@ def export(
                 shutil.copyfile(TEMPLATES / name, tmp / name)
         else:
             write_json(tmp / CONFIG, gpt2_config(cfg))
-            save_file(to_gpt2_state(sd), str(tmp / WEIGHTS), metadata={"format": "pt"})
+            save_file(gpt2_checkpoint_state(sd), str(tmp / WEIGHTS), metadata={"format": "pt"})
         write_json(tmp / "generation_config.json", generation_config())
         write_tokenizer(tmp, cfg.context_length)
         (tmp / "README.md").write_text(render_model_card(cfg, facts, counts, fmt, str(out), benchmarks))
         mark(tmp, "export", format=fmt, source=str(folder))
         files = sorted(p.name for p in tmp.iterdir())
-    return ExportResult(out=out, format=fmt, counts=counts, files=files)
+    return ExportResult(out=out, format=fmt, counts=counts, files=files, notes=export_notes(cfg, fmt))
+
+
+def export_notes(cfg: ModelConfig, fmt: str) -> tuple[str, ...]:
+    """What a tool other than transformers cannot read in this export (docs/export.md has the list)."""
+    if fmt == "gpt2" and cfg.d_ff != 4 * cfg.d_model:  # transformers reads n_inner; mlx-lm assumes 4x
+        return (
+            f"mlx-lm cannot load this gpt2 export: its GPT-2 assumes d_ff = 4 x d_model ({4 * cfg.d_model}), "
+            f"this model has d_ff {cfg.d_ff} (transformers loads it)",
+        )
+    return ()
 
 
 # ---------------------------------------------------------------- import
@@ -355,7 +381,11 @@ def load_hf_weights(folder: Path) -> dict[str, torch.Tensor]:
             raise UserError(f"{st} is corrupt or truncated ({e}); download or export it again") from None
     if pt.is_file():
         try:
-            sd = torch.load(pt, map_location="cpu", weights_only=True)
+            # torch warns (several lines) about a pickle protocol it did not write before refusing the file:
+            # the one-line refusal below says all the user needs
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                sd = torch.load(pt, map_location="cpu", weights_only=True)
         except Exception as e:  # the unpickler raises many types for a bad or unsafe file
             raise UserError(
                 f"{pt} cannot be read as plain tensors ({type(e).__name__}); use a safetensors copy"

@@ -170,7 +170,25 @@ outputs = model.generate(
 
 text = tokenizer.decode(outputs[0], skip_special_tokens=True)
 print(text)
-```"""
+```""" + (_tokenizer_question(folder) if remote else "")
+
+
+def _tokenizer_question(folder: str) -> str:
+    """Why the snippet's tokenizer line asks about custom code on transformers 5; the call that does not."""
+    return f"""
+
+**The tokenizer line asks a question on transformers 5.** `AutoTokenizer.from_pretrained` reads `config.json`
+before the tokenizer's own files, and as that file names this model's custom code (`AutoModelForCausalLM`
+finds the model through it), transformers 5 asks "Do you wish to run the custom code? [y/N]": a notebook
+waits for the answer. Either answer loads the tokenizer ("N" adds a warning about a model of type
+`nanogpt`); no layout of this folder avoids the question (transformers 4 never asks). This call loads the
+same stock GPT-2 tokenizer silently:
+
+```python
+tokenizer = AutoTokenizer.from_pretrained("{folder}", trust_remote_code=True)
+```
+
+`GPT2TokenizerFast.from_pretrained("{folder}")` is silent too, and runs no code from the folder."""
 
 
 # the remote-code model's Linear layers, as PEFT's `target_modules` names them (it has no defaults for `nanogpt`)
@@ -178,7 +196,7 @@ LORA_TARGETS = ("qkv_proj", "out_proj", "fc1", "fc2")
 
 
 def _tools(fmt: str) -> str:
-    """The usage notes beyond the snippet: padding, training, attention weights, tracing, LoRA, the tokenizer."""
+    """The usage notes beyond the snippet: padding, training, attention weights, tracing, LoRA."""
     remote = fmt == "remote-code"
     lines = [
         "### Batches, fine-tuning and export",
@@ -199,10 +217,6 @@ def _tools(fmt: str) -> str:
         return "\n".join(lines)
     names = ", ".join(f'"{n}"' for n in LORA_TARGETS)
     lines += [
-        "- **Tokenizer:** a stock GPT-2 tokenizer. With transformers 5, `AutoTokenizer.from_pretrained` reads "
-        "`config.json` first and, as that names custom code, asks whether to run it (either answer loads the "
-        'tokenizer; "no" adds a warning). `GPT2TokenizerFast.from_pretrained(folder)`, or '
-        "`trust_remote_code=True`, loads it without the question.",
         "",
         "**LoRA (PEFT):** PEFT chooses default target modules by `model_type` and has none for `nanogpt`, so name "
         "them:",
