@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     api.add_argument(
         "--reply-tokens", type=int, help="chat/sequence: max tokens per teacher reply (default 256)"
     )
-    add_train_config_flags(p, skip_prefix="distill_")  # defaults: the card's distillation stage
+    add_train_config_flags(p, skip_prefix="distill_", presets=False)  # defaults: the card's distillation stage
     return p
 
 
