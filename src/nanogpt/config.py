@@ -13,7 +13,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from nanogpt.errors import UserError
 
@@ -246,7 +246,10 @@ def load_config(path: str | Path) -> tuple[ModelConfig, TrainConfig]:
     return model, train
 
 
-def override(cfg: Any, **changes: Any) -> Any:
+ConfigT = TypeVar("ConfigT", "ModelConfig", "TrainConfig")
+
+
+def override(cfg: ConfigT, **changes: Any) -> ConfigT:
     """Return `cfg` with the non-None `changes` applied (CLI flags left unset are None)."""
     changes = {k: v for k, v in changes.items() if v is not None}
     _check_keys(changes, _names(type(cfg)), type(cfg).__name__)

@@ -13,6 +13,7 @@ import argparse
 import copy
 import errno
 import re
+from typing import Any, NoReturn
 
 
 class UserError(Exception):
@@ -80,10 +81,10 @@ class ArgumentParser(argparse.ArgumentParser):
     and prints a usage block before its error; here the value reaches the command, which says what is wrong.
     """
 
-    def __init__(self, *args, **kwargs) -> None:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("formatter_class", _DefaultsFormatter)
         super().__init__(*args, **kwargs)
         self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-(inf|nan)$", re.I)
 
-    def error(self, message: str):  # type: ignore[override]
+    def error(self, message: str) -> NoReturn:
         raise UserError(f"{message}; see `{self.prog} --help`")

@@ -26,7 +26,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from nanogpt import __version__
 from nanogpt.errors import UserError
@@ -61,7 +61,7 @@ LAYOUT: dict[str, tuple[str, ...]] = {
 }
 
 
-def read_marker(path: str | Path) -> dict | None:
+def read_marker(path: str | Path) -> dict[str, Any] | None:
     """The marker of the folder at `path`, or None if it has none (or a damaged one, which proves nothing)."""
     try:
         info = json.loads((Path(path) / MARKER).read_text())

@@ -271,7 +271,7 @@ def export_and_reload(run: Path, seed: int) -> tuple[Path | None, str | None]:
         do_sample=True,
         pad_token_id=tokenizer.eos_token_id,
     )
-    return dst, tokenizer.decode(outputs[0], skip_special_tokens=True)
+    return dst, str(tokenizer.decode(outputs[0], skip_special_tokens=True))
 
 
 def main(argv: list[str] | None = None) -> int:

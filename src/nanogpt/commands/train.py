@@ -40,7 +40,7 @@ from nanogpt.config import (
 from nanogpt.errors import ArgumentParser, UserError
 from nanogpt.folders import RunFolder
 from nanogpt.train.checkpoint import load_config_of, saved_data_dir
-from nanogpt.train.loop import train
+from nanogpt.train.loop import TrainResult, train
 from nanogpt.train.plot import plot_run
 from nanogpt.train.tracking import check_installed, parse_trackers
 
@@ -198,9 +198,11 @@ def main(argv: list[str] | None = None) -> int:
     if int(os.environ.get("RANK", 0)) == 0:
         flags = " and your flags" if any(getattr(args, f.name) is not None for f in fields(TrainConfig)) else ""
         print(f"training: {describe_recipe(train_cfg, model_cfg.context_length)} ({origin}{flags})")
-    trainer = train
+    trainer: Callable[..., TrainResult] = train  # both backends take the same arguments used here
     if args.backend == "mlx":
-        from nanogpt.mlx.train.loop import train as trainer  # raises a one-line error without MLX
+        from nanogpt.mlx.train.loop import train as mlx_train  # raises a one-line error without MLX
+
+        trainer = mlx_train
     result = trainer(
         model_cfg,
         train_cfg,

@@ -482,7 +482,7 @@ def _prepare_into(
         _drop_if_unused(out, created)
         raise UserError(f"source {source} holds no documents (no non-empty text); check it and --text-field")
     records = progress.records()
-    info = {"source": src.spec, "description": describe(src, settings["split"]), "settings": settings}
+    info: dict[str, Any] = {"source": src.spec, "description": describe(src, settings["split"]), "settings": settings}
     info["val_every"] = k
     info["documents"] = {s: r["documents"] for s, r in records.items()}
     info["tokens"] = {s: r["tokens"] for s, r in records.items()}

@@ -147,7 +147,7 @@ def read_header(path: str | Path) -> ShardHeader:
     return ShardHeader(version, itemsize, n_tokens, vocab_size)
 
 
-def read_shard(path: str | Path) -> np.memmap:
+def read_shard(path: str | Path) -> np.ndarray:
     """Validate the header and memory-map the tokens (nothing is read into RAM)."""
     h = read_header(path)
     if h.n_tokens == 0:
@@ -220,7 +220,7 @@ class TokenData:
         if not ok:
             raise UserError(f"{meta_path} lacks a valid 'splits' table (shards and token counts); {redo}")
 
-    def split(self, name: str) -> list[np.memmap]:
+    def split(self, name: str) -> list[np.ndarray]:
         """The split's shards, memory-mapped; an empty split is refused (nothing could be sampled from it)."""
         splits = self.meta["splits"]
         if name not in splits:
@@ -316,7 +316,7 @@ class BatchSampler:
         return batch[:, :-1], batch[:, 1:]
 
     def state(self) -> dict[str, Any]:
-        return self.rng.bit_generator.state
+        return dict(self.rng.bit_generator.state)
 
     def load_state(self, state: dict[str, Any]) -> None:
         self.rng.bit_generator.state = state

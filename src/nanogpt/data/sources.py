@@ -15,7 +15,7 @@ import hashlib
 import json
 import lzma
 import zlib
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
@@ -314,7 +314,7 @@ def _raw_documents(src: Source, field: str, errors: str, split: str) -> Iterator
 
 def iter_documents(
     source: str | Source, text_field: str = "text", *, errors: str = "strict", split: str = "train"
-) -> Iterator[str]:
+) -> Generator[str, None, None]:
     """Every document of a source, in a fixed order; empty and whitespace-only texts are skipped."""
     src = source if isinstance(source, Source) else resolve_source(str(source))
     for text in _raw_documents(src, text_field, errors, split):

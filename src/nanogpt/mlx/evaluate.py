@@ -35,9 +35,11 @@ def sliding_window_nll(
 
     def score_rows(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> list[float]:
         nll = token_nll(model, mx.array(x.numpy()), mx.array(y.numpy()))  # (B, L) fp32
-        return (nll * mx.array(mask.numpy())).sum(axis=1).tolist()
+        # the stub types tolist() as every nesting at once; a 1-D array gives a list of floats
+        rows: list[float] = (nll * mx.array(mask.numpy())).sum(axis=1).tolist()  # type: ignore[assignment]
+        return rows
 
-    window = {"context": context, "stride": stride, "batch_size": batch_size, "progress": progress}
+    window = dict(context=context, stride=stride, batch_size=batch_size)
     if per_document:
-        return evaluate_documents(tokens, score_rows, **window)
-    return score_windows(tokens, lambda x, y, m: float(sum(score_rows(x, y, m))), **window)
+        return evaluate_documents(tokens, score_rows, **window, progress=progress)
+    return score_windows(tokens, lambda x, y, m: float(sum(score_rows(x, y, m))), **window, progress=progress)
