@@ -19,7 +19,7 @@ from nanogpt.infer.generate import (
 )
 from nanogpt.infer.sampling import SamplingParams, candidates, sample_next, top_p_filter
 from nanogpt.kernels import decode as decode_weights
-from nanogpt.kernels.decode import DecodeLinear, cpu_decode_kernel, decode_step, drop_decode_weights
+from nanogpt.kernels.decode import DecodeLinear, Decoder, cpu_decode_kernel
 from nanogpt.model.gpt import Linear, NanoGPTLMHeadModel
 from tests.tiny import tiny_config
 
@@ -322,7 +322,7 @@ def test_decode_copies_are_used_inside_decode_steps_only(model, monkeypatch):
         torch.testing.assert_close(logits, uncached_logits(model, seq), atol=1e-5, rtol=1e-5)
         seq.append(token)
     assert type(qkv) is not Linear and isinstance(qkv, Linear) and repr(qkv) == "Linear(32, 96)"  # the swap
-    drop_decode_weights(model)
+    Decoder(model).release()
     assert not any(isinstance(m, DecodeLinear) or hasattr(m, "decode_copies") for m in model.modules())
     assert type(qkv) is Linear  # its own class back
 
@@ -338,13 +338,13 @@ def test_decode_aware_layers_copy_and_pickle_as_plain_layers(model):
         assert clone.lm_head.weight is clone.transformer.token_embedding.weight
         torch.testing.assert_close(clone(x), model(x), atol=0, rtol=0)
     assert isinstance(model.lm_head, DecodeLinear) and model.lm_head.decode_copies  # the original keeps them
-    drop_decode_weights(model)
+    Decoder(model).release()
 
 
 def test_column_block_copies_give_the_stock_products(model, monkeypatch):
     # 3 blocks split qkv (96 wide) evenly; the other widths leave the last block zero-padded
     monkeypatch.setattr(decode_weights, "column_blocks", lambda device, dtype: 3)
-    drop_decode_weights(model)
+    Decoder(model).release()
     steps = list(decode_steps(model, PROMPT, SamplingParams(max_tokens=3, temperature=0)))
     seq = list(PROMPT)
     for token, logits in steps:
@@ -356,10 +356,10 @@ def test_column_block_copies_give_the_stock_products(model, monkeypatch):
     assert head.out_features % 3 and not w[-1, :, head.out_features % 3 - 3 :].any()  # zero padding
     fc = model.transformer.blocks[0].ff.fc1
     x = torch.randn(2, 5, fc.in_features)  # several rows through the same copies
-    with decode_step(x.device, torch.float32, one_row=False):
+    with decode_weights._decode_call(x.device, torch.float32, one_row=False, use_copies=True):
         y = fc(x)
     torch.testing.assert_close(y, torch.nn.functional.linear(x, fc.weight, fc.bias), atol=1e-5, rtol=1e-5)
-    drop_decode_weights(model)
+    Decoder(model).release()
 
 
 def test_one_token_bf16_steps_run_with_onednn_off_and_restore_it(model, monkeypatch):
@@ -382,7 +382,7 @@ def test_before_torch_2_6_bf16_decode_keeps_onednn_and_transposed_copies(model, 
     monkeypatch.setattr(
         decode_weights, "NATIVE_GEMV_TORCH", False
     )  # ATen's x86 bf16 kernel is not fast there
-    drop_decode_weights(model)
+    Decoder(model).release()
     seen: list[bool] = []
     hook = model.lm_head.register_forward_pre_hook(lambda *_: seen.append(torch.backends.mkldnn.enabled))
     try:
@@ -593,4 +593,4 @@ def test_decode_aware_layers_compile_to_the_stock_graph(model):
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")  # fullgraph: no graph break
     with torch.no_grad():
         torch.testing.assert_close(compiled(x, targets=x), model(x, targets=x), atol=1e-6, rtol=1e-6)
-    drop_decode_weights(model)
+    Decoder(model).release()

@@ -10,8 +10,9 @@
   `context_length // 2` tokens are re-prefilled into the (reset) cache at positions 0.. and decoding
   goes on. That costs one prefill of C/2 tokens every C/2 new tokens, instead of nanoGPT's full
   re-run of the last C tokens at every step, and each new token still sees at least C/2 tokens.
-- Each model call runs under `torch.inference_mode()` and the optional autocast inside the generator
-  body only, so neither mode leaks into the caller's code between two yields.
+- Each model call goes through a `kernels.Decoder` (the fast decode path: inference mode, the optional
+  autocast, the decode weight copies), inside the generator body only, so no mode leaks into the
+  caller's code between two yields.
 
     ids = list(generate(model, tok.encode("Once upon a time"), SamplingParams(max_tokens=100, seed=1337)))
 """
@@ -27,8 +28,8 @@ import torch
 from nanogpt.data.tokenizer import EOT_ID, Tokenizer
 from nanogpt.errors import UserError
 from nanogpt.infer.sampling import SamplingParams, adjust_logits, make_generator, sample_next
-from nanogpt.kernels.decode import decode_step, prepare_decode_weights
-from nanogpt.kernels.device import autocast, torch_dtype
+from nanogpt.kernels.decode import Decoder
+from nanogpt.kernels.device import torch_dtype
 from nanogpt.model.gpt import NanoGPTLMHeadModel
 from nanogpt.model.kv_cache import KVCache
 
@@ -98,27 +99,20 @@ def _decode(
 ) -> Iterator[tuple[int, torch.Tensor]]:
     ctx = model.config.context_length
     keep = max(1, ctx // 2)  # tokens re-prefilled when the window slides
-    # under autocast the keys/values come out in the autocast dtype: store them as such
-    cache_dtype = next(model.parameters()).dtype if dtype == "fp32" else torch_dtype(dtype)
+    decoder = Decoder(model, dtype)
     with torch.inference_mode():
-        cache = KVCache.for_model(model.config, batch_size=1, device=device, dtype=cache_dtype)
-    prepared: list[bool] = []  # the decode copies are made after the prefill
+        cache = KVCache.for_model(model.config, batch_size=1, device=device, dtype=decoder.cache_dtype)
 
-    def forward(new: list[int], prefill: bool = False) -> torch.Tensor:
+    def feed(new: list[int], prefill: bool) -> torch.Tensor:
         """Feed `new` after what the cache holds; logits (V,) float32 of the last position."""
-        with torch.inference_mode(), autocast(device, dtype):
-            if not prefill and not prepared:  # the first token comes without waiting for the copies
-                prepare_decode_weights(model, cache_dtype)
-                prepared.append(True)
-            x = torch.tensor([new], dtype=torch.long, device=device)  # (1, T)
-            # the copies are used inside this step only, and only by this thread (see kernels.decode)
-            with decode_step(device, cache_dtype, one_row=len(new) == 1, use_copies=not prefill):
-                return model(x, cache=cache, last_only=True)[0, -1].float()  # (V,)
+        x = torch.tensor([new], dtype=torch.long, device=device)  # (1, T)
+        logits = decoder.prefill(x, cache) if prefill else decoder.step(x, cache)
+        return logits[0, -1].float()  # (V,)
 
     if max_new_tokens == 0:
         return
     history = list(ids)
-    logits = forward(history, prefill=True)  # the prompt goes through the model once
+    logits = feed(history, prefill=True)  # the prompt goes through the model once
     for step in range(max_new_tokens):
         with torch.inference_mode():
             token = pick(logits)
@@ -128,9 +122,9 @@ def _decode(
         history.append(token)
         if cache.pos == ctx:  # full: slide the window (see the module docstring)
             cache.reset()
-            logits = forward(history[-keep:])
+            logits = feed(history[-keep:], prefill=True)
         else:
-            logits = forward([token])
+            logits = feed([token], prefill=False)
 
 
 def generate(

@@ -42,7 +42,7 @@ def torch_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
-def autocast(device: torch.device, dtype: str) -> contextlib.AbstractContextManager:
+def autocast(device: torch.device, dtype: str) -> contextlib.AbstractContextManager[None]:
     """Mixed precision for bf16/fp16 (weights stay fp32); a no-op for fp32."""
     if dtype == "fp32":
         return contextlib.nullcontext()

@@ -23,6 +23,8 @@ triangle).
 
 from __future__ import annotations
 
+from typing import Any, overload
+
 import torch
 import torch.nn.functional as F
 
@@ -44,6 +46,18 @@ def _matmul_dtype(h: torch.Tensor) -> torch.dtype:
     """The dtype the head's matmuls run in: autocast's if it is on for h's device, else h's own."""
     dev = h.device.type
     return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
+
+
+@overload
+def _fused_head(
+    h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int, grad_scale: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
+
+
+@overload
+def _fused_head(
+    h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int, grad_scale: None
+) -> tuple[torch.Tensor, None, None]: ...
 
 
 def _fused_head(
@@ -86,7 +100,7 @@ def _fused_head(
             logits.sub_(top).exp_()  # in place: the buffer now holds exp(logit - max)
             total = logits.sum(0)
             loss += torch.where(valid, top + total.log() - target, 0.0).sum()
-            if not want_grads:
+            if grad_scale is None or grad_h is None or grad_w is None:  # the loss only
                 continue
             keep = valid.to(torch.float32) * grad_scale
             logits.mul_(keep / total)  # softmax x scale, zero for ignored rows
@@ -205,7 +219,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
     """Loss and both gradients in the forward pass; backward only scales them by the incoming gradient."""
 
     @staticmethod
-    def forward(ctx, h, weight, targets, ignore_index, mean):  # type: ignore[override]
+    def forward(
+        ctx: Any, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int, mean: bool
+    ) -> torch.Tensor:
         scale = (
             1.0 / (targets != ignore_index).sum().clamp(min=1) if mean else torch.ones((), device=h.device)
         )
@@ -217,7 +233,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return loss * scale
 
     @staticmethod
-    def backward(ctx, grad_out):  # type: ignore[override]
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None, None, None]:
         grad_h, grad_w = ctx.saved_tensors
         return grad_h.mul_(grad_out), grad_w.mul_(grad_out), None, None, None
 
@@ -241,7 +257,11 @@ def linear_cross_entropy(
     if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
         if reduction == "none":
             raise ValueError("reduction 'none' is for evaluation: call it under torch.no_grad()")
-        return _LinearCrossEntropy.apply(h, weight, targets, ignore_index, reduction == "mean")
+        # torch declares Function.apply without types; the result is forward's loss
+        loss: torch.Tensor = _LinearCrossEntropy.apply(  # type: ignore[no-untyped-call]
+            h, weight, targets, ignore_index, reduction == "mean"
+        )
+        return loss
     if h.device.type == "cpu" and _matmul_dtype(h) == torch.float32:
         per_row = _blocked_nll(h, weight, targets, ignore_index)
     elif h.device.type == "cpu" or reduction == "none":

@@ -32,6 +32,11 @@ class Int8Linear(nn.Module):
     e.g. the fused head loss of the evaluator, so every path computes with the same quantized weights.
     """
 
+    # buffers (registered in __init__), declared for the type checker: nn.Module's attributes are untyped
+    weight_int8: torch.Tensor  # (out, in) int8
+    scale: torch.Tensor  # (out,) bf16
+    bias: torch.Tensor | None  # (out,) fp32
+
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         super().__init__()
         w = weight.detach().float()

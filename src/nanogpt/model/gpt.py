@@ -12,7 +12,8 @@ available through `norm_position="post"` for comparisons.
 It uses three operations of `nanogpt.kernels`, each the stock PyTorch op made faster where it can be:
 `causal_attention` (SDPA), `dropout` (F.dropout) and `linear_cross_entropy` (the loss of the head without
 its logits). The decode fast path needs nothing from this file: it plugs in from outside
-(`kernels.decode`), and the decode loop calls `model(x, cache=cache, last_only=True)`.
+(`kernels.decode.Decoder`, which calls `model(x, cache, last_only=True)`). A cache is anything that
+satisfies `model.kv_cache.Cache`.
 
     model = NanoGPTLMHeadModel(preset("card"))
     logits = model(idx)  # idx (B, T) int64 -> logits (B, T, vocab_size)
@@ -21,6 +22,7 @@ its logits). The decode fast path needs nothing from this file: it plugs in from
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +30,7 @@ from torch import nn
 
 from nanogpt.config import ModelConfig
 from nanogpt.kernels import causal_attention, dropout, linear_cross_entropy
-from nanogpt.model.kv_cache import KVCache
+from nanogpt.model.kv_cache import Cache
 
 
 class Linear(nn.Linear):
@@ -54,7 +56,7 @@ class NanoGPTAttention(nn.Module):
         self.qkv_proj = Linear(cfg.d_model, 3 * cfg.d_model, bias=cfg.bias)
         self.out_proj = Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: Cache | None = None, layer: int = 0) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.qkv_proj(x).split(C, dim=2)  # (B, T, 3C) -> three (B, T, C)
         # (B, T, C) -> (B, nh, T, hs)
@@ -95,12 +97,15 @@ class NanoGPTBlock(nn.Module):
         self.ln2 = LayerNorm(cfg.d_model, eps=cfg.ln_eps, bias=cfg.bias)
         self.ff = FeedForward(cfg)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: Cache | None = None, layer: int = 0) -> torch.Tensor:
+        # typed locals: an nn.Module's call returns Any to the type checker
         if self.pre_ln:
             x = x + self.attn(self.ln1(x), cache, layer)
-            return x + self.ff(self.ln2(x))
+            y: torch.Tensor = self.ff(self.ln2(x))
+            return x + y
         x = self.ln1(x + self.attn(x, cache, layer))
-        return self.ln2(x + self.ff(x))
+        out: torch.Tensor = self.ln2(x + self.ff(x))
+        return out
 
 
 class NanoGPTModel(nn.Module):
@@ -116,7 +121,7 @@ class NanoGPTModel(nn.Module):
         # variants share one parameter layout and one checkpoint format.
         self.ln_f = LayerNorm(cfg.d_model, eps=cfg.ln_eps, bias=cfg.bias)
 
-    def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, cache: Cache | None = None) -> torch.Tensor:
         T = idx.size(1)
         if cache is not None:  # it knows where new tokens go: (T,) positions, or (B, T) when rows differ
             pos = cache.positions(T, idx.device)
@@ -132,7 +137,8 @@ class NanoGPTModel(nn.Module):
             x = block(x, cache, i)
         if cache is not None:
             cache.advance(T)
-        return self.ln_f(x)
+        h: torch.Tensor = self.ln_f(x)
+        return h
 
 
 class NanoGPTLMHeadModel(nn.Module):
@@ -162,7 +168,7 @@ class NanoGPTLMHeadModel(nn.Module):
     def forward(
         self,
         idx: torch.Tensor,
-        cache: KVCache | None = None,
+        cache: Cache | None = None,
         targets: torch.Tensor | None = None,
         last_only: bool = False,
     ) -> torch.Tensor:
@@ -173,12 +179,24 @@ class NanoGPTLMHeadModel(nn.Module):
         `targets` (B, T) it returns the mean next-token cross-entropy instead (fp32, positions with
         target -100 ignored), computed by `linear_cross_entropy` without the (B, T, vocab) logits.
         """
-        h = self.transformer(idx, cache)  # (B, T, d_model)
+        h: torch.Tensor = self.transformer(idx, cache)  # (B, T, d_model)
         if targets is not None:
             return linear_cross_entropy(h.flatten(0, 1), self.lm_head.weight, targets.flatten())
         if last_only:  # (B, d_model) rows: a (B, 1, d_model) view of a long h would go to a batched matmul
-            return self.lm_head(h[:, -1])[:, None]  # (B, 1, vocab_size)
-        return self.lm_head(h)  # (B, T, vocab_size)
+            last: torch.Tensor = self.lm_head(h[:, -1])  # (B, vocab_size)
+            return last[:, None]  # (B, 1, vocab_size)
+        logits: torch.Tensor = self.lm_head(h)  # (B, T, vocab_size)
+        return logits
+
+    if TYPE_CHECKING:  # nn.Module calls are (...) -> Any to a type checker: model(...) is checked as forward
+
+        def __call__(
+            self,
+            idx: torch.Tensor,
+            cache: Cache | None = None,
+            targets: torch.Tensor | None = None,
+            last_only: bool = False,
+        ) -> torch.Tensor: ...
 
     def num_params(self, unique: bool = True) -> int:
         """Parameter count. unique=False counts a tied matrix twice, as the card's 52,990,464 does."""

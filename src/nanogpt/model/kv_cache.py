@@ -1,4 +1,9 @@
-"""A preallocated key/value cache for incremental decoding.
+"""Key/value caches for incremental decoding, and `Cache`: the one interface the model calls on them.
+
+`Cache` (a `typing.Protocol`, as mlx-lm's `_BaseCache`) is everything `model/gpt.py` asks of a cache: where
+the new tokens go (`positions`), which keys each query sees (`mask`), store-and-read (`update`), and
+`advance` once per forward. `KVCache` (one stream) and `SlotKVCache.rows(...)` (a view of a serving
+batch's slots, `SlotStep`) both satisfy it, and the type checker proves it where they are passed in.
 
 Keys and values for every layer live in two tensors sized for the whole context up front, so decoding
 never reallocates or concatenates. Each attention layer writes its new positions with `update`, and the
@@ -12,12 +17,41 @@ model (`NanoGPTModel.forward`) calls `advance` once per forward pass, after the 
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 
 from nanogpt.config import ModelConfig
 
 
+class Cache(Protocol):
+    """What the model calls on a KV cache during one forward (`NanoGPTModel.forward` and the attention).
+
+    A forward of T new tokens per row calls `positions(T, device)` first, then `update(layer, k, v)` in
+    every attention layer, reading `mask` there, and `advance(T)` once after the last layer.
+    """
+
+    @property
+    def mask(self) -> torch.Tensor | None:
+        """(B, 1, T, keys) bool: which keys each query sees when rows differ; None: the causal rule is enough."""
+        ...
+
+    def positions(self, T: int, device: torch.device) -> torch.Tensor:
+        """Positions of the T new tokens: (T,) when every row holds as many, else (B, T)."""
+        ...
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the new k, v (B, nh, T, hs) of `layer`; return its keys/values the queries attend to."""
+        ...
+
+    def advance(self, T: int) -> None:
+        """The forward is done: the T new positions now count as stored."""
+        ...
+
+
 class KVCache:
+    """The preallocated cache of one stream (every row holds the same positions); a `Cache`."""
+
     def __init__(
         self,
         n_layers: int,
@@ -62,10 +96,10 @@ class KVCache:
             raise ValueError(f"sequence of {self.pos + T} tokens is longer than the context ({self.max_len})")
         return torch.arange(self.pos, self.pos + T, device=device)
 
-    mask = None  # every row holds the same positions: the causal rule is enough
+    mask: torch.Tensor | None = None  # every row holds the same positions: the causal rule is enough
 
-    def advance(self, n: int) -> None:
-        self.pos += n
+    def advance(self, T: int) -> None:
+        self.pos += T
 
     def reset(self) -> None:
         self.pos = 0
@@ -134,7 +168,7 @@ class SlotKVCache:
 
 
 class SlotStep:
-    """One model call's view of a `SlotKVCache`: the KVCache interface (positions, mask, update, advance)."""
+    """One model call's view of a `SlotKVCache`: a `Cache` (positions, mask, update, advance)."""
 
     def __init__(self, cache: SlotKVCache, start: int, n_new: list[int]) -> None:
         if not n_new or min(n_new) < 1:

@@ -35,22 +35,16 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from nanogpt.data.tokenizer import EOT_ID
 from nanogpt.infer.sampling import SamplingParams, make_generator, sample_rows
-from nanogpt.kernels.decode import decode_step, prepare_decode_weights
-from nanogpt.kernels.device import autocast, torch_dtype
+from nanogpt.kernels.decode import Decoder
 from nanogpt.model.gpt import NanoGPTLMHeadModel
 from nanogpt.model.kv_cache import SlotKVCache
 
-# Up to this many rows, a decode step multiplies by the decode copies (kernels.decode); above, the stock
-# weights. Measured at the card's shapes, the copies are never slower than noise up to 32 rows, and far
-# faster in bf16 (docs/serving.md, "Kernels").
-COPY_ROWS = 64
 SCORE_TOKENS = 2048  # prompt tokens per scoring forward (its logits take SCORE_TOKENS * vocab floats)
 
 
@@ -170,8 +164,8 @@ class Engine:
         self.cfg = model.config
         self.context_length = model.config.context_length
         self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
-        self.device = next(model.parameters()).device
-        self.cache_dtype = next(model.parameters()).dtype if dtype == "fp32" else torch_dtype(dtype)
+        self.decoder = Decoder(model, dtype)  # the fast decode path: copies, precision, kernels
+        self.device = self.decoder.device
         self.on_event = on_event or (lambda kind, value: None)
         self.waiting: deque[Handle] = deque()
         self.scoring: list[_Seq] = []
@@ -254,8 +248,8 @@ class Engine:
 
     def _schedule(self) -> None:
         # made here, in the thread that computes (see `run`)
-        self.cache = SlotKVCache.for_model(self.cfg, self.max_batch, self.device, self.cache_dtype)
-        prepare_decode_weights(self.model, self.cache_dtype)
+        self.cache = SlotKVCache.for_model(self.cfg, self.max_batch, self.device, self.decoder.cache_dtype)
+        self.decoder.prepare()  # the first request does not wait for the decode copies
         while True:
             with self._cond:
                 while not (self.waiting or self.active or self._closing):
@@ -350,13 +344,6 @@ class Engine:
 
     # --- the three kinds of forward ------------------------------------------------------------------------
 
-    def _forward(self, idx: torch.Tensor, cache: Any, rows: int, last_only: bool = True) -> torch.Tensor:
-        one_row = rows == 1 and idx.size(1) == 1
-        copies = idx.size(1) == 1 and rows <= COPY_ROWS
-        step = decode_step(self.device, self.cache_dtype, one_row=one_row, use_copies=copies)
-        with autocast(self.device, self.dtype), step:
-            return self.model(idx, cache=cache, last_only=last_only)
-
     def _score(self) -> None:
         """Log-probs of the scoring jobs' prompts, in one right-padded full forward."""
         if not self.scoring:
@@ -370,7 +357,7 @@ class Engine:
         idx = torch.full((len(batch), max(T - 1, 1)), EOT_ID, dtype=torch.long)
         for b, s in enumerate(batch):
             idx[b, : len(s.job.prompt) - 1] = torch.tensor(s.job.prompt[:-1], dtype=torch.long)
-        logits = self._forward(idx.to(self.device), None, len(batch), last_only=False)
+        logits = self.decoder.prefill(idx.to(self.device), None, last_only=False)
         for b, s in enumerate(batch):
             ids = s.job.prompt
             logp = F.log_softmax(logits[b, : len(ids) - 1].float(), dim=-1)  # row i: token i + 1
@@ -408,7 +395,7 @@ class Engine:
         for b, c in enumerate(chunks):
             idx[b, T - len(c) :] = torch.tensor(c, dtype=torch.long)
         step = self.cache.rows(start, [len(c) for c in chunks])
-        logits = self._forward(idx.to(self.device), step, len(chunks))[:, 0].float()  # (B, V)
+        logits = self.decoder.prefill(idx.to(self.device), step)[:, 0].float()  # (B, V)
         done, rows = [], []
         for b, (s, c) in enumerate(zip(self.reading, chunks, strict=False)):
             s.fed += len(c)
@@ -429,7 +416,7 @@ class Engine:
             return
         idx = torch.tensor([[s.generated[-1]] for s in self.decoding], device=self.device)  # slot order
         step = self.cache.rows(0, [1] * len(self.decoding))
-        logits = self._forward(idx, step, len(self.decoding))[:, 0].float()  # (B, V)
+        logits = self.decoder.step(idx, step)[:, 0].float()  # (B, V)
         self._emit(list(self.decoding), logits)
 
     def _logprobs(
@@ -448,13 +435,13 @@ class Engine:
             rows.gather(1, torch.tensor([[tokens[b]] for b in want], device=rows.device))[:, 0] - lse
         ).tolist()
         k = max(seqs[b].job.logprobs or 0 for b in want)
-        vals, alt = torch.topk(rows, k, dim=-1) if k else (rows[:, :0], rows[:, :0].long())
-        vals = (vals - lse[:, None]).tolist()
-        alt = alt.tolist()
+        top, alt = torch.topk(rows, k, dim=-1) if k else (rows[:, :0], rows[:, :0].long())
+        top_logprobs: list[list[float]] = (top - lse[:, None]).tolist()
+        top_ids: list[list[int]] = alt.tolist()
         out = {}
         for i, b in enumerate(want):
             n = seqs[b].job.logprobs or 0
-            out[b] = (chosen[i], list(zip(alt[i][:n], vals[i][:n], strict=True)))
+            out[b] = (chosen[i], list(zip(top_ids[i][:n], top_logprobs[i][:n], strict=True)))
         return out
 
     def _emit(self, seqs: list[_Seq], logits: torch.Tensor) -> None:
