@@ -51,6 +51,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "the card's benchmark table, measured (optionally vs HF GPT-2)",
     ),
     "info": ("nanogpt.commands.info", "main", "print a config's network, parameter counts and weight memory"),
+    "recipe": (
+        "nanogpt.commands.recipe",
+        "main",
+        "the card's pipeline from one recipe file: prepare, train, distill, eval, bench, export; resumable",
+    ),
 }
 
 
