@@ -27,7 +27,8 @@ import secrets
 import sys
 import time
 import uuid
-from typing import Any
+from collections.abc import AsyncIterator, MutableMapping
+from typing import TYPE_CHECKING, Any
 
 from nanogpt.data.tokenizer import get_tokenizer
 from nanogpt.serve import responses
@@ -53,6 +54,12 @@ from nanogpt.serve.requests import (
 )
 from nanogpt.serve.responses import parse_responses
 from nanogpt.serve.routes import add_model_routes
+
+if TYPE_CHECKING:  # the serve extra is imported where it is used, never at import time
+    from fastapi import FastAPI
+    from starlette.responses import JSONResponse
+
+Message = MutableMapping[str, Any]  # an ASGI message
 
 KNOWN_PATHS = (
     "/v1/completions",
@@ -87,7 +94,7 @@ class Guard:
     def __init__(self, app: Any, api_key: str | None, metrics: Metrics) -> None:
         self.app, self.api_key, self.metrics = app, api_key, metrics
 
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
@@ -95,7 +102,7 @@ class Guard:
         path = scope["path"]
         answered = gone = False
 
-        async def send_status(message: dict) -> None:
+        async def send_status(message: Message) -> None:
             nonlocal status, answered
             if message["type"] == "http.response.start":
                 status = message["status"]
@@ -103,9 +110,9 @@ class Guard:
                 answered = True
             await send(message)
 
-        async def watched_receive() -> dict:
+        async def watched_receive() -> Message:
             nonlocal gone
-            message = await receive()
+            message: Message = await receive()
             gone = gone or (message["type"] == "http.disconnect" and not answered)
             return message
 
@@ -136,7 +143,7 @@ def create_app(
     *,
     request_timeout: float | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-):
+) -> "FastAPI":
     """The FastAPI app serving `engine`; `api_key` (if given) is required as a bearer token."""
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -149,18 +156,19 @@ def create_app(
     add_model_routes(app, engine.name, engine.context_length)
     tok = get_tokenizer()
 
+    # every handler returns a Response (FastAPI then builds no response model from the annotation)
     @app.get("/health")
-    def health():
+    def health() -> Response:
         if engine.closing:
             return JSONResponse({"status": "shutting down"}, status_code=503)
-        return {"status": "ok"}  # the queue and the batch are on /metrics
+        return JSONResponse({"status": "ok"})  # the queue and the batch are on /metrics
 
     @app.get("/metrics")
-    def prometheus():
+    def prometheus() -> Response:
         body, content_type = metrics.render()
         return Response(body, media_type=content_type)
 
-    async def handle(request: Request, chat: bool):
+    async def handle(request: Request, chat: bool) -> Response:
         try:
             req = parse_request(
                 parse_json_body(await request.body()), tok, chat=chat, vocab_size=engine.cfg.vocab_size
@@ -177,15 +185,15 @@ def create_app(
         return await _complete(request, engine.name, req, handles, choices)
 
     @app.post("/v1/completions")
-    async def completions(request: Request):
+    async def completions(request: Request) -> Response:
         return await handle(request, chat=False)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
+    async def chat_completions(request: Request) -> Response:
         return await handle(request, chat=True)
 
     @app.post("/v1/responses")
-    async def create_response(request: Request):
+    async def create_response(request: Request) -> Response:
         try:
             rr = parse_responses(parse_json_body(await request.body()), tok, vocab_size=engine.cfg.vocab_size)
             check(engine, rr.request, "input")
@@ -242,7 +250,9 @@ def _usage(req: CompletionRequest, choices: list[Choice]) -> dict[str, int]:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-async def _complete(request: Any, name: str, req: CompletionRequest, handles: list, choices: list[Choice]):
+async def _complete(
+    request: Any, name: str, req: CompletionRequest, handles: list[Handle], choices: list[Choice]
+) -> "JSONResponse":
     from fastapi.responses import JSONResponse
 
     failed: list[Finished] = []
@@ -287,7 +297,9 @@ async def _complete(request: Any, name: str, req: CompletionRequest, handles: li
     )
 
 
-async def _sse(request: Any, name: str, req: CompletionRequest, handles: list, choices: list[Choice]):
+async def _sse(
+    request: Any, name: str, req: CompletionRequest, handles: list[Handle], choices: list[Choice]
+) -> AsyncIterator[str]:
     """Server-sent events: text as it comes, a chunk with each finish_reason, the usage if asked, [DONE]."""
     cid = ("chatcmpl-" if req.chat else "cmpl-") + uuid.uuid4().hex[:24]
     created = int(time.time())

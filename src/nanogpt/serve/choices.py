@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from nanogpt.data.tokenizer import Tokenizer
-from nanogpt.serve.engine import Finished, PromptScores, Token
+from nanogpt.serve.engine import Event, Finished, Handle, PromptScores, Token
 from nanogpt.serve.requests import CompletionRequest
 
 
@@ -99,11 +99,11 @@ class Choice:
         return {**one(t, lp), "top_logprobs": [one(a, v) for a, v in top or []]}
 
 
-async def events(request: Any, handles: list) -> AsyncIterator[tuple[int, Any]]:
+async def events(request: Any, handles: list[Handle]) -> AsyncIterator[tuple[int, Event]]:
     """(choice index, event) from every handle as they come; a client that leaves cancels them all."""
-    merged: asyncio.Queue = asyncio.Queue()
+    merged: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
 
-    async def pump(i: int, h: Any) -> None:
+    async def pump(i: int, h: Handle) -> None:
         async for ev in h:
             await merged.put((i, ev))
 

@@ -21,7 +21,11 @@ The `type` of each status is OpenAI's (`ERROR_TYPES`), as its API answers:
 from __future__ import annotations
 
 import logging
-from typing import Any
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # the serve extra is imported where it is used, never at import time
+    from starlette.responses import JSONResponse
 
 DEFAULT_MAX_BODY_BYTES = 8 * 2**20
 
@@ -73,8 +77,8 @@ def error_response(
     *,
     param: str | None = None,
     code: str | None = None,
-    headers: dict[str, str] | None = None,
-):
+    headers: Mapping[str, str] | None = None,
+) -> JSONResponse:
     """A JSONResponse with OpenAI's error body, its `type` from the status."""
     from starlette.responses import JSONResponse
 
@@ -88,13 +92,13 @@ def model_not_found_error(model: str, served: str, param: str | None = "model") 
     return ApiError(404, message, param=param, code="model_not_found")
 
 
-def model_not_found(model: str, served: str, param: str | None = "model"):
+def model_not_found(model: str, served: str, param: str | None = "model") -> JSONResponse:
     """`model_not_found_error` as a response."""
     e = model_not_found_error(model, served, param)
     return error_response(e.status, e.message, param=e.param, code=e.code)
 
 
-def internal_error_response(exc: BaseException):
+def internal_error_response(exc: BaseException) -> JSONResponse:
     """500 with one line naming the exception, never a traceback."""
     text = " ".join(str(exc).split())[:500]  # one line, bounded
     return error_response(500, f"internal error: {type(exc).__name__}" + (f": {text}" if text else ""))
@@ -128,7 +132,7 @@ class _BodyLimit:
     def __init__(self, app: Any, limit: int) -> None:
         self.app, self.limit = app, limit
 
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         from starlette.requests import ClientDisconnect
 
         if scope["type"] != "http":
@@ -142,16 +146,16 @@ class _BodyLimit:
         seen = 0
         started = False
 
-        async def counted_receive() -> dict:
+        async def counted_receive() -> dict[str, Any]:
             nonlocal seen
-            message = await receive()
+            message: dict[str, Any] = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.limit:
                     raise BodyTooLarge
             return message
 
-        async def tracked_send(message: dict) -> None:
+        async def tracked_send(message: dict[str, Any]) -> None:
             nonlocal started
             started = started or message["type"] == "http.response.start"
             await send(message)
@@ -182,7 +186,7 @@ def install_error_handlers(app: Any, max_body_bytes: int = DEFAULT_MAX_BODY_BYTE
     if max_body_bytes < 1:
         raise ValueError(f"max_body_bytes={max_body_bytes} must be >= 1")
 
-    async def http_error(request: Any, exc: HTTPException):
+    async def http_error(request: Any, exc: HTTPException) -> JSONResponse:
         status = exc.status_code
         if status == 404:
             return error_response(
@@ -200,14 +204,14 @@ def install_error_handlers(app: Any, max_body_bytes: int = DEFAULT_MAX_BODY_BYTE
             )
         return error_response(status, str(exc.detail), headers=exc.headers)
 
-    async def validation_error(request: Any, exc: RequestValidationError):
+    async def validation_error(request: Any, exc: RequestValidationError) -> JSONResponse:
         message, param = validation_message(list(exc.errors()))
         return error_response(422, message, param=param)
 
-    async def api_error(request: Any, exc: ApiError):
+    async def api_error(request: Any, exc: ApiError) -> JSONResponse:
         return error_response(exc.status, exc.message, param=exc.param, code=exc.code, headers=exc.headers)
 
-    async def server_error(request: Any, exc: Exception):
+    async def server_error(request: Any, exc: Exception) -> JSONResponse:
         return internal_error_response(exc)
 
     app.add_exception_handler(HTTPException, http_error)

@@ -17,7 +17,7 @@ import json
 import math
 import re
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, TypeVar
 
 from nanogpt.data.tokenizer import EOT_ID, Tokenizer
 from nanogpt.errors import UserError
@@ -32,6 +32,9 @@ MAX_TOKENS = 1_000_000
 DEFAULT_MAX_TOKENS = 16  # /v1/completions, as OpenAI
 DEFAULT_CHAT_MAX_TOKENS = 256  # /v1/chat/completions (OpenAI's is the model's whole context)
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
+
+N = TypeVar("N", int, float)  # what `read_number` reads a field as
+D = TypeVar("D")  # its default when the field is absent or null
 
 
 class BadRequest(Exception):
@@ -291,12 +294,12 @@ def check_fields(
 def read_number(
     body: dict[str, Any],
     name: str,
-    default: Any,
-    kind: type,
+    default: D,
+    kind: type[N],
     lo: float | None = None,
     hi: float | None = None,
     param: str | None = None,
-):
+) -> N | D:
     """body[name] as a finite int or float in [lo, hi]; null or absent is `default`.
 
     Python's json module reads NaN and Infinity, which no comparison refuses: they are refused here, by name.

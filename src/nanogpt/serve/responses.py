@@ -26,15 +26,15 @@ import contextlib
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from nanogpt.data.tokenizer import Tokenizer
 from nanogpt.errors import UserError
 from nanogpt.infer.sampling import SamplingParams
 from nanogpt.serve.choices import Choice, events, failure
-from nanogpt.serve.engine import Finished, Token
+from nanogpt.serve.engine import Finished, Handle, Token
 from nanogpt.serve.errors import error_response
 from nanogpt.serve.requests import (
     DEFAULT_CHAT_MAX_TOKENS,
@@ -47,6 +47,9 @@ from nanogpt.serve.requests import (
     read_flag,
     read_number,
 )
+
+if TYPE_CHECKING:  # the serve extra is imported where it is used, never at import time
+    from starlette.responses import JSONResponse
 
 ENDPOINT = "/v1/responses"
 READ_FIELDS = frozenset(
@@ -295,7 +298,9 @@ class Answer:
         }
 
 
-async def complete(request: Any, name: str, rr: ResponsesRequest, handles: list, choice: Choice):
+async def complete(
+    request: Any, name: str, rr: ResponsesRequest, handles: list[Handle], choice: Choice
+) -> JSONResponse:
     """The whole response object once the job ended (or OpenAI's error body if it failed)."""
     from fastapi.responses import JSONResponse
 
@@ -315,7 +320,9 @@ async def complete(request: Any, name: str, rr: ResponsesRequest, handles: list,
     return JSONResponse(answer.response(status, [answer.item(status)]))
 
 
-async def stream(request: Any, name: str, rr: ResponsesRequest, handles: list, choice: Choice):
+async def stream(
+    request: Any, name: str, rr: ResponsesRequest, handles: list[Handle], choice: Choice
+) -> AsyncIterator[str]:
     """Server-sent events: the documented sequence of a text response (see the module docstring)."""
     answer = Answer(rr, name, choice)
     seq = iter(range(1 << 62))
@@ -349,7 +356,9 @@ async def stream(request: Any, name: str, rr: ResponsesRequest, handles: list, c
     yield event(final, response=answer.response(status, [answer.item(status)]))
 
 
-async def _pieces(request: Any, handles: list, choice: Choice) -> AsyncIterator[tuple[str, Finished | None]]:
+async def _pieces(
+    request: Any, handles: list[Handle], choice: Choice
+) -> AsyncGenerator[tuple[str, Finished | None], None]:
     """(text to send now, the Finished event once the job ended) as the job's events come."""
     async for _, ev in events(request, handles):
         if isinstance(ev, Token):

@@ -9,9 +9,12 @@ context length. Any id other than the served one is a 404 "model_not_found"; ids
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from nanogpt.serve.errors import model_not_found
+
+if TYPE_CHECKING:
+    from starlette.responses import JSONResponse
 
 
 def model_card(name: str, context_length: int) -> dict[str, Any]:
@@ -31,8 +34,9 @@ def add_model_routes(app: Any, name: str, context_length: int) -> None:
     def models() -> dict[str, Any]:
         return {"object": "list", "data": [card]}
 
-    def model(model_id: str):
+    def model(model_id: str) -> dict[str, Any] | JSONResponse:
         return card if model_id == name else model_not_found(model_id, name, param=None)
 
     app.add_api_route("/v1/models", models, methods=["GET"])
-    app.add_api_route("/v1/models/{model_id:path}", model, methods=["GET"])
+    # response_model=None: FastAPI would otherwise build a response model from the annotation (a 404 is a Response)
+    app.add_api_route("/v1/models/{model_id:path}", model, methods=["GET"], response_model=None)
