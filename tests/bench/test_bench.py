@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from nanogpt.bench import run as bench
-from nanogpt.bench.measure import impossible
+from nanogpt.bench.measure import RowSpec, Timing, Workload, impossible, run_workloads
 from nanogpt.bench.run import (
     NEW_TOKENS,
     Row,
@@ -92,6 +92,32 @@ def test_rows_rates_latencies_and_ratio():
     assert (t.value, t.lo, t.hi, t.ratio, t.higher_is_better) == (2.0, 1.0, 4.0, 0.5, False)
     assert Row("n", "n", 3.0, "params").ratio is None
     assert ours.scaled(2).median == 4.0
+
+
+def test_a_workload_group_alternates_and_fills_its_rows_in_order():
+    """`run_workloads`: every run of a group alternates (ours, peer, the next workload), and each RowSpec
+    turns the same seconds into its row: a rate is work over seconds, a time the seconds scaled."""
+    calls: list[str] = []
+
+    def work(name: str):
+        return lambda: calls.append(name) or sum(range(1000))  # some work: a run never takes zero seconds
+
+    group = [
+        Workload(
+            "a",
+            work("a ours"),
+            work("a peer"),
+            (RowSpec("a_rate", "A", "tokens/s", 10), RowSpec("a_time", "A per 2", "s", 2.0)),
+        ),
+        Workload("b", work("b ours"), None, (RowSpec("b_rate", "B", "batches/s"),)),
+    ]
+    rows = run_workloads(group, Timing(repeats=2, warmup=1, device=torch.device("cpu")))
+    assert calls == ["a ours", "a peer", "b ours"] * 3  # one warm-up round, then two timed rounds
+    assert [r.key for r in rows] == ["a_rate", "a_time", "b_rate"]
+    a_rate, a_time, b_rate = rows
+    assert a_rate.peer is not None and a_time.peer is not None and b_rate.peer is None
+    assert a_time.value == pytest.approx(2 * 10 / a_rate.value)  # the same runs: 2 x median seconds
+    assert a_time.unit == "s" and not a_time.higher_is_better and a_rate.higher_is_better
 
 
 # --- validity: an impossible number is never written as a result ---------------------------------------
@@ -207,7 +233,9 @@ def test_every_row_positive_with_a_peer_ratio(cli_run):
     rows = {r["key"]: r for r in data["rows"]}
     assert set(rows) == KEYS
     for key, r in rows.items():
-        if r["invalid"]:  # e.g. a tiny model's MFU above the measured peak: withheld, never written as a result
+        if r[
+            "invalid"
+        ]:  # e.g. a tiny model's MFU above the measured peak: withheld, never written as a result
             assert r["ratio"] is None and any(w.startswith(key) for w in data["warnings"]), key
             assert all(r["value" if who == "ours" else "peer"] is None for who in r["invalid"]), key
             continue
@@ -234,7 +262,7 @@ def test_activation_memory_is_measured_near_the_estimate(cli_run):
 
 def test_peer_and_ours_evaluate_the_same_windows(tiny_cfg):
     """With our weights loaded into the HF peer, both eval rows give the same mean NLL at both strides."""
-    from nanogpt.bench.workloads import Inputs, peer_fns, peer_model, torch_fns
+    from nanogpt.bench.workloads import Inputs, PeerRunner, TorchRunner, overlap_stride, peer_model
     from nanogpt.export.hf import to_gpt2_state
     from nanogpt.train.checkpoint import model_state
 
@@ -246,10 +274,10 @@ def test_peer_and_ours_evaluate_the_same_windows(tiny_cfg):
     assert all(k.endswith(("attn.bias", "masked_bias", "lm_head.weight")) for k in missing)
     inp = Inputs.make(cfg, 2, 32, 3)
     cpu = torch.device("cpu")
-    mine, theirs = torch_fns(ours, inp, "fp32", cpu), peer_fns(peer, inp, "fp32", cpu)
-    for row in ("eval", "eval_overlap"):
-        assert mine[row]().mean_nll == pytest.approx(theirs[row](), rel=1e-5), row
-    assert mine["eval"]().mean_nll != pytest.approx(mine["eval_overlap"]().mean_nll, rel=1e-6)
+    mine, theirs = TorchRunner(ours, inp, "fp32", cpu), PeerRunner(peer, inp, "fp32", cpu)
+    for stride in (32, overlap_stride(32)):  # the eval row and the overlapping-windows row
+        assert mine.mean_nll(stride) == pytest.approx(theirs.mean_nll(stride), rel=1e-5), stride
+    assert mine.mean_nll(32) != pytest.approx(mine.mean_nll(overlap_stride(32)), rel=1e-6)
 
 
 def test_run_bench_without_peers_and_bf16(tiny_cfg):

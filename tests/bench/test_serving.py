@@ -301,9 +301,7 @@ def test_server_that_cannot_start_is_one_line_and_gone(eot_free_ckpt, tmp_path):
     pytest.importorskip("uvicorn")
     s = ServerProcess(eot_free_ckpt, threads=1, log=tmp_path / "s.log", serve_args=["--max-batch", "0"])
     with (
-        pytest.raises(
-            UserError, match="exited with code 2 before it could print its address.*max-batch"
-        ),
+        pytest.raises(UserError, match="exited with code 2 before it could print its address.*max-batch"),
         s,
     ):
         pass

@@ -380,8 +380,9 @@ def test_model_card_readme(tmp_path, small_data):
     assert 'attn_implementation="eager"' in bare and "GPT2TokenizerFast.from_pretrained" in bare
 
 
-def test_model_card_takes_the_bench_table(exported, tmp_path):
+def test_model_card_takes_the_bench_table(exported, tmp_path, capsys):
     from nanogpt.bench.run import fmt, markdown_table, run_bench, write_outputs
+    from nanogpt.commands.export import read_bench_table
 
     res = run_bench(NanoGPTLMHeadModel(tiny()), batch=1, seq=16, repeats=1, warmup=0)  # bench trains it
     write_outputs(res, tmp_path / "bench")
@@ -408,13 +409,30 @@ def test_model_card_takes_the_bench_table(exported, tmp_path):
     other = run_bench(NanoGPTLMHeadModel(tiny(n_layers=1)), batch=1, seq=16, repeats=1, warmup=0)
     write_outputs(other, tmp_path / "other")
     with pytest.raises(UserError, match="n_layers 1.*this model's 2"):
-        hf.export(exported["ckpt"], tmp_path / "o2", bench=tmp_path / "other")
+        hf.export(exported["ckpt"], tmp_path / "o2", bench=read_bench_table(str(tmp_path / "other")))
     assert not (tmp_path / "o2").exists()
+    # the command reads the table (export takes it as data): a torn or missing one is refused there
     (tmp_path / "torn.json").write_text('{"config": {')
-    with pytest.raises(UserError, match="not a `nanogpt bench` bench.json"):
-        hf.export(exported["ckpt"], tmp_path / "o3", bench=tmp_path / "torn.json")
-    with pytest.raises(UserError, match="no bench results"):
-        hf.export(exported["ckpt"], tmp_path / "o4", bench=tmp_path / "missing")
+    for bench, words in (("torn.json", "not a `nanogpt bench` bench.json"), ("missing", "no bench results")):
+        argv = ["export", "--model", str(exported["ckpt"]), "--out", str(tmp_path / "o3")]
+        assert cli.main([*argv, "--bench", str(tmp_path / bench)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert err.startswith("nanogpt export: error: ") and words in err, err
+        assert not (tmp_path / "o3").exists()
+
+
+def test_export_never_imports_the_bench():
+    """The command reads a bench table and hands it to export as data (`BenchTable`), so no module of
+    nanogpt.export imports nanogpt.bench, at the top of a file or inside a function."""
+    for path in Path(hf.__file__).parent.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            else:
+                continue
+            assert not any(n.split(".")[:2] == ["nanogpt", "bench"] for n in names), (path, names)
 
 
 @pytest.mark.parametrize(

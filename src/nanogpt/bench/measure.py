@@ -13,7 +13,7 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -96,6 +96,65 @@ def time_row(key: str, metric: str, ours: Stat, peer: Stat | None = None) -> Row
     if peer is not None:
         row.peer, row.peer_lo, row.peer_hi = peer.median, peer.min, peer.max
     return row
+
+
+# --- a timed workload and the rows it fills ------------------------------------------------------------
+
+
+Work = Callable[[], object]  # one run of a workload; the timer ignores what it returns
+
+
+@dataclass(frozen=True)
+class RowSpec:
+    """A row a timed workload fills from its seconds per run.
+
+    A rate (tokens/s, batches/s) is `per_run` units of work over the seconds; a time (unit "s") is the
+    seconds scaled by `per_run` (1: the run's own time; 100 / n: per 100 tokens of a run making n).
+    """
+
+    key: str
+    metric: str
+    unit: str
+    per_run: float = 1.0
+
+    def fill(self, ours: Stat, peer: Stat | None) -> Row:
+        if self.unit == "s":
+            scaled = peer.scaled(self.per_run) if peer is not None else None
+            return time_row(self.key, self.metric, ours.scaled(self.per_run), scaled)
+        return rate_row(self.key, self.metric, self.per_run, self.unit, ours, peer)
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One timed measurement of the table: what it runs for ours and for the peer (the very same work),
+    and the rows its seconds per run fill. A list of them is the table's timed part (`bench.table`)."""
+
+    label: str  # what the progress line says while it runs
+    ours: Work
+    peer: Work | None
+    rows: tuple[RowSpec, ...]
+
+
+@dataclass(frozen=True)
+class Timing:
+    """How every workload is timed: `warmup` untimed runs, then `repeats` timed ones, on `device`."""
+
+    repeats: int
+    warmup: int
+    device: torch.device
+
+
+def run_workloads(group: Sequence[Workload], timing: Timing) -> list[Row]:
+    """Time a group of workloads, all their runs alternating (`timed`: machine load hits each alike), and
+    fill their rows in order. One workload (ours beside the peer) is a group of one."""
+    fns = [fn for w in group for fn in (w.ours, w.peer) if fn is not None]
+    stats = iter(timed(fns, timing.repeats, timing.warmup, timing.device))
+    rows = []
+    for w in group:
+        ours = next(stats)
+        peer = next(stats) if w.peer is not None else None
+        rows += [spec.fill(ours, peer) for spec in w.rows]
+    return rows
 
 
 RATE_UNITS = ("tokens/s", "batches/s")
@@ -262,6 +321,19 @@ def timed(fns: list[Callable[[], Any]], repeats: int, warmup: int, device: torch
     return [Stat.of(s) for s in samples]
 
 
+def _matmul(
+    a: torch.Tensor, b: torch.Tensor, backend: str, dtype: str, device: torch.device
+) -> Callable[[], object]:
+    """One roofline matmul `a @ b` in `backend` (MLX is lazy: `mx.eval` makes it run), inputs made now."""
+    if backend == "mlx":
+        import mlx.core as mx
+
+        ma, mb = mx.array(a.numpy()), mx.array(b.numpy())
+        return lambda: mx.eval(ma @ mb)
+    ta, tb = a.to(device, torch_dtype(dtype)), b.to(device, torch_dtype(dtype))
+    return lambda: ta @ tb
+
+
 def measure_roofline(
     cfg: ModelConfig,
     batch: int,
@@ -286,15 +358,7 @@ def measure_roofline(
     gflops = {}
     for name, (mm, k, n) in shapes.items():
         a, b = torch.randn(mm, k, generator=g), torch.randn(k, n, generator=g)
-        if backend == "mlx":
-            import mlx.core as mx
-
-            a, b = mx.array(a.numpy()), mx.array(b.numpy())
-            fn: Callable[[], Any] = lambda a=a, b=b: mx.eval(a @ b)  # noqa: E731
-        else:
-            a, b = a.to(device, torch_dtype(dtype)), b.to(device, torch_dtype(dtype))
-            fn = lambda a=a, b=b: a @ b  # noqa: E731
-        (stat,) = timed([fn], repeats, 1, device)
+        (stat,) = timed([_matmul(a, b, backend, dtype, device)], repeats, 1, device)
         gflops[name] = 2.0 * mm * k * n / stat.min / 1e9  # a ceiling: the fastest run
     n_bytes = 256 * MIB
     src = torch.ones(n_bytes // 4, device=device)

@@ -12,6 +12,10 @@ Every timed row has a warm-up, then `repeats` runs; the value is the median, the
 With `--peers` a Hugging Face `GPT2LMHeadModel` of the same shapes (random init, no download) runs the
 same rows in the same process, alternating with ours run by run so that machine load hits both alike.
 
+The parts: `workloads` makes a `Runner` per model (what it can be asked to run), `table` lists the rows as
+data (a `Workload` per timed measurement) and `measure.run_workloads` times them; this module puts a run
+together and writes its outputs.
+
     write_outputs(run_bench(load_model("runs/demo"), peers=True), "bench/")
 """
 
@@ -35,6 +39,7 @@ from nanogpt.bench.measure import (
     PROMPT_TOKENS,
     Row,
     Stat,
+    Timing,
     activation_estimate,
     check_rows,
     decode_bytes_per_token,
@@ -43,22 +48,47 @@ from nanogpt.bench.measure import (
     machine_info,
     measure_roofline,
     rate_row,
+    run_workloads,
     time_row,
-    timed,
+)
+from nanogpt.bench.table import (
+    accuracy_row,
+    efficiency_rows,
+    int8_decode_group,
+    int8_ratio_row,
+    int8_workloads,
+    memory_rows,
+    nll_delta,
+    size_rows,
+    timed_workloads,
 )
 from nanogpt.bench.workloads import (
     Inputs,
+    MLXRunner,
+    PeerRunner,
+    Runner,
+    TorchRunner,
     measure_activation_memory,
-    mlx_fns,
-    overlap_stride,
-    peer_fns,
     peer_model,
-    torch_fns,
 )
 from nanogpt.config import ModelConfig
 from nanogpt.errors import UserError
 from nanogpt.kernels.device import torch_dtype
 from nanogpt.kernels.quant import quantize_int8
+from nanogpt.model.gpt import NanoGPTLMHeadModel
+
+__all__ = [  # what tests and callers reach through this module, besides its own functions
+    "NEW_TOKENS",
+    "Row",
+    "Stat",
+    "activation_estimate",
+    "check_rows",
+    "decode_bytes_per_token",
+    "forward_flops_per_token",
+    "load_warnings",
+    "rate_row",
+    "time_row",
+]
 
 # --- the run ------------------------------------------------------------------------------------------
 
@@ -138,7 +168,7 @@ def check_int8_peers(dtype: str, peers: bool) -> None:
 
 
 def run_bench(
-    model: torch.nn.Module,
+    model: NanoGPTLMHeadModel,
     *,
     batch: int = 4,
     seq: int = 512,
@@ -151,70 +181,88 @@ def run_bench(
     compile: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> BenchResult:
-    """Every row of the table for `model` (a torch NanoGPTLMHeadModel; backend="mlx" times its MLX twin)."""
+    """Every row of the table for `model` (backend="mlx" times its MLX twin), beside HF's with `peers`."""
     say = progress or (lambda _: None)
     t_start = time.perf_counter()
-    cfg: ModelConfig = model.config
+    cfg = model.config
     check_settings(cfg, batch, seq, repeats, warmup, dtype, backend, compile)
     check_int8_peers(dtype, peers)
     device = next(model.parameters()).device
     load0 = list(os.getloadavg())
+    timing = Timing(repeats, warmup, device)
     if dtype == "int8":
-        return int8_bench(model, batch, seq, repeats, warmup, device, say, load0, t_start)
-    n_total, n_unique = model.num_params(unique=False), model.num_params(unique=True)
+        return int8_bench(model, Inputs.make(cfg, batch, seq, batch), timing, say, load0, t_start)
     inp = Inputs.make(cfg, batch, seq, eval_windows or batch)
-    ours = mlx_fns(model, inp, dtype) if backend == "mlx" else torch_fns(model, inp, dtype, device, compile)
+    mlx = MLXRunner(model, inp) if backend == "mlx" else None
+    ours: Runner = mlx if mlx is not None else TorchRunner(model, inp, dtype, device, compile)
     peer = peer_model(cfg).to(device) if peers else None
-    theirs = peer_fns(peer, inp, dtype, device, compile) if peer is not None else None
+    theirs = PeerRunner(peer, inp, dtype, device, compile) if peer is not None else None
 
     say(f"roofline: {backend} matmul GFLOP/s at the model's shapes, copy bandwidth")
     roof = measure_roofline(cfg, batch, seq, dtype, device, repeats, backend)
-    res = BenchResult(
-        config=cfg.to_dict(),
-        settings={
-            "batch": batch,
-            "seq": seq,
-            "dtype": dtype,
-            "repeats": repeats,
-            "warmup": warmup,
-            "backend": backend,
-            "compile": compile,
-            "prompt_tokens": PROMPT_TOKENS,
-            "new_tokens": inp.new_tokens,
-            "ttft_prompt_tokens": seq,
-            "eval_tokens": len(inp.eval_tokens) - 1,
-            "inputs": "fixed random token ids",
-            "peer": PEER_NAME if peer is not None else None,
-            "peer_attn_implementation": getattr(peer.config, "_attn_implementation", None) if peer else None,
-        },
-        machine=machine_info(device),
-        roofline=roof,
-    )
-    rows = res.rows
-
-    def both(key: str) -> list[Stat]:
-        return timed([ours[key]] + ([theirs[key]] if theirs else []), repeats, warmup, device)
-
-    rows += size_rows(cfg, n_total, n_unique, peer.num_parameters() if peer is not None else None)
-    say("training step (forward + backward + AdamW) and forward pass")
-    rows += throughput_rows(both, batch, seq)
-    say("decode (batch 1, KV cache, greedy) and time to first token")
-    rows += decode_rows(both, seq, inp.new_tokens)
-    say("perplexity evaluation")
-    rows += eval_rows(both, batch, seq, len(inp.eval_tokens) - 1)
+    settings = run_settings(inp, dtype, timing, backend, compile, peer)
+    res = BenchResult(cfg.to_dict(), settings, machine_info(device), roof)
+    n_unique = model.num_params(unique=True)
+    peer_unique = sum(p.numel() for p in peer.parameters()) if peer is not None else None  # tied: once
+    res.rows += size_rows(cfg, model.num_params(unique=False), n_unique, peer_unique)
+    for w in timed_workloads(ours, theirs, inp):
+        say(w.label)
+        res.rows += run_workloads([w], timing)
     if dtype != "fp32" and backend == "torch":
         say(f"accuracy: the eval NLL in {dtype} and in fp32")
-        rows.append(accuracy_row(model, peer, ours, theirs, inp, dtype, device, seq))
+        fp32 = TorchRunner(model, inp, "fp32", device)
+        peer_fp32 = PeerRunner(peer, inp, "fp32", device) if peer is not None else None
+        peer_delta = (
+            nll_delta(theirs, peer_fp32, seq) if theirs is not None and peer_fp32 is not None else None
+        )
+        res.rows.append(accuracy_row(dtype, nll_delta(ours, fp32, seq), peer_delta, seq))
     say("activation memory" + (" (fresh processes)" if device.type == "cpu" and backend == "torch" else ""))
-    if backend == "mlx":
-        act = ours["activation"]()
-    else:
-        act = measure_activation_memory(cfg, batch, seq, dtype, "ours", device)
-    act_peer = measure_activation_memory(cfg, batch, seq, dtype, "peer", device) if peer is not None else None
-    res.activation = {"ours": act, "peer": act_peer}
-    rows += memory_rows(cfg, batch, seq, dtype, act, act_peer)
-    rows += efficiency_rows(res, cfg, n_unique, seq, dtype, inp.new_tokens)
+    res.activation = activation_memory(cfg, inp, dtype, device, mlx, peers)
+    res.rows += memory_rows(cfg, batch, seq, dtype, res.activation["ours"], res.activation["peer"])
+    res.rows += efficiency_rows(res.rows, roof, cfg, n_unique, seq, dtype, inp.new_tokens)
     return finish(res, load0, t_start)
+
+
+def run_settings(
+    inp: Inputs,
+    dtype: str,
+    timing: Timing,
+    backend: str = "torch",
+    compile: bool = False,
+    peer: torch.nn.Module | None = None,
+) -> dict[str, Any]:
+    """bench.json's `settings`: what was run, on which inputs (the int8 run's lack the TTFT prompt and the
+    peer's attention, as its table has no such rows)."""
+    int8 = dtype == "int8"
+    settings: dict[str, Any] = {
+        "batch": inp.batch,
+        "seq": inp.seq,
+        "dtype": dtype,
+        "repeats": timing.repeats,
+        "warmup": timing.warmup,
+        "backend": backend,
+        "compile": compile,
+        "prompt_tokens": PROMPT_TOKENS,
+        "new_tokens": inp.new_tokens,
+        **({} if int8 else {"ttft_prompt_tokens": inp.seq}),
+        "eval_tokens": inp.n_eval,
+        "inputs": "fixed random token ids",
+        "peer": PEER_NAME if peer is not None else None,
+    }
+    if not int8:
+        attn = getattr(peer.config, "_attn_implementation", None) if peer is not None else None
+        settings["peer_attn_implementation"] = attn
+    return settings
+
+
+def activation_memory(
+    cfg: ModelConfig, inp: Inputs, dtype: str, device: torch.device, mlx: MLXRunner | None, peers: bool
+) -> dict[str, Any]:
+    """The activation-memory measurements, ours and the peer's (None without one): bench.json's `activation`."""
+    args = (cfg, inp.batch, inp.seq, dtype)
+    ours = mlx.activation() if mlx is not None else measure_activation_memory(*args, "ours", device)
+    peer = measure_activation_memory(*args, "peer", device) if peers else None
+    return {"ours": ours, "peer": peer}
 
 
 def finish(res: BenchResult, load0: list[float], t_start: float) -> BenchResult:
@@ -229,247 +277,48 @@ def finish(res: BenchResult, load0: list[float], t_start: float) -> BenchResult:
 
 
 def int8_bench(
-    model: torch.nn.Module,
-    batch: int,
-    seq: int,
-    repeats: int,
-    warmup: int,
-    device: torch.device,
+    model: NanoGPTLMHeadModel,
+    inp: Inputs,
+    timing: Timing,
     say: Callable[[str], None],
     load0: list[float],
     t_start: float,
 ) -> BenchResult:
     """`--dtype int8`: the inference rows of an int8-weight copy of `model`, beside its bf16 and fp32 decode.
 
-    The three decodes alternate run by run (`timed`), so load hits them alike; no training, activation or
-    MFU rows (int8 here is weights for inference only), and the accuracy row is against fp32.
+    The three decodes alternate run by run (one group of `run_workloads`), so load hits them alike; no
+    training, activation or MFU rows (int8 here is weights for inference only), and the accuracy row is
+    against fp32.
     """
-    cfg: ModelConfig = model.config
-    inp = Inputs.make(cfg, batch, seq, batch)
-    qmodel = quantize_int8(copy.deepcopy(model))
-    int8 = torch_fns(qmodel, inp, "fp32", device)
-    bf16, fp32 = torch_fns(model, inp, "bf16", device), torch_fns(model, inp, "fp32", device)
+    cfg, device = model.config, timing.device
+    qmodel = copy.deepcopy(model)
+    quantize_int8(qmodel)  # in place: still our model, its Linear layers int8
+    int8 = TorchRunner(qmodel, inp, "fp32", device)
+    bf16, fp32 = TorchRunner(model, inp, "bf16", device), TorchRunner(model, inp, "fp32", device)
     say("roofline: matmul GFLOP/s at the model's shapes, copy bandwidth")
-    roof = measure_roofline(cfg, batch, seq, "fp32", device, repeats, "torch")
-    settings = {
-        "batch": batch,
-        "seq": seq,
-        "dtype": "int8",
-        "repeats": repeats,
-        "warmup": warmup,
-        "backend": "torch",
-        "compile": False,
-        "prompt_tokens": PROMPT_TOKENS,
-        "new_tokens": inp.new_tokens,
-        "eval_tokens": len(inp.eval_tokens) - 1,
-        "inputs": "fixed random token ids",
-        "peer": None,
-    }
-    res = BenchResult(cfg.to_dict(), settings, machine_info(device), roof)
-    n_total, n_unique = model.num_params(unique=False), model.num_params(unique=True)
-    res.rows += size_rows(cfg, n_total, n_unique, None)
-    tensors = {id(t): t for t in [*qmodel.parameters(), *qmodel.buffers()]}.values()
-    what = "Weight memory int8: the Linear layers and the tied head / token table int8 (+ a bf16 scale per row)"
-    nbytes = sum(t.numel() * t.element_size() for t in tensors)
-    res.rows.append(Row("weights_int8_mib", what, nbytes / MIB, "MiB", higher_is_better=False))
+    roof = measure_roofline(cfg, inp.batch, inp.seq, "fp32", device, timing.repeats, "torch")
+    res = BenchResult(cfg.to_dict(), run_settings(inp, "int8", timing), machine_info(device), roof)
+    res.rows += size_rows(cfg, model.num_params(unique=False), model.num_params(unique=True), None)
+    res.rows.append(int8_weights_row(qmodel))
     say("decode (batch 1, KV cache, greedy): int8, bf16 and fp32 alternating")
-    q, b, f = timed([int8["decode"], bf16["decode"], fp32["decode"]], repeats, warmup, device)
-    what = f"Decode: batch 1, KV cache, greedy, {PROMPT_TOKENS}-token prompt, {inp.new_tokens} new tokens"
-    new = inp.new_tokens
-    res.rows += [
-        rate_row("decode_tokens_per_s", f"{what}, int8 weights", new, "tokens/s", q),
-        rate_row(
-            "decode_bf16_tokens_per_s",
-            f"{what}, bf16 (the same model, bf16 weight copies)",
-            new,
-            "tokens/s",
-            b,
-        ),
-        rate_row("decode_fp32_tokens_per_s", f"{what}, fp32", new, "tokens/s", f),
-        Row("decode_int8_over_bf16", "Decode speed of int8 over bf16 (medians)", b.median / q.median, "x"),
-        time_row(
-            "ttft_s",
-            f"Time to first token, int8: {seq}-token prompt",
-            *timed([int8["ttft"]], repeats, warmup, device),
-        ),
-    ]
-    say("perplexity evaluation and accuracy (int8 against fp32)")
-    res.rows += eval_rows(
-        lambda key: timed([int8[key]], repeats, warmup, device), batch, seq, len(inp.eval_tokens) - 1
-    )
-    delta = abs(int8["eval"]().mean_nll - fp32["eval"]().mean_nll)
-    what = "Accuracy cost of int8: absolute difference of the mean NLL with int8 weights and in fp32"
-    res.rows.append(
-        Row(
-            "low_precision_nll_delta",
-            f"{what}, eval tokens at stride {seq}",
-            delta,
-            "nats",
-            higher_is_better=False,
-        )
-    )
+    decode = run_workloads(int8_decode_group(int8, bf16, fp32, inp), timing)
+    res.rows += [*decode, int8_ratio_row(decode)]
+    for w in int8_workloads(int8, inp):
+        say(f"{w.label}, int8")
+        res.rows += run_workloads([w], timing)
+    say("accuracy: the eval NLL with int8 weights and in fp32")
+    res.rows.append(accuracy_row("int8", nll_delta(int8, fp32, inp.seq), None, inp.seq))
     return finish(res, load0, t_start)
 
 
-# --- the rows, section by section (run_bench times; these turn the timings into rows) --------------------
-
-
-def size_rows(cfg: ModelConfig, n_total: int, n_unique: int, peer_unique: int | None) -> list[Row]:
-    """Parameter counts (the card's tied-twice count and the unique one) and weight memory."""
-    tied = cfg.vocab_size * cfg.d_model if cfg.tie_embeddings else 0
-    rows = [
-        Row(
-            "params_total",
-            "Model size: parameters, tied matrix counted twice (the card's count)",
-            n_total,
-            "params",
-            peer=peer_unique + tied if peer_unique else None,
-        ),
-        Row("params_unique", "Model size: unique parameters", n_unique, "params", peer=peer_unique),
-    ]
-    for name, nb in (("fp32", 4), ("fp16", 2)):
-        rows.append(
-            Row(
-                f"weights_{name}_mib",
-                f"Weight memory {name}: unique tensors",
-                n_unique * nb / MIB,
-                "MiB",
-                peer=peer_unique * nb / MIB if peer_unique else None,
-                higher_is_better=False,
-            )
-        )
-    return rows
-
-
-def throughput_rows(both: Callable[[str], list[Stat]], batch: int, seq: int) -> list[Row]:
-    """Training step and forward pass, in tokens/s and batches/s."""
-    tok = batch * seq
-    train, fwd = both("train"), both("forward")
-    what = f"Training throughput: forward + backward + AdamW step, batch {batch} x {seq}"
-    rows = [
-        rate_row("train_tokens_per_s", what, tok, "tokens/s", *train),
-        rate_row("train_batches_per_s", what, 1, "batches/s", *train),
-    ]
-    what = f"Forward-only throughput: logits at every position, no autograd, batch {batch} x {seq}"
-    rows.append(rate_row("forward_tokens_per_s", what, tok, "tokens/s", *fwd))
-    rows.append(rate_row("forward_batches_per_s", what, 1, "batches/s", *fwd))
-    return rows
-
-
-def decode_rows(both: Callable[[str], list[Stat]], seq: int, new: int) -> list[Row]:
-    """Batch-1 decode speed, latency per 100 tokens, time to first token."""
-    dec = both("decode")
-    what = f"Decode: batch 1, KV cache, greedy, {PROMPT_TOKENS}-token prompt, {new} new tokens (prefill included)"
-    rows = [rate_row("decode_tokens_per_s", what, new, "tokens/s", *dec)]
-    dec = [d.scaled(NEW_TOKENS / new) for d in dec]
-    rows.append(
-        time_row("latency_per_100_tokens_s", f"Generation latency per {NEW_TOKENS} tokens (the decode runs)", *dec)
-    )
-    rows.append(
-        time_row("ttft_s", f"Time to first token: {seq}-token prompt, prefill + one greedy pick", *both("ttft"))
-    )
-    return rows
-
-
-def eval_rows(both: Callable[[str], list[Stat]], batch: int, seq: int, n_eval: int) -> list[Row]:
-    """Sliding-window perplexity at stride = context and with overlapping windows."""
-    what = f"Perplexity evaluation: sliding_window_nll, context = stride = {seq}, {n_eval} tokens, batch {batch}"
-    rows = [rate_row("eval_tokens_per_s", what, n_eval, "tokens/s", *both("eval"))]
-    stride = overlap_stride(seq)
+def int8_weights_row(qmodel: torch.nn.Module) -> Row:
+    """The bytes an int8 copy holds: its int8 weights, their scales, and what stayed in float."""
+    tensors = {id(t): t for t in [*qmodel.parameters(), *qmodel.buffers()]}.values()
     what = (
-        f"Perplexity evaluation, overlapping windows: context {seq}, stride {stride} (each scored token "
-        f"has >= {seq - stride} tokens of history), {n_eval} tokens, batch {batch}"
+        "Weight memory int8: the Linear layers and the tied head / token table int8 (+ a bf16 scale per row)"
     )
-    rows.append(rate_row("eval_overlap_tokens_per_s", what, n_eval, "tokens/s", *both("eval_overlap")))
-    return rows
-
-
-def accuracy_row(
-    model: torch.nn.Module,
-    peer: torch.nn.Module | None,
-    ours: dict[str, Callable],
-    theirs: dict[str, Callable] | None,
-    inp: Inputs,
-    dtype: str,
-    device: torch.device,
-    seq: int,
-) -> Row:
-    """What low precision costs: |mean NLL in `dtype` - mean NLL in fp32| on the eval tokens."""
-    fp32_ours = torch_fns(model, inp, "fp32", device)["eval"]
-    delta = abs(ours["eval"]().mean_nll - fp32_ours().mean_nll)
-    peer_delta = None
-    if theirs is not None and peer is not None:
-        peer_delta = abs(theirs["eval"]() - peer_fns(peer, inp, "fp32", device)["eval"]())
-    what = f"Accuracy cost of {dtype}: absolute difference of the mean NLL in {dtype} and in fp32"
-    return Row(
-        "low_precision_nll_delta",
-        f"{what}, eval tokens at stride {seq}",
-        delta,
-        "nats",
-        peer=peer_delta,
-        higher_is_better=False,
-    )
-
-
-def memory_rows(
-    cfg: ModelConfig, batch: int, seq: int, dtype: str, act: dict[str, Any], act_peer: dict[str, Any] | None
-) -> list[Row]:
-    """Activation memory: measured, and the analytic estimate beside it."""
-    bpe = 4 if dtype == "fp32" else 2
-    return [
-        Row(
-            "activation_mib",
-            f"Activation memory, measured ({act['method']}), forward + backward, batch {batch} x {seq}",
-            act["activation"] / MIB,
-            "MiB",
-            peer=act_peer["activation"] / MIB if act_peer else None,
-            higher_is_better=False,
-        ),
-        Row(
-            "activation_estimate_mib",
-            "Activation memory, analytic estimate (`activation_estimate`; the peer's: a stock GPT-2)",
-            activation_estimate(cfg, batch, seq, bpe) / MIB,
-            "MiB",
-            peer=activation_estimate(cfg, batch, seq, bpe, stock=True) / MIB if act_peer else None,
-            higher_is_better=False,
-        ),
-    ]
-
-
-def efficiency_rows(
-    res: BenchResult, cfg: ModelConfig, n_unique: int, seq: int, dtype: str, new: int
-) -> list[Row]:
-    """MFU of training and forward, and decode bandwidth use, against the ceilings measured on this machine."""
-    roof = res.roofline
-    peak = roof["peak_gflops"] * 1e9
-    fpt = forward_flops_per_token(cfg, n_unique, seq)
-    rows = []
-    for key, mult, label in (("train", 3.0, "training"), ("forward", 1.0, "forward")):
-        r = res.row(f"{key}_tokens_per_s")
-        rows.append(
-            Row(
-                f"mfu_{key}",
-                f"MFU {label}: model FLOP/s over the measured matmul peak ({roof['peak_gflops']:.0f} GFLOP/s)",
-                r.value * mult * fpt / peak,
-                "fraction",
-                peer=r.peer * mult * fpt / peak if r.peer else None,
-            )
-        )
-    # our bf16 decode multiplies by bf16 copies of the weights; the peer's autocast reads fp32 and casts
-    bpe = 4 if dtype == "fp32" else 2
-    bpt = decode_bytes_per_token(n_unique, cfg, PROMPT_TOKENS + new // 2, bpe)
-    r, bw = res.row("decode_tokens_per_s"), roof["copy_gb_s"] * 1e9
-    rows.append(
-        Row(
-            "decode_bandwidth_fraction",
-            f"Decode bandwidth use: {bpt / MIB:.0f} MiB read per token ({dtype} weights + KV, the least "
-            f"either model reads) x tokens/s over the measured copy bandwidth ({roof['copy_gb_s']:.1f} GB/s)",
-            r.value * bpt / bw,
-            "fraction",
-            peer=r.peer * bpt / bw if r.peer else None,
-        )
-    )
-    return rows
+    nbytes = sum(t.numel() * t.element_size() for t in tensors)
+    return Row("weights_int8_mib", what, nbytes / MIB, "MiB", higher_is_better=False)
 
 
 # --- outputs ------------------------------------------------------------------------------------------
@@ -575,8 +424,8 @@ def bench_plot(res: BenchResult) -> BenchPlot:
             "(rates: ours / peer; times and memory: peer / ours)"
         )
         return BenchPlot(bars, xlabel, compared=True)
-    rates = [r for r in res.rows if r.unit in ("tokens/s", "batches/s") and r.value]
-    bars = [Bar(f"{r.metric} ({r.unit})", r.value, f"{fmt(r.value, r.unit)} {r.unit}") for r in rates]
+    rates = [(r, r.value) for r in res.rows if r.unit in ("tokens/s", "batches/s") and r.value]
+    bars = [Bar(f"{r.metric} ({r.unit})", v, f"{fmt(v, r.unit)} {r.unit}") for r, v in rates]
     return BenchPlot(bars, "per second (log scale): right = faster", compared=False)
 
 

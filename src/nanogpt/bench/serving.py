@@ -110,6 +110,16 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def start_warnings(load0: list[float]) -> list[str]:
+    """A warning when the machine was busy as the load test started (`os.getloadavg()`)."""
+    if load0[0] <= LOAD_LIMIT:
+        return []
+    return [
+        f"figures taken under load: the 1-minute load average was {load0[0]:.2f} at the start "
+        f"(above {LOAD_LIMIT}); rerun on a quiet machine"
+    ]
+
+
 def run_serving(
     model_dir: str | Path,
     cfg: ModelConfig,
@@ -125,12 +135,7 @@ def run_serving(
     check_serve_settings(cfg, s)
     t_start = time.perf_counter()
     load0 = list(os.getloadavg())
-    warnings = []
-    if load0[0] > LOAD_LIMIT:
-        warnings.append(
-            f"figures taken under load: the 1-minute load average was {load0[0]:.2f} at the start "
-            f"(above {LOAD_LIMIT}); rerun on a quiet machine"
-        )
+    warnings = start_warnings(load0)
     machine = machine_info(device)
     say(
         f"{machine['cpu']}, {machine['cores']} cores, torch {machine['versions']['torch']}, {s.threads} threads; "
@@ -204,26 +209,21 @@ def _level(
         ours_runs.append(sum(x.tokens for x in got) / wall if wall > 0 else 0.0)
         client_cpu += cpu
         server_cpu.append(cpu1 - cpu0 if cpu0 is not None and cpu1 is not None else None)
-        _sync(device)
-        t0 = time.perf_counter()
-        new = hf()
-        _sync(device)
-        hf_secs.append(time.perf_counter() - t0)
-        if tuple(new.shape) != (c, s.hf_new_tokens):
-            raise RuntimeError(f"HF generate returned {tuple(new.shape)} new ids, not {(c, s.hf_new_tokens)}")
+        hf_secs.append(_time_static_batch(hf, (c, s.hf_new_tokens), device))
         hf_runs.append(c * s.hf_new_tokens / hf_secs[-1])
         failed = sum(not x.ok for x in got)
         say(
             f"C={c} run {r + 1}/{s.repeats}: ours {ours_runs[-1]:.1f} tokens/s "
             f"({len(got) - failed}/{len(got)} requests done), HF static batch {hf_runs[-1]:.1f} tokens/s"
         )
+    known = [x for x in server_cpu if x is not None]  # None: a run whose server CPU time was unreadable
     ours = summarize_level(results, sum(walls))
     ours.update(
         tokens_per_s=statistics.median(ours_runs),
         tokens_per_s_runs=ours_runs,
         wall_s_runs=walls,
         client_cpu_s=client_cpu,
-        server_cpu_s=None if None in server_cpu else sum(server_cpu),
+        server_cpu_s=sum(known) if len(known) == len(server_cpu) else None,
     )
     del ours["wall_s"]
     hf_tps = statistics.median(hf_runs)
@@ -241,6 +241,18 @@ def _level(
         "ratio": ours["tokens_per_s"] / hf_tps if hf_tps else None,
         "requests": [x.summary() for x in results],
     }
+
+
+def _time_static_batch(hf: Callable[[], torch.Tensor], shape: tuple[int, int], device: torch.device) -> float:
+    """Seconds of one HF static-batch run, which must return `shape` (batch, new tokens) new ids."""
+    _sync(device)
+    t0 = time.perf_counter()
+    new = hf()
+    _sync(device)
+    seconds = time.perf_counter() - t0
+    if tuple(new.shape) != shape:
+        raise RuntimeError(f"HF generate returned {tuple(new.shape)} new ids, not {shape}")
+    return seconds
 
 
 def target_ratios(levels: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:

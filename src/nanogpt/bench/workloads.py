@@ -1,10 +1,12 @@
-"""What `nanogpt bench` runs: our model (PyTorch or MLX) and the Hugging Face GPT-2 peer, row by row,
-and the activation-memory probe (a fresh subprocess on CPU).
+"""What `nanogpt bench` runs: our model (PyTorch or MLX) and the Hugging Face GPT-2 peer, and the
+activation-memory probe (a fresh subprocess on CPU).
 
-Each `*_fns` returns callables keyed by row (train step, forward, decode, time to first token, eval) on
-the same `Inputs`, so ours and the peer do the very same work.
+`Runner` is the hook between a model and the table: the few things a timed row can ask of a model (a
+training step, a forward pass, a greedy decode, a sliding-window eval), each done on the same `Inputs`, so
+ours and the peer do the very same work. `bench.table` turns a runner's methods into the table's rows.
 
-    fns = torch_fns(model, Inputs.make(cfg, 4, 512, 4), "fp32", torch.device("cpu"))
+    ours = TorchRunner(model, Inputs.make(cfg, 4, 512, 4), "fp32", torch.device("cpu"))
+    ours.train(); ours.generate(prompt, 100); ours.mean_nll(stride=256)
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +29,8 @@ from nanogpt.config import ModelConfig, TrainConfig
 from nanogpt.errors import UserError, missing_extra
 from nanogpt.infer.sampling import SamplingParams
 from nanogpt.kernels.device import autocast
-from nanogpt.train.optim import LossFn, cross_entropy_loss
+from nanogpt.model.gpt import NanoGPTLMHeadModel
+from nanogpt.train.optim import LossFn, cross_entropy_loss, make_optimizer, optimizer_step
 
 # --- what is timed: ours (torch or MLX) and the peer --------------------------------------------------
 
@@ -52,74 +55,107 @@ class Inputs:
         new = max(1, min(NEW_TOKENS, cfg.context_length - PROMPT_TOKENS))
         return cls(x, y, prompt, prompt[:PROMPT_TOKENS], new, evals)
 
+    @property
+    def batch(self) -> int:
+        return int(self.x.shape[0])
+
+    @property
+    def seq(self) -> int:
+        return int(self.x.shape[1])
+
+    @property
+    def n_eval(self) -> int:
+        """Tokens the eval rows score: every eval token but the first (it has no history)."""
+        return len(self.eval_tokens) - 1
+
+
+class Runner(Protocol):
+    """What one model does for the table's timed rows, on the `Inputs` it was made with."""
+
+    def train(self) -> None:
+        """One training step as in `train.loop`: forward (dropout on), fp32 loss, backward, clip, AdamW."""
+
+    def forward(self) -> None:
+        """Logits at every position of the batch, eval mode, no autograd."""
+
+    def generate(self, prompt: list[int], new_tokens: int) -> int:
+        """Greedy decode at batch 1 with the KV cache, prefill included; returns the new tokens made."""
+
+    def mean_nll(self, stride: int) -> float:
+        """The eval tokens' mean NLL over sliding windows of `seq` tokens at `stride`, `batch` at a time."""
+
 
 def greedy(new_tokens: int) -> SamplingParams:
     """The decode workloads: greedy, so every backend does the same work for the same tokens."""
     return SamplingParams(max_tokens=new_tokens, temperature=0)
 
 
-def _logits(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+def _logits(model: Callable[..., Any], x: torch.Tensor) -> torch.Tensor:
     out = model(x)
     return out if isinstance(out, torch.Tensor) else out.logits  # ours: a tensor; HF: an output object
 
 
-def peer_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def peer_loss(model: Callable[..., Any], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """The peer's training loss as HF computes it: fp32 cross-entropy of its (B, T, V) logits."""
     logits = _logits(model, x)
     return F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1))
 
 
-def train_and_forward(
-    model: torch.nn.Module, inp: Inputs, dtype: str, device: torch.device, loss_fn: LossFn, compile: bool
-) -> dict[str, Callable]:
-    """A training step (as in `train.loop`: fp32 loss, clip at 1.0, AdamW) and an inference forward.
+class _TorchTraining:
+    """The training step and forward pass of a PyTorch model (ours or the peer), differing only in the loss.
 
     With `compile`, both go through `torch.compile(model)` (the warm-up run pays for the compilation).
     """
-    from nanogpt.train.optim import make_optimizer, optimizer_step
 
-    tcfg = TrainConfig()
-    x, y = inp.x.to(device), inp.y.to(device)
-    opt = make_optimizer(model, tcfg, device)
-    net = torch.compile(model) if compile else model
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        inp: Inputs,
+        dtype: str,
+        device: torch.device,
+        loss_fn: LossFn,
+        compile: bool,
+    ) -> None:
+        self.model, self.inp, self.dtype, self.device, self.loss_fn = model, inp, dtype, device, loss_fn
+        self.tcfg = TrainConfig()
+        self.x, self.y = inp.x.to(device), inp.y.to(device)
+        self.opt = make_optimizer(model, self.tcfg, device)
+        self.net: Callable[..., Any] = torch.compile(model) if compile else model
 
-    def train() -> None:  # dropout on, as in training
-        model.train()
-        with autocast(device, dtype):
-            loss = loss_fn(net, x, y)
+    def train(self) -> None:  # dropout on, as in training
+        self.model.train()
+        with autocast(self.device, self.dtype):
+            loss = self.loss_fn(self.net, self.x, self.y)
         loss.backward()
-        optimizer_step(model, opt, tcfg.learning_rate, tcfg.grad_clip)
+        optimizer_step(self.model, self.opt, self.tcfg.learning_rate, self.tcfg.grad_clip)
 
-    def forward() -> None:  # logits at every position, eval mode, no autograd
-        model.eval()
-        with torch.inference_mode(), autocast(device, dtype):
-            _logits(net, x)
-
-    return {"train": train, "forward": forward}
+    def forward(self) -> None:
+        self.model.eval()
+        with torch.inference_mode(), autocast(self.device, self.dtype):
+            _logits(self.net, self.x)
 
 
-def torch_fns(
-    model: torch.nn.Module, inp: Inputs, dtype: str, device: torch.device, compile: bool = False
-) -> dict[str, Callable]:
-    from nanogpt.infer.evaluate import sliding_window_nll
-    from nanogpt.infer.generate import decode_steps
+class TorchRunner(_TorchTraining):
+    """Our PyTorch model: `train.loop`'s step, `infer.generate.decode_steps`, `infer.evaluate.sliding_window_nll`."""
 
-    seq, batch = inp.x.shape[1], inp.x.shape[0]
+    def __init__(
+        self, model: NanoGPTLMHeadModel, inp: Inputs, dtype: str, device: torch.device, compile: bool = False
+    ) -> None:
+        super().__init__(model, inp, dtype, device, cross_entropy_loss, compile)
+        self.ours = model
 
-    def decode(prompt: list[int], new: int) -> Callable[[], int]:
-        return lambda: sum(1 for _ in decode_steps(model, prompt, greedy(new), dtype=dtype))
+    def generate(self, prompt: list[int], new_tokens: int) -> int:
+        from nanogpt.infer.generate import decode_steps
 
-    return {
-        **train_and_forward(model, inp, dtype, device, cross_entropy_loss, compile),
-        "decode": decode(inp.decode_prompt, inp.new_tokens),
-        "ttft": decode(inp.prompt, 1),
-        "eval": lambda: sliding_window_nll(
-            model, inp.eval_tokens, context=seq, stride=seq, batch_size=batch, dtype=dtype
-        ),
-        "eval_overlap": lambda: sliding_window_nll(
-            model, inp.eval_tokens, context=seq, stride=overlap_stride(seq), batch_size=batch, dtype=dtype
-        ),
-    }
+        return sum(1 for _ in decode_steps(self.ours, prompt, greedy(new_tokens), dtype=self.dtype))
+
+    def mean_nll(self, stride: int) -> float:
+        from nanogpt.infer.evaluate import sliding_window_nll
+
+        inp = self.inp
+        return sliding_window_nll(
+            self.ours, inp.eval_tokens, context=inp.seq, stride=stride, batch_size=inp.batch, dtype=self.dtype
+        ).mean_nll
 
 
 def overlap_stride(seq: int) -> int:
@@ -157,108 +193,111 @@ def peer_model(cfg: ModelConfig) -> torch.nn.Module:
     )
 
 
-def peer_fns(
-    peer: torch.nn.Module, inp: Inputs, dtype: str, device: torch.device, compile: bool = False
-) -> dict[str, Callable]:
+class PeerRunner(_TorchTraining):
     """The same work through HF: its training step, `generate` with its KV cache, forward and eval."""
-    from nanogpt.infer.evaluate import score_windows
 
-    seq, batch = inp.x.shape[1], inp.x.shape[0]
+    def __init__(
+        self, peer: torch.nn.Module, inp: Inputs, dtype: str, device: torch.device, compile: bool = False
+    ) -> None:
+        super().__init__(peer, inp, dtype, device, peer_loss, compile)
+        self.peer: Any = peer  # a transformers model: `generate` and `.logits` are not in nn.Module's type
+        # each prompt goes to the device once, outside the timed runs
+        self._ids: dict[tuple[int, ...], torch.Tensor] = {}
 
-    def decode(prompt: list[int], new: int) -> Callable[[], int]:
-        ids = torch.tensor([prompt], device=device)
+    def generate(self, prompt: list[int], new_tokens: int) -> int:
+        ids = self._ids.get(tuple(prompt))
+        if ids is None:
+            ids = self._ids[tuple(prompt)] = torch.tensor([prompt], device=self.device)
+        self.peer.eval()
+        with torch.inference_mode(), autocast(self.device, self.dtype):
+            out = self.peer.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
+            )
+        return int(out.size(1) - ids.size(1))
 
-        def run() -> int:
-            peer.eval()
-            with torch.inference_mode(), autocast(device, dtype):
-                out = peer.generate(
-                    ids,
-                    attention_mask=torch.ones_like(ids),
-                    max_new_tokens=new,
-                    min_new_tokens=new,
-                    do_sample=False,
-                )
-            return out.size(1) - ids.size(1)
-
-        return run
-
-    def score(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> float:
+    def _score(self, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> float:
         """HF's sliding-window recipe: logits for the whole window, labels -100 where not scored."""
-        x, y, mask = x.to(device), y.to(device), mask.to(device)
-        with torch.inference_mode(), autocast(device, dtype):
-            logits = peer(x).logits.float()
+        x, y, mask = x.to(self.device), y.to(self.device), mask.to(self.device)
+        with torch.inference_mode(), autocast(self.device, self.dtype):
+            logits = self.peer(x).logits.float()
             labels = y.masked_fill(~mask, -100)
             return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum").item()
 
-    def evaluate(stride: int) -> Callable[[], float]:  # the same windows as sliding_window_nll
-        def run() -> float:
-            peer.eval()
-            res = score_windows(inp.eval_tokens, score, context=seq, stride=stride, batch_size=batch)
-            return res.mean_nll
+    def mean_nll(self, stride: int) -> float:  # the same windows as sliding_window_nll
+        from nanogpt.infer.evaluate import score_windows
 
-        return run
-
-    return {
-        **train_and_forward(peer, inp, dtype, device, peer_loss, compile),
-        "decode": decode(inp.decode_prompt, inp.new_tokens),
-        "ttft": decode(inp.prompt, 1),
-        "eval": evaluate(seq),
-        "eval_overlap": evaluate(overlap_stride(seq)),
-    }
+        inp = self.inp
+        self.peer.eval()
+        return score_windows(
+            inp.eval_tokens, self._score, context=inp.seq, stride=stride, batch_size=inp.batch
+        ).mean_nll
 
 
-def mlx_fns(model: torch.nn.Module, inp: Inputs, dtype: str) -> dict[str, Callable]:
-    """The MLX twin of `model` (same weights) and its rows: compiled train step, forward, decode, eval."""
-    try:  # fp32 only: run_bench's check_settings refused any other dtype
-        import nanogpt.mlx  # noqa: F401 - raises a one-line UserError when MLX is not importable
-    except ModuleNotFoundError:
-        raise UserError("--backend mlx needs the nanogpt.mlx package, which this install lacks") from None
-    import mlx.core as mx
+class MLXRunner:
+    """The MLX twin of `model` (same weights): compiled train step, forward, decode, eval (fp32 only)."""
 
-    from nanogpt.mlx.evaluate import sliding_window_nll as sliding_window_nll_mlx
-    from nanogpt.mlx.generate import decode_steps
-    from nanogpt.mlx.model import NanoGPTLMHeadModel as MLXModel
-    from nanogpt.mlx.train.checkpoint import load_state_into
-    from nanogpt.mlx.train.optim import make_optimizer, make_train_step
-    from nanogpt.train.checkpoint import model_state
+    def __init__(self, model: NanoGPTLMHeadModel, inp: Inputs) -> None:
+        try:  # fp32 only: run_bench's check_settings refused any other dtype
+            import nanogpt.mlx  # noqa: F401 - raises a one-line UserError when MLX is not importable
+        except ModuleNotFoundError:
+            raise UserError("--backend mlx needs the nanogpt.mlx package, which this install lacks") from None
+        import mlx.core as mx
 
-    cfg, tcfg = model.config, TrainConfig()
-    m = MLXModel(cfg)
-    load_state_into(m, {k: mx.array(v.cpu().float().numpy()) for k, v in model_state(model).items()}, "model")
-    opt = make_optimizer(m, tcfg)
-    opt.learning_rate = tcfg.learning_rate
-    step = make_train_step(m, opt, tcfg)
-    x, y = mx.array(inp.x.numpy().astype("int32")), mx.array(inp.y.numpy().astype("int32"))
-    seq, batch = inp.x.shape[1], inp.x.shape[0]
+        from nanogpt.mlx.model import NanoGPTLMHeadModel as MLXModel
+        from nanogpt.mlx.train.checkpoint import load_state_into
+        from nanogpt.mlx.train.optim import make_optimizer, make_train_step
+        from nanogpt.train.checkpoint import model_state
 
-    def train() -> None:
+        self.mx, self.inp, tcfg = mx, inp, TrainConfig()
+        self.m = MLXModel(model.config)
+        state = {k: mx.array(v.cpu().float().numpy()) for k, v in model_state(model).items()}
+        load_state_into(self.m, state, "model")
+        self.opt = make_optimizer(self.m, tcfg)
+        self.opt.learning_rate = tcfg.learning_rate
+        self.step = make_train_step(self.m, self.opt, tcfg)
+        self.x, self.y = (mx.array(t.numpy().astype("int32")) for t in (inp.x, inp.y))
+
+    def train(self) -> None:
+        self.m.train()
+        loss, norm = self.step(self.x[None], self.y[None])
+        self.mx.eval(loss, norm, self.m.parameters(), self.opt.state)
+
+    def forward(self) -> None:
+        self.m.eval()
+        self.mx.eval(self.m(self.x))
+
+    def generate(self, prompt: list[int], new_tokens: int) -> int:
+        from nanogpt.mlx.generate import decode_steps
+
+        return sum(1 for _ in decode_steps(self.m, prompt, greedy(new_tokens)))
+
+    def mean_nll(self, stride: int) -> float:
+        from nanogpt.mlx.evaluate import sliding_window_nll
+
+        inp = self.inp
+        self.m.eval()
+        res = sliding_window_nll(
+            self.m, inp.eval_tokens, context=inp.seq, stride=stride, batch_size=inp.batch
+        )
+        return float(res.mean_nll)
+
+    def activation(self) -> dict[str, Any]:
+        """Activation memory from MLX's allocator counters, in process (`measure_activation_memory`'s twin)."""
+        import mlx.nn as nn
+
+        from nanogpt.mlx.train.optim import cross_entropy_loss as mlx_loss
+
+        mx, m = self.mx, self.m
         m.train()
-        loss, norm = step(x[None], y[None])
-        mx.eval(loss, norm, m.parameters(), opt.state)
-
-    def forward() -> None:
-        m.eval()
-        mx.eval(m(x))
-
-    def decode(prompt: list[int], new: int) -> Callable[[], int]:
-        return lambda: sum(1 for _ in decode_steps(m, prompt, greedy(new)))
-
-    def evaluate(stride: int) -> Callable[[], float]:
-        def run() -> float:
-            m.eval()
-            res = sliding_window_nll_mlx(m, inp.eval_tokens, context=seq, stride=stride, batch_size=batch)
-            return res.mean_nll
-
-        return run
-
-    def activation() -> dict[str, Any]:  # MLX's allocator counters, in process
-        m.train()
-        mx.eval(m.parameters(), opt.state)
+        mx.eval(m.parameters(), self.opt.state)
         gc.collect()
         base = mx.get_active_memory()
         mx.reset_peak_memory()
-        loss_and_grad = nn_value_and_grad(m)
-        mx.eval(loss_and_grad(m, x, y))
+        mx.eval(nn.value_and_grad(m, mlx_loss)(m, self.x, self.y))
         peak = mx.get_peak_memory()
         return {
             "method": "MLX get_peak_memory minus active memory before the step",
@@ -266,24 +305,6 @@ def mlx_fns(model: torch.nn.Module, inp: Inputs, dtype: str) -> dict[str, Callab
             "peak": peak,
             "activation": peak - base,
         }
-
-    return {
-        "train": train,
-        "forward": forward,
-        "decode": decode(inp.decode_prompt, inp.new_tokens),
-        "ttft": decode(inp.prompt, 1),
-        "eval": evaluate(seq),
-        "eval_overlap": evaluate(overlap_stride(seq)),
-        "activation": activation,
-    }
-
-
-def nn_value_and_grad(m: Any) -> Callable:
-    import mlx.nn as nn
-
-    from nanogpt.mlx.train.optim import cross_entropy_loss
-
-    return nn.value_and_grad(m, cross_entropy_loss)
 
 
 # --- activation memory --------------------------------------------------------------------------------
@@ -308,7 +329,7 @@ def _reset_peak_rss() -> bool:
 
 def activation_probe(
     cfg: ModelConfig, batch: int, seq: int, dtype: str, which: str, device: torch.device
-) -> dict:
+) -> dict[str, Any]:
     """Bytes one forward + backward needs beyond the persistent state, measured.
 
     The persistent state is what lives between training steps: weights, gradients (kept allocated, as
@@ -316,8 +337,6 @@ def activation_probe(
     peak allocated minus allocated before. On CPU, call it in a fresh process (`measure_activation_memory`):
     peak RSS (VmHWM, reset just before the step) minus RSS before.
     """
-    from nanogpt.model.gpt import NanoGPTLMHeadModel
-
     torch.manual_seed(0)
     model = (NanoGPTLMHeadModel(cfg) if which == "ours" else peer_model(cfg)).to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=0.0)
@@ -353,20 +372,21 @@ def activation_probe(
 
 def measure_activation_memory(
     cfg: ModelConfig, batch: int, seq: int, dtype: str, which: str, device: torch.device
-) -> dict:
+) -> dict[str, Any]:
     """`activation_probe` in this process on CUDA; on CPU in a fresh one (RSS is per process)."""
     if device.type != "cpu":
         return activation_probe(cfg, batch, seq, dtype, which, device)
     code = "import sys; from nanogpt.bench.workloads import probe_main; sys.exit(probe_main(sys.argv[1:]))"
-    arg = {"cfg": cfg.to_dict(), "batch": batch, "seq": seq, "dtype": dtype, "which": which}
-    arg = json.dumps({**arg, "threads": torch.get_num_threads()})
+    job = {"cfg": cfg.to_dict(), "batch": batch, "seq": seq, "dtype": dtype, "which": which}
+    arg = json.dumps({**job, "threads": torch.get_num_threads()})
     # a fixed mmap threshold: every large tensor is its own mapping, so freeing one lowers the RSS
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
     proc = subprocess.run([sys.executable, "-c", code, arg], capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
         raise RuntimeError(f"activation-memory subprocess failed: {last}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return result
 
 
 def probe_main(argv: list[str]) -> int:
@@ -384,7 +404,7 @@ def probe_main(argv: list[str]) -> int:
 
 
 def peer_static_batch(
-    peer: torch.nn.Module,
+    peer: Any,  # a transformers GPT2LMHeadModel: `generate` and `config` are not in nn.Module's type
     batch: int,
     prompt_tokens: int,
     new_tokens: int,
@@ -412,6 +432,7 @@ def peer_static_batch(
                 do_sample=False,
                 pad_token_id=EOT_ID,
             )
-        return out[:, prompt_tokens:]
+        new: torch.Tensor = out[:, prompt_tokens:]
+        return new
 
     return run

@@ -15,6 +15,7 @@ import argparse
 import sys
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -28,11 +29,14 @@ from nanogpt.bench.run import (
 )
 from nanogpt.bench.serving import DEFAULT_CONCURRENCY
 from nanogpt.commands.options import add_backend, add_device, add_dtype, add_threads, apply_threads
-from nanogpt.config import PRESETS, preset
+from nanogpt.config import PRESETS, ModelConfig, preset
 from nanogpt.errors import ArgumentParser, UserError
 from nanogpt.kernels.device import resolve_device
 from nanogpt.model.gpt import NanoGPTLMHeadModel
 from nanogpt.train.checkpoint import load_model
+
+if TYPE_CHECKING:  # the serving modules load only for --serve
+    from nanogpt.bench.serving import ServeSettings
 
 
 def build_parser() -> ArgumentParser:
@@ -61,7 +65,12 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--batch", type=int, help="sequences per batch (default: 4, the card's)")
     p.add_argument("--seq", type=int, help="tokens per sequence (default: 512, the card's)")
     add_threads(p)
-    s = p.add_argument_group("load test of `nanogpt serve` (--serve)")
+    add_serve_flags(p.add_argument_group("load test of `nanogpt serve` (--serve)"))
+    return p
+
+
+def add_serve_flags(s: argparse._ArgumentGroup) -> None:
+    """The flags of `bench --serve`, the load test of a `nanogpt serve` subprocess."""
     s.add_argument(
         "--serve",
         action="store_true",
@@ -102,7 +111,6 @@ def build_parser() -> ArgumentParser:
     )
     s.add_argument("--json", metavar="PATH", help="results as JSON (default: OUT/serve.json)")
     s.add_argument("--plot", metavar="PATH", help="throughput and latency plot (default: OUT/serve.png)")
-    return p
 
 
 def levels(text: str) -> tuple[int, ...]:
@@ -164,19 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def serve_main(args: argparse.Namespace) -> int:
-    """`nanogpt bench --serve`: check the flags, make or find the checkpoint, run the levels, report."""
-    from nanogpt.bench.loadgen import parse_serve_args
-    from nanogpt.bench.serving import (
-        ServeSettings,
-        check_serve_settings,
-        plot_serving,
-        random_checkpoint,
-        report,
-        run_serving,
-        write_json,
-    )
-
+def check_serve_flags(args: argparse.Namespace) -> None:
+    """The table's flags that `--serve` cannot honour, refused before any work."""
     for flag, bad in (
         ("--backend mlx", args.backend == "mlx"),
         ("--compile", args.compile),
@@ -190,6 +187,21 @@ def serve_main(args: argparse.Namespace) -> int:
             f'--dtype {args.dtype} with --serve: pass the server\'s dtype as --serve-args="--dtype {args.dtype}" '
             "(HF's static batch runs fp32)"
         )
+
+
+def serve_main(args: argparse.Namespace) -> int:
+    """`nanogpt bench --serve`: check the flags, make or find the checkpoint, run the levels, report."""
+    from nanogpt.bench.loadgen import parse_serve_args
+    from nanogpt.bench.serving import (
+        ServeSettings,
+        check_serve_settings,
+        plot_serving,
+        report,
+        run_serving,
+        write_json,
+    )
+
+    check_serve_flags(args)
     device = resolve_device(args.device)
     settings = ServeSettings(
         concurrency=args.concurrency,
@@ -207,27 +219,9 @@ def serve_main(args: argparse.Namespace) -> int:
     plot_path = Path(args.plot) if args.plot else out / "serve.png"
     say = lambda s: print(f"[bench] {s}", file=sys.stderr, flush=True)  # noqa: E731
     with tempfile.TemporaryDirectory(prefix="nanogpt-bench-serve-") as tmp:
-        if args.model:
-            model_dir = args.model
-            cfg = load_model(args.model).config  # refuses a folder without a checkpoint, in one line
-            weights = f"checkpoint {args.model}"
-        else:
-            name = args.preset or "card"
-            cfg = preset(name)
-            check_serve_settings(cfg, settings)
-            model_dir = str(random_checkpoint(cfg, Path(tmp) / name, seed=args.seed))
-            weights = (
-                f"preset {name}, random init (seed {args.seed}), end-of-text output row zeroed so greedy "
-                "decoding runs to max_tokens: speed only, the text is meaningless"
-            )
+        model_dir, cfg, weights = serve_model(args, settings, Path(tmp))
         check_serve_settings(cfg, settings)
-        for flag, path in (("--json", json_path), ("--plot", plot_path)):  # before minutes of measurement
-            try:
-                path.parent.mkdir(parents=True, exist_ok=True)
-            except OSError as e:
-                raise UserError(
-                    f"{flag} {path}: its folder cannot be made ({e.strerror}); pass another path"
-                ) from None
+        make_parents((("--json", json_path), ("--plot", plot_path)))  # before minutes of measurement
         log = json_path.with_name(json_path.stem + ".server.log")
         say(f"serving {weights}; server log: {log}")
         res = run_serving(model_dir, cfg, settings, device, log, weights=weights, progress=say)
@@ -236,3 +230,35 @@ def serve_main(args: argparse.Namespace) -> int:
     print(report(res), end="")
     print(f"wrote {json_path}, {plot_path}, {log} ({res['seconds']:.0f} s)")
     return 0
+
+
+def serve_model(args: argparse.Namespace, settings: ServeSettings, tmp: Path) -> tuple[str, ModelConfig, str]:
+    """The checkpoint `--serve` serves (`--model`, or a preset's random weights saved under `tmp`), its
+    config, and the words the report uses for its weights."""
+    from nanogpt.bench.serving import check_serve_settings, random_checkpoint
+
+    if args.model:
+        model_dir = args.model
+        cfg = load_model(args.model).config  # refuses a folder without a checkpoint, in one line
+        weights = f"checkpoint {args.model}"
+    else:
+        name = args.preset or "card"
+        cfg = preset(name)
+        check_serve_settings(cfg, settings)
+        model_dir = str(random_checkpoint(cfg, tmp / name, seed=args.seed))
+        weights = (
+            f"preset {name}, random init (seed {args.seed}), end-of-text output row zeroed so greedy "
+            "decoding runs to max_tokens: speed only, the text is meaningless"
+        )
+    return model_dir, cfg, weights
+
+
+def make_parents(paths: tuple[tuple[str, Path], ...]) -> None:
+    """The folder of each (flag, path), created now, or a one-line refusal naming the flag."""
+    for flag, path in paths:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(
+                f"{flag} {path}: its folder cannot be made ({e.strerror}); pass another path"
+            ) from None

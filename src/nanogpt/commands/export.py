@@ -7,9 +7,12 @@ nanogpt export --model runs/demo --out exports/demo.gguf --format gguf [--outtyp
 
 from __future__ import annotations
 
+import argparse
+
 from nanogpt.errors import ArgumentParser, UserError
 from nanogpt.export.gguf import OUTTYPES, export_gguf
 from nanogpt.export.hf import FORMATS, export, hub_token, push_to_hub
+from nanogpt.export.model_card import BenchTable
 
 GGUF_DEFAULT_OUTTYPE = "f16"  # llama.cpp's converter's default too
 
@@ -46,7 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.outtype is not None:
         raise UserError(f"--outtype is for --format gguf only; drop it for --format {args.format}")
     token = hub_token() if args.push_to_hub else None  # fail before the work, not after
-    res = export(args.model, args.out, args.format, args.force, args.bench)
+    bench = read_bench_table(args.bench) if args.bench is not None else None
+    res = export(args.model, args.out, args.format, args.force, bench)
     print(
         f"wrote {res.out} ({res.format}): {res.counts.total:,} parameters "
         f"({res.counts.unique:,} unique), files: {', '.join(res.files)}"
@@ -58,7 +62,16 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _gguf(args) -> int:
+def read_bench_table(path: str) -> BenchTable:
+    """`--bench DIR`: the table a `nanogpt bench --out DIR` wrote (or its bench.json), read here so that
+    `export` takes it as data and never imports the bench."""
+    from nanogpt.bench.run import load_bench, markdown_table
+
+    res = load_bench(path)
+    return BenchTable(source=path, config=res.config, markdown=markdown_table(res))
+
+
+def _gguf(args: argparse.Namespace) -> int:
     for flag, value in (("--bench", args.bench), ("--push-to-hub", args.push_to_hub)):
         if value is not None:
             raise UserError(f"{flag} is for the Hugging Face formats; drop it for --format gguf")

@@ -27,6 +27,7 @@ import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -36,7 +37,7 @@ from nanogpt import __version__
 from nanogpt.config import ModelConfig, first_difference
 from nanogpt.data.tokenizer import EOT_ID, EOT_TOKEN, bpe_files
 from nanogpt.errors import UserError, missing_extra
-from nanogpt.export.model_card import ParamCounts, read_run_facts, render_model_card
+from nanogpt.export.model_card import BenchTable, ParamCounts, read_run_facts, render_model_card
 from nanogpt.folders import claim, mark
 from nanogpt.model.gpt import NanoGPTLMHeadModel
 from nanogpt.train.checkpoint import (
@@ -158,6 +159,13 @@ def gpt2_config(cfg: ModelConfig) -> dict:
     return d
 
 
+def config_kinds() -> dict[str, str]:
+    """ModelConfig's fields and their types' names ("int", "float", "bool", "str"): what `check_config_values`
+    checks a config.json's values against."""
+    fields = ModelConfig.__dataclass_fields__.values()
+    return {f.name: f.type if isinstance(f.type, str) else f.type.__name__ for f in fields}
+
+
 def check_config_values(conf: dict, kinds: dict[str, str], path: Path) -> None:
     """Each present key of `conf` holds a value of its kind ("int": a positive whole number, "float": a
     finite number, "bool", "str"), so that nothing downstream does arithmetic on a string or an inf."""
@@ -180,7 +188,7 @@ def config_from_gpt2(d: dict, path: Path = Path(CONFIG)) -> ModelConfig:
     kinds = {"activation_function": "str"}
     for ours, theirs in GPT2_FIELDS.items():
         if ours != "activation":
-            kinds |= dict.fromkeys(theirs, ModelConfig.__dataclass_fields__[ours].type)
+            kinds |= dict.fromkeys(theirs, config_kinds()[ours])
     check_config_values(d, kinds, path)
     for name, value in GPT2_IMPLIED.items():
         if d.get(name, value) != value:
@@ -238,8 +246,12 @@ def from_gpt2_state(sd: dict[str, torch.Tensor], cfg: ModelConfig, source: Path)
 # ---------------------------------------------------------------- the files of an export
 
 
-def remote_code_config(cfg: ModelConfig) -> dict:
-    d = {"architectures": ["NanoGPTLMHeadModel"], "model_type": "nanogpt", "auto_map": AUTO_MAP}
+def remote_code_config(cfg: ModelConfig) -> dict[str, Any]:
+    d: dict[str, Any] = {
+        "architectures": ["NanoGPTLMHeadModel"],
+        "model_type": "nanogpt",
+        "auto_map": AUTO_MAP,
+    }
     d.update(cfg.to_dict())
     d.update(
         tie_word_embeddings=cfg.tie_embeddings,
@@ -301,19 +313,15 @@ def generation_config() -> dict:
     return {"bos_token_id": EOT_ID, "eos_token_id": EOT_ID, "pad_token_id": EOT_ID}
 
 
-def bench_section(bench: str | Path, cfg: ModelConfig) -> str:
-    """The model card's benchmark table from a `nanogpt bench` run of this model's configuration."""
-    from nanogpt.bench.run import load_bench, markdown_table
-
-    res = load_bench(bench)
+def check_bench(bench: BenchTable, cfg: ModelConfig) -> None:
+    """A bench table goes into this model's card only if it measured this model's configuration."""
     ours = cfg.to_dict()
-    key = first_difference(ours, res.config)
+    key = first_difference(ours, bench.config)
     if key is not None:
         raise UserError(
-            f"the bench at {bench} measured another configuration ({key} {res.config.get(key)!r}, this "
-            f"model's {ours.get(key)!r}); run `nanogpt bench --model` on this checkpoint and pass its --out"
+            f"the bench at {bench.source} measured another configuration ({key} {bench.config.get(key)!r}, "
+            f"this model's {ours.get(key)!r}); run `nanogpt bench --model` on this checkpoint and pass its --out"
         )
-    return markdown_table(res)
 
 
 def export(
@@ -321,12 +329,11 @@ def export(
     out: str | Path,
     fmt: str = "remote-code",
     force: bool = False,
-    bench: str | Path | None = None,
+    bench: BenchTable | None = None,
 ) -> ExportResult:
     """Write checkpoint `model_path` (run or checkpoint folder) as a Hugging Face folder `out`.
 
-    `bench`: a `nanogpt bench` output folder (or its bench.json) of this configuration, whose table goes
-    into the model card.
+    `bench`: a `nanogpt bench` table of this configuration (the command reads it), for the model card.
     """
     if fmt not in FORMATS:
         raise UserError(f"unknown export format {fmt!r}; use one of {', '.join(FORMATS)}")
@@ -340,7 +347,8 @@ def export(
     counts = ParamCounts(model.num_params(unique=False), model.num_params(unique=True))
     sd = model_state(model)  # the tied head is dropped: stored once, as transformers does
     facts = read_run_facts(folder)
-    benchmarks = bench_section(bench, cfg) if bench is not None else None
+    if bench is not None:
+        check_bench(bench, cfg)
     with atomic_dir(out) as tmp:
         if fmt == "remote-code":
             write_json(tmp / CONFIG, remote_code_config(cfg))
@@ -352,7 +360,9 @@ def export(
             save_file(gpt2_checkpoint_state(sd), str(tmp / WEIGHTS), metadata={"format": "pt"})
         write_json(tmp / "generation_config.json", generation_config())
         write_tokenizer(tmp, cfg.context_length)
-        (tmp / "README.md").write_text(render_model_card(cfg, facts, counts, fmt, str(out), benchmarks))
+        (tmp / "README.md").write_text(
+            render_model_card(cfg, facts, counts, fmt, str(out), bench.markdown if bench else None)
+        )
         mark(tmp, "export", format=fmt, source=str(folder))
         files = sorted(p.name for p in tmp.iterdir())
     return ExportResult(out=out, format=fmt, counts=counts, files=files, notes=export_notes(cfg, fmt))
@@ -443,9 +453,9 @@ def import_hf(hf_dir: str | Path, out: str | Path, force: bool = False) -> Path:
         check_layer_count(cfg, sd, conf_path)
         sd = from_gpt2_state(sd, cfg, src)
     elif kind == "nanogpt":
-        fields = ModelConfig.__dataclass_fields__
-        check_config_values(conf, {k: f.type for k, f in fields.items()}, conf_path)
-        cfg = ModelConfig.from_dict({k: v for k, v in conf.items() if k in fields})
+        kinds = config_kinds()
+        check_config_values(conf, kinds, conf_path)
+        cfg = ModelConfig.from_dict({k: v for k, v in conf.items() if k in kinds})
         sd = load_hf_weights(src)
         check_layer_count(cfg, sd, conf_path)
     elif kind is None:

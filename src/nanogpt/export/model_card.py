@@ -85,14 +85,19 @@ def find_run_dir(checkpoint: Path) -> Path | None:
     return None
 
 
+def _dict(value: Any) -> dict[str, Any]:
+    """`value` if it is a JSON object, else an empty one: meta.json may lack a section or hold another type."""
+    return value if isinstance(value, dict) else {}
+
+
 def _data_facts(data_dir: Any) -> tuple[str | None, str | None]:
     if not isinstance(data_dir, str):
         return None, None
     meta = _read_json(Path(data_dir) / "meta.json")
     if meta is None:
         return None, None
-    src = meta.get("source") if isinstance(meta.get("source"), dict) else {}
-    settings = src.get("settings") if isinstance(src.get("settings"), dict) else {}
+    src = _dict(meta.get("source"))
+    settings = _dict(src.get("settings"))
     spec = settings.get("source")  # `nanogpt prepare --source`: "builtin", a path, or "hf:ORG/NAME[:CONFIG]"
     dataset_id = _first(src, "dataset", "hf_dataset", "repo_id")
     if dataset_id is None and isinstance(spec, str) and spec.startswith("hf:"):
@@ -112,7 +117,9 @@ def read_run_facts(checkpoint: Path) -> RunFacts:
         return RunFacts()
     state = _read_json(RunFolder(run).resume_point / STATE_JSON) or {}
     evals = [r for r in read_log(RunFolder(run).log) if isinstance(r.get("val_loss"), (int, float))]
-    if checkpoint.name == RunFolder(run).best.name and evals:  # best/ holds the weights of the lowest val loss
+    if (
+        checkpoint.name == RunFolder(run).best.name and evals
+    ):  # best/ holds the weights of the lowest val loss
         ev = min(evals, key=lambda r: r["val_loss"])
     else:
         ev = evals[-1] if evals else {}
@@ -233,6 +240,16 @@ def _tools(fmt: str) -> str:
     return "\n".join(lines)
 
 
+@dataclass(frozen=True)
+class BenchTable:
+    """A `nanogpt bench` table for the model card, as the command read it: the configuration it measured
+    (checked against the exported model's) and the table's markdown (its rows, machine and settings)."""
+
+    source: str  # where it was read from, named in a refusal
+    config: dict[str, Any]
+    markdown: str
+
+
 def render_model_card(
     cfg: ModelConfig,
     facts: RunFacts,
@@ -243,14 +260,10 @@ def render_model_card(
 ) -> str:
     """README.md text for an export in `fmt` ("remote-code" | "gpt2") found at `folder`.
 
-    `benchmarks`: a `nanogpt bench` markdown table of this configuration (`nanogpt.bench.run.markdown_table`).
+    `benchmarks`: the markdown of a `nanogpt bench` table of this configuration (`BenchTable.markdown`).
     """
-    millions = counts.unique / 1e6  # the weights the model holds: the tied matrix counts once
     short = "Pre-LN" if cfg.norm_position == "pre" else "Post-LN"
-    norm = f"{short[:-2]}LayerNorm ({short})"
-    act = "exact GELU (erf)" if cfg.activation == "gelu" else "GELU, tanh approximation (GPT-2's)"
-    tie = "tied to the token embedding" if cfg.tie_embeddings else "untied"
-    out = [_front_matter(facts), "", f"# NanoGPT {millions:.1f}M - {short} Transformer", ""]
+    out = [_front_matter(facts), "", f"# NanoGPT {counts.unique / 1e6:.1f}M - {short} Transformer", ""]
     out.append(
         "A GPT language model trained with the nanogpt PyTorch toolkit, "
         + (
@@ -259,19 +272,40 @@ def render_model_card(
             else "exported as a stock `GPT2LMHeadModel` (no remote code needed)."
         )
     )
+    out += _architecture(cfg, counts)
+    out += _training(facts)
+    out += _benchmarks(benchmarks) if benchmarks else []
     out += [
+        "",
+        "## Usage",
+        "",
+        "### Basic Text Generation",
+        "",
+        _usage(folder, fmt, min(100, cfg.context_length)),
+    ]
+    out += ["", _tools(fmt)]
+    out += _closing(cfg, counts)
+    return "\n".join(out)
+
+
+def _architecture(cfg: ModelConfig, counts: ParamCounts) -> list[str]:
+    """The card's "Model Details" section: the shapes, and what the original card got wrong."""
+    short = "Pre-LN" if cfg.norm_position == "pre" else "Post-LN"
+    norm = f"{short[:-2]}LayerNorm ({short})"
+    act = "exact GELU (erf)" if cfg.activation == "gelu" else "GELU, tanh approximation (GPT-2's)"
+    tie = "tied to the token embedding" if cfg.tie_embeddings else "untied"
+    params = (
+        f"- **Parameters:** {counts.total:,} counting the tied embedding twice, {counts.unique:,} unique"
+        if cfg.tie_embeddings
+        else f"- **Parameters:** {counts.unique:,}"
+    )
+    return [
         "",
         "## Model Details",
         "",
         "### Architecture",
         "- **Model Type:** GPT (Decoder-only Transformer)",
-    ]
-    out.append(
-        f"- **Parameters:** {counts.total:,} counting the tied embedding twice, {counts.unique:,} unique"
-        if cfg.tie_embeddings
-        else f"- **Parameters:** {counts.unique:,}"
-    )
-    out += [
+        params,
         f"- **Architecture Pattern:** {norm}",
         f"- **Layers:** {cfg.n_layers} transformer blocks",
         f"- **Hidden Size:** {cfg.d_model}",
@@ -286,6 +320,10 @@ def render_model_card(
         "52,990,464), and standard GPT-2 is itself Pre-LN (`x = x + attn(ln(x))`), not Post-LN, which is why "
         "a Pre-LN nanogpt model can also be exported as a native GPT-2 checkpoint.",
     ]
+
+
+def _training(facts: RunFacts) -> list[str]:
+    """The "Training" section: only the facts the run folder states (none: no section)."""
     training = []
     if facts.data:
         training.append(f"- **Dataset:** {facts.data}")
@@ -298,29 +336,26 @@ def render_model_card(
         training.append(f"- **Held-out validation loss{at}:** {facts.val_loss:.4f}")
         if facts.val_ppl is not None:
             training.append(f"- **Held-out validation perplexity{at}:** {facts.val_ppl:.2f}")
-    if training:
-        out += ["", "### Training", "", *training]
-    if benchmarks:
-        out += [
-            "",
-            "### Performance Benchmarks",
-            "",
-            "Measured with `nanogpt bench` at this configuration. Each row times exactly what its name says "
-            "(training is forward + backward + AdamW; decode is batch 1 with the KV cache); speed does not "
-            "depend on the weights' values.",
-            "",
-            benchmarks.rstrip(),
-        ]
-    out += [
+    return ["", "### Training", "", *training] if training else []
+
+
+def _benchmarks(markdown: str) -> list[str]:
+    """The "Performance Benchmarks" section around a `nanogpt bench` table."""
+    return [
         "",
-        "## Usage",
+        "### Performance Benchmarks",
         "",
-        "### Basic Text Generation",
+        "Measured with `nanogpt bench` at this configuration. Each row times exactly what its name says "
+        "(training is forward + backward + AdamW; decode is batch 1 with the KV cache); speed does not "
+        "depend on the weights' values.",
         "",
-        _usage(folder, fmt, min(100, cfg.context_length)),
+        markdown.rstrip(),
     ]
-    out += ["", _tools(fmt)]
-    out += [
+
+
+def _closing(cfg: ModelConfig, counts: ParamCounts) -> list[str]:
+    """The tokenizer's end-of-text note, the limitations and the license."""
+    return [
         "",
         "The tokenizer reads `<|endoftext|>` typed in a text as ordinary text (7 tokens), as the model saw it "
         "in training: its `tokenizer_config.json` sets `split_special_tokens`. Token 50256 only ever ends a "
@@ -329,7 +364,7 @@ def render_model_card(
         "## Limitations",
         "",
         f"- **Context length:** limited to {cfg.context_length} tokens",
-        f"- **Size:** {millions:.1f}M unique parameters is small compared to modern LLMs",
+        f"- **Size:** {counts.unique / 1e6:.1f}M unique parameters is small compared to modern LLMs",
         "- **No instruction tuning:** a base language model, not instruction-tuned",
         "- **Reliability:** outputs may be wrong or biased; validate them before any use that matters",
         "",
@@ -338,4 +373,3 @@ def render_model_card(
         "MIT License.",
         "",
     ]
-    return "\n".join(out)

@@ -228,6 +228,37 @@ class NanoGPTModel(NanoGPTPreTrainedModel):
     ):
         cache = cache if cache is not None else past_key_values
         checkpointing = self.gradient_checkpointing and self.training
+        use_cache, output_attentions, output_hidden_states = self._output_options(
+            use_cache, output_attentions, output_hidden_states, checkpointing
+        )
+        if inputs_embeds is None:
+            inputs_embeds = self.token_embedding(input_ids)
+        B, T, _ = inputs_embeds.shape
+        cache = _open_cache(cache, use_cache)
+        past = _cache_length(cache)
+        device = inputs_embeds.device
+        if position_ids is None:
+            position_ids = self._positions(attention_mask, past, T, device)
+        # No padding and no past: the plain causal kernel, exactly as nanogpt's model.py computes it. Whether a
+        # mask is all ones is a value, so a traced or compiled graph always takes the general path.
+        plain = past == 0 and (attention_mask is None or (_eager() and bool(attention_mask.all())))
+        mask = None if plain else build_mask(attention_mask, past, T, device)
+        x = inputs_embeds + self.position_embedding(position_ids)  # (B, T, C)
+        x = F.dropout(x, self.dropout, self.training)
+        x, hidden, attentions = self._blocks(
+            x, mask, cache, checkpointing, output_hidden_states, output_attentions
+        )
+        out = BaseModelOutputWithPast(
+            last_hidden_state=x,
+            hidden_states=tuple(hidden) if output_hidden_states else None,
+            attentions=tuple(attentions) if output_attentions else None,
+            **{_CACHE_FIELD: cache},
+        )
+        return out if return_dict is not False else out.to_tuple()
+
+    def _output_options(self, use_cache, output_attentions, output_hidden_states, checkpointing):
+        """use_cache, output_attentions, output_hidden_states: the call's, else the config's; refused where
+        they cannot hold."""
         if checkpointing and use_cache:  # a recomputed block would write its keys into the cache twice
             _logger.warning_once("use_cache=True does not work with gradient checkpointing; the cache is off")
         use_cache = use_cache if use_cache is not None else self.config.use_cache
@@ -244,36 +275,27 @@ class NanoGPTModel(NanoGPTPreTrainedModel):
                 f"output_attentions=True needs the eager attention, not {implementation!r}; load the model with "
                 'attn_implementation="eager"'
             )
-        if inputs_embeds is None:
-            inputs_embeds = self.token_embedding(input_ids)
-        B, T, _ = inputs_embeds.shape
-        if use_cache and cache is None:
-            cache = DynamicCache()
-        elif isinstance(cache, (tuple, list)):  # legacy tuple cache (transformers 4)
-            cache = DynamicCache.from_legacy_cache(cache)
-        if not use_cache:
-            cache = None
-        past = _cache_length(cache)
-        device = inputs_embeds.device
-        if position_ids is None:
-            # Our positions are at most past + T - 1 (with a mask: the count of real tokens before each, which
-            # the mask's width bounds), so the shapes alone check them: nothing read back from the device,
-            # and tracers see a bound on sizes. Positions the caller passes are the caller's to keep in range.
-            if past + T > self.config.context_length:
-                raise ValueError(
-                    f"{past + T} positions (past tokens, padding included, plus new ones) exceed the context of "
-                    f"{self.config.context_length} tokens; use a shorter prompt or max_length"
-                )
-            if attention_mask is not None:  # left padding: a row's first real token is position 0
-                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
-            else:
-                position_ids = torch.arange(past, past + T, device=device)[None]
-        # No padding and no past: the plain causal kernel, exactly as nanogpt's model.py computes it. Whether a
-        # mask is all ones is a value, so a traced or compiled graph always takes the general path.
-        plain = past == 0 and (attention_mask is None or (_eager() and bool(attention_mask.all())))
-        mask = None if plain else build_mask(attention_mask, past, T, device)
-        x = inputs_embeds + self.position_embedding(position_ids)  # (B, T, C)
-        x = F.dropout(x, self.dropout, self.training)
+        return use_cache, output_attentions, output_hidden_states
+
+    def _positions(self, attention_mask, past, T, device):
+        """Position ids (B|1, T) of the new tokens: after the past, or with a mask, counting real tokens only.
+
+        Our positions are at most past + T - 1 (with a mask: the count of real tokens before each, which the
+        mask's width bounds), so the shapes alone check them: nothing read back from the device, and tracers
+        see a bound on sizes. Positions the caller passes are the caller's to keep in range.
+        """
+        if past + T > self.config.context_length:
+            raise ValueError(
+                f"{past + T} positions (past tokens, padding included, plus new ones) exceed the context of "
+                f"{self.config.context_length} tokens; use a shorter prompt or max_length"
+            )
+        if attention_mask is not None:  # left padding: a row's first real token is position 0
+            return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
+        return torch.arange(past, past + T, device=device)[None]
+
+    def _blocks(self, x, mask, cache, checkpointing, output_hidden_states, output_attentions):
+        """The blocks, then ln_f: (B, T, C) -> (B, T, C), with each block's input and attention weights when
+        asked (GPT-2's hidden states: the embeddings, then each block's output, the last after ln_f)."""
         hidden, attentions = [], []
         for i, block in enumerate(self.blocks):
             if output_hidden_states:
@@ -285,15 +307,20 @@ class NanoGPTModel(NanoGPTPreTrainedModel):
             if output_attentions:
                 attentions.append(weights)
         x = self.ln_f(x)
-        if output_hidden_states:  # GPT-2's convention: embeddings, then each block, the last after ln_f
+        if output_hidden_states:
             hidden.append(x)
-        out = BaseModelOutputWithPast(
-            last_hidden_state=x,
-            hidden_states=tuple(hidden) if output_hidden_states else None,
-            attentions=tuple(attentions) if output_attentions else None,
-            **{_CACHE_FIELD: cache},
-        )
-        return out if return_dict is not False else out.to_tuple()
+        return x, hidden, attentions
+
+
+def _open_cache(cache, use_cache):
+    """The cache this call writes to: a new DynamicCache, the caller's (a legacy tuple converted), or None."""
+    if not use_cache:
+        return None
+    if cache is None:
+        return DynamicCache()
+    if isinstance(cache, (tuple, list)):  # legacy tuple cache (transformers 4)
+        return DynamicCache.from_legacy_cache(cache)
+    return cache
 
 
 def causal_lm_loss(logits, labels, num_items_in_batch=None, shift_labels=None):
