@@ -499,3 +499,12 @@ def test_push_to_hub_without_token_fails_before_any_work(exported, tmp_path, mon
     with pytest.raises(UserError, match="HF_TOKEN"):
         export_main(["--model", str(exported["ckpt"]), "--out", str(out), "--push-to-hub", "me/nanogpt"])
     assert not out.exists()
+
+
+@pytest.mark.parametrize("fmt", ["remote-code", "gpt2"])
+def test_an_export_made_for_a_hub_repo_loads_from_the_repo_in_its_snippet(exported, tmp_path, fmt):
+    """`--push-to-hub REPO`: the published README's snippet names REPO, never the local folder (no network)."""
+    out = tmp_path / "for_hub"
+    text = (hf.export(exported["ckpt"], out, fmt, repo="someone/nanogpt-tiny").out / "README.md").read_text()
+    assert 'from_pretrained("someone/nanogpt-tiny"' in text
+    assert str(out) not in text

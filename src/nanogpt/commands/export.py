@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"--outtype is for --format gguf only; drop it for --format {args.format}")
     token = hub_token() if args.push_to_hub else None  # fail before the work, not after
     bench = read_bench_table(args.bench) if args.bench is not None else None
-    res = export(args.model, args.out, args.format, args.force, bench)
+    res = export(args.model, args.out, args.format, args.force, bench, repo=args.push_to_hub)
     print(
         f"wrote {res.out} ({res.format}): {res.counts.total:,} parameters "
         f"({res.counts.unique:,} unique), files: {', '.join(res.files)}"

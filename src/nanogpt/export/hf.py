@@ -330,10 +330,13 @@ def export(
     fmt: str = "remote-code",
     force: bool = False,
     bench: BenchTable | None = None,
+    repo: str | None = None,
 ) -> ExportResult:
     """Write checkpoint `model_path` (run or checkpoint folder) as a Hugging Face folder `out`.
 
     `bench`: a `nanogpt bench` table of this configuration (the command reads it), for the model card.
+    `repo`: the Hub repo id the folder is made for (`--push-to-hub`): the card's snippet loads from it, not
+    from the local `out`, so the published snippet works for everyone.
     """
     if fmt not in FORMATS:
         raise UserError(f"unknown export format {fmt!r}; use one of {', '.join(FORMATS)}")
@@ -361,7 +364,7 @@ def export(
         write_json(tmp / "generation_config.json", generation_config())
         write_tokenizer(tmp, cfg.context_length)
         (tmp / "README.md").write_text(
-            render_model_card(cfg, facts, counts, fmt, str(out), bench.markdown if bench else None)
+            render_model_card(cfg, facts, counts, fmt, repo or str(out), bench.markdown if bench else None)
         )
         mark(tmp, "export", format=fmt, source=str(folder))
         files = sorted(p.name for p in tmp.iterdir())
