@@ -13,6 +13,7 @@ import argparse
 import copy
 import errno
 import re
+from collections.abc import Mapping
 from typing import Any, NoReturn
 
 
@@ -21,6 +22,31 @@ class UserError(Exception):
 
     The message names the problem and the fix, in one line; no traceback is shown unless `--debug`.
     """
+
+
+class SettingError(UserError):
+    """A bad value of one setting, worded for any caller: the library names the problem by the setting's own
+    name (`setting`, a parameter or field); a command that took the value from a flag adds the flag, or,
+    where the message marks a setting as `name`, puts its flag there (`with_flags`).
+
+        raise SettingError("top_k", f"top_k={top_k} must be >= 0 (0 disables it)")    # in the library
+        except SettingError as e: raise UserError(f"{e}; e.g. --top-k 50") from None   # in the command
+    """
+
+    def __init__(self, setting: str, message: str) -> None:
+        super().__init__(message)
+        self.setting = setting
+
+    def __reduce__(self) -> tuple[type[SettingError], tuple[Any, ...]]:
+        return type(self), (self.setting, str(self))  # pickles across processes like a plain UserError
+
+    def with_flags(self, flags: Mapping[str, str]) -> UserError:
+        """The message as a command says it: each setting marked `name` with an entry in `flags` becomes
+        that flag (`stride` 0 must be ... -> --stride 0 must be ...)."""
+        message = str(self)
+        for name, flag in flags.items():
+            message = message.replace(f"`{name}`", flag)
+        return UserError(message)
 
 
 def install_command(extra: str) -> str:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from nanogpt.commands import eval as eval_command
 from nanogpt.data.shards import TokenData
 from nanogpt.data.tokenizer import EOT_ID, get_tokenizer
-from nanogpt.errors import UserError
+from nanogpt.errors import SettingError, UserError
 from nanogpt.infer.evaluate import (
     Window,
     bits_per_byte,
@@ -227,11 +227,13 @@ def test_bf16_close_to_fp32_and_mode_restored(model):
 
 def test_bad_settings(model):
     tokens = real_tokens(50)
-    with pytest.raises(UserError, match="--stride 0"):
+    # the library names its settings (`stride`), `nanogpt eval` their flags (--stride: test_cli_bad_inputs)
+    with pytest.raises(SettingError, match="`stride` 0") as e:
         sliding_window_nll(model, tokens, stride=0)
-    with pytest.raises(UserError, match="--stride 65"):
+    assert e.value.with_flags({"stride": "--stride"}).args[0].startswith("--stride 0 must be in 1..64")
+    with pytest.raises(UserError, match="`stride` 65"):
         sliding_window_nll(model, tokens, stride=65)
-    with pytest.raises(UserError, match="--context 65"):
+    with pytest.raises(UserError, match="`context` 65"):
         sliding_window_nll(model, tokens, context=65)
     with pytest.raises(UserError, match="at least 2"):
         sliding_window_nll(model, tokens[:1])

@@ -10,8 +10,9 @@ import torch
 from nanogpt import cli
 from nanogpt.commands.sample import SampleStats
 from nanogpt.data.tokenizer import EOT_ID, get_tokenizer
-from nanogpt.errors import UserError
+from nanogpt.errors import SettingError, UserError
 from nanogpt.infer.generate import (
+    PromptTooLong,
     decode_steps,
     generate,
     prepare_prompt,
@@ -53,8 +54,9 @@ def uncached_logits(model, ids: list[int]) -> torch.Tensor:
     + [(1.0, None, p, "top_p") for p in (0.0, -0.5, 1.5)],
 )
 def test_bad_sampling_settings_are_refused(temperature, top_k, top_p, match):
-    with pytest.raises(UserError, match=match):
+    with pytest.raises(SettingError, match=match) as e:
         SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
+    assert e.value.setting == match and "--" not in str(e.value)  # the field's name; a command adds its flag
 
 
 def test_sampling_params_defaults_and_openai_fields():
@@ -143,8 +145,9 @@ def test_temperature_reshapes_the_distribution():
 def test_prepare_prompt():
     assert prepare_prompt([1, 2, 3], 4) == [1, 2, 3]
     assert prepare_prompt([1, 2, 3, 4], 4) == [1, 2, 3, 4]
-    with pytest.raises(UserError, match="prompt is 5 tokens, the context is 4; shorten it or pass --crop"):
+    with pytest.raises(PromptTooLong, match="prompt is 5 tokens, the context is 4; shorten it or crop") as e:
         prepare_prompt([1, 2, 3, 4, 5], 4)
+    assert "--" not in str(e.value) and e.value.setting == "crop"  # the command names its flag (--crop)
     assert prepare_prompt([1, 2, 3, 4, 5], 4, crop=True) == [2, 3, 4, 5]
     with pytest.raises(UserError, match="empty"):
         prepare_prompt([], 4)

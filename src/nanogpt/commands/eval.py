@@ -10,15 +10,28 @@ same bytes: its bits_per_byte on the same text); `--stream` scores the `<|endoft
 
 from __future__ import annotations
 
+import argparse
 import json
 from dataclasses import asdict
 
 from nanogpt.commands.options import add_backend, add_device, add_dtype, refuse_mlx_dtype
-from nanogpt.errors import ArgumentParser, UserError
+from nanogpt.errors import ArgumentParser, SettingError, UserError
 from nanogpt.infer.evaluate import EvalResult, sliding_window_nll, split_tokens, text_tokens
 from nanogpt.kernels.device import resolve_device
 from nanogpt.kernels.quant import apply_dtype
 from nanogpt.train.checkpoint import load_model
+
+# the flag of each setting the evaluator names in a refusal (`SettingError.with_flags`)
+FLAGS = {
+    "context": "--context",
+    "stride": "--stride",
+    "batch_size": "--batch-size",
+    "max_tokens": "--max-tokens",
+    "data": "--data",
+    "text": "--text",
+    "text_field": "--text-field",
+    "per_document=False": "--stream",
+}
 
 
 def format_result(r: EvalResult) -> str:
@@ -65,7 +78,13 @@ def build_parser() -> ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        return evaluate(build_parser().parse_args(argv))
+    except SettingError as e:  # the evaluator names its settings; this command names their flags
+        raise e.with_flags(FLAGS) from None
+
+
+def evaluate(args: argparse.Namespace) -> int:
     if args.max_tokens is not None and args.max_tokens < 2:
         raise UserError(f"--max-tokens {args.max_tokens} is too small; perplexity needs at least 2 tokens")
     refuse_mlx_dtype(args)

@@ -58,12 +58,16 @@ def add_backend(p: Options, help: str = "PyTorch or Apple MLX (fp32)") -> None:
 
 
 def add_threads(p: Options, help: str = "torch CPU threads (default: torch's choice)") -> None:
-    """`--threads N`; the command passes it to `nanogpt.kernels.device.set_threads`, which checks it."""
+    """`--threads N`; `apply_threads` checks it and passes it to `nanogpt.kernels.device.set_threads`."""
     p.add_argument("--threads", type=int, metavar="N", help=help)
 
 
 def apply_threads(args: argparse.Namespace) -> None:
     """Set torch's CPU threads from `--threads` (None keeps torch's choice; <= 0 is one-line refused)."""
+    if args.threads is not None and args.threads <= 0:
+        raise UserError(
+            f"--threads {args.threads} must be a whole number > 0 (the CPU threads to use); omit it for all cores"
+        )
     set_threads(args.threads)
 
 

@@ -23,13 +23,33 @@ import torch
 from nanogpt.commands.options import add_backend, add_device, add_dtype, refuse_mlx_dtype
 from nanogpt.config import PRESETS, preset
 from nanogpt.data.tokenizer import Tokenizer, get_tokenizer
-from nanogpt.errors import ArgumentParser, UserError
-from nanogpt.infer.generate import generate, stream_text
+from nanogpt.errors import ArgumentParser, SettingError, UserError
+from nanogpt.infer.generate import PromptTooLong, generate, stream_text
 from nanogpt.infer.sampling import SamplingParams, make_generator
 from nanogpt.kernels.device import resolve_device
 from nanogpt.kernels.quant import apply_dtype
 from nanogpt.model.gpt import NanoGPTLMHeadModel
 from nanogpt.train.checkpoint import load_model
+
+# The flag (with an example value) that sets each field the library may refuse by name (`SettingError`)
+FLAG_EXAMPLES = {
+    "temperature": "--temperature 0.8",
+    "top_k": "--top-k 50",
+    "top_p": "--top-p 0.9",
+    "seed": "--seed 1337",
+    "max_tokens": "--max-new-tokens 100",
+}
+
+
+def with_flag(e: SettingError) -> UserError:
+    """A library's refusal of one setting as this command says it: with the flag that sets it."""
+    if isinstance(e, PromptTooLong):
+        return UserError(
+            f"prompt is {e.length} tokens, the context is {e.context_length}; "
+            f"shorten it or pass --crop to keep the last {e.context_length} tokens"
+        )
+    example = FLAG_EXAMPLES.get(e.setting)
+    return UserError(f"{e}; e.g. {example}" if example else str(e))
 
 
 @dataclass(frozen=True)
@@ -180,13 +200,16 @@ def main(argv: list[str] | None = None) -> int:
     # every flag is checked before the model loads: a typo costs no loading time
     if args.max_new_tokens < 0:
         raise UserError(f"--max-new-tokens {args.max_new_tokens} must be >= 0; e.g. --max-new-tokens 100")
-    params = SamplingParams(
-        max_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k or None,
-        top_p=args.top_p,
-        seed=args.seed,
-    )
+    try:
+        params = SamplingParams(
+            max_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k or None,
+            top_p=args.top_p,
+            seed=args.seed,
+        )
+    except SettingError as e:
+        raise with_flag(e) from None
     if args.num_samples < 1:
         raise UserError(f"--num-samples {args.num_samples} must be at least 1; e.g. --num-samples 1")
     refuse_mlx_dtype(args)
@@ -206,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
             sys.stdout.write("\n")
             sys.stdout.flush()
             print(f"[sample {i + 1}/{args.num_samples}] {stats.line()}", file=sys.stderr)
+    except SettingError as e:  # the prompt against the context, checked before anything is printed
+        raise with_flag(e) from None
     except BrokenPipeError:  # `nanogpt sample ... | head`: the reader left, which is not an error
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - keeps Python's exit-time flush quiet
     return 0

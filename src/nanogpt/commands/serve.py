@@ -17,7 +17,7 @@ import socket
 import sys
 import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from nanogpt.commands.options import add_device, add_dtype, add_threads, apply_threads
 from nanogpt.errors import ArgumentParser, UserError, missing_extra
@@ -27,6 +27,9 @@ from nanogpt.serve.app import create_app
 from nanogpt.serve.engine import Engine
 from nanogpt.serve.errors import DEFAULT_MAX_BODY_BYTES
 from nanogpt.train.checkpoint import load_model
+
+if TYPE_CHECKING:
+    import torch
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -132,12 +135,8 @@ def exposure_warning(host: str, bound: str, api_key: str | None) -> str | None:
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        import uvicorn
-    except ImportError:
-        raise missing_extra("nanogpt serve needs FastAPI and uvicorn", "serve") from None
+def check_flags(args: argparse.Namespace) -> str | None:
+    """Every number flag in range, and the API key read from its variable (returned; None without one)."""
     for flag, value, low in (
         ("--max-batch", args.max_batch, 1),
         ("--max-queue", args.max_queue, 0),
@@ -150,11 +149,92 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"{flag} {value} must be a number of seconds >= 0")
     if args.max_body_bytes < 1:
         raise UserError(f"--max-body-bytes {args.max_body_bytes} must be >= 1; e.g. --max-body-bytes 8388608")
-    api_key = None
-    if args.api_key_env:
-        api_key = os.environ.get(args.api_key_env)
-        if not api_key:
-            raise UserError(f"--api-key-env {args.api_key_env}: that environment variable is empty or unset")
+    if not args.api_key_env:
+        return None
+    api_key = os.environ.get(args.api_key_env)
+    if not api_key:
+        raise UserError(f"--api-key-env {args.api_key_env}: that environment variable is empty or unset")
+    return api_key
+
+
+def make_engine(args: argparse.Namespace, device: torch.device) -> Engine:
+    """The checkpoint loaded in the asked precision, in an engine run by this thread (see `Engine.run`)."""
+    model = load_model(args.model, device=device)
+    return Engine(
+        model,
+        args.name or Path(args.model).resolve().name,
+        max_batch=args.max_batch,
+        max_queue=args.max_queue,
+        prefill_chunk=args.prefill_chunk,
+        dtype=apply_dtype(model, args.dtype),
+        thread=False,  # it runs in this thread, below: see Engine.run
+    )
+
+
+def listen(sock: socket.socket, name: str, dtype: str) -> None:
+    """Start listening and say where: from now on clients queue instead of being refused."""
+    sock.listen(2048)  # uvicorn accepts them
+    host, port = sock.getsockname()[:2]
+    url_host = f"[{host}]" if ":" in host else host
+    print(f"nanogpt serve: {name} ({dtype}) on http://{url_host}:{port}/v1", file=sys.stderr, flush=True)
+
+
+def run(app: Any, engine: Engine, sock: socket.socket, drain_seconds: float) -> None:
+    """uvicorn in a thread of its own, the engine in this one, until SIGTERM/SIGINT (see `handle_exit`)."""
+    import uvicorn
+
+    # lifespan off: the app has no startup or shutdown hooks, and uvicorn's lifespan task, left pending
+    # when a second signal skips the lifespan shutdown (force_exit), was cancelled as the loop closed and
+    # Starlette logged that CancelledError as a traceback
+    config = uvicorn.Config(
+        app,
+        log_level="warning",
+        access_log=False,
+        lifespan="off",
+        # uvicorn annotates it int, and hands it to asyncio.timeout, which takes float seconds
+        timeout_graceful_shutdown=drain_seconds + 5,  # type: ignore[arg-type]
+    )
+    server = uvicorn.Server(config)
+
+    def serve_http() -> None:
+        try:
+            server.run(sockets=[sock])  # in this thread uvicorn leaves the signals to us
+        finally:
+            engine.close(0.0, wait=False)  # the HTTP side is gone (or never came up): so is the work
+
+    def handle_exit(sig: int, frame: Any) -> None:
+        """SIGTERM/SIGINT: stop accepting; running requests get --drain-seconds to finish; exit 0.
+
+        A second signal stops at once.
+        """
+        if engine.closing:
+            engine.close(0.0, wait=False)
+            server.force_exit = True
+        else:
+            engine.close(drain_seconds, wait=False)
+        server.should_exit = True
+
+    signal.signal(signal.SIGTERM, handle_exit)
+    signal.signal(signal.SIGINT, handle_exit)
+    http_thread = threading.Thread(target=serve_http, name="nanogpt-http", daemon=True)
+    http_thread.start()
+    engine.run()  # every torch call of the server, in this one thread, until a signal closes it
+    server.should_exit = True
+    http_thread.join(timeout=drain_seconds + 10)
+    # stopped: a signal from now on has nothing left to stop, and during the interpreter's teardown
+    # Python's handlers are gone (the default one would end the process with -SIGTERM, not 0); an
+    # ignored signal stays ignored through that teardown
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        import uvicorn  # noqa: F401 - only whether the extra is installed, before any work
+    except ImportError:
+        raise missing_extra("nanogpt serve needs FastAPI and uvicorn", "serve") from None
+    api_key = check_flags(args)
     apply_threads(args)
     device = resolve_device(args.device)
     sock = bind(args.host, args.port)  # before the model loads: a taken port costs no loading time
@@ -162,70 +242,12 @@ def main(argv: list[str] | None = None) -> int:
     if warning:  # at once, before anyone can connect (the socket listens once the model is loaded)
         print(warning, file=sys.stderr, flush=True)
     with sock:
-        model = load_model(args.model, device=device)
-        name = args.name or Path(args.model).resolve().name
-        engine = Engine(
-            model,
-            name,
-            max_batch=args.max_batch,
-            max_queue=args.max_queue,
-            prefill_chunk=args.prefill_chunk,
-            dtype=apply_dtype(model, args.dtype),
-            thread=False,  # it runs in this thread, below: see Engine.run
-        )
+        engine = make_engine(args, device)
         app = create_app(
             engine, api_key, request_timeout=args.request_timeout or None, max_body_bytes=args.max_body_bytes
         )
-        sock.listen(2048)  # from now on clients queue instead of being refused; uvicorn accepts them
-        host, port = sock.getsockname()[:2]
-        url_host = f"[{host}]" if ":" in host else host
-        print(
-            f"nanogpt serve: {name} ({args.dtype}) on http://{url_host}:{port}/v1",
-            file=sys.stderr,
-            flush=True,
-        )
-        # lifespan off: the app has no startup or shutdown hooks, and uvicorn's lifespan task, left pending
-        # when a second signal skips the lifespan shutdown (force_exit), was cancelled as the loop closed and
-        # Starlette logged that CancelledError as a traceback
-        config = uvicorn.Config(
-            app,
-            log_level="warning",
-            access_log=False,
-            lifespan="off",
-            timeout_graceful_shutdown=args.drain_seconds + 5,
-        )
-        server = uvicorn.Server(config)
-
-        def serve_http() -> None:
-            try:
-                server.run(sockets=[sock])  # in this thread uvicorn leaves the signals to us
-            finally:
-                engine.close(0.0, wait=False)  # the HTTP side is gone (or never came up): so is the work
-
-        def handle_exit(sig: int, frame: Any) -> None:
-            """SIGTERM/SIGINT: stop accepting; running requests get --drain-seconds to finish; exit 0.
-
-            A second signal stops at once.
-            """
-            if engine.closing:
-                engine.close(0.0, wait=False)
-                server.force_exit = True
-            else:
-                engine.close(args.drain_seconds, wait=False)
-            server.should_exit = True
-
-        signal.signal(signal.SIGTERM, handle_exit)
-        signal.signal(signal.SIGINT, handle_exit)
-        http_thread = threading.Thread(target=serve_http, name="nanogpt-http", daemon=True)
-        http_thread.start()
-        engine.run()  # every torch call of the server, in this one thread, until a signal closes it
-        server.should_exit = True
-        http_thread.join(timeout=args.drain_seconds + 10)
-        # stopped: a signal from now on has nothing left to stop, and during the interpreter's teardown
-        # Python's handlers are gone (the default one would end the process with -SIGTERM, not 0); an
-        # ignored signal stays ignored through that teardown
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        listen(sock, engine.name, args.dtype)
+        run(app, engine, sock, args.drain_seconds)
     print(
         f"nanogpt serve: stopped; requests cancelled at shutdown: {engine.cancelled_at_close}",
         file=sys.stderr,

@@ -45,9 +45,10 @@ from tqdm import tqdm
 from nanogpt.config import ModelConfig
 from nanogpt.data.shards import TokenData
 from nanogpt.data.tokenizer import EOT_ID, get_tokenizer
-from nanogpt.errors import UserError
+from nanogpt.errors import SettingError, UserError
 from nanogpt.kernels.device import autocast, torch_dtype
 from nanogpt.kernels.ops import linear_cross_entropy
+from nanogpt.model.gpt import NanoGPTLMHeadModel
 from nanogpt.train.checkpoint import unwrap
 from nanogpt.train.loop import perplexity
 
@@ -265,7 +266,10 @@ def evaluate_documents(
     n = sum(len(d) for d in docs)
     n_bytes = sum(count_bytes(d) for d in docs)  # the documents' own text: no separator
     if n == 0 or n_bytes == 0:  # before the progress bar: a refusal is its one line alone
-        raise UserError("no document holds text between the <|endoftext|> separators; use --stream")
+        raise SettingError(
+            "per_document",
+            "no document holds text between the <|endoftext|> separators; use `per_document=False`",
+        )
     t0 = time.perf_counter()
     total_nll = math.fsum(
         score_documents(docs, score, context=context, stride=stride, batch_size=batch_size, progress=progress)
@@ -290,7 +294,7 @@ def check_tokens(
     return tokens
 
 
-def _scorer(net: torch.nn.Module, dev: torch.device, dtype: str) -> ScoreFn:
+def _scorer(net: NanoGPTLMHeadModel, dev: torch.device, dtype: str) -> ScoreFn:
     """The PyTorch model's summed NLL of a batch's scored targets."""
 
     def score(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> float:
@@ -306,7 +310,7 @@ def _scorer(net: torch.nn.Module, dev: torch.device, dtype: str) -> ScoreFn:
     return score
 
 
-def _row_scorer(net: torch.nn.Module, dev: torch.device, dtype: str) -> RowScoreFn:
+def _row_scorer(net: NanoGPTLMHeadModel, dev: torch.device, dtype: str) -> RowScoreFn:
     """The same, one sum per window (row of the batch): each scored target's NLL, added up by row."""
 
     def score(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> list[float]:
@@ -324,7 +328,7 @@ def _row_scorer(net: torch.nn.Module, dev: torch.device, dtype: str) -> RowScore
 @contextlib.contextmanager
 def _scoring(
     model: torch.nn.Module, device: str | torch.device | None, dtype: str
-) -> Iterator[tuple[torch.nn.Module, torch.device]]:
+) -> Iterator[tuple[NanoGPTLMHeadModel, torch.device]]:
     """(network, device) in eval mode for the duration; `device` None keeps the model where it is."""
     net = unwrap(model)
     torch_dtype(dtype)  # a clear error for an unknown dtype before any work
@@ -362,11 +366,24 @@ def sliding_window_nll(
     context = cfg.context_length if context is None else context
     stride = context if stride is None else stride
     tokens = check_tokens(tokens, cfg, context, stride, batch_size)
-    window = {"context": context, "stride": stride, "batch_size": batch_size, "progress": progress}
     with _scoring(model, device, dtype) as (net, dev):
         if per_document:
-            return evaluate_documents(tokens, _row_scorer(net, dev, dtype), **window)
-        return score_windows(tokens, _scorer(net, dev, dtype), **window)
+            return evaluate_documents(
+                tokens,
+                _row_scorer(net, dev, dtype),
+                context=context,
+                stride=stride,
+                batch_size=batch_size,
+                progress=progress,
+            )
+        return score_windows(
+            tokens,
+            _scorer(net, dev, dtype),
+            context=context,
+            stride=stride,
+            batch_size=batch_size,
+            progress=progress,
+        )
 
 
 def document_nlls(
@@ -395,21 +412,25 @@ def document_nlls(
 
 
 def check_settings(n_tokens: int, context: int, stride: int, batch_size: int, model_context: int) -> None:
-    """One-line errors for settings the sliding window cannot use."""
+    """One-line errors for settings the sliding window cannot use (`SettingError`: a command names its flags)."""
     if context <= 0 or context > model_context:
-        raise UserError(
-            f"--context {context} is outside 1..{model_context} (the model's context_length); "
-            f"pass a --context in 1..{model_context} or leave it unset"
+        raise SettingError(
+            "context",
+            f"`context` {context} is outside 1..{model_context} (the model's context_length); "
+            f"pass a `context` in 1..{model_context} or leave it unset",
         )
     if stride <= 0 or stride > context:
-        raise UserError(
-            f"--stride {stride} must be in 1..{context} (the context); a larger stride would skip tokens"
+        raise SettingError(
+            "stride",
+            f"`stride` {stride} must be in 1..{context} (the context); a larger stride would skip tokens",
         )
     if batch_size <= 0:
-        raise UserError(f"--batch-size {batch_size} must be at least 1")
+        raise SettingError("batch_size", f"`batch_size` {batch_size} must be at least 1")
     if n_tokens < 2:
-        raise UserError(
-            f"only {n_tokens} token(s) to evaluate; perplexity needs at least 2 (give more text or raise --max-tokens)"
+        raise SettingError(
+            "max_tokens",
+            f"only {n_tokens} token(s) to evaluate; perplexity needs at least 2 "
+            "(give more text or raise `max_tokens`)",
         )
 
 
@@ -419,9 +440,10 @@ def check_settings(n_tokens: int, context: int, stride: int, batch_size: int, mo
 def split_tokens(data_dir: str | Path, split: str = "val", max_tokens: int | None = None) -> torch.Tensor:
     """A prepared data folder's split, its shards concatenated (at most `max_tokens`), as int64 (N,)."""
     if Path(data_dir).is_file():
-        raise UserError(
-            f"--data {data_dir} is a file, not a data folder; pass a `nanogpt prepare` folder, "
-            "or a text file with --text"
+        raise SettingError(
+            "data",
+            f"`data` {data_dir} is a file, not a data folder; pass a `nanogpt prepare` folder, "
+            "or a text file with `text`",
         )
     parts, total = [], 0
     for shard in TokenData(data_dir).split(split):
@@ -437,11 +459,12 @@ def read_documents(path: str | Path, text_field: str = "text") -> list[str]:
     """A `.jsonl` file's `text_field` values (one document per line), or any other file as one document."""
     p = Path(path)
     if p.is_dir():
-        raise UserError(
-            f"--text {p} is a folder; pass a .txt or .jsonl file, or a prepared data folder with --data"
+        raise SettingError(
+            "text",
+            f"`text` {p} is a folder; pass a .txt or .jsonl file, or a prepared data folder with `data`",
         )
     if not p.is_file():
-        raise UserError(f"text file {p} not found; pass an existing .txt or .jsonl file to --text")
+        raise SettingError("text", f"text file {p} not found; pass an existing .txt or .jsonl file to `text`")
     try:
         raw = p.read_text(encoding="utf-8")
     except UnicodeDecodeError:
@@ -459,8 +482,9 @@ def read_documents(path: str | Path, text_field: str = "text") -> list[str]:
         except json.JSONDecodeError as e:
             raise UserError(f"{p} line {i} is not valid JSON ({e.msg}); fix the line or remove it") from None
         if not isinstance(obj, dict) or not isinstance(obj.get(text_field), str):
-            raise UserError(
-                f"{p} line {i} has no string field {text_field!r}; name the right one with --text-field"
+            raise SettingError(
+                "text_field",
+                f"{p} line {i} has no string field {text_field!r}; name the right one with `text_field`",
             )
         docs.append(obj[text_field])
     return docs

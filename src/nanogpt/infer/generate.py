@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from nanogpt.data.tokenizer import EOT_ID, Tokenizer
-from nanogpt.errors import UserError
+from nanogpt.errors import SettingError, UserError
 from nanogpt.infer.sampling import SamplingParams, adjust_logits, make_generator, sample_next
 from nanogpt.kernels.decode import Decoder
 from nanogpt.kernels.device import torch_dtype
@@ -38,17 +38,29 @@ from nanogpt.model.kv_cache import KVCache
 # ---------------------------------------------------------------------------------------------------
 
 
+class PromptTooLong(SettingError):
+    """A prompt longer than the context, without `crop`; a command names its own way to crop."""
+
+    def __init__(self, length: int, context_length: int) -> None:
+        super().__init__(
+            "crop",
+            f"prompt is {length} tokens, the context is {context_length}; "
+            f"shorten it or crop it to its last {context_length} tokens (crop=True)",
+        )
+        self.length, self.context_length = length, context_length
+
+    def __reduce__(self) -> tuple[type[PromptTooLong], tuple[int, int]]:
+        return type(self), (self.length, self.context_length)
+
+
 def prepare_prompt(prompt_ids: Sequence[int], context_length: int, crop: bool = False) -> list[int]:
     """The prompt the model will see: refused if empty, or if longer than the context without crop."""
     ids = list(prompt_ids)
     if not ids:
-        raise UserError("the prompt is empty; pass at least one token (the CLI starts from <|endoftext|>)")
+        raise UserError("the prompt is empty; pass at least one token")
     if len(ids) > context_length:
         if not crop:
-            raise UserError(
-                f"prompt is {len(ids)} tokens, the context is {context_length}; "
-                f"shorten it or pass --crop to keep the last {context_length} tokens"
-            )
+            raise PromptTooLong(len(ids), context_length)
         ids = ids[-context_length:]
     return ids
 

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from nanogpt.errors import UserError
+from nanogpt.errors import SettingError, UserError
 
 NEG_INF = float("-inf")
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes a uint64 (and MLX's random.key too)
@@ -52,20 +52,22 @@ class SamplingParams:
     frequency_penalty: float = 0.0
 
     def __post_init__(self) -> None:
-        """Refuse settings that mean nothing (nan and inf included), with a one-line fix."""
+        """Refuse settings that mean nothing (nan and inf included), with a one-line fix.
+
+        A `SettingError` names the field; a command adds the flag that set it (`commands/sample.py`).
+        """
         if not (math.isfinite(self.temperature) and self.temperature >= 0):
-            raise UserError(
-                f"temperature={self.temperature} must be a finite number >= 0 (0 means greedy); "
-                "e.g. --temperature 0.8"
+            raise SettingError(
+                "temperature", f"temperature={self.temperature} must be a finite number >= 0 (0 means greedy)"
             )
         if self.top_k is not None and self.top_k < 0:
-            raise UserError(f"top_k={self.top_k} must be >= 0 (0 disables it); e.g. --top-k 50")
+            raise SettingError("top_k", f"top_k={self.top_k} must be >= 0 (0 disables it)")
         if not 0.0 < self.top_p <= 1.0:  # nan fails every comparison, so it lands here too
-            raise UserError(f"top_p={self.top_p} must be in (0, 1] (1 disables it); e.g. --top-p 0.9")
+            raise SettingError("top_p", f"top_p={self.top_p} must be in (0, 1] (1 disables it)")
         if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
-            raise UserError(f"seed={self.seed} must be in 0..2**64-1; e.g. --seed 1337")
+            raise SettingError("seed", f"seed={self.seed} must be in 0..2**64-1")
         if self.max_tokens < 0:
-            raise UserError(f"max_tokens={self.max_tokens} must be >= 0; e.g. --max-new-tokens 100")
+            raise SettingError("max_tokens", f"max_tokens={self.max_tokens} must be >= 0")
         if not all(isinstance(s, str) and s for s in self.stop):
             raise UserError("every stop string must be non-empty text")
         for name in ("presence_penalty", "frequency_penalty"):
@@ -139,7 +141,9 @@ def top_p_filter(logits: torch.Tensor, p: float | torch.Tensor) -> torch.Tensor:
     return logits.masked_fill(drop, NEG_INF)
 
 
-def candidates(logits: torch.Tensor, top_k: int | None = None, top_p: float | torch.Tensor = 1.0) -> Candidates:
+def candidates(
+    logits: torch.Tensor, top_k: int | None = None, top_p: float | torch.Tensor = 1.0
+) -> Candidates:
     """Top-k, then top-p on what is left, from (B, V) logits.
 
     top_k keeps exactly k tokens (ties broken by torch.topk); None or 0 (or k >= V) disables it.

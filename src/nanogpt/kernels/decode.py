@@ -154,7 +154,7 @@ def cpu_decode_kernel(one_row: bool) -> Iterator[None]:
     """Run one bf16/fp16 CPU decode call with the matmul kernels it needs; calls of all threads take turns.
 
     A one-token step (`one_row`) runs with oneDNN off, so its matrix-vector products go to ATen's kernel; a
-    call that feeds several tokens (a prefill) keeps oneDNN, which is ~10x faster than ATen's for many
+    call that feeds several tokens (a prefill) keeps oneDNN, which is far faster than ATen's for many
     rows (docs/benchmarks.md, "What changed": bf16 decode on CPU). The switch is a process-wide flag, so
     such calls hold one lock: a prefill in one stream never runs while another stream's step has oneDNN
     off. The user's own setting comes back after each step. Other torch work in other threads (a training

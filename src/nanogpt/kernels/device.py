@@ -13,7 +13,7 @@ import sys
 
 import torch
 
-from nanogpt.errors import UserError
+from nanogpt.errors import SettingError, UserError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -30,9 +30,9 @@ def resolve_device(name: str = "auto") -> torch.device:
     except RuntimeError:
         raise UserError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device {name!r} asked for but no CUDA GPU is available; use --device cpu or auto")
+        raise UserError(f"device {name!r} asked for but no CUDA GPU is available; use cpu or auto")
     if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise UserError(f"device {name!r} asked for but MPS is not available; use --device cpu or auto")
+        raise UserError(f"device {name!r} asked for but MPS is not available; use cpu or auto")
     return dev
 
 
@@ -73,11 +73,9 @@ def tune_cpu_allocator() -> bool:
 
 
 def set_threads(n: int | None) -> None:
-    """`--threads N` of every command: torch's CPU threads (None keeps torch's choice)."""
+    """torch's CPU threads (None keeps torch's choice); `--threads N` of every command."""
     if n is None:
         return
     if n <= 0:
-        raise UserError(
-            f"--threads {n} must be a whole number > 0 (the CPU threads to use); omit it for all cores"
-        )
+        raise SettingError("threads", f"threads={n} must be a whole number > 0; leave it unset for all cores")
     torch.set_num_threads(n)

@@ -4,7 +4,7 @@ A batch-1 decode step is bound by reading the weights, so storing them in int8 (
 two and fp32's four) is the lever that is left once the kernels read at the memory's speed. Every
 `nn.Linear` of the model becomes an `Int8Linear`: int8 weights with one scale per output row (symmetric,
 absmax / 127), multiplied by ATen's weight-only int8 kernel (`torch._weight_int8pack_mm`, the one torchao
-and gpt-fast use on CPU). That kernel is fast with bf16 activations and scales and about 10x slower with
+and gpt-fast use on CPU). That kernel is fast with bf16 activations and scales and many times slower with
 fp32 ones on this project's CPU (docs/benchmarks.md, "int8"), so a layer's input is rounded to bf16 for the
 product and its output comes back in the caller's dtype. The token table, tied to the lm_head, becomes an
 `Int8Embedding` that reads the head's int8 rows and scales: one int8 copy serves both. The position table,
