@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 from dataclasses import replace
 
 import pytest
@@ -29,6 +31,7 @@ from nanogpt.errors import UserError
 from nanogpt.model.gpt import NanoGPTLMHeadModel
 from nanogpt.train.checkpoint import save_model
 from nanogpt.train.loop import flops_per_token
+from tests.bad_input import refuse
 from tests.tiny import tiny_config
 
 # every row a run writes; with --peers each also has a peer value
@@ -322,3 +325,47 @@ def test_mlx_backend_rows(tiny_cfg):
     # a value above its measured ceiling on a loaded machine is withheld (None, with a warning), never reported
     assert all(r.value > 0 if "ours" not in r.invalid else r.value is None for r in res.rows)
     assert res.roofline["backend"] == "mlx" and "MLX" in res.activation["ours"]["method"]
+
+
+def test_activation_probe_without_proc_measures_with_getrusage():
+    """macOS has no /proc: a fresh process's peak RSS (getrusage) still measures the step's activations."""
+    code = (
+        "import json, sys; from pathlib import Path; import torch\n"
+        "import nanogpt.bench.workloads as w\n"
+        "w.PROC_SELF = Path('/nonexistent/proc/self')\n"
+        "from nanogpt.config import ModelConfig\n"
+        "cfg = ModelConfig(d_model=64, n_layers=2, n_heads=2, d_ff=256, context_length=128)\n"
+        "print(json.dumps(w.activation_probe(cfg, 4, 128, 'fp32', 'ours', torch.device('cpu'))))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    assert "getrusage" in got["method"]
+    # the step keeps at least the (4 x 128 x 50257) fp32 logits' gradient chunk and the blocks' activations
+    assert got["activation"] > 1 << 20 and got["peak"] > got["base"]
+
+
+def test_bench_refuses_what_it_cannot_measure_before_any_row(capsys, monkeypatch, tmp_path):
+    """No way to read activation memory (Windows' CPU): refused up front, not after minutes of timed rows."""
+    import builtins
+
+    import nanogpt.bench.workloads as w
+
+    real_import = builtins.__import__
+
+    def no_resource(name, *args, **kwargs):
+        if name == "resource":
+            raise ImportError("no resource module here")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(w, "PROC_SELF", tmp_path / "no_proc")
+    monkeypatch.setattr(builtins, "__import__", no_resource)
+    out = tmp_path / "bench"
+    refuse(
+        capsys,
+        ["bench", "--preset", "tiny", "--repeats", "1", "--out", str(out)],
+        names="cannot measure activation memory",
+        fix="Linux, macOS or a CUDA device",
+    )
+    assert not out.exists()
+    assert "roofline" not in capsys.readouterr().err  # no row ran

@@ -299,9 +299,12 @@ def machine_info(device: torch.device) -> dict[str, Any]:
     }
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work before a clock is read (CUDA and MPS run asynchronously)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
 
 
 def timed(fns: list[Callable[[], Any]], repeats: int, warmup: int, device: torch.device) -> list[Stat]:
@@ -309,14 +312,14 @@ def timed(fns: list[Callable[[], Any]], repeats: int, warmup: int, device: torch
     for _ in range(warmup):
         for fn in fns:
             fn()
-            _sync(device)
+            sync(device)
     samples: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
         for fn, s in zip(fns, samples, strict=True):
-            _sync(device)
+            sync(device)
             t0 = time.perf_counter()
             fn()
-            _sync(device)
+            sync(device)
             s.append(time.perf_counter() - t0)
     return [Stat.of(s) for s in samples]
 

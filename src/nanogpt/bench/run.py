@@ -68,6 +68,7 @@ from nanogpt.bench.workloads import (
     PeerRunner,
     Runner,
     TorchRunner,
+    activation_method,
     measure_activation_memory,
     peer_model,
 )
@@ -198,6 +199,7 @@ def run_bench(
     peer = peer_model(cfg).to(device) if peers else None
     theirs = PeerRunner(peer, inp, dtype, device, compile) if peer is not None else None
 
+    activation_method(device, backend)  # what cannot be measured is refused now, not after the timed rows
     say(f"roofline: {backend} matmul GFLOP/s at the model's shapes, copy bandwidth")
     roof = measure_roofline(cfg, batch, seq, dtype, device, repeats, backend)
     settings = run_settings(inp, dtype, timing, backend, compile, peer)

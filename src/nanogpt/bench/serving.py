@@ -32,7 +32,7 @@ from nanogpt.bench.loadgen import (
     stream_completion,
     summarize_level,
 )
-from nanogpt.bench.measure import PEER_NAME, machine_info
+from nanogpt.bench.measure import PEER_NAME, machine_info, sync
 from nanogpt.bench.workloads import peer_model, peer_static_batch
 from nanogpt.config import ModelConfig
 from nanogpt.data.tokenizer import EOT_ID
@@ -103,11 +103,6 @@ def random_checkpoint(cfg: ModelConfig, dst: str | Path, seed: int = 0) -> Path:
         with torch.no_grad():
             model.lm_head.weight[EOT_ID].zero_()  # tied: also the (never used) input row of EOT
     return save_model(dst, model)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def start_warnings(load0: list[float]) -> list[str]:
@@ -245,10 +240,10 @@ def _level(
 
 def _time_static_batch(hf: Callable[[], torch.Tensor], shape: tuple[int, int], device: torch.device) -> float:
     """Seconds of one HF static-batch run, which must return `shape` (batch, new tokens) new ids."""
-    _sync(device)
+    sync(device)
     t0 = time.perf_counter()
     new = hf()
-    _sync(device)
+    sync(device)
     seconds = time.perf_counter() - t0
     if tuple(new.shape) != shape:
         raise RuntimeError(f"HF generate returned {tuple(new.shape)} new ids, not {shape}")

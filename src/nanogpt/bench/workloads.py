@@ -310,9 +310,12 @@ class MLXRunner:
 # --- activation memory --------------------------------------------------------------------------------
 
 
+PROC_SELF = Path("/proc/self")  # Linux's per-process files; absent on macOS and Windows
+
+
 def _status_bytes(field: str) -> int:
     """A `kB` line of /proc/self/status (VmRSS: resident now; VmHWM: peak resident) in bytes."""
-    for line in Path("/proc/self/status").read_text().splitlines():
+    for line in (PROC_SELF / "status").read_text().splitlines():
         if line.startswith(field + ":"):
             return int(line.split()[1]) * 1024
     raise RuntimeError(f"{field} not in /proc/self/status")
@@ -321,10 +324,44 @@ def _status_bytes(field: str) -> int:
 def _reset_peak_rss() -> bool:
     """Reset VmHWM to the current RSS (Linux >= 4.0). ru_maxrss cannot be reset: it survives exec."""
     try:
-        Path("/proc/self/clear_refs").write_text("5")
+        (PROC_SELF / "clear_refs").write_text("5")
         return True
     except OSError:
         return False
+
+
+def _max_rss() -> int:
+    """The process's peak resident memory so far in bytes (getrusage: kB on Linux, bytes on macOS)."""
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak) if sys.platform == "darwin" else int(peak) * 1024
+
+
+def activation_method(device: torch.device, backend: str = "torch") -> str:
+    """How the activation row will be measured on `device`, checked before any timed row runs.
+
+    CUDA: the allocator's peak. MLX: its own peak counter. MPS: the allocator's memory after the forward pass
+    (it keeps no peak). CPU: the peak RSS of a fresh process, reset through /proc on Linux, else getrusage's
+    lifetime peak of that process (setup allocates the persistent state first, so the step's peak is what
+    grows it). Refused in one line where none of these exists (Windows' CPU).
+    """
+    if backend == "mlx":
+        return "MLX get_peak_memory"
+    if device.type == "cuda":
+        return "CUDA max_memory_allocated"
+    if device.type == "mps":
+        return "MPS current_allocated_memory after the forward pass (no peak counter)"
+    if (PROC_SELF / "clear_refs").exists():
+        return "peak RSS (VmHWM) of a fresh process"
+    try:
+        import resource  # noqa: F401  (Unix only)
+    except ImportError:
+        raise UserError(
+            "bench cannot measure activation memory on this machine's CPU (no /proc, no getrusage); "
+            "run it on Linux, macOS or a CUDA device"
+        ) from None
+    return "peak RSS (getrusage) of a fresh process"
 
 
 def activation_probe(
@@ -346,28 +383,39 @@ def activation_probe(
     inp = Inputs.make(cfg, batch, seq, 0)
     x, y = inp.x.to(device), inp.y.to(device)
     gc.collect()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        base = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-    else:
-        if not _reset_peak_rss():
-            raise UserError("activation memory on CPU needs Linux /proc/self/clear_refs; use a CUDA device")
-        base = _status_bytes("VmRSS")
+    method = activation_method(device)
+    base = _memory_before(device)
     with autocast(device, dtype):
         loss = (cross_entropy_loss if which == "ours" else peer_loss)(model, x, y)
+    if device.type == "mps":  # no peak counter: what the forward pass keeps for the backward
+        torch.mps.synchronize()
+        peak = torch.mps.current_allocated_memory()
     loss.backward()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-        peak, method = torch.cuda.max_memory_allocated(device), "CUDA max_memory_allocated"
-    else:
-        peak, method = _status_bytes("VmHWM"), "peak RSS (VmHWM) of a fresh process"
+        peak = torch.cuda.max_memory_allocated(device)
+    elif device.type == "cpu":
+        peak = _status_bytes("VmHWM") if "VmHWM" in method else _max_rss()
     return {
         "method": f"{method} minus the same before the step",
         "base": base,
         "peak": peak,
         "activation": peak - base,
     }
+
+
+def _memory_before(device: torch.device) -> int:
+    """The memory counter before the step (and the peak reset where the backend has one)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        return torch.cuda.memory_allocated(device)
+    if device.type == "mps":
+        torch.mps.synchronize()
+        return torch.mps.current_allocated_memory()
+    if _reset_peak_rss():
+        return _status_bytes("VmRSS")
+    return _max_rss()  # the peak so far: weights, gradients and moments, allocated above
 
 
 def measure_activation_memory(

@@ -28,6 +28,7 @@ from nanogpt.bench.run import (
     write_outputs,
 )
 from nanogpt.bench.serving import DEFAULT_CONCURRENCY
+from nanogpt.bench.workloads import activation_method
 from nanogpt.commands.options import add_backend, add_device, add_dtype, add_threads, apply_threads
 from nanogpt.config import PRESETS, ModelConfig, preset
 from nanogpt.errors import ArgumentParser, UserError
@@ -152,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     seq = min(args.seq, model.config.context_length)
     check_settings(model.config, args.batch, seq, args.repeats, 1, args.dtype, args.backend, args.compile)
     check_int8_peers(args.dtype, args.peers)
+    if args.dtype != "int8":  # the int8 table has no training or activation rows
+        activation_method(device, args.backend)  # refuses what this machine cannot measure
     make_out_dir(args.out)  # after the checks: a refused run leaves no folder behind
     res = run_bench(
         model,
