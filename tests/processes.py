@@ -1,4 +1,5 @@
-"""Child processes that a test watches and stops with Ctrl-C (SIGINT), as a terminal would."""
+"""Child processes that a test watches and stops from outside: with Ctrl-C (SIGINT), as a terminal would, or
+with a SIGKILL at a chosen moment (`kill_when`)."""
 
 from __future__ import annotations
 
@@ -25,3 +26,24 @@ def wait_for(cond: Callable[[], bool], proc: subprocess.Popen, timeout: float = 
         assert proc.poll() is None, f"the child ended early: {proc.communicate()[1]}"
         assert time.time() - t0 < timeout, "timed out"
         time.sleep(0.1)
+
+
+def kill_when(cond: Callable[[], bool], proc: subprocess.Popen, timeout: float = 120) -> None:
+    """SIGKILL `proc` at a moment when `cond` holds; fail if it ends first, or after `timeout` seconds.
+
+    `cond` is polled while the child runs, then checked again with the child frozen (SIGSTOP): what it saw
+    then is exactly what the kill leaves on disk. If the child moved on in between, it is let go
+    (SIGCONT) and watched again.
+    """
+    t0 = time.time()
+    while True:
+        while not cond():
+            assert proc.poll() is None, f"the child ended early: {proc.communicate()[1]}"
+            assert time.time() - t0 < timeout, "timed out"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGSTOP)
+        if cond():
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=60)
+            return
+        proc.send_signal(signal.SIGCONT)

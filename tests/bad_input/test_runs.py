@@ -28,7 +28,7 @@ from nanogpt.train.optim import schedule_warning
 from nanogpt.train.plot import read_log
 from tests.bad_input import mount_tmpfs, refuse, refuse_subprocess, run_nanogpt
 from tests.bad_input import small_disk as disk
-from tests.processes import default_sigint, wait_for
+from tests.processes import default_sigint, kill_when, wait_for
 from tests.tiny import TINY_MODEL
 
 MODEL = {**TINY_MODEL, "context_length": 32}
@@ -557,7 +557,6 @@ def _start_train(data: Path, run: Path, config: Path, *extra: str) -> subprocess
     )
 
 
-
 def test_train_two_resumes_at_once(small_data, config, copy_of):
     """The second resume is refused naming the first one's PID; a SIGKILL leaves no stale lock behind."""
     first = _start_train(
@@ -653,19 +652,39 @@ def test_train_disk_full_at_a_checkpoint_keeps_last(
 
 
 def test_distill_log_is_trimmed_on_resume(small_data, tmp_path, trained):
-    """Killed after step 3 with its checkpoint at 2: the resumed run writes steps 3.. again, once each."""
+    """Killed (SIGKILL, from outside) with steps logged past its checkpoint: the resumed run writes those
+    steps again, once each."""
     out = tmp_path / "kd"
     argv = ["distill", "--student", str(trained), "--teacher", str(trained), "--data", str(small_data)]
     argv += ["--out", str(out), "--batch-size", "2", "--eval-iters", "1", "--eval-interval", "2"]
-    argv += ["--max-iters", "6", "--warmup-iters", "1", "--threads", "1", "--no-progress"]
-    r = run_nanogpt(argv, env={"NANOGPT_TEST_KILL": "step:3"})
-    assert r.returncode == -signal.SIGKILL
+    argv += ["--max-iters", "1000000", "--warmup-iters", "1", "--threads", "1", "--no-progress"]
     log = out.with_name("kd.teacher") / "distill_log.jsonl"
-    assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [1, 2, 3]
-    resume = ["distill", "--out", str(out), "--resume", "--threads", "1", "--no-progress"]
-    r = run_nanogpt(resume)  # teacher, data and settings come from the run
+
+    def checkpoint_step() -> int | None:
+        try:
+            return json.loads((out / "last" / "state.json").read_text())["step"]
+        except (OSError, ValueError):
+            return None
+
+    def past_checkpoint() -> bool:
+        saved = checkpoint_step()
+        return saved is not None and max((r["step"] for r in read_log(log)), default=0) > saved
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nanogpt", *argv], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        kill_when(past_checkpoint, proc)
+    finally:
+        proc.kill()
+        proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    saved, steps = checkpoint_step(), [rec["step"] for rec in read_log(log)]
+    assert saved is not None and steps == list(range(1, steps[-1] + 1)) and steps[-1] > saved
+    resume = ["distill", "--out", str(out), "--resume", "--max-iters", str(saved + 3)]
+    r = run_nanogpt([*resume, "--threads", "1", "--no-progress"])  # teacher, data and settings: the run's
     assert r.returncode == 0, r.stderr
-    assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [1, 2, 3, 4, 5, 6]
+    assert [rec["step"] for rec in read_log(log)] == list(range(1, saved + 4))
 
 
 def test_import_out_is_a_checkpoint_saved_by_the_library(capsys, exported, tmp_path):

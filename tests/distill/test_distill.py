@@ -165,11 +165,13 @@ def test_local_teacher_soft_loss_falls_through_train(runs, small_data, tmp_path)
         init_from=str(runs / "student"),
         progress=False,
         loss_fn=loss_fn,
+        loss_log=loss_fn.log,
     )
-    assert res.steps == 12 and len(loss_fn.history) == 12
-    soft = [h["soft"] for h in loss_fn.history]
+    assert [h["step"] for h in loss_fn.log.history] == list(range(1, 13))  # one record a step, numbered
+    assert res.steps == 12
+    soft = [h["soft"] for h in loss_fn.log.history]
     assert sum(soft[-3:]) / 3 < 0.8 * sum(soft[:3]) / 3, soft
-    assert all(h["soft"] >= 0 for h in loss_fn.history)
+    assert all(h["soft"] >= 0 for h in loss_fn.log.history)
 
 
 def test_hf_teacher_same_vocab_loads_and_matches_shapes(tmp_path):

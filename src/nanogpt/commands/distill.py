@@ -251,6 +251,7 @@ def main(argv: list[str] | None = None) -> int:
             init_from=args.student,
             progress=not args.no_progress,
             loss_fn=loss_fn,
+            loss_log=loss_fn.log,  # the hard/soft halves: stepped, trimmed on resume, logged as train_ce
             trackers=trackers,
             label="distill",
         )

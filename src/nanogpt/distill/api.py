@@ -44,7 +44,7 @@ from nanogpt.distill.client import (  # noqa: F401  (the client's names are part
     redact,
     retry_after_seconds,
 )
-from nanogpt.distill.losses import LossParts, record_parts, sparse_kl
+from nanogpt.distill.losses import LossParts, sparse_kl
 from nanogpt.distill.sequence import (  # noqa: F401  (sequence-level names this module has always offered)
     CHAT_INSTRUCTION,
     MixedDataLoss,
@@ -52,6 +52,7 @@ from nanogpt.distill.sequence import (  # noqa: F401  (sequence-level names this
     draw_prompts,
 )
 from nanogpt.errors import UserError
+from nanogpt.train.losses import LossLog
 
 OTHER_TOKENIZER = "teacher uses another tokenizer"
 
@@ -153,14 +154,14 @@ class TopKDistillLoss:
         T: float = 1.0,
         *,
         skip_bad: bool = False,
-        log_path: Path | None = None,
+        log: LossLog | None = None,
     ) -> None:
         if not 1 <= k <= VOCAB_SIZE:
             raise UserError(
                 f"--top-k {k} is out of range: give an integer in [1, {VOCAB_SIZE}], e.g. --top-k 20"
             )
         self.client, self.k, self.alpha, self.T, self.skip_bad = client, k, alpha, T, skip_bad
-        self.log_path, self.history = log_path, []
+        self.log = log if log is not None else LossLog()
         self.tok = get_tokenizer()
 
     @property
@@ -201,7 +202,7 @@ class TopKDistillLoss:
         hard = F.cross_entropy(logits.view(-1, logits.size(-1)), y.reshape(-1))
         soft = sparse_kl(logits, ids.to(dev), lps.to(dev), self.T, valid.to(dev), rows.to(dev))
         parts = LossParts(self.alpha * hard + (1 - self.alpha) * soft, hard, soft)
-        record_parts(self, parts, skipped=self.client.skipped)
+        self.log.record(parts.hard, parts.soft, skipped=self.client.skipped)
         return parts.total
 
 

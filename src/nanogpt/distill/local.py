@@ -14,9 +14,10 @@ from torch import nn
 
 from nanogpt.config import ModelConfig
 from nanogpt.data.tokenizer import VOCAB_SIZE
-from nanogpt.distill.losses import TEACHER_KINDS, check_distill_settings, distill_parts, record_parts
+from nanogpt.distill.losses import TEACHER_KINDS, check_distill_settings, distill_parts
 from nanogpt.errors import UserError, missing_extra
 from nanogpt.kernels.device import autocast, torch_dtype
+from nanogpt.train.losses import LossLog
 
 
 class LocalTeacher:
@@ -97,8 +98,8 @@ def load_local_teacher(
 class DistillLossFn:
     """The trainer's `loss_fn` for a local teacher: dense KD on the full vocabulary.
 
-    Keeps the last hard/soft halves of every call in `history` (and appends them to `log_path`, rank 0)
-    so that what the soft loss does is measurable, not only the combined loss the trainer logs.
+    Keeps the hard/soft halves of every call in its `log` (a `train.losses.LossLog`: pass it to `train` as
+    `loss_log`) so that what the soft loss does is measurable, not only the combined loss the trainer logs.
     """
 
     def __init__(
@@ -108,15 +109,15 @@ class DistillLossFn:
         T: float = 1.0,
         kind: str = "forward_kl",
         beta: float = 0.5,
-        log_path: Path | None = None,
+        log: LossLog | None = None,
     ) -> None:
         check_distill_settings(alpha, T, kind, beta)
         self.teacher, self.alpha, self.T, self.kind, self.beta = teacher, alpha, T, kind, beta
-        self.log_path, self.history = log_path, []
+        self.log = log if log is not None else LossLog()
 
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         logits = model(x)  # (B, T, V)
         t_logits = self.teacher.logits(x)  # (B, T, V), no grad
         parts = distill_parts(logits.float(), y, t_logits, self.alpha, self.T, self.kind, self.beta)
-        record_parts(self, parts)
+        self.log.record(parts.hard, parts.soft)
         return parts.total

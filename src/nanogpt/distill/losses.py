@@ -1,4 +1,4 @@
-"""Knowledge distillation losses: pure functions on logits, and the record of their two halves.
+"""Knowledge distillation losses: pure functions on logits (the halves a loss keeps: `train.losses.LossLog`).
 
 The card's second stage trains the student for 15,000 iterations at lr 3e-5 on
 `alpha * CE(student, data) + (1 - alpha) * T^2 * D(teacher_T || student_T)`. Which divergence D can be
@@ -17,11 +17,8 @@ computed depends on what the teacher exposes (see `nanogpt.distill.teachers`):
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -214,16 +211,6 @@ def uld_parts(
     else:
         soft = uld_distance(s[positions], teacher_logits, T).mean()
     return LossParts(alpha * hard + (1 - alpha) * soft, hard, soft)
-
-
-def record_parts(loss_fn: Any, parts: LossParts, **extra: Any) -> None:
-    """Append a call's hard/soft halves to `loss_fn.history` and, on rank 0, to its JSONL log."""
-    step = getattr(loss_fn, "step", 0)  # set by the trainer (optim.LossFn): trims this log on resume
-    rec = {"step": step, "hard": float(parts.hard.detach()), "soft": float(parts.soft.detach()), **extra}
-    loss_fn.history.append(rec)
-    if loss_fn.log_path is not None and int(os.environ.get("RANK", 0)) == 0:
-        with open(loss_fn.log_path, "a") as f:
-            f.write(json.dumps(rec) + "\n")
 
 
 def check_distill_settings(

@@ -26,9 +26,10 @@ from torch import nn
 
 from nanogpt.data.tokenizer import EOT_ID, get_tokenizer
 from nanogpt.distill.client import TeacherError
-from nanogpt.distill.losses import LossParts, record_parts
+from nanogpt.distill.losses import LossParts
 from nanogpt.errors import UserError
 from nanogpt.infer.sampling import SamplingParams
+from nanogpt.train.losses import LossLog
 
 CHAT_INSTRUCTION = "Continue the following text. Reply with the continuation only, no preamble.\n\n"
 REPLY_TEMPERATURE = 0.7
@@ -130,8 +131,8 @@ class MixedDataLoss:
     """
 
     def __init__(
-        self, data_dir: str | Path, context_length: int, alpha: float = 0.5, log_path: Path | None = None
-    ):
+        self, data_dir: str | Path, context_length: int, alpha: float = 0.5, log: LossLog | None = None
+    ) -> None:
         from nanogpt.data.shards import TokenData
 
         self.shards = [s for s in TokenData(data_dir).split("train") if len(s) > context_length]
@@ -140,7 +141,8 @@ class MixedDataLoss:
                 f"the teacher's text in {data_dir} is shorter than one window of {context_length + 1} tokens; "
                 "ask for more --prompts or --reply-tokens"
             )
-        self.context_length, self.alpha, self.log_path, self.history = context_length, alpha, log_path, []
+        self.context_length, self.alpha = context_length, alpha
+        self.log = log if log is not None else LossLog()
 
     def teacher_batch(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         seed = int.from_bytes(hashlib.sha256(x.cpu().numpy().tobytes()).digest()[:8], "little")
@@ -160,5 +162,5 @@ class MixedDataLoss:
         hard = F.cross_entropy(logits[:B].reshape(-1, V), y.reshape(-1))
         soft = F.cross_entropy(logits[B:].reshape(-1, V), yt[:, : x.size(1)].reshape(-1))
         parts = LossParts(self.alpha * hard + (1 - self.alpha) * soft, hard, soft)
-        record_parts(self, parts)
+        self.log.record(parts.hard, parts.soft)
         return parts.total

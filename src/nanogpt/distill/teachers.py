@@ -27,9 +27,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-from torch import nn
-
 from nanogpt.config import ModelConfig, TrainConfig
 from nanogpt.distill.client import ApiConfig, check_base_url
 from nanogpt.distill.crossvocab import is_gguf
@@ -38,8 +35,9 @@ from nanogpt.distill.losses import CROSS_VOCAB_KINDS, KINDS, check_distill_setti
 from nanogpt.distill.sequence import MixedDataLoss, build_sequence_data
 from nanogpt.errors import UserError
 from nanogpt.kernels.device import resolve_device
+from nanogpt.train.losses import LoggedLoss, LossLog
 
-LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+DISTILL_LOG = "distill_log.jsonl"  # in the teacher folder: the hard/soft halves of every step
 
 
 @dataclass(frozen=True)
@@ -107,31 +105,32 @@ def make_loss_fn(
     data: str | Path,
     cache_dir: Path,
     down_hint: Callable[[], str] | None = None,
-) -> LossFn:
+) -> LoggedLoss:
     """The trainer's loss_fn for this teacher; a chat teacher writes its data set (from `data`) first.
 
-    `cache_dir` keeps the API answers, the chat data and the hard/soft log; `down_hint()` ends the
-    message of an API teacher that stays down (what to rerun).
+    `cache_dir` keeps the API answers, the chat data and the hard/soft log (the loss's `log`, which the
+    trainer gets as `loss_log`); `down_hint()` ends the message of an API teacher that stays down (what to
+    rerun).
     """
     alpha, T, s = cfg.distill_alpha, cfg.distill_temperature, settings
     check_distill_settings(alpha, T, s.kind, s.beta, kinds=(*KINDS, *CROSS_VOCAB_KINDS))
-    log_path = cache_dir / "distill_log.jsonl"
+    log = LossLog(cache_dir / DISTILL_LOG)
     if spec.kind == "local":
         device = resolve_device(cfg.device)
         if s.kind == "uld":
             from nanogpt.distill.crossvocab import load_text_teacher
             from nanogpt.distill.uld import UldLossFn
 
-            return UldLossFn(load_text_teacher(spec.path, device, s.dtype), alpha, T, log_path)
+            return UldLossFn(load_text_teacher(spec.path, device, s.dtype), alpha, T, log)
         if s.kind == "sequence":
-            return local_sequence_loss(spec, s, cfg, model_cfg, data, cache_dir, log_path)
+            return local_sequence_loss(spec, s, cfg, model_cfg, data, cache_dir, log)
         if is_gguf(spec.path):
             raise UserError(
                 f"teacher {spec.path} is a .gguf file, whose vocabulary is its own; pass --kind sequence (it "
                 "writes text) or --kind uld (logits across vocabularies)"
             )
         teacher = load_local_teacher(spec.path, device, s.dtype)
-        return DistillLossFn(teacher, alpha, T, s.kind, s.beta, log_path)
+        return DistillLossFn(teacher, alpha, T, s.kind, s.beta, log)
     if s.kind == "uld" or (s.kind == "sequence" and spec.kind == "completions"):
         raise UserError(
             f"--kind {s.kind} does not apply to a {spec.kind}: teacher; use --kind uld or sequence with a local "
@@ -142,7 +141,7 @@ def make_loss_fn(
     hint = {} if down_hint is None else {"down_hint": down_hint}
     client = teachers.ApiClient(api_config(spec, s), teachers.AnswerCache(cache_dir / "cache.sqlite"), **hint)
     if spec.kind == "completions":
-        return teachers.TopKDistillLoss(client, s.top_k, alpha, T, skip_bad=s.skip_bad, log_path=log_path)
+        return teachers.TopKDistillLoss(client, s.top_k, alpha, T, skip_bad=s.skip_bad, log=log)
     chat_data = teachers.build_chat_data(
         client,
         data,
@@ -153,7 +152,7 @@ def make_loss_fn(
         seed=cfg.seed,
         skip_bad=s.skip_bad,
     )
-    return MixedDataLoss(chat_data, model_cfg.context_length, alpha, log_path=log_path)
+    return MixedDataLoss(chat_data, model_cfg.context_length, alpha, log=log)
 
 
 def local_sequence_loss(
@@ -163,8 +162,8 @@ def local_sequence_loss(
     model_cfg: ModelConfig,
     data: str | Path,
     cache_dir: Path,
-    log_path: Path,
-) -> LossFn:
+    log: LossLog,
+) -> LoggedLoss:
     """`--kind sequence` with a local teacher: its replies (cached like a chat teacher's) mixed with the data."""
     from nanogpt.distill.client import AnswerCache
     from nanogpt.distill.crossvocab import LocalReplies, load_text_teacher, teacher_identity
@@ -190,4 +189,4 @@ def local_sequence_loss(
         reply_tokens=s.reply_tokens,
         seed=cfg.seed,
     )
-    return MixedDataLoss(chat_data, model_cfg.context_length, alpha=cfg.distill_alpha, log_path=log_path)
+    return MixedDataLoss(chat_data, model_cfg.context_length, alpha=cfg.distill_alpha, log=log)

@@ -17,7 +17,6 @@ corpus, windows of 16-512 tokens).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,7 +25,8 @@ from torch import nn
 
 from nanogpt.data.tokenizer import get_tokenizer
 from nanogpt.distill.crossvocab import TextTeacher
-from nanogpt.distill.losses import record_parts, uld_parts
+from nanogpt.distill.losses import uld_parts
+from nanogpt.train.losses import LossLog
 
 
 def text_with_byte_offsets(data: bytes) -> tuple[str, np.ndarray]:
@@ -99,9 +99,10 @@ class UldLossFn:
     """
 
     def __init__(
-        self, teacher: TextTeacher, alpha: float = 0.5, T: float = 1.0, log_path: Path | None = None
+        self, teacher: TextTeacher, alpha: float = 0.5, T: float = 1.0, log: LossLog | None = None
     ) -> None:
-        self.teacher, self.alpha, self.T, self.log_path, self.history = teacher, alpha, T, log_path, []
+        self.teacher, self.alpha, self.T = teacher, alpha, T
+        self.log = log if log is not None else LossLog()
         tok = get_tokenizer()
         self.tok = tok
         self.byte_lens = np.array([len(tok.decode_bytes([i])) for i in range(tok.vocab_size)], dtype=np.int64)
@@ -129,5 +130,5 @@ class UldLossFn:
             rows = torch.zeros(0, self.teacher.vocab_size)
         dev = logits.device
         parts = uld_parts(logits, y, rows.to(dev), positions.to(dev), self.alpha, self.T)
-        record_parts(self, parts, aligned=round(positions.numel() / (B * T), 4))
+        self.log.record(parts.hard, parts.soft, aligned=round(positions.numel() / (B * T), 4))
         return parts.total

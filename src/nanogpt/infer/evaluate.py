@@ -50,7 +50,7 @@ from nanogpt.kernels.device import autocast, torch_dtype
 from nanogpt.kernels.ops import linear_cross_entropy
 from nanogpt.model.gpt import NanoGPTLMHeadModel
 from nanogpt.train.checkpoint import unwrap
-from nanogpt.train.loop import perplexity
+from nanogpt.train.session import perplexity
 
 
 @dataclass(frozen=True)

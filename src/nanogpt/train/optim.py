@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -21,11 +20,7 @@ from torch import nn
 from nanogpt.config import ModelConfig, TrainConfig
 from nanogpt.errors import UserError
 from nanogpt.kernels.device import autocast
-
-# loss_fn(model, x, y) -> loss. A loss object that keeps its own JSONL log (a `log_path` attribute, as the
-# distillation losses do) gets `step` set to the optimizer step it is computing, so that its records carry
-# the step and the trainer trims its log on resume exactly like log.jsonl.
-LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+from nanogpt.train.losses import LossFn
 
 
 def schedule_warning(cfg: TrainConfig) -> str | None:
@@ -201,7 +196,7 @@ def cross_entropy_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> to
 def backward_micro_batches(
     model: nn.Module,
     batches: list[tuple[torch.Tensor, torch.Tensor]],
-    loss_fn: LossFn,
+    loss_fn: LossFn[nn.Module, torch.Tensor],
     device: torch.device,
     dtype: str = "fp32",
 ) -> torch.Tensor:

@@ -24,9 +24,7 @@ from mlx.utils import tree_flatten, tree_map
 
 from nanogpt.config import TrainConfig
 from nanogpt.mlx.model import NanoGPTLMHeadModel
-
-# loss_fn(model, x, y) -> scalar loss, as `nanogpt.train.optim.LossFn` with MLX arrays
-LossFn = Callable[[nn.Module, mx.array, mx.array], mx.array]
+from nanogpt.train.losses import LossFn
 
 
 def token_nll(model: nn.Module, x: mx.array, y: mx.array) -> mx.array:
@@ -83,7 +81,10 @@ def clip_gradients(grads: dict, max_norm: float) -> tuple[dict, mx.array]:
 
 
 def make_train_step(
-    model: NanoGPTLMHeadModel, opt: optim.Optimizer, cfg: TrainConfig, loss_fn: LossFn = cross_entropy_loss
+    model: NanoGPTLMHeadModel,
+    opt: optim.Optimizer,
+    cfg: TrainConfig,
+    loss_fn: LossFn[nn.Module, mx.array] = cross_entropy_loss,
 ) -> Callable[[mx.array, mx.array], tuple[mx.array, mx.array]]:
     """A compiled optimizer step: xs, ys (A, B, T) micro-batches -> (mean loss, pre-clip grad norm).
 
