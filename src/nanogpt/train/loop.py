@@ -11,8 +11,8 @@ rank, rank 0 alone logs, evaluates and writes checkpoints). A run folder holds:
 `--resume` restores weights, AdamW moments and step counts, the torch/python/numpy RNGs and the data
 sampler, so a killed CPU run continues with bit-identical losses. Distillation reuses this loop through
 the `loss_fn(model, x, y) -> loss` hook (`train.losses.LossFn`; default: cross-entropy on the data). This
-module builds the PyTorch `_Session` (one step, evaluate, save); `train.session` drives its steps, the
-same for the MLX trainer. The command's flags and config resolution are `nanogpt.commands.train`.
+module builds the PyTorch `_Session` (one step, evaluate, save) on the run's `train.session.RunSetup`;
+`train.steps.run_session` drives its steps, the same for the MLX trainer. The command's flags and config resolution are `nanogpt.commands.train`.
 
     nanogpt train --data data/builtin --out runs/tiny --preset tiny --max-iters 2000
 
@@ -80,8 +80,8 @@ from nanogpt.train.session import (
     diverged,
     mean_loss,
     open_run,
-    run_session,
 )
+from nanogpt.train.steps import run_session
 
 TorchLoss = LossFn[nn.Module, torch.Tensor]
 

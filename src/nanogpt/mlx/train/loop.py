@@ -5,9 +5,10 @@ only, never on embeddings, LayerNorm or biases), same clipping, accumulation, he
 sampler re-created per eval), same data stream (`TokenData` + `BatchSampler`), same `log.jsonl` keys and
 the same run folder: `config.json`, `train_config.json`, `log.jsonl`, `loss.png`, `best/` and `last/`
 in the shared checkpoint format, so `nanogpt sample/eval/export` read an MLX run as they read a torch run.
-The structure is the torch loop's too: `train` holds the run folder, `_open_session` builds a `_Session`
-(one step, evaluate, save; `_restore` on resume) and `train.session.run_session` drives it, the same
-driver as the torch trainer's, with the same `TrainResult` and `Counters`.
+The structure is the torch loop's too: `train` holds the run folder (`train.session.open_run`),
+`_open_session` builds a `_Session` (one step, evaluate, save; `_restore` on resume) and
+`train.steps.run_session` drives it, the same driver as the torch trainer's, with the same `TrainResult`
+and `Counters`.
 
 `last/` adds the optimizer state and `state.json` (`"backend": "mlx"`): see `checkpoint.py`. Resume is
 exact because dropout masks need no saved RNG: the MLX generator is re-seeded from (seed, step) before every
@@ -59,8 +60,8 @@ from nanogpt.train.session import (
     diverged,
     mean_loss,
     open_run,
-    run_session,
 )
+from nanogpt.train.steps import run_session
 
 MlxLoss = LossFn[nn.Module, mx.array]
 # the counters in state.json, in the order MLX checkpoints have always listed them
