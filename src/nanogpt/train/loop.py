@@ -101,17 +101,8 @@ def estimate_loss(
     """Mean cross-entropy over `iters` batches from a freshly seeded sampler: the same windows every call.
 
     `on_batch(done, iters)` is called before each batch (progress: an evaluation can take minutes)."""
-    batch_loss = partial(_batch_loss, model, device, dtype)
-    return mean_loss(
-        model,
-        shards,
-        batch_loss,
-        batch_size=batch_size,
-        context_length=context_length,
-        iters=iters,
-        seed=seed,
-        on_batch=on_batch,
-    )
+    sampler = BatchSampler(shards, batch_size, context_length, seed)  # its own stream: training's untouched
+    return mean_loss(model, sampler, partial(_batch_loss, model, device, dtype), iters, on_batch)
 
 
 def _batch_loss(

@@ -107,21 +107,15 @@ BatchLoss = Callable[[torch.Tensor, torch.Tensor], float]  # a batch's mean loss
 
 def mean_loss(
     model: TrainingMode,
-    shards: list[np.ndarray],
+    sampler: BatchSampler,
     batch_loss: BatchLoss,
-    *,
-    batch_size: int,
-    context_length: int,
     iters: int,
-    seed: int = EVAL_SEED,
     on_batch: OnBatch | None = None,
 ) -> float:
-    """Mean `batch_loss(x, y)` over `iters` batches from a freshly seeded sampler: the same windows every call,
-    the model in eval mode meanwhile (both backends' held-out loss).
+    """Mean `batch_loss(x, y)` over the first `iters` batches of `sampler`, the model in eval mode meanwhile
+    (both backends' held-out loss; a sampler seeded afresh gives the same windows every call).
 
     `on_batch(done, iters)` is called before each batch (progress: an evaluation can take minutes)."""
-    # its own sampler and seed: the training stream is untouched, and every call sees the same windows
-    sampler = BatchSampler(shards, batch_size, context_length, seed)
     was_training = model.training
     model.eval()
     total = 0.0
@@ -182,17 +176,10 @@ class RunSetup:
         )
 
     def val_loss(self, model: TrainingMode, batch_loss: BatchLoss, on_batch: OnBatch) -> float:
-        """The held-out loss on the fixed val windows (`mean_loss` at the run's batch size and eval_iters)."""
-        cfg, context_length = self.cfg, self.model_cfg.context_length
-        return mean_loss(
-            model,
-            self.val_shards,
-            batch_loss,
-            batch_size=cfg.batch_size,
-            context_length=context_length,
-            iters=cfg.eval_iters,
-            on_batch=on_batch,
-        )
+        """The held-out loss on the fixed val windows: eval_iters batches, the same in every evaluation."""
+        cfg = self.cfg
+        sampler = BatchSampler(self.val_shards, cfg.batch_size, self.model_cfg.context_length, EVAL_SEED)
+        return mean_loss(model, sampler, batch_loss, cfg.eval_iters, on_batch)
 
     def write_configs(self) -> None:
         """RUN/config.json and RUN/train_config.json (main process; again on resume: the flags may differ)."""

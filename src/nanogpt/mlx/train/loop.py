@@ -82,16 +82,8 @@ def estimate_loss(
     (`train.session.mean_loss`, as the torch trainer's).
 
     `on_batch(done, iters)` is called before each batch (progress: an evaluation can take minutes)."""
-    return mean_loss(
-        model,
-        shards,
-        partial(_batch_loss, model),
-        batch_size=batch_size,
-        context_length=context_length,
-        iters=iters,
-        seed=seed,
-        on_batch=on_batch,
-    )
+    sampler = BatchSampler(shards, batch_size, context_length, seed)  # its own stream: training's untouched
+    return mean_loss(model, sampler, partial(_batch_loss, model), iters, on_batch)
 
 
 def _batch_loss(model: NanoGPTLMHeadModel, x: torch.Tensor, y: torch.Tensor) -> float:
