@@ -361,7 +361,7 @@ def activation_method(device: torch.device, backend: str = "torch") -> str:
             "bench cannot measure activation memory on this machine's CPU (no /proc, no getrusage); "
             "run it on Linux, macOS or a CUDA device"
         ) from None
-    return "peak RSS (getrusage) of a fresh process"
+    return "peak RSS (getrusage) of a fresh process, a lower bound (setup's own peak is the base)"
 
 
 def activation_probe(
@@ -418,6 +418,9 @@ def _memory_before(device: torch.device) -> int:
     return _max_rss()  # the peak so far: weights, gradients and moments, allocated above
 
 
+HOP = "import subprocess, sys; sys.exit(subprocess.run(sys.argv[1:]).returncode)"  # a small parent
+
+
 def measure_activation_memory(
     cfg: ModelConfig, batch: int, seq: int, dtype: str, which: str, device: torch.device
 ) -> dict[str, Any]:
@@ -429,7 +432,10 @@ def measure_activation_memory(
     arg = json.dumps({**job, "threads": torch.get_num_threads()})
     # a fixed mmap threshold: every large tensor is its own mapping, so freeing one lowers the RSS
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
-    proc = subprocess.run([sys.executable, "-c", code, arg], capture_output=True, text=True, env=env)
+    argv = [sys.executable, "-c", code, arg]
+    if "getrusage" in activation_method(device):  # a child's peak RSS starts at its parent's (kept across exec):
+        argv = [sys.executable, "-c", HOP, *argv]  # start the probe from a small process, not from this one
+    proc = subprocess.run(argv, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
         raise RuntimeError(f"activation-memory subprocess failed: {last}")
