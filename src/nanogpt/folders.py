@@ -45,6 +45,7 @@ KINDS = {
 _RUN_LAYOUT = (
     "config.json", "train_config.json", "log.jsonl", "log.jsonl.tmp", "loss.png", "trackers.json",
     "last", "last.tmp", "last.old", "best", "best.tmp", "best.old", "tensorboard", "wandb", "mlruns", "mlflow.db",
+    "lineage.json", "lineage.json.tmp",
 )  # fmt: skip
 # the entries each kind of folder holds, for a marker that lists none (fnmatch patterns, top level only)
 LAYOUT: dict[str, tuple[str, ...]] = {

@@ -35,7 +35,7 @@ def recipe_file(tmp_path_factory) -> Path:
 
 
 def recipe_argv(recipe: Path, work: Path) -> list[str]:
-    return ["recipe", str(recipe), "--out", str(work), "--threads", "1"]
+    return ["recipe", str(recipe), "--out", str(work), "--threads", "1", "--no-progress"]
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +54,22 @@ def test_every_stage_runs_and_is_recorded(uninterrupted):
     assert held_out["perplexity"] > 1 and held_out["tokens_scored"] > 0
     assert (uninterrupted / "export" / "remote-code" / "modeling_nanogpt.py").is_file()
     assert (uninterrupted / "export" / "model.gguf").stat().st_size > 0
+
+
+def test_the_exported_card_tells_the_lineage(uninterrupted):
+    """Both stages with their data, iterations and losses; the teacher, its method, alpha and T; the
+    iterations added up (the card's "checkpoint 35000"); the held-out perplexity of `nanogpt eval`."""
+    card = (uninterrupted / "export" / "remote-code" / "README.md").read_text()
+    rows = [line for line in card.splitlines() if line.startswith(("| train |", "| distill |"))]
+    assert [r.split(" | ")[0] for r in rows] == ["| train", "| distill"]
+    assert " | 6 | " in rows[0] and " | 40 | " in rows[1]  # each stage's own iterations
+    teacher = next(line for line in card.splitlines() if "Teacher of the distill stage" in line)
+    assert str(uninterrupted / "teacher") in teacher and "forward_kl" in teacher
+    assert "α = 0.5" in teacher and "T = 2.0" in teacher
+    assert "Total iterations across stages:** 46" in card
+    held_out = json.loads((uninterrupted / "eval.json").read_text())
+    assert f"Held-out perplexity (`nanogpt eval`):** {held_out['perplexity']:.2f}" in card
+    assert f"{held_out['bits_per_byte']:.4f} bits per byte" in card
 
 
 def test_a_rerun_skips_finished_stages(recipe_file, uninterrupted, capsys):
@@ -103,7 +119,7 @@ def test_a_failed_stage_names_itself_and_the_command_to_continue(capsys, tmp_pat
     path.write_text(json.dumps(recipe))
     work = tmp_path / "w"
     line = refuse(capsys, recipe_argv(path, work), names=["stage distill failed", "not found"], fix="continue with")
-    assert f"nanogpt recipe {path} --out {work} --threads 1" in line
+    assert f"nanogpt recipe {path} --out {work} --threads 1 --no-progress" in line
     assert json.loads((work / "recipe.json").read_text())["done"] == ["prepare", "base"]
 
 

@@ -28,6 +28,7 @@ from nanogpt.distill.teachers import TeacherSettings, TeacherSpec, api_config, m
 from nanogpt.errors import ArgumentParser, UserError
 from nanogpt.folders import RunFolder, claim
 from nanogpt.train.checkpoint import load_config_of, saved_data_dir
+from nanogpt.train.lineage import public_spec
 from nanogpt.train.loop import train
 from nanogpt.train.tracking import check_installed, parse_trackers
 
@@ -199,6 +200,17 @@ def resolve_teacher_settings(args: argparse.Namespace, saved: Path) -> TeacherSp
     return spec
 
 
+def distill_stage(args: argparse.Namespace, cfg: TrainConfig) -> dict[str, object]:
+    """This stage as the run's lineage records it: the teacher's SPEC (without any secret), method, alpha, T."""
+    teacher = {
+        "spec": public_spec(args.teacher),
+        "method": args.kind,
+        "alpha": cfg.distill_alpha,
+        "temperature": cfg.distill_temperature,
+    }
+    return {"name": "distill", "teacher": teacher}
+
+
 def drop_unused_teacher_folder(cache_dir: Path, run: Path) -> None:
     """After a failed run that created `cache_dir`: remove it unless it holds answers, data or a log worth
     keeping, or OUT has a checkpoint whose --resume needs its distill.json."""
@@ -254,6 +266,7 @@ def main(argv: list[str] | None = None) -> int:
             loss_log=loss_fn.log,  # the hard/soft halves: stepped, trimmed on resume, logged as train_ce
             trackers=trackers,
             label="distill",
+            stage=distill_stage(args, cfg),
         )
     except BaseException:
         if created:  # a failed run leaves no empty OUT.teacher/ behind, and never touches an earlier one

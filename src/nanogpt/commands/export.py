@@ -8,6 +8,9 @@ nanogpt export --model runs/demo --out exports/demo.gguf --format gguf [--outtyp
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
+from typing import Any
 
 from nanogpt.errors import ArgumentParser, UserError
 from nanogpt.export.gguf import OUTTYPES, export_gguf
@@ -41,6 +44,11 @@ def main(argv: list[str] | None = None) -> int:
         "--bench", metavar="DIR", help="a `nanogpt bench --out DIR` of this model: its table goes in the card"
     )
     p.add_argument(
+        "--eval",
+        metavar="FILE",
+        help="a `nanogpt eval --json` result of this model: its figures go in the card",
+    )
+    p.add_argument(
         "--push-to-hub", metavar="REPO", help="also upload the folder to this Hub repo (token: HF_TOKEN)"
     )
     args = p.parse_args(argv)
@@ -50,7 +58,10 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"--outtype is for --format gguf only; drop it for --format {args.format}")
     token = hub_token() if args.push_to_hub else None  # fail before the work, not after
     bench = read_bench_table(args.bench) if args.bench is not None else None
-    res = export(args.model, args.out, args.format, args.force, bench, repo=args.push_to_hub)
+    held_out = read_eval(args.eval) if args.eval is not None else None
+    res = export(
+        args.model, args.out, args.format, args.force, bench, repo=args.push_to_hub, held_out=held_out
+    )
     print(
         f"wrote {res.out} ({res.format}): {res.counts.total:,} parameters "
         f"({res.counts.unique:,} unique), files: {', '.join(res.files)}"
@@ -60,6 +71,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.push_to_hub and token:
         print(f"pushed to {push_to_hub(res.out, args.push_to_hub, token)}")
     return 0
+
+
+def read_eval(path: str) -> dict[str, Any]:
+    """`--eval FILE`: the one JSON object `nanogpt eval --json` printed, checked before any work."""
+    try:
+        result = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(
+            f"--eval {path} is not readable JSON ({e}); pass the output of `nanogpt eval --json`"
+        ) from None
+    if not isinstance(result, dict) or not isinstance(result.get("perplexity"), (int, float)):
+        raise UserError(f"--eval {path} holds no perplexity; pass the output of `nanogpt eval --json`")
+    return result
 
 
 def read_bench_table(path: str) -> BenchTable:
@@ -72,7 +96,7 @@ def read_bench_table(path: str) -> BenchTable:
 
 
 def _gguf(args: argparse.Namespace) -> int:
-    for flag, value in (("--bench", args.bench), ("--push-to-hub", args.push_to_hub)):
+    for flag, value in (("--bench", args.bench), ("--eval", args.eval), ("--push-to-hub", args.push_to_hub)):
         if value is not None:
             raise UserError(f"{flag} is for the Hugging Face formats; drop it for --format gguf")
     res = export_gguf(args.model, args.out, args.outtype or GGUF_DEFAULT_OUTTYPE, args.force)

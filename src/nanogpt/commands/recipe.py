@@ -125,23 +125,36 @@ def _has_checkpoint(run: Path) -> bool:
     return RunFolder(run).has_checkpoint()
 
 
+@dataclass(frozen=True)
+class RunOptions:
+    """How every training stage runs: the recipe command's own flags, the same on a rerun."""
+
+    threads: int | None = None
+    backend: str = "torch"
+    progress: bool = True
+
+    def argv(self, name: str) -> list[str]:
+        """The flags a training stage `name` gets from them (MLX only where the stage runs in MLX)."""
+        out = ["--threads", str(self.threads)] if self.threads else []
+        out += ["--backend", "mlx"] if self.backend == "mlx" and name in MLX_STAGES else []
+        return out + ([] if self.progress else ["--no-progress"])
+
+
 def _training_argv(
-    name: str, opts: dict[str, Any], where: dict[str, Path], threads: int | None, backend: str
+    name: str, opts: dict[str, Any], where: dict[str, Path], run_opts: RunOptions
 ) -> tuple[str, list[str]]:
     """The command and arguments of a training stage (base, teacher, distill)."""
-    common = ["--data", str(where["prepare"]), "--out", str(where[name])]
-    common += ["--threads", str(threads)] if threads else []
+    common = ["--data", str(where["prepare"]), "--out", str(where[name]), *run_opts.argv(name)]
     if name == "distill":
         opts = dict(opts)
         if "teacher" not in opts:
             opts["teacher"] = str(where["teacher"])
         return "distill", ["--student", str(where["base"]), *common, *flags(opts)]
-    mlx = ["--backend", "mlx"] if backend == "mlx" and name in MLX_STAGES else []
-    return "train", [*common, *mlx, *flags(opts)]
+    return "train", [*common, *flags(opts)]
 
 
 def plan(
-    recipe: dict[str, dict[str, Any]], work: Path, done: set[str], threads: int | None, backend: str = "torch"
+    recipe: dict[str, dict[str, Any]], work: Path, done: set[str], run_opts: RunOptions = RunOptions()
 ) -> list[Stage]:
     """The stages to run, in order, with their arguments, from the recipe and what WORK already holds."""
     where = folders(work)
@@ -155,14 +168,11 @@ def plan(
         if name == "prepare":
             command, argv = "prepare", ["--out", str(where[name]), "--quiet", *flags(opts)]
         elif name in TRAINING:
-            command, argv = _training_argv(name, opts, where, threads, backend)
+            command, argv = _training_argv(name, opts, where, run_opts)
             resume = name not in done and _has_checkpoint(where[name])
             if resume:  # the run's own settings and data continue it exactly
-                mlx = "--backend" in argv
-                argv = ["--out", str(where[name]), "--resume"]
-                argv += ["--threads", str(threads)] if threads else []
-                argv += ["--backend", "mlx"] if mlx else []
-            if name == "distill" and backend == "mlx":
+                argv = ["--out", str(where[name]), "--resume", *run_opts.argv(name)]
+            if name == "distill" and run_opts.backend == "mlx":
                 notes.append("distillation runs in PyTorch: the MLX backend has no distill yet")
         elif name == "eval":
             command = "eval"
@@ -175,7 +185,7 @@ def plan(
                 "--no-progress",
                 *flags(opts),
             ]
-            argv += ["--backend", "mlx"] if backend == "mlx" else []
+            argv += ["--backend", "mlx"] if run_opts.backend == "mlx" else []
         elif name == "bench":
             command, argv = "bench", ["--out", str(where[name]), *flags(opts)]
         else:
@@ -190,11 +200,12 @@ def export_argvs(recipe: dict[str, dict[str, Any]], work: Path) -> list[list[str
     where, final = folders(work), final_run(recipe, work)
     opts = dict(recipe.get("export", {}))
     formats = opts.pop("formats", ["remote-code", "gguf"])
-    bench = ["--bench", str(where["bench"])] if "bench" in recipe else []
+    card = ["--bench", str(where["bench"])] if "bench" in recipe else []  # what the model card quotes
+    card += ["--eval", str(where["eval"])] if "eval" in recipe else []
     argvs = []
     for fmt in formats:
         out = where["export"] / ("model.gguf" if fmt == "gguf" else fmt)
-        extra = bench if fmt != "gguf" else []
+        extra = card if fmt != "gguf" else []
         argvs.append(["--model", str(final), "--out", str(out), "--format", fmt, *extra, *flags(opts)])
     return argvs
 
@@ -273,6 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print the plan (each stage's command) and stop")
     add_threads(p, help="torch CPU threads for the training stages (the same on a rerun: exact resume)")
     add_backend(p, help="PyTorch (default) or Apple MLX for every stage that runs in MLX")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars in the training stages")
     return p
 
 
@@ -281,11 +293,13 @@ def main(argv: list[str] | None = None) -> int:
     recipe = read_recipe(args.recipe)
     digest = recipe_hash(recipe)
     done = read_state(args.out, digest, args.force)
-    stages = plan(recipe, args.out, done, args.threads, args.backend)
+    run_opts = RunOptions(args.threads, args.backend, not args.no_progress)
+    stages = plan(recipe, args.out, done, run_opts)
     rerun = f"nanogpt recipe {args.recipe} --out {args.out}" + (
         f" --threads {args.threads}" if args.threads else ""
     )
     rerun += " --backend mlx" if args.backend == "mlx" else ""
+    rerun += " --no-progress" if args.no_progress else ""
     for i, stage in enumerate(stages, 1):
         what = "done, skipped" if stage.done else ("continuing from its checkpoint" if stage.resume else "")
         commands = "; ".join(f"nanogpt {stage.command} " + " ".join(argv) for argv in stage.argvs)

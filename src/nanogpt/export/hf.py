@@ -25,7 +25,7 @@ import os
 import re
 import shutil
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -331,10 +331,12 @@ def export(
     force: bool = False,
     bench: BenchTable | None = None,
     repo: str | None = None,
+    held_out: dict[str, Any] | None = None,
 ) -> ExportResult:
     """Write checkpoint `model_path` (run or checkpoint folder) as a Hugging Face folder `out`.
 
     `bench`: a `nanogpt bench` table of this configuration (the command reads it), for the model card.
+    `held_out`: a `nanogpt eval --json` result of this checkpoint, for the model card.
     `repo`: the Hub repo id the folder is made for (`--push-to-hub`): the card's snippet loads from it, not
     from the local `out`, so the published snippet works for everyone.
     """
@@ -349,7 +351,7 @@ def export(
     model = load_model(folder)  # names a missing or mis-shaped tensor
     counts = ParamCounts(model.num_params(unique=False), model.num_params(unique=True))
     sd = model_state(model)  # the tied head is dropped: stored once, as transformers does
-    facts = read_run_facts(folder)
+    facts = replace(read_run_facts(folder), held_out=held_out)
     if bench is not None:
         check_bench(bench, cfg)
     with atomic_dir(out) as tmp:

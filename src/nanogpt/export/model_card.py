@@ -18,6 +18,7 @@ from typing import Any
 
 from nanogpt.config import ModelConfig
 from nanogpt.folders import STATE_JSON, RunFolder
+from nanogpt.train.lineage import read_lineage, total_iterations
 
 WIDGET_PROMPTS = [
     ("Once upon a time", "Story Beginning"),
@@ -43,6 +44,8 @@ class RunFacts:
     val_loss: float | None = None
     val_ppl: float | None = None
     val_step: int | None = None
+    stages: tuple[dict[str, Any], ...] = ()  # train.lineage: every stage that led here, oldest first
+    held_out: dict[str, Any] | None = None  # a `nanogpt eval --json` result of this checkpoint
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -128,7 +131,9 @@ def read_run_facts(checkpoint: Path) -> RunFacts:
     data, dataset_id = _data_facts(_first(state, "data_dir", "data", "data_path"))
     tokens = _first(state, "tokens_seen", "tokens")
     step = _first(state, "step", "iter", "iterations")
+    stages = read_lineage(checkpoint)
     return RunFacts(
+        stages=tuple(stages) if len(stages) > 1 or any("teacher" in s for s in stages) else (),
         data=data,
         dataset_id=dataset_id,
         tokens_seen=tokens if isinstance(tokens, int) else None,
@@ -336,7 +341,53 @@ def _training(facts: RunFacts) -> list[str]:
         training.append(f"- **Held-out validation loss{at}:** {facts.val_loss:.4f}")
         if facts.val_ppl is not None:
             training.append(f"- **Held-out validation perplexity{at}:** {facts.val_ppl:.2f}")
+    training += _stages(facts.stages)
+    training += _held_out(facts.held_out)
     return ["", "### Training", "", *training] if training else []
+
+
+def _loss(x: Any) -> str:
+    return f"{x:.4f}" if isinstance(x, (int, float)) else "-"
+
+
+def _stages(stages: tuple[dict[str, Any], ...]) -> list[str]:
+    """The stages that led to this checkpoint (base, then distillation...), and their iterations added up."""
+    if not stages:
+        return []
+    rows = [
+        "",
+        "| stage | data | tokens | iterations | lr | batch | final train loss | final held-out loss |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    notes = []
+    for s in stages:
+        data = _data_facts(s.get("data"))[0] or "-"
+        tokens = f"{s['tokens']:,}" if isinstance(s.get("tokens"), int) else "-"
+        rows.append(
+            f"| {s.get('name', 'train')} | {data} | {tokens} | {int(s.get('iterations') or 0):,} | "
+            f"{s.get('learning_rate', '-')} | {s.get('batch') or '-'} | {_loss(s.get('final_train_loss'))} | "
+            f"{_loss(s.get('final_val_loss'))} |"
+        )
+        teacher = s.get("teacher")
+        if isinstance(teacher, dict):
+            notes.append(
+                f"- **Teacher of the {s.get('name', 'distill')} stage:** `{teacher.get('spec')}` "
+                f"({teacher.get('method')}, α = {teacher.get('alpha')} on the hard loss, T = "
+                f"{teacher.get('temperature')})"
+            )
+    total = f"- **Total iterations across stages:** {total_iterations(list(stages)):,} (this checkpoint)"
+    return [*rows, "", *notes, total]
+
+
+def _held_out(result: dict[str, Any] | None) -> list[str]:
+    """`nanogpt eval`'s figures for this checkpoint: perplexity and bits per byte on held-out text."""
+    if not result or not isinstance(result.get("perplexity"), (int, float)):
+        return []
+    bpb = result.get("bits_per_byte")
+    scored = result.get("tokens_scored")
+    extra = f", {bpb:.4f} bits per byte" if isinstance(bpb, (int, float)) else ""
+    extra += f" ({scored:,} tokens scored by `nanogpt eval`)" if isinstance(scored, int) else ""
+    return [f"- **Held-out perplexity (`nanogpt eval`):** {result['perplexity']:.2f}{extra}"]
 
 
 def _benchmarks(markdown: str) -> list[str]:

@@ -34,6 +34,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -295,6 +296,7 @@ def train(
     kind: str = "run",
     trackers: Sequence[str] | None = None,
     label: str = "train",
+    stage: dict[str, Any] | None = None,
 ) -> TrainResult:
     """Train `model_cfg` on `data_dir` into the run folder `out_dir` (layout in the module docstring).
 
@@ -305,7 +307,8 @@ def train(
     `force` replaces whatever is at `out_dir` (else only a run that never wrote a checkpoint); `kind` is
     the folder kind its marker records (`nanogpt.folders.KINDS`: "run", or "demo" for the demo's run).
     `trackers` mirror the log to TensorBoard/W&B/MLflow (`nanogpt.train.tracking`; None: on resume, the
-    run's own). `label` names the run on its progress bar ("distill" for a distillation).
+    run's own). `label` names the run on its progress bar ("distill" for a distillation). `stage` says what
+    this stage is for the run's lineage (`train.lineage`: a distillation's name and teacher).
     """
     info, device = setup_distributed(train_cfg.device)
     session: _Session | None = None
@@ -320,6 +323,8 @@ def train(
             kind=kind,
             rank=info.rank,
             world_size=info.world_size,
+            init_from=init_from,
+            stage=stage,
         ) as setup:
             session = _open_session(
                 setup, info=info, device=device, init_from=init_from, loss_fn=loss_fn or cross_entropy_loss

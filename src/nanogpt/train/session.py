@@ -30,6 +30,7 @@ from nanogpt.data.shards import BatchSampler, TokenData
 from nanogpt.errors import UserError, write_fix
 from nanogpt.folders import LOCK, MARKER, RunFolder, RunLock, claim, clear, mark
 from nanogpt.train.checkpoint import check_resumable, write_json
+from nanogpt.train.lineage import write_lineage
 from nanogpt.train.plot import truncate_log
 
 EVAL_SEED = 0  # one fixed stream of val windows for every run and seed: val losses are comparable
@@ -151,6 +152,8 @@ class RunSetup:
     val_shards: list[np.ndarray]
     rank: int = 0
     world_size: int = 1
+    init_from: str | None = None  # the checkpoint a fresh run starts from (its lineage carries on here)
+    stage: dict[str, Any] | None = None  # what this stage is, for the lineage (train.lineage)
 
     @property
     def main(self) -> bool:
@@ -186,6 +189,8 @@ class RunSetup:
         self.run.mkdir(parents=True, exist_ok=True)
         self.model_cfg.save(RunFolder(self.run).config)
         write_json(RunFolder(self.run).train_config, self.cfg.to_dict())
+        if self.resume_from is None:  # a resumed run keeps the lineage it started with
+            write_lineage(self.run, self.init_from, self.stage or {"name": "train"})
 
     def state_info(self, counters: dict[str, Any], **backend: Any) -> dict[str, Any]:
         """state.json's contents: the `counters`, the tokens so far, the backend's own keys, the configs."""
@@ -260,6 +265,8 @@ def open_run(
     kind: str = "run",
     rank: int = 0,
     world_size: int = 1,
+    init_from: str | None = None,
+    stage: dict[str, Any] | None = None,
 ) -> Iterator[RunSetup]:
     """Hold the run folder for one training session (both backends) and check the data: the `RunSetup`.
 
@@ -291,6 +298,8 @@ def open_run(
             val_shards=val_shards,
             rank=rank,
             world_size=world_size,
+            init_from=init_from,
+            stage=stage,
         )
     except KeyboardInterrupt:
         raise KeyboardInterrupt(resume_hint(run)) from None

@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -205,6 +205,7 @@ def train(
     peak_flops: float | None = None,
     kind: str = "run",
     trackers: Sequence[str] | None = None,
+    stage: dict[str, Any] | None = None,
 ) -> TrainResult:
     """Train `model_cfg` on `data_dir` into the run folder `out_dir` with MLX (see the module docstring).
 
@@ -213,7 +214,18 @@ def train(
     """
     _check_supported(train_cfg)
     run = Path(out_dir)
-    with open_run(model_cfg, train_cfg, Path(data_dir), run, resume=resume, force=force, kind=kind) as setup:
+    opened = open_run(
+        model_cfg,
+        train_cfg,
+        Path(data_dir),
+        run,
+        resume=resume,
+        force=force,
+        kind=kind,
+        init_from=init_from,
+        stage=stage,
+    )
+    with opened as setup:
         session = _open_session(setup, init_from=init_from, loss_fn=loss_fn or cross_entropy_loss)
         apple_gpu = mx.default_device() == mx.gpu
         peak = peak_flops or default_peak_flops(torch.device("mps" if apple_gpu else "cpu"), "fp32")
