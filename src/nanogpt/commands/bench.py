@@ -12,6 +12,7 @@ each `--concurrency`, and HF's static-batch `generate` at the same sizes.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 from pathlib import Path
@@ -66,8 +67,31 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--batch", type=int, help="sequences per batch (default: 4, the card's)")
     p.add_argument("--seq", type=int, help="tokens per sequence (default: 512, the card's)")
     add_threads(p)
+    p.add_argument(
+        "--distill-memory",
+        action="store_true",
+        help="only the distillation memory row: peak memory of a few `distill` steps (a same-size local "
+        "teacher) against `train` steps at --batch x --seq (default 12 x 512, the card's)",
+    )
     add_serve_flags(p.add_argument_group("load test of `nanogpt serve` (--serve)"))
     return p
+
+
+def distill_memory_main(args: argparse.Namespace) -> int:
+    """`bench --distill-memory`: the row, printed and written to OUT/distill_memory.{json,md}."""
+    from nanogpt.bench.distill_memory import distill_memory, markdown
+
+    if args.model:
+        raise UserError("--distill-memory measures a preset's size; pass --preset instead of --model")
+    cfg = preset(args.preset or "card")
+    batch, seq = args.batch or 12, args.seq or cfg.context_length
+    make_out_dir(args.out)
+    result = distill_memory(cfg, batch, seq, steps=3, threads=args.threads)
+    out = Path(args.out)
+    (out / "distill_memory.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / "distill_memory.md").write_text(markdown(result))
+    print(markdown(result))
+    return 0
 
 
 def add_serve_flags(s: argparse._ArgumentGroup) -> None:
@@ -142,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     apply_threads(args)
     if args.serve:
         return serve_main(args)
+    if args.distill_memory:
+        return distill_memory_main(args)
     device = resolve_device(args.device)
     args.batch = 4 if args.batch is None else args.batch
     args.seq = 512 if args.seq is None else args.seq

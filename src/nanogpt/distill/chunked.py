@@ -21,7 +21,8 @@ import torch.nn.functional as F
 
 from nanogpt.distill.losses import LossParts, divergence
 
-CHUNK_ELEMENTS = 1 << 23  # logits per chunk: 8M fp32 = 32 MiB each (the card's vocab: 128 positions)
+CHUNK_ELEMENTS = 1 << 21  # logits per chunk: 2M fp32 = 8 MiB each (the card's vocab: 41 positions); about
+# twenty such tensors live while a chunk is scored and differentiated
 IGNORE = -100  # a target that is not scored (padding), as F.cross_entropy's default
 
 

@@ -14,9 +14,11 @@ from torch import nn
 
 from nanogpt.config import ModelConfig
 from nanogpt.data.tokenizer import VOCAB_SIZE
-from nanogpt.distill.losses import TEACHER_KINDS, check_distill_settings, distill_parts
+from nanogpt.distill.chunked import chunked_distill_parts
+from nanogpt.distill.losses import TEACHER_KINDS, check_distill_settings
 from nanogpt.errors import UserError, missing_extra
 from nanogpt.kernels.device import autocast, torch_dtype
+from nanogpt.train.checkpoint import unwrap
 from nanogpt.train.losses import LossLog
 
 
@@ -28,18 +30,36 @@ class LocalTeacher:
         for p in self.module.parameters():
             p.requires_grad_(False)
 
-    @torch.no_grad()
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
+    def _check_context(self, x: torch.Tensor) -> None:
         if x.size(1) > self.context_length:
             raise UserError(
                 f"the teacher's context is {self.context_length} tokens, the student's windows are {x.size(1)}; "
                 "use a teacher with at least the student's context"
             )
+
+    @torch.no_grad()
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_context(x)
         device = next(self.module.parameters()).device
         with autocast(device, self.dtype):
             out = self.module(x.to(device))
         logits = out if self.kind == "nanogpt" else out.logits
         return logits[..., :VOCAB_SIZE].float()
+
+    @torch.no_grad()
+    def hidden(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The final hidden states (B, T, d) and the head (50257, d): the logits without forming them."""
+        self._check_context(x)
+        device = next(self.module.parameters()).device
+        with autocast(device, self.dtype):
+            if self.kind == "nanogpt":
+                h = self.module(x.to(device), hidden=True)
+            else:  # a Hugging Face causal LM: its base model's last hidden state (after the final norm)
+                h = self.module.base_model(x.to(device)).last_hidden_state
+        head = self.module.get_output_embeddings() if self.kind != "nanogpt" else self.module.lm_head
+        if getattr(head, "bias", None) is not None:
+            raise UserError("the teacher's output head has a bias; chunked distillation supports bias-free heads")
+        return h.to(x.device), head.weight[:VOCAB_SIZE].to(x.device)
 
 
 def _gpt2_vocab_ok(folder: Path) -> bool | None:
@@ -116,8 +136,10 @@ class DistillLossFn:
         self.log = log if log is not None else LossLog()
 
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        logits = model(x)  # (B, T, V)
-        t_logits = self.teacher.logits(x)  # (B, T, V), no grad
-        parts = distill_parts(logits.float(), y, t_logits, self.alpha, self.T, self.kind, self.beta)
+        # both heads applied a chunk of positions at a time: no (B, T, V) logits of either model exist
+        h = model(x, hidden=True)  # (B, T, d), through DDP's forward when wrapped
+        t_h, t_head = self.teacher.hidden(x)  # (B, T, d_t), (V, d_t), no grad
+        head = unwrap(model).lm_head.weight
+        parts = chunked_distill_parts(h, head, t_h, t_head, y, self.alpha, self.T, self.kind, self.beta)
         self.log.record(parts.hard, parts.soft)
         return parts.total

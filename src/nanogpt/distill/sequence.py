@@ -21,7 +21,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from nanogpt.data.tokenizer import EOT_ID, get_tokenizer
@@ -29,6 +28,8 @@ from nanogpt.distill.client import TeacherError
 from nanogpt.distill.losses import LossParts
 from nanogpt.errors import UserError
 from nanogpt.infer.sampling import SamplingParams
+from nanogpt.kernels.ops import linear_cross_entropy
+from nanogpt.train.checkpoint import unwrap
 from nanogpt.train.losses import LossLog
 
 CHAT_INSTRUCTION = "Continue the following text. Reply with the continuation only, no preamble.\n\n"
@@ -157,10 +158,11 @@ class MixedDataLoss:
 
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         xt, yt = self.teacher_batch(x)
-        logits = model(torch.cat([x, xt[:, : x.size(1)]])).float()  # one forward for both halves
-        B, V = x.size(0), logits.size(-1)
-        hard = F.cross_entropy(logits[:B].reshape(-1, V), y.reshape(-1))
-        soft = F.cross_entropy(logits[B:].reshape(-1, V), yt[:, : x.size(1)].reshape(-1))
+        h = model(torch.cat([x, xt[:, : x.size(1)]]), hidden=True)  # one forward for both halves: (2B, T, d)
+        head, B = unwrap(model).lm_head.weight, x.size(0)
+        # the fused head per half, as plain training: no (2B, T, V) logits
+        hard = linear_cross_entropy(h[:B].flatten(0, 1), head, y.flatten())
+        soft = linear_cross_entropy(h[B:].flatten(0, 1), head, yt[:, : x.size(1)].flatten())
         parts = LossParts(self.alpha * hard + (1 - self.alpha) * soft, hard, soft)
         self.log.record(parts.hard, parts.soft)
         return parts.total

@@ -171,6 +171,7 @@ class NanoGPTLMHeadModel(nn.Module):
         cache: Cache | None = None,
         targets: torch.Tensor | None = None,
         last_only: bool = False,
+        hidden: bool = False,
     ) -> torch.Tensor:
         """idx (B, T) int64 -> logits (B, T, vocab_size). With `cache`, idx holds only the new tokens.
 
@@ -178,8 +179,12 @@ class NanoGPTLMHeadModel(nn.Module):
         and half a long prompt's cost (the (T, d) x (d, 50257) head is as big as the blocks). With
         `targets` (B, T) it returns the mean next-token cross-entropy instead (fp32, positions with
         target -100 ignored), computed by `linear_cross_entropy` without the (B, T, vocab) logits.
+        `hidden` returns the final hidden states (B, T, d_model) before the head, for a loss that applies
+        the head itself a chunk at a time (distillation, `nanogpt.distill.chunked`).
         """
         h: torch.Tensor = self.transformer(idx, cache)  # (B, T, d_model)
+        if hidden:
+            return h
         if targets is not None:
             return linear_cross_entropy(h.flatten(0, 1), self.lm_head.weight, targets.flatten())
         if last_only:  # (B, d_model) rows: a (B, 1, d_model) view of a long h would go to a batched matmul
@@ -196,6 +201,7 @@ class NanoGPTLMHeadModel(nn.Module):
             cache: Cache | None = None,
             targets: torch.Tensor | None = None,
             last_only: bool = False,
+            hidden: bool = False,
         ) -> torch.Tensor: ...
 
     def num_params(self, unique: bool = True) -> int:
