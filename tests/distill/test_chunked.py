@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import nanogpt.distill.chunked as chunked
-from nanogpt.distill.chunked import IGNORE, chunked_distill_parts
+from nanogpt.distill.chunked import IGNORE, Mix, chunked_distill_parts
 from nanogpt.distill.losses import divergence
 
 N, D, DT, V = 37, 16, 24, 101  # positions, student width, teacher width, vocabulary
@@ -45,7 +45,7 @@ def test_values_and_gradients_equal_the_unchunked_loss(inputs, monkeypatch, div,
     total_r, hard_r, soft_r = reference(hr, wr, t_h, t_w, y, alpha, T, div, beta)
     total_r.backward()
     hc, wc = h.clone().requires_grad_(), w.clone().requires_grad_()
-    parts = chunked_distill_parts(hc, wc, t_h, t_w, y, alpha, T, div, beta)
+    parts = chunked_distill_parts((hc, wc), (t_h, t_w), y, Mix(alpha, T, div, beta))
     (2.0 * parts.total).backward()  # an upstream gradient other than 1 scales both gradients
     torch.testing.assert_close(parts.total, total_r.detach(), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(parts.hard, hard_r.detach(), atol=1e-5, rtol=1e-5)
@@ -58,12 +58,12 @@ def test_values_and_gradients_equal_the_unchunked_loss(inputs, monkeypatch, div,
 def test_without_gradients_the_value_is_the_same(inputs):
     h, w, t_h, t_w, y = inputs
     with torch.no_grad():
-        parts = chunked_distill_parts(h, w, t_h, t_w, y, 0.5, 2.0)
+        parts = chunked_distill_parts((h, w), (t_h, t_w), y, Mix(0.5, 2.0))
     torch.testing.assert_close(parts.total, reference(h, w, t_h, t_w, y, 0.5, 2.0, "forward_kl", 0.5)[0])
 
 
 def test_a_batch_of_windows_is_flattened(inputs):
     h, w, t_h, t_w, y = inputs
-    flat = chunked_distill_parts(h[:36], w, t_h[:36], t_w, y[:36])
-    shaped = chunked_distill_parts(h[:36].view(4, 9, D), w, t_h[:36].view(4, 9, DT), t_w, y[:36].view(4, 9))
+    flat = chunked_distill_parts((h[:36], w), (t_h[:36], t_w), y[:36])
+    shaped = chunked_distill_parts((h[:36].view(4, 9, D), w), (t_h[:36].view(4, 9, DT), t_w), y[:36].view(4, 9))
     torch.testing.assert_close(flat.total, shaped.total)

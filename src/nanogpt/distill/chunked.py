@@ -9,11 +9,12 @@ wanted the chunk's gradients of the hidden states and the head are taken right t
 (B, T, V) size is ever kept for the backward pass. Values and gradients equal `distill_parts` on the full
 logits (tests: every divergence, T != 1, ignored positions).
 
-    parts = chunked_distill_parts(h, model.lm_head.weight, t_h, t_head, y, alpha=0.5, T=2.0)
+    parts = chunked_distill_parts((h, model.lm_head.weight), (t_h, t_head), y, Mix(alpha=0.5, T=2.0))
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -103,22 +104,27 @@ class _ChunkedDistill(torch.autograd.Function):
         return gh, gw, None, None, None, None
 
 
+@dataclass(frozen=True)
+class Mix:
+    """How the two losses combine: alpha on the hard loss, the divergence at temperature T (beta: JSD's)."""
+
+    alpha: float = 0.5
+    T: float = 1.0
+    divergence: str = "forward_kl"
+    beta: float = 0.5
+
+
 def chunked_distill_parts(
-    h: torch.Tensor,
-    weight: torch.Tensor,
-    t_h: torch.Tensor,
-    t_weight: torch.Tensor,
+    student: tuple[torch.Tensor, torch.Tensor],
+    teacher: tuple[torch.Tensor, torch.Tensor],
     targets: torch.Tensor,
-    alpha: float = 0.5,
-    T: float = 1.0,
-    div: str = "forward_kl",
-    beta: float = 0.5,
+    mix: Mix = Mix(),
 ) -> LossParts:
-    """`distill_parts` from hidden states: student h (..., d) and head (V, d), teacher t_h (..., d_t) and head
-    (V, d_t), targets (...) with IGNORE for unscored positions; means over the scored positions."""
-    d, dt = h.size(-1), t_h.size(-1)
-    flat_y = targets.reshape(-1)
+    """`distill_parts` from hidden states: `student` (h (..., d), head (V, d)), `teacher` (h (..., d_t), head
+    (V, d_t)), targets (...) with IGNORE for unscored positions; means over the scored positions."""
+    (h, weight), (t_h, t_weight) = student, teacher
+    settings = (mix.alpha, mix.T, mix.divergence, mix.beta)
     total, hard, soft = _ChunkedDistill.apply(
-        h.reshape(-1, d), weight, t_h.reshape(-1, dt).detach(), t_weight.detach(), flat_y, (alpha, T, div, beta)
+        h.flatten(0, -2), weight, t_h.flatten(0, -2).detach(), t_weight.detach(), targets.reshape(-1), settings
     )
     return LossParts(total, hard, soft)

@@ -14,7 +14,7 @@ from torch import nn
 
 from nanogpt.config import ModelConfig
 from nanogpt.data.tokenizer import VOCAB_SIZE
-from nanogpt.distill.chunked import chunked_distill_parts
+from nanogpt.distill.chunked import Mix, chunked_distill_parts
 from nanogpt.distill.losses import TEACHER_KINDS, check_distill_settings
 from nanogpt.errors import UserError, missing_extra
 from nanogpt.kernels.device import autocast, torch_dtype
@@ -140,6 +140,7 @@ class DistillLossFn:
         h = model(x, hidden=True)  # (B, T, d), through DDP's forward when wrapped
         t_h, t_head = self.teacher.hidden(x)  # (B, T, d_t), (V, d_t), no grad
         head = unwrap(model).lm_head.weight
-        parts = chunked_distill_parts(h, head, t_h, t_head, y, self.alpha, self.T, self.kind, self.beta)
+        mix = Mix(self.alpha, self.T, self.kind, self.beta)
+        parts = chunked_distill_parts((h, head), (t_h, t_head), y, mix)
         self.log.record(parts.hard, parts.soft)
         return parts.total

@@ -194,15 +194,7 @@ class NanoGPTLMHeadModel(nn.Module):
         return logits
 
     if TYPE_CHECKING:  # nn.Module calls are (...) -> Any to a type checker: model(...) is checked as forward
-
-        def __call__(
-            self,
-            idx: torch.Tensor,
-            cache: Cache | None = None,
-            targets: torch.Tensor | None = None,
-            last_only: bool = False,
-            hidden: bool = False,
-        ) -> torch.Tensor: ...
+        __call__ = forward
 
     def num_params(self, unique: bool = True) -> int:
         """Parameter count. unique=False counts a tied matrix twice, as the card's 52,990,464 does."""
