@@ -170,10 +170,6 @@ def run_demo(
     model_changes: dict[str, Any] | None = None,
 ) -> DemoResult:
     from nanogpt.data.prepare import prepare
-    from nanogpt.data.tokenizer import get_tokenizer
-    from nanogpt.infer.evaluate import sliding_window_nll, split_tokens
-    from nanogpt.infer.generate import generate
-    from nanogpt.model.gpt import NanoGPTLMHeadModel
     from nanogpt.train.checkpoint import load_model
     from nanogpt.train.loop import train
 
@@ -199,25 +195,15 @@ def run_demo(
         say(note)
 
     say("== 3/5 held-out perplexity (sliding window over the val split)")
-    val = split_tokens(data_dir, "val", max_tokens=eval_tokens)
-    torch.manual_seed(seed)
-    # two evaluations of minutes each on a busy CPU: the same bar as `nanogpt eval`
-    init = sliding_window_nll(NanoGPTLMHeadModel(model_cfg), val, batch_size=8, progress=progress)
     model = load_model(out)  # best/ (lowest val loss)
-    final = sliding_window_nll(model, val, batch_size=8, progress=progress)
+    init, final = held_out(model, data_dir, eval_tokens, seed, progress)
     say(
         f"val perplexity: {init.perplexity:,.1f} at initialisation -> {final.perplexity:,.1f} after training "
         f"({final.bits_per_byte:.3f} bits/byte, {final.tokens_scored:,} tokens)"
     )
-
     params = SamplingParams(max_tokens=60, seed=seed)
     say(f"== 4/5 samples (temperature {params.temperature}, top-k {params.top_k})")
-    tok = get_tokenizer()
-    samples = {}
-    for prompt in WIDGET_PROMPTS:
-        ids = list(generate(model, tok.encode(prompt), params))
-        samples[prompt] = prompt + tok.decode(ids)
-        say(f"--- {samples[prompt]}\n")
+    samples = widget_samples(model, params, say)
 
     note = busy_note(machine, preset_name, minutes, res.steps, cfg.max_iters, final.perplexity)
     result = DemoResult(
@@ -242,6 +228,30 @@ def run_demo(
             say(f"transformers generate(): {result.hf_sample}")
     (out / "demo.json").write_text(json.dumps(asdict(result), indent=2, default=str) + "\n")
     return result
+
+
+def held_out(model: Any, data_dir: Path, eval_tokens: int, seed: int, progress: bool) -> tuple[Any, Any]:
+    """The sliding-window score of the val split at initialisation (seeded) and of the trained `model`."""
+    from nanogpt.infer.evaluate import sliding_window_nll, split_tokens
+    from nanogpt.model.gpt import NanoGPTLMHeadModel
+
+    val = split_tokens(data_dir, "val", max_tokens=eval_tokens)
+    torch.manual_seed(seed)
+    # two evaluations of minutes each on a busy CPU: the same bar as `nanogpt eval`
+    init = sliding_window_nll(NanoGPTLMHeadModel(model.config), val, batch_size=8, progress=progress)
+    return init, sliding_window_nll(model, val, batch_size=8, progress=progress)
+
+
+def widget_samples(model: Any, params: SamplingParams, say: Any) -> dict[str, str]:
+    """A sample for each of the card's three widget prompts, printed as it is made."""
+    from nanogpt.data.tokenizer import get_tokenizer
+    from nanogpt.infer.generate import generate
+
+    tok, samples = get_tokenizer(), {}
+    for prompt in WIDGET_PROMPTS:
+        samples[prompt] = prompt + tok.decode(list(generate(model, tok.encode(prompt), params)))
+        say(f"--- {samples[prompt]}\n")
+    return samples
 
 
 def export_and_reload(run: Path, seed: int) -> tuple[Path | None, str | None]:
