@@ -2,11 +2,11 @@
 
 Every command that writes a folder (`train`, `distill`, `demo`, `import`, `export`, `prepare`) calls `claim`
 first. It lets the command write a folder that is absent, empty, or one that nanogpt itself wrote for the
-same purpose and that holds nothing else: the `.nanogpt.json` marker names the kind and lists the entries
+same purpose and that holds nothing else: the `.nanogpt.json` marker names the purpose and lists the entries
 nanogpt wrote, and any other entry (a note, an `eval/` folder the user added) makes `claim` refuse, in one
 line naming `--force`. A file's name alone never proves a folder is ours: without a marker it is the user's.
 A marker without a list (a run folder, which writes its files for as long as it trains, or a folder of an
-older nanogpt) is checked against the entries that kind of folder holds (`LAYOUT`). Nothing is deleted here:
+older nanogpt) is checked against the entries a folder of that purpose holds (`LAYOUT`). Nothing is deleted here:
 `claim` only decides, and `clear` removes what the caller was allowed to replace.
 
 A run folder is locked while a process writes it (`RunLock`): an OS file lock that the kernel releases
@@ -31,11 +31,11 @@ from typing import IO, Any
 from nanogpt import __version__
 from nanogpt.errors import UserError
 
-MARKER = ".nanogpt.json"  # {"kind": ..., "nanogpt_version": ...}: this folder was written by nanogpt
+MARKER = ".nanogpt.json"  # {"purpose": ..., "files": [...], "nanogpt_version": ...}: nanogpt wrote this folder
 STATE_JSON = "state.json"  # a checkpoint's training state (nanogpt.train.checkpoint writes it)
 LOCK = ".nanogpt.lock"  # exists while a process writes the run folder, and holds its PID
 
-KINDS = {
+PURPOSES = {  # what a folder nanogpt wrote is for (its marker says which)
     "run": "a training run",
     "demo": "a demo run",
     "checkpoint": "an imported checkpoint",
@@ -47,7 +47,7 @@ _RUN_LAYOUT = (
     "last", "last.tmp", "last.old", "best", "best.tmp", "best.old", "tensorboard", "wandb", "mlruns", "mlflow.db",
     "lineage.json", "lineage.json.tmp",
 )  # fmt: skip
-# the entries each kind of folder holds, for a marker that lists none (fnmatch patterns, top level only)
+# the entries a folder of each purpose holds, for a marker that lists none (fnmatch patterns, top level only)
 LAYOUT: dict[str, tuple[str, ...]] = {
     "run": _RUN_LAYOUT,
     "demo": (*_RUN_LAYOUT, "demo.json", "hf"),
@@ -68,19 +68,22 @@ def read_marker(path: str | Path) -> dict[str, Any] | None:
         info = json.loads((Path(path) / MARKER).read_text())
     except (ValueError, OSError):
         return None
-    return info if isinstance(info, dict) and info.get("kind") in KINDS else None
+    if not isinstance(info, dict):
+        return None
+    purpose = info.get("purpose", info.get("kind"))  # "kind": the same, as earlier markers say it
+    return {**info, "purpose": purpose} if purpose in PURPOSES else None
 
 
-def folder_kind(path: str | Path) -> str | None:
-    """The kind of folder nanogpt wrote at `path` (see KINDS), or None if nanogpt did not write it."""
+def folder_purpose(path: str | Path) -> str | None:
+    """What nanogpt wrote the folder at `path` for (see PURPOSES), or None if nanogpt did not write it."""
     info = read_marker(path)
-    return None if info is None else info["kind"]
+    return None if info is None else str(info["purpose"])
 
 
 def foreign_entries(path: str | Path) -> list[str]:
     """The entries of a folder that nanogpt did not write (paths relative to it), sorted.
 
-    Ours: the marker's `files` list, or the kind's LAYOUT when it has none. A subfolder with a marker of
+    Ours: the marker's `files` list, or its purpose's LAYOUT when it has none. A subfolder with a marker of
     its own (the demo's `hf/` export) is checked the same way, so a note dropped inside it counts too.
     """
     path = Path(path)
@@ -88,7 +91,7 @@ def foreign_entries(path: str | Path) -> list[str]:
     if info is None:
         return sorted(p.name for p in path.iterdir() if p.name not in (MARKER, LOCK))
     listed = info.get("files")
-    ours = tuple(listed) if isinstance(listed, list) else LAYOUT[info["kind"]]
+    ours = tuple(listed) if isinstance(listed, list) else LAYOUT[info["purpose"]]
     found: list[str] = []
     for child in path.iterdir():
         if child.name in (MARKER, LOCK):
@@ -100,7 +103,7 @@ def foreign_entries(path: str | Path) -> list[str]:
     return sorted(found)
 
 
-def mark(folder: str | Path, kind: str, *, files: list[str] | None = None, **facts: object) -> None:
+def mark(folder: str | Path, purpose: str, *, files: list[str] | None = None, **facts: object) -> None:
     """Write the marker that lets a later command recognise (and replace) this folder.
 
     `files`: the entries this command wrote; by default everything in `folder` now (a scratch folder that
@@ -108,9 +111,9 @@ def mark(folder: str | Path, kind: str, *, files: list[str] | None = None, **fac
     they are written over time and a killed one is continued, so they are checked against LAYOUT.
     """
     folder = Path(folder)
-    if files is None and kind not in ("run", "demo", "data"):
+    if files is None and purpose not in ("run", "demo", "data"):
         files = sorted(p.name for p in folder.iterdir() if p.name not in (MARKER, LOCK))
-    info = {"kind": kind, "nanogpt_version": __version__, **facts}
+    info = {"purpose": purpose, "nanogpt_version": __version__, **facts}
     if files is not None:
         info["files"] = files
     (folder / MARKER).write_text(json.dumps(info, indent=2) + "\n")
@@ -179,10 +182,10 @@ class RunFolder:
         return (self.resume_point / STATE_JSON).is_file()
 
 
-def claim(path: str | Path, kind: str, *, force: bool = False, flag: str = "--out") -> bool:
-    """Check that `path` may be written as a `kind` folder; True if something there will be replaced.
+def claim(path: str | Path, purpose: str, *, force: bool = False, flag: str = "--out") -> bool:
+    """Check that `path` may be written as a folder for `purpose`; True if something there will be replaced.
 
-    Allowed: nothing there, an empty folder, a folder nanogpt wrote as the same kind (a training run only
+    Allowed: nothing there, an empty folder, a folder nanogpt wrote for the same purpose (a training run only
     while it holds no checkpoint: a run that stopped before its first one restarts by the same command),
     or anything at all with `force`. Refused otherwise, in one line that names the fix.
     """
@@ -191,22 +194,22 @@ def claim(path: str | Path, kind: str, *, force: bool = False, flag: str = "--ou
         return False
     if force:
         return True
-    what = KINDS[kind]
+    what = PURPOSES[purpose]
     if not path.is_dir():
         raise UserError(
             f"{flag} {path} is a file, not a folder; choose another {flag} or pass --force to replace it"
         )
     if not any(p.name not in (MARKER, LOCK) for p in path.iterdir()):
         return True
-    found = folder_kind(path)
+    found = folder_purpose(path)
     if found is None:
         raise UserError(
             f"{flag} {path} is a folder nanogpt did not write (it holds other files); choose another {flag} "
             f"or pass --force to replace it with {what}"
         )
-    if found != kind:
+    if found != purpose:
         raise UserError(
-            f"{flag} {path} holds {KINDS[found]}, not {what}; choose another {flag} or pass --force to replace it"
+            f"{flag} {path} holds {PURPOSES[found]}, not {what}; choose another {flag} or pass --force to replace it"
         )
     foreign = foreign_entries(path)
     if foreign:
@@ -215,7 +218,7 @@ def claim(path: str | Path, kind: str, *, force: bool = False, flag: str = "--ou
             f"{flag} {path} holds {what} but also files nanogpt did not write ({shown}); move them out, "
             f"choose another {flag}, or pass --force to replace the whole folder"
         )
-    if kind == "run" and RunFolder(path).has_checkpoint():
+    if purpose == "run" and RunFolder(path).has_checkpoint():
         raise UserError(
             f"{flag} {path} already holds a training run with checkpoints; pass --resume to continue it, "
             f"choose another {flag}, or pass --force to start it over"

@@ -20,7 +20,7 @@ import pytest
 
 from nanogpt import cli
 from nanogpt.config import ModelConfig, TrainConfig
-from nanogpt.folders import LOCK, MARKER, folder_kind
+from nanogpt.folders import LOCK, MARKER, folder_purpose
 from nanogpt.model.gpt import NanoGPTLMHeadModel
 from nanogpt.train.checkpoint import load_model, save_model
 from nanogpt.train.loop import train
@@ -117,7 +117,7 @@ def test_train_out_holds_a_run_with_checkpoints(capsys, small_data, config, copy
 
 def test_train_force_replaces_a_user_folder_and_marks_it(capsys, small_data, config, user_folder):
     assert cli.main(train_argv(small_data, user_folder, config, "--max-iters", "2", "--force")) == 0
-    assert not (user_folder / "notes.txt").exists() and folder_kind(user_folder) == "run"
+    assert not (user_folder / "notes.txt").exists() and folder_purpose(user_folder) == "run"
 
 
 def test_train_failure_before_any_write_leaves_nothing(capsys, tmp_path, config):
@@ -372,9 +372,9 @@ def test_import_replaces_an_earlier_import_and_force_replaces_a_user_folder(expo
     out = tmp_path / "ckpt"
     for _ in range(2):  # the second replaces the first without --force
         assert cli.main(["import", "--hf", str(exported), "--out", str(out)]) == 0
-    assert folder_kind(out) == "checkpoint" and load_model(out).config.d_model == 32
+    assert folder_purpose(out) == "checkpoint" and load_model(out).config.d_model == 32
     assert cli.main(["import", "--hf", str(exported), "--out", str(user_folder), "--force"]) == 0
-    assert not (user_folder / "notes.txt").exists() and folder_kind(user_folder) == "checkpoint"
+    assert not (user_folder / "notes.txt").exists() and folder_purpose(user_folder) == "checkpoint"
 
 
 @pytest.mark.parametrize("target", ["user_folder", "user_file", "trained_run"])
@@ -465,7 +465,7 @@ def earlier_demo(tmp_path, small_data, trained) -> Path:
     """A demo folder as `nanogpt demo` leaves it: its run (kind "demo"), its hf/ export and demo.json."""
     out = tmp_path / "demo"
     cfg = TrainConfig(batch_size=2, max_iters=2, eval_interval=2, eval_iters=1, warmup_iters=1, device="cpu")
-    train(ModelConfig(**MODEL), cfg, small_data, out, progress=False, kind="demo")
+    train(ModelConfig(**MODEL), cfg, small_data, out, progress=False, purpose="demo")
     assert cli.main(["export", "--model", str(out), "--out", str(out / "hf")]) == 0
     (out / "demo.json").write_text("{}\n")
     return out

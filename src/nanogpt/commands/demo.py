@@ -186,7 +186,7 @@ def run_demo(
     say(
         f"== 2/5 train preset {preset_name!r} for ~{minutes:g} min: {spi:.2f} s/iter measured -> {cfg.max_iters} iterations"
     )
-    res = train(model_cfg, cfg, data_dir, out, progress=progress, force=force, kind="demo")  # from scratch
+    res = train(model_cfg, cfg, data_dir, out, progress=progress, force=force, purpose="demo")  # from scratch
     # the step time training really had (evaluations excluded), and the load it ran under
     trained_spi = cfg.batch_size * model_cfg.context_length / res.tokens_per_s if res.tokens_per_s else spi
     machine = MachineLoad.now(max(spi, trained_spi), preset_name)

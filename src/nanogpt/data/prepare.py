@@ -58,7 +58,7 @@ from nanogpt.data.sources import (
 )
 from nanogpt.data.tokenizer import get_tokenizer
 from nanogpt.errors import UserError
-from nanogpt.folders import MARKER, claim, folder_kind, mark
+from nanogpt.folders import MARKER, claim, folder_purpose, mark
 
 SPLITS = ("train", "val")
 STATE = "prepare.state.json"  # progress of an unfinished run; removed once meta.json is written
@@ -406,7 +406,7 @@ def prepare(
         "shard_tokens": shard_tokens,
         "errors": errors,
     }
-    if (out / META).is_file() and not force and folder_kind(out) == "data":
+    if (out / META).is_file() and not force and folder_purpose(out) == "data":
         old = _settings_of(out)
         if old == settings:
             return _result(out, "unchanged")
@@ -420,7 +420,7 @@ def prepare(
     created = not out.exists()  # only a folder this call made may be removed again
     try:
         out.mkdir(parents=True, exist_ok=True)
-        if folder_kind(out) != "data":  # from the first shard on: a killed preparation is continued as ours
+        if folder_purpose(out) != "data":  # from the first shard on: a killed preparation is continued as ours
             mark(out, "data")
         return _prepare_into(out, created, src, settings, state_ok=not force, say=say, verbose=verbose)
     except OSError as e:

@@ -293,7 +293,7 @@ def train(
     loss_fn: TorchLoss | None = None,
     loss_log: LossLog | None = None,
     peak_flops: float | None = None,
-    kind: str = "run",
+    purpose: str = "run",
     trackers: Sequence[str] | None = None,
     label: str = "train",
     stage: dict[str, Any] | None = None,
@@ -305,7 +305,7 @@ def train(
     `loss_log` is the record such a loss keeps of its two halves (a `train.losses.LoggedLoss`'s `log`).
     `peak_flops` (per device) is the MFU denominator; default: `default_peak_flops`.
     `force` replaces whatever is at `out_dir` (else only a run that never wrote a checkpoint); `kind` is
-    the folder kind its marker records (`nanogpt.folders.KINDS`: "run", or "demo" for the demo's run).
+    what its marker says the folder is for (`nanogpt.folders.PURPOSES`: "run", or "demo" for the demo's run).
     `trackers` mirror the log to TensorBoard/W&B/MLflow (`nanogpt.train.tracking`; None: on resume, the
     run's own). `label` names the run on its progress bar ("distill" for a distillation). `stage` says what
     this stage is for the run's lineage (`train.lineage`: a distillation's name and teacher).
@@ -320,7 +320,7 @@ def train(
             Path(out_dir),
             resume=resume,
             force=force,
-            kind=kind,
+            purpose=purpose,
             rank=info.rank,
             world_size=info.world_size,
             init_from=init_from,

@@ -262,7 +262,7 @@ def open_run(
     *,
     resume: bool,
     force: bool,
-    kind: str = "run",
+    purpose: str = "run",
     rank: int = 0,
     world_size: int = 1,
     init_from: str | None = None,
@@ -278,15 +278,15 @@ def open_run(
     created, lock = not run.exists(), None
     try:
         if main:
-            if not resume and claim(run, kind, force=force) and not run.is_dir():
+            if not resume and claim(run, purpose, force=force) and not run.is_dir():
                 clear(run)  # a file at --out, replaced because of --force
             lock = RunLock(run).acquire()
             # look again under the lock: another process may have written the folder since
-            if not resume and claim(run, kind, force=force):
+            if not resume and claim(run, purpose, force=force):
                 clear(run, keep=(LOCK,))
         resume_from = _check_resume(run, model_cfg) if resume else None
         if main and not resume:
-            mark(run, kind)
+            mark(run, purpose)
         train_shards, val_shards = _open_data(data_dir, model_cfg)
         yield RunSetup(
             model_cfg=model_cfg,

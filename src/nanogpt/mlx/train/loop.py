@@ -203,7 +203,7 @@ def train(
     progress: bool = True,
     loss_fn: MlxLoss | None = None,
     peak_flops: float | None = None,
-    kind: str = "run",
+    purpose: str = "run",
     trackers: Sequence[str] | None = None,
     stage: dict[str, Any] | None = None,
 ) -> TrainResult:
@@ -221,7 +221,7 @@ def train(
         run,
         resume=resume,
         force=force,
-        kind=kind,
+        purpose=purpose,
         init_from=init_from,
         stage=stage,
     )
