@@ -36,7 +36,7 @@ def test_forward_and_reverse_kl_match_hand_values():
     fwd = 0.75 * LN(0.75 / 0.5) + 0.25 * LN(0.25 / 0.5)  # KL(p || q) = 0.130812
     rev = 0.5 * LN(0.5 / 0.75) + 0.5 * LN(0.5 / 0.25)  # KL(q || p) = 0.143841
     assert distill_parts(s, y, t, alpha=0.0).soft.item() == pytest.approx(fwd, abs=1e-12)
-    assert distill_parts(s, y, t, alpha=0.0, kind="reverse_kl").soft.item() == pytest.approx(rev, abs=1e-12)
+    assert distill_parts(s, y, t, alpha=0.0, divergence_name="reverse_kl").soft.item() == pytest.approx(rev, abs=1e-12)
     # alpha mixes the data's cross-entropy (ln 2 for a uniform student) with the soft loss
     assert distill_loss(s, y, t, alpha=0.5).item() == pytest.approx(0.5 * LN(2) + 0.5 * fwd, abs=1e-12)
     assert distill_loss(s, y, t, alpha=1.0).item() == pytest.approx(LN(2), abs=1e-12)
@@ -58,8 +58,8 @@ def test_jsd_matches_hand_value_and_is_symmetric_at_half():
     want = 0.5 * sum(a * LN(a / c) for a, c in zip(p, m, strict=True)) + 0.5 * sum(
         b * LN(b / c) for b, c in zip(q, m, strict=True)
     )
-    assert distill_parts(s, y, t, alpha=0.0, kind="jsd").soft.item() == pytest.approx(want, abs=1e-12)
-    swapped = distill_parts(t, y, s, alpha=0.0, kind="jsd").soft.item()
+    assert distill_parts(s, y, t, alpha=0.0, divergence_name="jsd").soft.item() == pytest.approx(want, abs=1e-12)
+    swapped = distill_parts(t, y, s, alpha=0.0, divergence_name="jsd").soft.item()
     assert swapped == pytest.approx(want, abs=1e-12)
     assert want <= LN(2)  # bounded
 
@@ -154,7 +154,7 @@ def runs(tmp_path_factory, small_data):
 
 def test_local_teacher_soft_loss_falls_through_train(runs, small_data, tmp_path):
     teacher = load_local_teacher(runs / "teacher")
-    assert teacher.kind == "nanogpt"
+    assert teacher.family == "nanogpt"
     loss_fn = DistillLossFn(teacher, alpha=0.0, T=1.0)  # pure soft loss: the student chases the teacher
     cfg = ModelConfig.load(runs / "student" / "config.json")
     res = train(
@@ -200,9 +200,9 @@ def test_other_vocab_teacher_is_refused(tmp_path, runs):
 
 
 def test_parse_teacher_specs():
-    assert parse_teacher("runs/big").kind == "local"
+    assert parse_teacher("runs/big").source == "local"
     s = parse_teacher("chat:openai/gpt-oss-20b@https://api.groq.com/openai/v1/")
-    assert (s.kind, s.model, s.base_url) == ("chat", "openai/gpt-oss-20b", "https://api.groq.com/openai/v1")
+    assert (s.source, s.model, s.base_url) == ("chat", "openai/gpt-oss-20b", "https://api.groq.com/openai/v1")
     with pytest.raises(UserError, match="completions:MODEL@BASE_URL"):
         parse_teacher("completions:gpt2")
     # the model ends at the first "@scheme://": a model name may hold "@"

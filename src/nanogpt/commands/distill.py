@@ -23,7 +23,7 @@ from nanogpt.commands.train import add_train_config_flags
 from nanogpt.config import TrainConfig, override, read_json
 from nanogpt.data.tokenizer import VOCAB_SIZE
 from nanogpt.distill.client import cached_answers
-from nanogpt.distill.losses import CROSS_VOCAB_KINDS, KINDS, TEACHER_KINDS
+from nanogpt.distill.losses import CROSS_VOCAB_METHODS, DIVERGENCES, TEACHER_SPECS
 from nanogpt.distill.teachers import TeacherSettings, TeacherSpec, api_config, make_loss_fn, parse_teacher
 from nanogpt.errors import ArgumentParser, UserError
 from nanogpt.folders import RunFolder, claim
@@ -47,10 +47,8 @@ DISTILL_PRESETS: dict[str, dict[str, Any]] = {
 # the teacher flags a run keeps in its distill.json; None = unset, so --resume keeps the run's own
 TEACHER_DEFAULTS: dict[str, Any] = {
     "teacher": None,
-    **{
-        k: getattr(TeacherSettings(), k)
-        for k in ("kind", "beta", "top_k", "prompts", "prompt_tokens", "reply_tokens")
-    },
+    "kind": TeacherSettings().method,  # --kind: the distillation method
+    **{k: getattr(TeacherSettings(), k) for k in ("beta", "top_k", "prompts", "prompt_tokens", "reply_tokens")},
 }
 BASE_TRAIN = TrainConfig(learning_rate=3e-5, min_lr=3e-5, warmup_iters=0, max_iters=15000)
 
@@ -59,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(
         prog="nanogpt distill",
         description="Distil a teacher into a student checkpoint (the card's second stage). Teacher SPEC: "
-        + TEACHER_KINDS,
+        + TEACHER_SPECS,
     )
     p.add_argument("--student", help="student run or checkpoint folder (its weights start the run)")
     p.add_argument("--teacher", help="teacher SPEC: a folder, completions:MODEL@URL or chat:MODEL@URL")
@@ -70,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, help="softmax temperature T (default 1)")
     p.add_argument(
         "--kind",
-        choices=(*KINDS, *CROSS_VOCAB_KINDS),
+        choices=(*DIVERGENCES, *CROSS_VOCAB_METHODS),
         help="local teacher: a divergence (same vocabulary; default forward_kl), or for a teacher of any "
         "vocabulary (HF folder, .gguf): uld (logits at aligned positions) or sequence (it writes text)",
     )
@@ -131,7 +129,7 @@ def resolve_train_config(args: argparse.Namespace) -> TrainConfig:
 def teacher_settings(args: argparse.Namespace) -> TeacherSettings:
     """The teacher flags (unset ones already filled by `resolve_teacher_settings`) as TeacherSettings."""
     return TeacherSettings(
-        kind=args.kind,
+        method=args.kind,
         beta=args.beta,
         dtype=args.teacher_dtype,
         top_k=args.top_k,
@@ -192,7 +190,7 @@ def resolve_teacher_settings(args: argparse.Namespace, saved: Path) -> TeacherSp
             flag = "--" + name.replace("_", "-")
             raise UserError(f"{flag} {value!r} is out of range: give an integer in [{lo}, {hi}]")
     api = api_config(spec, teacher_settings(args))  # ranges of --timeout, --retries, --concurrency
-    if spec.kind != "local":
+    if spec.source != "local":
         api.api_key()  # an unset --api-key-env variable stops the run before anything is written
     saved.parent.mkdir(parents=True, exist_ok=True)
     record = {name: getattr(args, name) for name in TEACHER_DEFAULTS}

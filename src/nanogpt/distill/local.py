@@ -15,7 +15,7 @@ from torch import nn
 from nanogpt.config import ModelConfig
 from nanogpt.data.tokenizer import VOCAB_SIZE
 from nanogpt.distill.chunked import Mix, chunked_distill_parts
-from nanogpt.distill.losses import TEACHER_KINDS, check_distill_settings
+from nanogpt.distill.losses import TEACHER_SPECS, check_distill_settings
 from nanogpt.errors import UserError, missing_extra
 from nanogpt.kernels.device import autocast, torch_dtype
 from nanogpt.train.checkpoint import unwrap
@@ -25,8 +25,9 @@ from nanogpt.train.losses import LossLog
 class LocalTeacher:
     """A frozen same-vocabulary model: `logits(x)` (B, T) -> (B, T, 50257) float32, no grad."""
 
-    def __init__(self, module: nn.Module, kind: str, context_length: int, dtype: str = "fp32") -> None:
-        self.module, self.kind, self.context_length, self.dtype = module.eval(), kind, context_length, dtype
+    def __init__(self, module: nn.Module, family: str, context_length: int, dtype: str = "fp32") -> None:
+        # family: "nanogpt" (a run of ours) or "hf" (a Hugging Face causal LM): how to reach its logits
+        self.module, self.family, self.context_length, self.dtype = module.eval(), family, context_length, dtype
         for p in self.module.parameters():
             p.requires_grad_(False)
 
@@ -43,7 +44,7 @@ class LocalTeacher:
         device = next(self.module.parameters()).device
         with autocast(device, self.dtype):
             out = self.module(x.to(device))
-        logits = out if self.kind == "nanogpt" else out.logits
+        logits = out if self.family == "nanogpt" else out.logits
         return logits[..., :VOCAB_SIZE].float()
 
     @torch.no_grad()
@@ -52,11 +53,11 @@ class LocalTeacher:
         self._check_context(x)
         device = next(self.module.parameters()).device
         with autocast(device, self.dtype):
-            if self.kind == "nanogpt":
+            if self.family == "nanogpt":
                 h = self.module(x.to(device), hidden=True)
             else:  # a Hugging Face causal LM: its base model's last hidden state (after the final norm)
                 h = self.module.base_model(x.to(device)).last_hidden_state
-        head = self.module.get_output_embeddings() if self.kind != "nanogpt" else self.module.lm_head
+        head = self.module.get_output_embeddings() if self.family != "nanogpt" else self.module.lm_head
         if getattr(head, "bias", None) is not None:
             raise UserError("the teacher's output head has a bias; chunked distillation supports bias-free heads")
         return h.to(x.device), head.weight[:VOCAB_SIZE].to(x.device)
@@ -82,7 +83,7 @@ def load_local_teacher(
     torch_dtype(dtype)
     if not p.exists():
         raise UserError(
-            f"teacher {p} not found; the teacher SPEC is a local folder or one of: {TEACHER_KINDS}"
+            f"teacher {p} not found; the teacher SPEC is a local folder or one of: {TEACHER_SPECS}"
         )
     cfg_file = p / CONFIG
     hf = cfg_file.is_file() and "model_type" in json.loads(cfg_file.read_text())
@@ -91,7 +92,7 @@ def load_local_teacher(
         cfg = ModelConfig.load(folder / CONFIG)
         if cfg.vocab_size != VOCAB_SIZE:
             raise UserError(
-                f"teacher {p} has vocab_size {cfg.vocab_size}, not GPT-2's {VOCAB_SIZE}; use " + TEACHER_KINDS
+                f"teacher {p} has vocab_size {cfg.vocab_size}, not GPT-2's {VOCAB_SIZE}; use " + TEACHER_SPECS
             )
         model = load_model(folder, device=device)
         return LocalTeacher(model, "nanogpt", cfg.context_length, dtype)
@@ -127,12 +128,12 @@ class DistillLossFn:
         teacher: LocalTeacher,
         alpha: float = 0.5,
         T: float = 1.0,
-        kind: str = "forward_kl",
+        divergence: str = "forward_kl",
         beta: float = 0.5,
         log: LossLog | None = None,
     ) -> None:
-        check_distill_settings(alpha, T, kind, beta)
-        self.teacher, self.alpha, self.T, self.kind, self.beta = teacher, alpha, T, kind, beta
+        check_distill_settings(alpha, T, divergence, beta)
+        self.teacher, self.mix = teacher, Mix(alpha, T, divergence, beta)
         self.log = log if log is not None else LossLog()
 
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -140,7 +141,6 @@ class DistillLossFn:
         h = model(x, hidden=True)  # (B, T, d), through DDP's forward when wrapped
         t_h, t_head = self.teacher.hidden(x)  # (B, T, d_t), (V, d_t), no grad
         head = unwrap(model).lm_head.weight
-        mix = Mix(self.alpha, self.T, self.kind, self.beta)
-        parts = chunked_distill_parts((h, head), (t_h, t_head), y, mix)
+        parts = chunked_distill_parts((h, head), (t_h, t_head), y, self.mix)
         self.log.record(parts.hard, parts.soft)
         return parts.total

@@ -12,7 +12,7 @@ computed depends on what the teacher exposes (see `nanogpt.distill.teachers`):
 - a local teacher with another vocabulary gives full distributions over *its* tokens: `uld_loss`, the
   Universal Logit Distillation loss on sorted probabilities (positions aligned by `nanogpt.distill.uld`).
 
-    loss = distill_loss(student_logits, targets, teacher_logits, alpha=0.5, T=2.0, kind="forward_kl")
+    loss = distill_loss(student_logits, targets, teacher_logits, alpha=0.5, T=2.0, divergence_name="forward_kl")
 """
 
 from __future__ import annotations
@@ -25,10 +25,10 @@ import torch.nn.functional as F
 
 from nanogpt.errors import UserError
 
-KINDS = ("forward_kl", "reverse_kl", "jsd")
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 # what a local teacher of any vocabulary can give instead of a same-vocabulary divergence
-CROSS_VOCAB_KINDS = ("uld", "sequence")
-TEACHER_KINDS = (
+CROSS_VOCAB_METHODS = ("uld", "sequence")
+TEACHER_SPECS = (
     "a local teacher (nanogpt run, Hugging Face folder or .gguf file; one with another vocabulary takes "
     "--kind sequence or --kind uld), completions:MODEL@URL (token-level API serving our tokenizer), or "
     "chat:MODEL@URL (sequence-level, any tokenizer)"
@@ -55,23 +55,23 @@ def _kl_from_logprobs(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
 
 
 def divergence(
-    logp: torch.Tensor, logq: torch.Tensor, kind: str = "forward_kl", beta: float = 0.5
+    logp: torch.Tensor, logq: torch.Tensor, name: str = "forward_kl", beta: float = 0.5
 ) -> torch.Tensor:
     """D(teacher p || student q) per row, from log-probabilities (N, K) -> (N,).
 
     forward_kl: KL(p||q) (mass-covering, classic KD); reverse_kl: KL(q||p) (mode-seeking);
     jsd: beta*KL(p||m) + (1-beta)*KL(q||m) with m = beta*p + (1-beta)*q (bounded, symmetric at 0.5).
     """
-    if kind == "forward_kl":
+    if name == "forward_kl":
         return _kl_from_logprobs(logp, logq)
-    if kind == "reverse_kl":
+    if name == "reverse_kl":
         return _kl_from_logprobs(logq, logp)
-    if kind == "jsd":
+    if name == "jsd":
         if not 0.0 < beta < 1.0:
             raise UserError(f"jsd beta={beta} must be in (0, 1); e.g. --beta 0.5")
         logm = torch.logsumexp(torch.stack([logp + math.log(beta), logq + math.log(1 - beta)]), dim=0)
         return beta * _kl_from_logprobs(logp, logm) + (1 - beta) * _kl_from_logprobs(logq, logm)
-    raise UserError(f"unknown divergence kind {kind!r}; use one of {', '.join(KINDS)}")
+    raise UserError(f"unknown divergence {name!r}; use one of {', '.join(DIVERGENCES)}")
 
 
 def distill_parts(
@@ -80,21 +80,21 @@ def distill_parts(
     teacher_logits: torch.Tensor,
     alpha: float = 0.5,
     T: float = 1.0,
-    kind: str = "forward_kl",
+    divergence_name: str = "forward_kl",
     beta: float = 0.5,
 ) -> LossParts:
     """`distill_loss` with its halves: logits (..., V), targets (...) int64; means over positions."""
     V = student_logits.size(-1)
     if teacher_logits.size(-1) != V:
         raise UserError(
-            f"teacher has {teacher_logits.size(-1)} logits per token, the student {V}; " + TEACHER_KINDS
+            f"teacher has {teacher_logits.size(-1)} logits per token, the student {V}; " + TEACHER_SPECS
         )
     s = student_logits.reshape(-1, V)  # (N, V)
     hard = F.cross_entropy(s, targets.reshape(-1))
     logq = F.log_softmax(s / T, dim=-1)
     logp = F.log_softmax(teacher_logits.reshape(-1, V).to(s.dtype) / T, dim=-1)
     # T^2 keeps the soft gradient's size independent of T (Hinton et al. 2015)
-    soft = (T * T) * divergence(logp, logq, kind, beta).mean()
+    soft = (T * T) * divergence(logp, logq, divergence_name, beta).mean()
     return LossParts(alpha * hard + (1 - alpha) * soft, hard, soft)
 
 
@@ -104,11 +104,11 @@ def distill_loss(
     teacher_logits: torch.Tensor,
     alpha: float = 0.5,
     T: float = 1.0,
-    kind: str = "forward_kl",
+    divergence_name: str = "forward_kl",
     beta: float = 0.5,
 ) -> torch.Tensor:
     """alpha * CE(student, targets) + (1 - alpha) * T^2 * D(teacher_T || student_T), a scalar."""
-    return distill_parts(student_logits, targets, teacher_logits, alpha, T, kind, beta).total
+    return distill_parts(student_logits, targets, teacher_logits, alpha, T, divergence_name, beta).total
 
 
 def bucket_logprobs(
@@ -214,13 +214,13 @@ def uld_parts(
 
 
 def check_distill_settings(
-    alpha: float, T: float, kind: str, beta: float, kinds: tuple[str, ...] = KINDS
+    alpha: float, T: float, method: str, beta: float, methods: tuple[str, ...] = DIVERGENCES
 ) -> None:
     if not 0.0 <= alpha <= 1.0:
         raise UserError(f"alpha={alpha} must be in [0, 1] (the weight of the hard loss); e.g. --alpha 0.5")
     if not (math.isfinite(T) and T > 0):
         raise UserError(f"temperature={T} must be > 0; e.g. --temperature 2")
-    if kind not in kinds:
-        raise UserError(f"unknown divergence kind {kind!r}; use one of {', '.join(kinds)}")
-    if kind == "jsd" and not 0.0 < beta < 1.0:
+    if method not in methods:
+        raise UserError(f"unknown divergence {method!r}; use one of {', '.join(methods)}")
+    if method == "jsd" and not 0.0 < beta < 1.0:
         raise UserError(f"jsd beta={beta} must be in (0, 1); e.g. --beta 0.5")

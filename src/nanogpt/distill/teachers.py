@@ -1,4 +1,4 @@
-"""Distillation teachers: the teacher SPEC and, for each kind of teacher, the trainer's `loss_fn`.
+"""Distillation teachers: the teacher SPEC and, for each source of teacher, the trainer's `loss_fn`.
 
 A SPEC picks one of three paths (see `nanogpt.distill.losses` for the losses):
 
@@ -31,7 +31,7 @@ from nanogpt.config import ModelConfig, TrainConfig
 from nanogpt.distill.client import ApiConfig, check_base_url
 from nanogpt.distill.crossvocab import is_gguf
 from nanogpt.distill.local import DistillLossFn, load_local_teacher
-from nanogpt.distill.losses import CROSS_VOCAB_KINDS, KINDS, check_distill_settings
+from nanogpt.distill.losses import CROSS_VOCAB_METHODS, DIVERGENCES, check_distill_settings
 from nanogpt.distill.sequence import MixedDataLoss, build_sequence_data
 from nanogpt.errors import UserError
 from nanogpt.kernels.device import resolve_device
@@ -42,24 +42,24 @@ DISTILL_LOG = "distill_log.jsonl"  # in the teacher folder: the hard/soft halves
 
 @dataclass(frozen=True)
 class TeacherSpec:
-    """A parsed --teacher: kind "local" (path), "completions" or "chat" (model @ base URL)."""
+    """A parsed --teacher: its source "local" (path), "completions" or "chat" (model @ base URL)."""
 
-    kind: str
+    source: str
     path: str = ""
     model: str = ""
     base_url: str = ""
 
 
 def parse_teacher(spec: str) -> TeacherSpec:
-    for kind in ("completions", "chat"):
-        if spec.startswith(kind + ":"):
+    for source in ("completions", "chat"):
+        if spec.startswith(source + ":"):
             # MODEL ends at the first "@scheme://" (a model name may hold "@", a URL's user:password part too)
-            m = re.fullmatch(r"(.+?)@([A-Za-z][A-Za-z0-9+.-]*://.*)", spec[len(kind) + 1 :], re.S)
+            m = re.fullmatch(r"(.+?)@([A-Za-z][A-Za-z0-9+.-]*://.*)", spec[len(source) + 1 :], re.S)
             if m is None:
                 raise UserError(
-                    f"--teacher {spec!r}: write {kind}:MODEL@BASE_URL, e.g. {kind}:gpt2@http://127.0.0.1:8000/v1"
+                    f"--teacher {spec!r}: write {source}:MODEL@BASE_URL, e.g. {source}:gpt2@http://127.0.0.1:8000/v1"
                 )
-            return TeacherSpec(kind, model=m[1], base_url=check_base_url(m[2]))
+            return TeacherSpec(source, model=m[1], base_url=check_base_url(m[2]))
     if spec.startswith(("http://", "https://")):
         raise UserError(f"--teacher {spec!r} is a URL; write completions:MODEL@URL or chat:MODEL@URL")
     return TeacherSpec("local", path=spec)
@@ -69,7 +69,7 @@ def parse_teacher(spec: str) -> TeacherSpec:
 class TeacherSettings:
     """How to use a teacher: the divergence (local), top-k (completions), the chat data set, the API client."""
 
-    kind: str = "forward_kl"  # local teacher: forward_kl | reverse_kl | jsd | uld | sequence
+    method: str = "forward_kl"  # local teacher (--kind): forward_kl | reverse_kl | jsd | uld | sequence
     beta: float = 0.5  # jsd mixture weight
     dtype: str = "fp32"  # local teacher precision (autocast)
     top_k: int = 20  # completions: top-k logprobs asked per position
@@ -113,16 +113,16 @@ def make_loss_fn(
     rerun).
     """
     alpha, T, s = cfg.distill_alpha, cfg.distill_temperature, settings
-    check_distill_settings(alpha, T, s.kind, s.beta, kinds=(*KINDS, *CROSS_VOCAB_KINDS))
+    check_distill_settings(alpha, T, s.method, s.beta, methods=(*DIVERGENCES, *CROSS_VOCAB_METHODS))
     log = LossLog(cache_dir / DISTILL_LOG)
-    if spec.kind == "local":
+    if spec.source == "local":
         device = resolve_device(cfg.device)
-        if s.kind == "uld":
+        if s.method == "uld":
             from nanogpt.distill.crossvocab import load_text_teacher
             from nanogpt.distill.uld import UldLossFn
 
             return UldLossFn(load_text_teacher(spec.path, device, s.dtype), alpha, T, log)
-        if s.kind == "sequence":
+        if s.method == "sequence":
             return local_sequence_loss(spec, s, cfg, model_cfg, data, cache_dir, log)
         if is_gguf(spec.path):
             raise UserError(
@@ -130,17 +130,17 @@ def make_loss_fn(
                 "writes text) or --kind uld (logits across vocabularies)"
             )
         teacher = load_local_teacher(spec.path, device, s.dtype)
-        return DistillLossFn(teacher, alpha, T, s.kind, s.beta, log)
-    if s.kind == "uld" or (s.kind == "sequence" and spec.kind == "completions"):
+        return DistillLossFn(teacher, alpha, T, s.method, s.beta, log)
+    if s.method == "uld" or (s.method == "sequence" and spec.source == "completions"):
         raise UserError(
-            f"--kind {s.kind} does not apply to a {spec.kind}: teacher; use --kind uld or sequence with a local "
+            f"--kind {s.method} does not apply to a {spec.source}: teacher; use --kind uld or sequence with a local "
             "teacher, chat:MODEL@URL for text from an API"
         )
     from nanogpt.distill import api as teachers  # the HTTP client and its cache: API teachers only
 
     hint = {} if down_hint is None else {"down_hint": down_hint}
     client = teachers.ApiClient(api_config(spec, s), teachers.AnswerCache(cache_dir / "cache.sqlite"), **hint)
-    if spec.kind == "completions":
+    if spec.source == "completions":
         return teachers.TopKDistillLoss(client, s.top_k, alpha, T, skip_bad=s.skip_bad, log=log)
     chat_data = teachers.build_chat_data(
         client,
