@@ -159,3 +159,22 @@ def test_the_shipped_recipes_plan(capsys):
     out = capsys.readouterr().out
     assert "--teacher chat:openai/gpt-oss-20b@https://api.groq.com/openai/v1" in out
     assert "--api-key-env GROQ_API_KEY" in out and "--preset card" in out
+
+
+def test_the_recipe_in_mlx(recipe_file, tmp_path):
+    """--backend mlx: base, teacher and eval in MLX, distillation in PyTorch from the MLX base; the card tells it."""
+    pytest.importorskip("mlx.core")
+    recipe = {**RECIPE, "teacher": {**RECIPE["teacher"], "max_iters": 6}}
+    recipe["distill"] = {**RECIPE["distill"], "max_iters": 8}
+    recipe["prepare"] = {"source": "builtin", "max_tokens": 60_000}
+    path = tmp_path / "mlx.json"
+    path.write_text(json.dumps(recipe))
+    work = tmp_path / "work"
+    r = run_nanogpt([*recipe_argv(path, work), "--backend", "mlx"], timeout=900)
+    assert r.returncode == 0, r.stderr
+    assert "train --data" in r.stdout and r.stdout.count("--backend mlx") >= 3  # base, teacher, eval
+    assert "distillation runs in PyTorch" in r.stdout
+    state = json.loads((work / "recipe.json").read_text())
+    assert state["done"] == ["prepare", "base", "teacher", "distill", "eval", "export"]
+    card = (work / "export" / "remote-code" / "README.md").read_text()
+    assert "Total iterations across stages:** 14" in card  # 6 base + 8 distilled
