@@ -283,6 +283,7 @@ def test_distill_skip_bad_messages_and_files_are_redacted(serve, key, student, s
     assert cli.main(argv) == 0
     err = capsys.readouterr().err
     assert "skipped a teacher answer" in err and KEY not in err and "***" in err
+    assert "(--api-key-env names the variable)" in err and "`api_key_env`" not in err  # the CLI's words
     assert (tmp_path / "kd.teacher" / "distill_log.jsonl").is_file()
     assert_no_key_anywhere(tmp_path)
 

@@ -36,7 +36,9 @@ def test_forward_and_reverse_kl_match_hand_values():
     fwd = 0.75 * LN(0.75 / 0.5) + 0.25 * LN(0.25 / 0.5)  # KL(p || q) = 0.130812
     rev = 0.5 * LN(0.5 / 0.75) + 0.5 * LN(0.5 / 0.25)  # KL(q || p) = 0.143841
     assert distill_parts(s, y, t, alpha=0.0).soft.item() == pytest.approx(fwd, abs=1e-12)
-    assert distill_parts(s, y, t, alpha=0.0, divergence_name="reverse_kl").soft.item() == pytest.approx(rev, abs=1e-12)
+    assert distill_parts(s, y, t, alpha=0.0, divergence_name="reverse_kl").soft.item() == pytest.approx(
+        rev, abs=1e-12
+    )
     # alpha mixes the data's cross-entropy (ln 2 for a uniform student) with the soft loss
     assert distill_loss(s, y, t, alpha=0.5).item() == pytest.approx(0.5 * LN(2) + 0.5 * fwd, abs=1e-12)
     assert distill_loss(s, y, t, alpha=1.0).item() == pytest.approx(LN(2), abs=1e-12)
@@ -58,7 +60,9 @@ def test_jsd_matches_hand_value_and_is_symmetric_at_half():
     want = 0.5 * sum(a * LN(a / c) for a, c in zip(p, m, strict=True)) + 0.5 * sum(
         b * LN(b / c) for b, c in zip(q, m, strict=True)
     )
-    assert distill_parts(s, y, t, alpha=0.0, divergence_name="jsd").soft.item() == pytest.approx(want, abs=1e-12)
+    assert distill_parts(s, y, t, alpha=0.0, divergence_name="jsd").soft.item() == pytest.approx(
+        want, abs=1e-12
+    )
     swapped = distill_parts(t, y, s, alpha=0.0, divergence_name="jsd").soft.item()
     assert swapped == pytest.approx(want, abs=1e-12)
     assert want <= LN(2)  # bounded
@@ -208,6 +212,37 @@ def test_parse_teacher_specs():
     # the model ends at the first "@scheme://": a model name may hold "@"
     s = parse_teacher("completions:org/m@v2@http://127.0.0.1:8000/v1")
     assert (s.model, s.base_url) == ("org/m@v2", "http://127.0.0.1:8000/v1")
+
+
+def test_library_refusals_name_settings_and_the_command_names_flags(monkeypatch):
+    """The library speaks no CLI: a refusal marks the setting (`method`, `timeout`...); `nanogpt distill` says
+    the flag in its place, so the CLI line is what it always was."""
+    from nanogpt.commands.distill import FLAGS, flagged
+    from nanogpt.distill.client import ApiConfig
+    from nanogpt.distill.losses import TEACHER_SPECS, check_distill_settings
+    from nanogpt.errors import SettingError
+
+    monkeypatch.delenv("NANOGPT_UNSET_KEY", raising=False)
+    refusals = []
+    for call in (
+        lambda: parse_teacher("http://127.0.0.1:8000/v1"),
+        lambda: ApiConfig("http://127.0.0.1:9/v1", "m", timeout=0),
+        lambda: ApiConfig(
+            "http://127.0.0.1:9/v1", "m", api_key_env="NANOGPT_UNSET_KEY", key_required=True
+        ).api_key(),
+        lambda: check_distill_settings(0.5, 1.0, "jsd", 1.5),
+    ):
+        with pytest.raises(SettingError) as e:
+            call()
+        refusals.append(e.value)
+    assert [e.setting for e in refusals] == ["teacher", "timeout", "api_key_env", "beta"]
+    assert all("--" not in str(e) and f"`{e.setting}`" in str(e) for e in refusals)
+    said = [str(e.with_flags(FLAGS)) for e in refusals]
+    assert said[0].startswith("--teacher 'http://") and "`" not in said[0]
+    assert said[1] == "--timeout 0 is out of range: give seconds in (0, 86400]"
+    assert said[2].startswith("--api-key-env NANOGPT_UNSET_KEY: that environment variable is not set")
+    assert said[3].endswith("e.g. --beta 0.5")
+    assert "--kind" not in TEACHER_SPECS and "--kind sequence or --kind uld" in flagged(TEACHER_SPECS)
 
 
 def test_distill_command_local_teacher_and_resume(runs, small_data, tmp_path, capsys):

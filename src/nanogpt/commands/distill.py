@@ -25,7 +25,7 @@ from nanogpt.data.tokenizer import VOCAB_SIZE
 from nanogpt.distill.client import cached_answers
 from nanogpt.distill.losses import CROSS_VOCAB_METHODS, DIVERGENCES, TEACHER_SPECS
 from nanogpt.distill.teachers import TeacherSettings, TeacherSpec, api_config, make_loss_fn, parse_teacher
-from nanogpt.errors import ArgumentParser, UserError
+from nanogpt.errors import ArgumentParser, SettingError, UserError
 from nanogpt.folders import RunFolder, claim
 from nanogpt.train.checkpoint import load_config_of, saved_data_dir
 from nanogpt.train.lineage import public_spec
@@ -48,16 +48,43 @@ DISTILL_PRESETS: dict[str, dict[str, Any]] = {
 TEACHER_DEFAULTS: dict[str, Any] = {
     "teacher": None,
     "kind": TeacherSettings().method,  # --kind: the distillation method
-    **{k: getattr(TeacherSettings(), k) for k in ("beta", "top_k", "prompts", "prompt_tokens", "reply_tokens")},
+    **{
+        k: getattr(TeacherSettings(), k)
+        for k in ("beta", "top_k", "prompts", "prompt_tokens", "reply_tokens")
+    },
 }
 BASE_TRAIN = TrainConfig(learning_rate=3e-5, min_lr=3e-5, warmup_iters=0, max_iters=15000)
+# the flag of each setting the distill library names in a refusal (`SettingError.with_flags`)
+FLAGS = {
+    "teacher": "--teacher",
+    "method": "--kind",
+    "alpha": "--alpha",
+    "temperature": "--temperature",
+    "beta": "--beta",
+    "dtype": "--teacher-dtype",
+    "top_k": "--top-k",
+    "prompts": "--prompts",
+    "prompt_tokens": "--prompt-tokens",
+    "reply_tokens": "--reply-tokens",
+    "skip_bad": "--skip-bad",
+    "api_key_env": "--api-key-env",
+    "concurrency": "--concurrency",
+    "timeout": "--timeout",
+    "retries": "--retries",
+    "cache_dir": "--cache-dir",
+}
+
+
+def flagged(text: str) -> str:
+    """A library text (a refusal, TEACHER_SPECS) as this command says it: each marked setting as its flag."""
+    return str(SettingError("", text).with_flags(FLAGS))
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(
         prog="nanogpt distill",
         description="Distil a teacher into a student checkpoint (the card's second stage). Teacher SPEC: "
-        + TEACHER_SPECS,
+        + flagged(TEACHER_SPECS),
     )
     p.add_argument("--student", help="student run or checkpoint folder (its weights start the run)")
     p.add_argument("--teacher", help="teacher SPEC: a folder, completions:MODEL@URL or chat:MODEL@URL")
@@ -108,7 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     api.add_argument(
         "--reply-tokens", type=int, help="chat/sequence: max tokens per teacher reply (default 256)"
     )
-    add_train_config_flags(p, skip_prefix="distill_", presets=False)  # defaults: the card's distillation stage
+    add_train_config_flags(
+        p, skip_prefix="distill_", presets=False
+    )  # defaults: the card's distillation stage
     return p
 
 
@@ -220,7 +249,13 @@ def drop_unused_teacher_folder(cache_dir: Path, run: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        return distill(build_parser().parse_args(argv))
+    except SettingError as e:  # the library names its settings; this command names their flags
+        raise e.with_flags(FLAGS) from None
+
+
+def distill(args: argparse.Namespace) -> int:
     apply_threads(args)
     trackers = parse_trackers(args.tracker)
     check_installed(trackers)
@@ -250,6 +285,7 @@ def main(argv: list[str] | None = None) -> int:
             data,
             cache_dir,
             down_hint=lambda: rerun_hint(run),
+            wording=lambda e: flagged(str(e)),
         )
         result = train(
             model_cfg,

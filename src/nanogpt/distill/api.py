@@ -51,7 +51,7 @@ from nanogpt.distill.sequence import (  # noqa: F401  (sequence-level names this
     build_sequence_data,
     draw_prompts,
 )
-from nanogpt.errors import UserError
+from nanogpt.errors import SettingError
 from nanogpt.train.losses import LossLog
 
 OTHER_TOKENIZER = "teacher uses another tokenizer"
@@ -132,7 +132,7 @@ def parse_topk(answer: dict[str, Any], window: Sequence[int], k: int, tok: Token
             if isinstance(logprob, bool) or not isinstance(logprob, int | float) or not logprob < math.inf:
                 raise TeacherError(
                     f"teacher gave the logprob {str(logprob)[:40]!r} for {str(s)[:40]!r} at prompt position "
-                    f"{t + 1}, not a number; check that --teacher is an OpenAI-compatible completions API"
+                    f"{t + 1}, not a number; check that `teacher` is an OpenAI-compatible completions API"
                 )
         best = sorted(entry.items(), key=lambda kv: -kv[1])[:k]
         for j, (s, logprob) in enumerate(best):
@@ -157,8 +157,8 @@ class TopKDistillLoss:
         log: LossLog | None = None,
     ) -> None:
         if not 1 <= k <= VOCAB_SIZE:
-            raise UserError(
-                f"--top-k {k} is out of range: give an integer in [1, {VOCAB_SIZE}], e.g. --top-k 20"
+            raise SettingError(
+                "top_k", f"`top_k` {k} is out of range: give an integer in [1, {VOCAB_SIZE}], e.g. `top_k` 20"
             )
         self.client, self.k, self.alpha, self.T, self.skip_bad = client, k, alpha, T, skip_bad
         self.log = log if log is not None else LossLog()
@@ -215,12 +215,13 @@ def chat_reply(answer: dict[str, Any]) -> str:
         reply = answer["choices"][0]["message"]["content"]
     except (KeyError, IndexError, TypeError):
         raise TeacherError(
-            "chat teacher reply has no choices[0].message.content; check the model name and that --teacher "
+            "chat teacher reply has no choices[0].message.content; check the model name and that `teacher` "
             "is an OpenAI-compatible chat API"
         ) from None
     if not isinstance(reply, str) or not reply.strip():
         raise TeacherError(
-            "chat teacher gave an empty reply (a reasoning model out of max_tokens?); raise --reply-tokens"
+            "chat teacher gave an empty reply (a reasoning model out of max_tokens?); raise `reply_tokens`",
+            setting="reply_tokens",
         )
     return reply
 

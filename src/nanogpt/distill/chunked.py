@@ -100,7 +100,9 @@ class _ChunkedDistill(torch.autograd.Function):
     def backward(ctx: Any, grad_total: torch.Tensor, *_: Any) -> tuple[Any, ...]:  # type: ignore[override]
         grad_h, grad_w = ctx.saved_tensors
         gh = grad_h * grad_total if grad_h is not None and ctx.needs_input_grad[0] else None
-        gw = (grad_w * grad_total).to(grad_w.dtype) if grad_w is not None and ctx.needs_input_grad[1] else None
+        gw = (
+            (grad_w * grad_total).to(grad_w.dtype) if grad_w is not None and ctx.needs_input_grad[1] else None
+        )
         return gh, gw, None, None, None, None
 
 
@@ -125,6 +127,11 @@ def chunked_distill_parts(
     (h, weight), (t_h, t_weight) = student, teacher
     settings = (mix.alpha, mix.T, mix.divergence, mix.beta)
     total, hard, soft = _ChunkedDistill.apply(
-        h.flatten(0, -2), weight, t_h.flatten(0, -2).detach(), t_weight.detach(), targets.reshape(-1), settings
+        h.flatten(0, -2),
+        weight,
+        t_h.flatten(0, -2).detach(),
+        t_weight.detach(),
+        targets.reshape(-1),
+        settings,
     )
     return LossParts(total, hard, soft)

@@ -10,6 +10,9 @@ Three rules, because the client holds a credential and pays for every answer:
 - every text made from what a server or a request said goes through `redact` (the configured key, and any
   Authorization/Bearer/api-key value) before it reaches an exception, stderr, a log or a file.
 
+Refusals name settings, not flags: a `SettingError` marks a setting as `teacher`, `timeout`... and the command
+that took it from a flag says the flag there (`SettingError.with_flags`); `TeacherError` is one too.
+
     client = ApiClient(ApiConfig("http://127.0.0.1:8000/v1", "gpt2"), AnswerCache("cache.sqlite"))
 """
 
@@ -35,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from nanogpt.errors import UserError
+from nanogpt.errors import SettingError, UserError
 
 T_ = TypeVar("T_")
 RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
@@ -45,12 +48,22 @@ REDACTED = "***"
 EXAMPLE_SPEC = "completions:gpt2@http://127.0.0.1:8000/v1"
 
 
-class TeacherError(UserError):
-    """A teacher answer could not be had or used (one line; `--skip-bad` counts and skips it instead)."""
+class TeacherError(SettingError):
+    """A teacher answer could not be had or used (one line; `skip_bad` counts and skips it instead).
+
+    A `SettingError` of the teacher (or of `setting`, when another one is the fix), so that a command says the
+    flags its message marks; the class, not the setting, is what the training loop acts on.
+    """
+
+    def __init__(self, message: str, setting: str = "teacher") -> None:
+        super().__init__(setting, message)
+
+    def __reduce__(self) -> tuple[type[TeacherError], tuple[Any, ...]]:
+        return type(self), (str(self), self.setting)
 
 
 class TeacherDown(TeacherError):
-    """The teacher did not answer within the retries: the run stops even with `--skip-bad`."""
+    """The teacher did not answer within the retries: the run stops even with `skip_bad`."""
 
 
 # --- redaction -----------------------------------------------------------------------------------------------
@@ -116,8 +129,9 @@ def check_base_url(url: str) -> str:
         )
     if p.username is not None or p.password is not None:
         shown = urllib.parse.urlunsplit(p._replace(netloc=f"{REDACTED}@{p.netloc.rpartition('@')[2]}"))
-        raise UserError(
-            f"teacher URL {shown} holds a user:password part; put the key in the env var named by --api-key-env"
+        raise SettingError(
+            "teacher",
+            f"teacher URL {shown} holds a user:password part; put the key in the env var named by `api_key_env`",
         )
     if not p.hostname or port == 0:
         raise UserError(f"teacher URL {url!r} has no host; write http://HOST:PORT/v1, e.g. {EXAMPLE_SPEC}")
@@ -137,22 +151,24 @@ class _SameOriginRedirects(urllib.request.HTTPRedirectHandler):
     def redirect_request(self, req, fp, code, msg, headers, newurl):  # type: ignore[override]
         if origin(newurl) != origin(req.full_url):
             fp.close()
-            raise UserError(
+            raise SettingError(
+                "teacher",
                 redact(
                     f"teacher API {req.full_url} redirects (HTTP {code}) to another origin, "
-                    f"{_origin_text(newurl)}; the API key is never sent there: if you trust it, point --teacher "
+                    f"{_origin_text(newurl)}; the API key is never sent there: if you trust it, point `teacher` "
                     "at the final URL",
                     self.key,
-                )
+                ),
             )
         if code not in (307, 308):
             fp.close()
-            raise UserError(
+            raise SettingError(
+                "teacher",
                 redact(
                     f"teacher API {req.full_url} redirects (HTTP {code}) to {newurl}, which turns a POST into a "
-                    "GET; point --teacher at the final URL",
+                    "GET; point `teacher` at the final URL",
                     self.key,
-                )
+                ),
             )
         return urllib.request.Request(
             newurl,
@@ -188,8 +204,9 @@ class AnswerCache:
             )
             self._db.commit()
         except sqlite3.DatabaseError as e:
-            raise UserError(
-                f"teacher cache {self.path} cannot be used ({e}); move it away or give another --cache-dir"
+            raise SettingError(
+                "cache_dir",
+                f"teacher cache {self.path} cannot be used ({e}); move it away or give another `cache_dir`",
             ) from None
         self.hits = self.misses = 0
 
@@ -240,30 +257,32 @@ class ApiConfig:
     timeout: float = 60.0  # seconds per request
     retries: int = 5  # after the first try
     backoff: float = 1.0  # first wait; doubles each retry (Retry-After wins when given)
-    key_required: bool = False  # True when --api-key-env was given: an unset variable is then an error
+    key_required: bool = False  # True when the caller named api_key_env: an unset variable is then an error
 
     def __post_init__(self) -> None:
-        for flag, value, ok, want in (
+        for name, value, ok, want in (
             (
-                "--timeout",
+                "timeout",
                 self.timeout,
                 0 < self.timeout <= MAX_TIMEOUT_S,
                 f"seconds in (0, {MAX_TIMEOUT_S:g}]",
             ),
-            ("--retries", self.retries, 0 <= self.retries <= 100, "an integer in [0, 100]"),
-            ("--concurrency", self.concurrency, 1 <= self.concurrency <= 256, "an integer in [1, 256]"),
+            ("retries", self.retries, 0 <= self.retries <= 100, "an integer in [0, 100]"),
+            ("concurrency", self.concurrency, 1 <= self.concurrency <= 256, "an integer in [1, 256]"),
             ("backoff", self.backoff, 0 <= self.backoff <= MAX_WAIT_S, f"seconds in [0, {MAX_WAIT_S:g}]"),
         ):
             if not (math.isfinite(value) and ok):  # NaN fails every comparison: checked explicitly
-                raise UserError(f"{flag} {value} is out of range: give {want}")
+                shown = f"`{name}`" if name != "backoff" else name  # backoff is no command's flag
+                raise SettingError(name, f"{shown} {value} is out of range: give {want}")
 
     def api_key(self) -> str | None:
         """The key from `api_key_env` (None: no auth header); refuses an unset required one or a malformed one."""
         key = os.environ.get(self.api_key_env) or None
         if key is None and self.key_required:
-            raise UserError(
-                f"--api-key-env {self.api_key_env}: that environment variable is not set; export "
-                f"{self.api_key_env}=<your key>, or leave out --api-key-env for a teacher without auth"
+            raise SettingError(
+                "api_key_env",
+                f"`api_key_env` {self.api_key_env}: that environment variable is not set; export "
+                f"{self.api_key_env}=<your key>, or leave out `api_key_env` for a teacher without auth",
             )
         if key is not None and not re.fullmatch(r"[\x21-\x7e]+", key):
             raise UserError(
@@ -302,7 +321,8 @@ class ApiClient:
     """POSTs JSON to an OpenAI-compatible API through the cache, with retries and a concurrency bound.
 
     `down_hint()` ends the message of a teacher that stays down (the caller knows whether a checkpoint
-    exists to `--resume`).
+    exists to resume); `wording(e)` is how a skipped answer's refusal is printed (a command puts its flags
+    where the message marks a setting).
     """
 
     def __init__(
@@ -311,8 +331,10 @@ class ApiClient:
         cache: AnswerCache | None = None,
         sleep: Callable[[float], None] = time.sleep,
         down_hint: Callable[[], str] = _rerun_same_command,
+        wording: Callable[[SettingError], str] = str,
     ) -> None:
         self.cfg, self.cache, self._sleep, self.down_hint = cfg, cache, sleep, down_hint
+        self.wording = wording
         self._key = cfg.api_key()
         self._opener = urllib.request.build_opener(_SameOriginRedirects(self._key))
         self.sent = 0  # requests that reached the network (cache misses, counting retries)
@@ -372,7 +394,7 @@ class ApiClient:
                 cause = getattr(e, "reason", e)
                 if isinstance(cause, TimeoutError) or "timed out" in str(cause):
                     reason = (
-                        f"no answer within --timeout {self.cfg.timeout:g} s; raise --timeout if it is slow"
+                        f"no answer within `timeout` {self.cfg.timeout:g} s; raise `timeout` if it is slow"
                     )
                 else:
                     reason = self.redact(str(cause) or type(cause).__name__)
@@ -391,7 +413,7 @@ class ApiClient:
         except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
             shown = self.redact(raw.decode("utf-8", "replace"))[:80]
             raise TeacherError(
-                f"teacher API {url} answered with something that is not JSON ({shown!r}); point --teacher at "
+                f"teacher API {url} answered with something that is not JSON ({shown!r}); point `teacher` at "
                 "the API's base URL (e.g. http://HOST:PORT/v1)"
             ) from None
         if not isinstance(answer, dict):
@@ -400,10 +422,10 @@ class ApiClient:
 
     def _fix_for(self, code: int) -> str:
         if code in (401, 403):
-            return f"check the key in ${self.cfg.api_key_env} (--api-key-env names the variable)"
+            return f"check the key in ${self.cfg.api_key_env} (`api_key_env` names the variable)"
         if code in (404, 405):
             return (
-                "check the model name and that --teacher's URL is the API's base (e.g. http://HOST:PORT/v1)"
+                "check the model name and that `teacher`'s URL is the API's base (e.g. http://HOST:PORT/v1)"
             )
         return "check the teacher's request limits and logs"
 
@@ -420,12 +442,12 @@ class ApiClient:
             except TeacherDown:
                 raise
             except TeacherError as e:
-                message = self.redact(str(e))
+                redacted = TeacherError(self.redact(str(e)), e.setting)
                 if not skip_bad:
-                    raise TeacherError(message) from None
+                    raise redacted from None
                 self.skipped += 1
                 print(
-                    f"nanogpt distill: skipped a teacher answer ({self.skipped} so far): {message}",
+                    f"nanogpt distill: skipped a teacher answer ({self.skipped} so far): {self.wording(redacted)}",
                     file=sys.stderr,
                 )
                 return None

@@ -1,6 +1,6 @@
 """Local teachers of any vocabulary: a Hugging Face causal-LM folder or a `.gguf` file, with its own tokenizer.
 
-Their distributions are over *their* tokens, so the same-vocabulary divergences cannot be used; `--kind`
+Their distributions are over *their* tokens, so the same-vocabulary divergences cannot be used; the method
 picks what can:
 
 - `sequence`: the teacher continues corpus prompts locally (batched, sampled `generate`, through its chat
@@ -28,7 +28,7 @@ from torch import nn
 
 from nanogpt.distill.client import AnswerCache, request_key
 from nanogpt.distill.sequence import prompt_text
-from nanogpt.errors import UserError, missing_extra
+from nanogpt.errors import SettingError, UserError, missing_extra
 from nanogpt.kernels.device import autocast, torch_dtype
 
 REQUEST_PATH = "local/generate"  # the answer cache's endpoint name for replies generated here
@@ -71,9 +71,10 @@ class TextTeacher:
             ids = tok(prompt_text(request))["input_ids"]
         room = self.context_length - int(request["max_tokens"])
         if room < 1:
-            raise UserError(
-                f"--reply-tokens {request['max_tokens']} leaves no room for a prompt in the teacher's "
-                f"{self.context_length}-token context; lower --reply-tokens"
+            raise SettingError(
+                "reply_tokens",
+                f"`reply_tokens` {request['max_tokens']} leaves no room for a prompt in the teacher's "
+                f"{self.context_length}-token context; lower `reply_tokens`",
             )
         return ids[-room:]
 
@@ -135,7 +136,7 @@ def load_text_teacher(
     path: str | Path, device: str | torch.device = "cpu", dtype: str = "fp32"
 ) -> TextTeacher:
     """A Hugging Face causal-LM folder (with its tokenizer) or a `.gguf` file, offline, frozen, in fp32
-    (`--teacher-dtype` autocasts it)."""
+    (`dtype` autocasts it)."""
     p = Path(path)
     torch_dtype(dtype)
     if not p.exists():
@@ -154,17 +155,20 @@ def load_text_teacher(
     else:
         cfg_file = p / "config.json"
         if not (cfg_file.is_file() and "model_type" in json.loads(cfg_file.read_text())):
-            raise UserError(
-                f"teacher {p} is not a Hugging Face model folder or a .gguf file; --kind sequence and --kind uld "
-                "need a teacher with its own tokenizer (a nanogpt run shares the student's: use --kind forward_kl)"
+            raise SettingError(
+                "method",
+                f"teacher {p} is not a Hugging Face model folder or a .gguf file; `method` sequence and `method` "
+                "uld need a teacher with its own tokenizer (a nanogpt run shares the student's: use `method` "
+                "forward_kl)",
             )
         folder, extra = p, {}
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True, **extra)
     except (OSError, ValueError, TypeError) as e:
-        raise UserError(
-            f"cannot load the tokenizer of teacher {p} ({str(e).splitlines()[0][:160]}); --kind sequence and "
-            "--kind uld read the teacher's own tokenizer: save it beside the model"
+        raise SettingError(
+            "teacher",
+            f"cannot load the tokenizer of teacher {p} ({str(e).splitlines()[0][:160]}); `method` sequence and "
+            "`method` uld read the teacher's own tokenizer: save it beside the model",
         ) from None
     if not getattr(tokenizer, "is_fast", False):
         raise UserError(f"teacher {p} has a slow (Python) tokenizer; save its fast tokenizer.json beside it")

@@ -16,7 +16,7 @@ from nanogpt.config import ModelConfig
 from nanogpt.data.tokenizer import VOCAB_SIZE
 from nanogpt.distill.chunked import Mix, chunked_distill_parts
 from nanogpt.distill.losses import TEACHER_SPECS, check_distill_settings
-from nanogpt.errors import UserError, missing_extra
+from nanogpt.errors import SettingError, UserError, missing_extra
 from nanogpt.kernels.device import autocast, torch_dtype
 from nanogpt.train.checkpoint import unwrap
 from nanogpt.train.losses import LossLog
@@ -27,7 +27,12 @@ class LocalTeacher:
 
     def __init__(self, module: nn.Module, family: str, context_length: int, dtype: str = "fp32") -> None:
         # family: "nanogpt" (a run of ours) or "hf" (a Hugging Face causal LM): how to reach its logits
-        self.module, self.family, self.context_length, self.dtype = module.eval(), family, context_length, dtype
+        self.module, self.family, self.context_length, self.dtype = (
+            module.eval(),
+            family,
+            context_length,
+            dtype,
+        )
         for p in self.module.parameters():
             p.requires_grad_(False)
 
@@ -59,7 +64,9 @@ class LocalTeacher:
                 h = self.module.base_model(x.to(device)).last_hidden_state
         head = self.module.get_output_embeddings() if self.family != "nanogpt" else self.module.lm_head
         if getattr(head, "bias", None) is not None:
-            raise UserError("the teacher's output head has a bias; chunked distillation supports bias-free heads")
+            raise UserError(
+                "the teacher's output head has a bias; chunked distillation supports bias-free heads"
+            )
         return h.to(x.device), head.weight[:VOCAB_SIZE].to(x.device)
 
 
@@ -82,8 +89,8 @@ def load_local_teacher(
     p = Path(path)
     torch_dtype(dtype)
     if not p.exists():
-        raise UserError(
-            f"teacher {p} not found; the teacher SPEC is a local folder or one of: {TEACHER_SPECS}"
+        raise SettingError(
+            "teacher", f"teacher {p} not found; the teacher SPEC is a local folder or one of: {TEACHER_SPECS}"
         )
     cfg_file = p / CONFIG
     hf = cfg_file.is_file() and "model_type" in json.loads(cfg_file.read_text())
@@ -91,18 +98,21 @@ def load_local_teacher(
         folder = resolve_checkpoint(p)
         cfg = ModelConfig.load(folder / CONFIG)
         if cfg.vocab_size != VOCAB_SIZE:
-            raise UserError(
-                f"teacher {p} has vocab_size {cfg.vocab_size}, not GPT-2's {VOCAB_SIZE}; use " + TEACHER_SPECS
+            raise SettingError(
+                "teacher",
+                f"teacher {p} has vocab_size {cfg.vocab_size}, not GPT-2's {VOCAB_SIZE}; use "
+                + TEACHER_SPECS,
             )
         model = load_model(folder, device=device)
         return LocalTeacher(model, "nanogpt", cfg.context_length, dtype)
     hf_cfg = json.loads(cfg_file.read_text())
     vocab = hf_cfg.get("vocab_size")
     if vocab != VOCAB_SIZE or _gpt2_vocab_ok(p) is False:
-        raise UserError(
+        raise SettingError(
+            "method",
             f"teacher {p} uses another tokenizer (vocab {vocab}, model_type {hf_cfg.get('model_type')!r}); "
-            "its distributions cannot be matched token by token: pass --kind sequence (it writes text) or "
-            "--kind uld (logits across vocabularies), or serve it as chat:MODEL@URL"
+            "its distributions cannot be matched token by token: pass `method` sequence (it writes text) or "
+            "`method` uld (logits across vocabularies), or serve it as chat:MODEL@URL",
         )
     try:
         from transformers import AutoModelForCausalLM

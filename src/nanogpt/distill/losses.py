@@ -23,14 +23,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from nanogpt.errors import UserError
+from nanogpt.errors import SettingError, UserError
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 # what a local teacher of any vocabulary can give instead of a same-vocabulary divergence
 CROSS_VOCAB_METHODS = ("uld", "sequence")
 TEACHER_SPECS = (
     "a local teacher (nanogpt run, Hugging Face folder or .gguf file; one with another vocabulary takes "
-    "--kind sequence or --kind uld), completions:MODEL@URL (token-level API serving our tokenizer), or "
+    "`method` sequence or `method` uld), completions:MODEL@URL (token-level API serving our tokenizer), or "
     "chat:MODEL@URL (sequence-level, any tokenizer)"
 )
 
@@ -68,7 +68,7 @@ def divergence(
         return _kl_from_logprobs(logq, logp)
     if name == "jsd":
         if not 0.0 < beta < 1.0:
-            raise UserError(f"jsd beta={beta} must be in (0, 1); e.g. --beta 0.5")
+            raise SettingError("beta", f"jsd beta={beta} must be in (0, 1); e.g. `beta` 0.5")
         logm = torch.logsumexp(torch.stack([logp + math.log(beta), logq + math.log(1 - beta)]), dim=0)
         return beta * _kl_from_logprobs(logp, logm) + (1 - beta) * _kl_from_logprobs(logq, logm)
     raise UserError(f"unknown divergence {name!r}; use one of {', '.join(DIVERGENCES)}")
@@ -86,8 +86,9 @@ def distill_parts(
     """`distill_loss` with its halves: logits (..., V), targets (...) int64; means over positions."""
     V = student_logits.size(-1)
     if teacher_logits.size(-1) != V:
-        raise UserError(
-            f"teacher has {teacher_logits.size(-1)} logits per token, the student {V}; " + TEACHER_SPECS
+        raise SettingError(
+            "teacher",
+            f"teacher has {teacher_logits.size(-1)} logits per token, the student {V}; " + TEACHER_SPECS,
         )
     s = student_logits.reshape(-1, V)  # (N, V)
     hard = F.cross_entropy(s, targets.reshape(-1))
@@ -217,10 +218,12 @@ def check_distill_settings(
     alpha: float, T: float, method: str, beta: float, methods: tuple[str, ...] = DIVERGENCES
 ) -> None:
     if not 0.0 <= alpha <= 1.0:
-        raise UserError(f"alpha={alpha} must be in [0, 1] (the weight of the hard loss); e.g. --alpha 0.5")
+        raise SettingError(
+            "alpha", f"alpha={alpha} must be in [0, 1] (the weight of the hard loss); e.g. `alpha` 0.5"
+        )
     if not (math.isfinite(T) and T > 0):
-        raise UserError(f"temperature={T} must be > 0; e.g. --temperature 2")
+        raise SettingError("temperature", f"temperature={T} must be > 0; e.g. `temperature` 2")
     if method not in methods:
         raise UserError(f"unknown divergence {method!r}; use one of {', '.join(methods)}")
     if method == "jsd" and not 0.0 < beta < 1.0:
-        raise UserError(f"jsd beta={beta} must be in (0, 1); e.g. --beta 0.5")
+        raise SettingError("beta", f"jsd beta={beta} must be in (0, 1); e.g. `beta` 0.5")

@@ -26,7 +26,7 @@ from torch import nn
 from nanogpt.data.tokenizer import EOT_ID, get_tokenizer
 from nanogpt.distill.client import TeacherError
 from nanogpt.distill.losses import LossParts
-from nanogpt.errors import UserError
+from nanogpt.errors import SettingError
 from nanogpt.infer.sampling import SamplingParams
 from nanogpt.kernels.ops import linear_cross_entropy
 from nanogpt.train.checkpoint import unwrap
@@ -44,7 +44,9 @@ def draw_prompts(shards: list[np.ndarray], n: int, prompt_tokens: int, seed: int
     rng = np.random.default_rng([seed, 7])
     usable = [s for s in shards if len(s) > prompt_tokens]
     if not usable:
-        raise UserError(f"the training split is shorter than --prompt-tokens {prompt_tokens}")
+        raise SettingError(
+            "prompt_tokens", f"the training split is shorter than `prompt_tokens` {prompt_tokens}"
+        )
     out: list[list[int]] = []
     tries = 0
     while len(out) < n and tries < 20 * n:
@@ -138,9 +140,10 @@ class MixedDataLoss:
 
         self.shards = [s for s in TokenData(data_dir).split("train") if len(s) > context_length]
         if not self.shards:
-            raise UserError(
+            raise SettingError(
+                "prompts",
                 f"the teacher's text in {data_dir} is shorter than one window of {context_length + 1} tokens; "
-                "ask for more --prompts or --reply-tokens"
+                "ask for more `prompts` or `reply_tokens`",
             )
         self.context_length, self.alpha = context_length, alpha
         self.log = log if log is not None else LossLog()

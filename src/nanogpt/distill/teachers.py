@@ -5,7 +5,7 @@ A SPEC picks one of three paths (see `nanogpt.distill.losses` for the losses):
 - a local folder (a nanogpt run/checkpoint, or a Hugging Face causal LM with GPT-2's 50,257-token
   vocabulary): full-vocabulary soft targets on the fly, under no_grad, teacher in eval mode
   (`nanogpt.distill.local`). A Hugging Face folder or `.gguf` file of *any* vocabulary takes
-  `--kind sequence` (it writes text locally, handled like a chat teacher's) or `--kind uld` (the
+  method "sequence" (it writes text locally, handled like a chat teacher's) or "uld" (the
   Universal Logit Distillation loss at aligned positions): `nanogpt.distill.crossvocab`, `.uld`;
 - `completions:MODEL@BASE_URL`: an OpenAI-compatible /v1/completions server for a model with *our*
   tokenizer that returns prompt-token top-k logprobs (`nanogpt serve`, vLLM, llama.cpp): sparse top-k KD,
@@ -33,7 +33,7 @@ from nanogpt.distill.crossvocab import is_gguf
 from nanogpt.distill.local import DistillLossFn, load_local_teacher
 from nanogpt.distill.losses import CROSS_VOCAB_METHODS, DIVERGENCES, check_distill_settings
 from nanogpt.distill.sequence import MixedDataLoss, build_sequence_data
-from nanogpt.errors import UserError
+from nanogpt.errors import SettingError, UserError
 from nanogpt.kernels.device import resolve_device
 from nanogpt.train.losses import LoggedLoss, LossLog
 
@@ -42,7 +42,7 @@ DISTILL_LOG = "distill_log.jsonl"  # in the teacher folder: the hard/soft halves
 
 @dataclass(frozen=True)
 class TeacherSpec:
-    """A parsed --teacher: its source "local" (path), "completions" or "chat" (model @ base URL)."""
+    """A parsed teacher SPEC: its source "local" (path), "completions" or "chat" (model @ base URL)."""
 
     source: str
     path: str = ""
@@ -56,12 +56,15 @@ def parse_teacher(spec: str) -> TeacherSpec:
             # MODEL ends at the first "@scheme://" (a model name may hold "@", a URL's user:password part too)
             m = re.fullmatch(r"(.+?)@([A-Za-z][A-Za-z0-9+.-]*://.*)", spec[len(source) + 1 :], re.S)
             if m is None:
-                raise UserError(
-                    f"--teacher {spec!r}: write {source}:MODEL@BASE_URL, e.g. {source}:gpt2@http://127.0.0.1:8000/v1"
+                raise SettingError(
+                    "teacher",
+                    f"`teacher` {spec!r}: write {source}:MODEL@BASE_URL, e.g. {source}:gpt2@http://127.0.0.1:8000/v1",
                 )
             return TeacherSpec(source, model=m[1], base_url=check_base_url(m[2]))
     if spec.startswith(("http://", "https://")):
-        raise UserError(f"--teacher {spec!r} is a URL; write completions:MODEL@URL or chat:MODEL@URL")
+        raise SettingError(
+            "teacher", f"`teacher` {spec!r} is a URL; write completions:MODEL@URL or chat:MODEL@URL"
+        )
     return TeacherSpec("local", path=spec)
 
 
@@ -69,7 +72,7 @@ def parse_teacher(spec: str) -> TeacherSpec:
 class TeacherSettings:
     """How to use a teacher: the divergence (local), top-k (completions), the chat data set, the API client."""
 
-    method: str = "forward_kl"  # local teacher (--kind): forward_kl | reverse_kl | jsd | uld | sequence
+    method: str = "forward_kl"  # local teacher: forward_kl | reverse_kl | jsd | uld | sequence
     beta: float = 0.5  # jsd mixture weight
     dtype: str = "fp32"  # local teacher precision (autocast)
     top_k: int = 20  # completions: top-k logprobs asked per position
@@ -105,12 +108,14 @@ def make_loss_fn(
     data: str | Path,
     cache_dir: Path,
     down_hint: Callable[[], str] | None = None,
+    wording: Callable[[SettingError], str] = str,
 ) -> LoggedLoss:
     """The trainer's loss_fn for this teacher; a chat teacher writes its data set (from `data`) first.
 
     `cache_dir` keeps the API answers, the chat data and the hard/soft log (the loss's `log`, which the
     trainer gets as `loss_log`); `down_hint()` ends the message of an API teacher that stays down (what to
-    rerun).
+    rerun); `wording(e)` prints a skipped answer's refusal (a command names its flags there). Refusals are
+    `SettingError`s marking settings by their `TeacherSettings` name (`method`, `top_k`...).
     """
     alpha, T, s = cfg.distill_alpha, cfg.distill_temperature, settings
     check_distill_settings(alpha, T, s.method, s.beta, methods=(*DIVERGENCES, *CROSS_VOCAB_METHODS))
@@ -125,21 +130,26 @@ def make_loss_fn(
         if s.method == "sequence":
             return local_sequence_loss(spec, s, cfg, model_cfg, data, cache_dir, log)
         if is_gguf(spec.path):
-            raise UserError(
-                f"teacher {spec.path} is a .gguf file, whose vocabulary is its own; pass --kind sequence (it "
-                "writes text) or --kind uld (logits across vocabularies)"
+            raise SettingError(
+                "method",
+                f"teacher {spec.path} is a .gguf file, whose vocabulary is its own; pass `method` sequence (it "
+                "writes text) or `method` uld (logits across vocabularies)",
             )
         teacher = load_local_teacher(spec.path, device, s.dtype)
         return DistillLossFn(teacher, alpha, T, s.method, s.beta, log)
     if s.method == "uld" or (s.method == "sequence" and spec.source == "completions"):
-        raise UserError(
-            f"--kind {s.method} does not apply to a {spec.source}: teacher; use --kind uld or sequence with a local "
-            "teacher, chat:MODEL@URL for text from an API"
+        raise SettingError(
+            "method",
+            f"`method` {s.method} does not apply to a {spec.source}: teacher; use `method` uld or sequence with a "
+            "local teacher, chat:MODEL@URL for text from an API",
         )
     from nanogpt.distill import api as teachers  # the HTTP client and its cache: API teachers only
 
-    hint = {} if down_hint is None else {"down_hint": down_hint}
-    client = teachers.ApiClient(api_config(spec, s), teachers.AnswerCache(cache_dir / "cache.sqlite"), **hint)
+    client = teachers.ApiClient(
+        api_config(spec, s), teachers.AnswerCache(cache_dir / "cache.sqlite"), wording=wording
+    )
+    if down_hint is not None:
+        client.down_hint = down_hint
     if spec.source == "completions":
         return teachers.TopKDistillLoss(client, s.top_k, alpha, T, skip_bad=s.skip_bad, log=log)
     chat_data = teachers.build_chat_data(
@@ -164,7 +174,7 @@ def local_sequence_loss(
     cache_dir: Path,
     log: LossLog,
 ) -> LoggedLoss:
-    """`--kind sequence` with a local teacher: its replies (cached like a chat teacher's) mixed with the data."""
+    """Method "sequence" with a local teacher: its replies (cached like a chat teacher's) mixed with the data."""
     from nanogpt.distill.client import AnswerCache
     from nanogpt.distill.crossvocab import LocalReplies, load_text_teacher, teacher_identity
 

@@ -92,7 +92,7 @@ def align_window(
 
 
 class UldLossFn:
-    """The trainer's `loss_fn` for `--kind uld`: alpha * CE + (1 - alpha) * ULD at aligned positions.
+    """The trainer's `loss_fn` for method "uld": alpha * CE + (1 - alpha) * ULD at aligned positions.
 
     Per step: one teacher forward over the batch's windows re-tokenized as text, then a sort of every
     aligned position's two distributions (see `losses.uld_distance`).
