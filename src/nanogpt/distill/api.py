@@ -114,8 +114,8 @@ def parse_topk(answer: dict[str, Any], window: Sequence[int], k: int, tok: Token
         got = len(tokens) if isinstance(tokens, list) else type(tokens).__name__
         raise TeacherError(f"{OTHER_TOKENIZER} or ignored the prompt: it echoed {got} tokens for {n}")
     for i in range(n):  # the echo must be our prompt, token for token
-        got = token_id_of(str(tokens[i]), tok)
-        if got is not None and got != window[i]:
+        echoed = token_id_of(str(tokens[i]), tok)
+        if echoed is not None and echoed != window[i]:
             raise TeacherError(f"{OTHER_TOKENIZER}: prompt token {i} came back as {str(tokens[i])[:40]!r}")
     ids = torch.zeros(n - 1, k, dtype=torch.long)
     lps = torch.zeros(n - 1, k)
@@ -136,10 +136,10 @@ def parse_topk(answer: dict[str, Any], window: Sequence[int], k: int, tok: Token
                 )
         best = sorted(entry.items(), key=lambda kv: -kv[1])[:k]
         for j, (s, logprob) in enumerate(best):
-            i = token_id_of(str(s), tok)
-            if i is None or logprob > 0.0:
+            token = token_id_of(str(s), tok)
+            if token is None or logprob > 0.0:
                 continue  # unmappable or nonsense: its mass falls into the rest bucket
-            ids[t, j], lps[t, j], valid[t, j] = i, float(logprob), True
+            ids[t, j], lps[t, j], valid[t, j] = token, float(logprob), True
     return TopK(ids, lps, valid)
 
 

@@ -56,7 +56,7 @@ class _ChunkedDistill(torch.autograd.Function):
     the student head taken chunk by chunk in the forward pass and scaled by the incoming gradient in backward."""
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any,
         h: torch.Tensor,
         weight: torch.Tensor,
@@ -97,7 +97,7 @@ class _ChunkedDistill(torch.autograd.Function):
         return alpha * hard_mean + (1 - alpha) * soft_mean, hard_mean, soft_mean
 
     @staticmethod
-    def backward(ctx: Any, grad_total: torch.Tensor, *_: Any) -> tuple[Any, ...]:  # type: ignore[override]
+    def backward(ctx: Any, grad_total: torch.Tensor, *_: Any) -> tuple[Any, ...]:
         grad_h, grad_w = ctx.saved_tensors
         gh = grad_h * grad_total if grad_h is not None and ctx.needs_input_grad[0] else None
         gw = (

@@ -36,7 +36,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, overload
 
 from nanogpt.errors import SettingError, UserError
 
@@ -148,7 +148,7 @@ class _SameOriginRedirects(urllib.request.HTTPRedirectHandler):
     def __init__(self, key: str | None) -> None:
         self.key = key
 
-    def redirect_request(self, req, fp, code, msg, headers, newurl):  # type: ignore[override]
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
         if origin(newurl) != origin(req.full_url):
             fp.close()
             raise SettingError(
@@ -349,9 +349,15 @@ class ApiClient:
             headers["Authorization"] = f"Bearer {self._key}"
         return headers
 
+    @overload
+    def post(self, path: str, body: dict[str, Any], check: Callable[[dict[str, Any]], T_]) -> T_: ...
+
+    @overload
+    def post(self, path: str, body: dict[str, Any], check: None = None) -> dict[str, Any]: ...
+
     def post(
-        self, path: str, body: dict[str, Any], check: Callable[[dict[str, Any]], T_] | None = None
-    ) -> T_ | dict[str, Any]:
+        self, path: str, body: dict[str, Any], check: Callable[[dict[str, Any]], Any] | None = None
+    ) -> Any:
         """`check(answer)` for the JSON answer to `body` at base_url + path, from the cache or fetched.
 
         A fetched answer is cached only once `check` returned (it raises TeacherError on garbage); a cached

@@ -21,7 +21,7 @@ import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -41,17 +41,19 @@ def is_gguf(path: str | Path) -> bool:
 class TextTeacher:
     """A frozen causal LM with its own tokenizer: `generate` replies to chat requests, `score` token ids."""
 
+    module: Any  # a transformers causal LM: its generate and config are untyped to a checker
+
     def __init__(self, module: nn.Module, tokenizer: Any, name: str, dtype: str = "fp32") -> None:
         self.module, self.tokenizer, self.name, self.dtype = module.eval(), tokenizer, name, dtype
         for p in self.module.parameters():
             p.requires_grad_(False)
-        cfg = module.config
+        cfg = self.module.config
         self.context_length = int(
             getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or 10**9
         )
         # a model may pad its output layer beyond the tokenizer: those logits name no token
-        self.vocab_size = min(len(tokenizer), int(module.get_output_embeddings().weight.size(0)))
-        eos = module.generation_config.eos_token_id
+        self.vocab_size = min(len(tokenizer), int(self.module.get_output_embeddings().weight.size(0)))
+        eos = self.module.generation_config.eos_token_id
         eos = eos if eos is not None else tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -180,7 +182,7 @@ def load_text_teacher(
         model, "is_quantized", False
     ):  # a .gguf is de-quantized to fp32 already, and refuses .float()
         model = model.float()
-    return TextTeacher(model.to(device), tokenizer, p.stem if is_gguf(p) else p.name, dtype)
+    return TextTeacher(cast(Any, model).to(device), tokenizer, p.stem if is_gguf(p) else p.name, dtype)
 
 
 def teacher_identity(path: str | Path) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -24,6 +25,8 @@ from nanogpt.train.losses import LossLog
 
 class LocalTeacher:
     """A frozen same-vocabulary model: `logits(x)` (B, T) -> (B, T, 50257) float32, no grad."""
+
+    module: Any  # a NanoGPTLMHeadModel or a transformers causal LM (its generate/base_model are untyped)
 
     def __init__(self, module: nn.Module, family: str, context_length: int, dtype: str = "fp32") -> None:
         # family: "nanogpt" (a run of ours) or "hf" (a Hugging Face causal LM): how to reach its logits
@@ -119,11 +122,11 @@ def load_local_teacher(
     except ImportError:
         raise missing_extra("a Hugging Face teacher needs transformers", "hf") from None
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(p), local_files_only=True)
+        hf_model = AutoModelForCausalLM.from_pretrained(str(p), local_files_only=True)
     except (OSError, ValueError) as e:
         raise UserError(f"cannot load the Hugging Face teacher {p}: {str(e).splitlines()[0]}") from None
     context_length = int(hf_cfg.get("n_positions") or hf_cfg.get("max_position_embeddings") or 10**9)
-    return LocalTeacher(model.to(device), "hf", context_length, dtype)
+    return LocalTeacher(cast(Any, hf_model).to(device), "hf", context_length, dtype)
 
 
 class DistillLossFn:

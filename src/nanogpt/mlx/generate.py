@@ -90,7 +90,7 @@ def _decode(
     logits = forward(history)  # prefill: the prompt goes through the model once
     for step in range(params.max_tokens):
         key, sub = mx.random.split(key)
-        token = int(sample_next(logits[None], params, sub).item())
+        token = int(sample_next(logits[None], params, sub).item())  # type: ignore[arg-type]  # an id: int
         yield token, logits
         if step == params.max_tokens - 1:
             return  # no forward pass for a token nobody will ask for

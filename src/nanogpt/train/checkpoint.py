@@ -22,7 +22,7 @@ import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -33,6 +33,7 @@ from nanogpt.config import ModelConfig, read_json
 from nanogpt.errors import UserError, write_fix
 from nanogpt.folders import STATE_JSON, RunFolder, recover_dir
 from nanogpt.model.gpt import NanoGPTLMHeadModel
+from nanogpt.train.optim import TrainOptimizer
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
@@ -91,7 +92,9 @@ def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def unwrap(model: torch.nn.Module) -> NanoGPTLMHeadModel:
     """The NanoGPTLMHeadModel inside a DistributedDataParallel and/or torch.compile wrapper."""
     while hasattr(model, "module") or hasattr(model, "_orig_mod"):
-        model = getattr(model, "module", None) or model._orig_mod
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        assert isinstance(inner, torch.nn.Module)  # what DDP and torch.compile wrap
+        model = inner
     return model  # type: ignore[return-value]
 
 
@@ -252,7 +255,7 @@ class TrainState:
     tensors: dict[str, torch.Tensor]
 
 
-def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def optimizer_tensors(optimizer: TrainOptimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Split an optimizer's state_dict into safetensors-ready tensors and JSON-ready scalars.
 
     Tensors are named `optimizer.<param index>.<key>` (AdamW: step, exp_avg, exp_avg_sq), kept exact
@@ -272,7 +275,7 @@ def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch
 
 
 def load_optimizer_tensors(
-    optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any]
+    optimizer: TrainOptimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any]
 ) -> None:
     """Inverse of `optimizer_tensors`: rebuild the state_dict and load it (torch moves it to each param)."""
     try:
@@ -298,7 +301,7 @@ def load_optimizer_tensors(
 
 
 def save_train_state(
-    folder: Path, optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], info: dict[str, Any]
+    folder: Path, optimizer: TrainOptimizer, tensors: dict[str, torch.Tensor], info: dict[str, Any]
 ) -> None:
     """Write `state.safetensors` (optimizer moments + `tensors`, e.g. RNG states as uint8) and `state.json`."""
     opt_tensors, opt_meta = optimizer_tensors(optimizer)
@@ -310,7 +313,7 @@ def save_train_state(
     write_json(folder / STATE_JSON, {**info, "optimizer": opt_meta})
 
 
-def load_train_state(folder: Path, optimizer: torch.optim.Optimizer | None = None) -> TrainState:
+def load_train_state(folder: Path, optimizer: TrainOptimizer | None = None) -> TrainState:
     """Read a checkpoint's training state; with `optimizer`, load its moments and step counts into it."""
     tfile, jfile = folder / STATE_TENSORS, folder / STATE_JSON
     if not (tfile.is_file() and jfile.is_file()):
@@ -339,7 +342,8 @@ def load_train_state(folder: Path, optimizer: torch.optim.Optimizer | None = Non
 def rng_state(device: torch.device) -> dict[str, Any]:
     """This process's RNG states: python and numpy (JSON-able), torch CPU and CUDA (uint8 tensors)."""
     py_version, py_internal, py_gauss = random.getstate()
-    np_state = np.random.get_state()  # legacy global RNG: (name, keys, pos, has_gauss, cached)
+    # the legacy global RNG: (name, keys, pos, has_gauss, cached); typed as a dict for legacy=False
+    np_state = cast(tuple[Any, ...], np.random.get_state())
     state: dict[str, Any] = {
         "python_rng": [py_version, list(py_internal), py_gauss],
         "numpy_rng": [np_state[0], np_state[1].tolist(), *np_state[2:]],

@@ -63,6 +63,7 @@ from nanogpt.train.checkpoint import (
 from nanogpt.train.distributed import DistInfo, all_gather, setup_distributed
 from nanogpt.train.losses import LossFn, LossLog
 from nanogpt.train.optim import (
+    TrainOptimizer,
     backward_micro_batches,
     cross_entropy_loss,
     default_peak_flops,
@@ -138,7 +139,7 @@ class _Session:
     model: NanoGPTLMHeadModel  # the bare network: what checkpoints store
     fwd: nn.Module  # the network to call: `model`, or torch.compile(model)
     net: nn.Module  # what training calls: `fwd`, or DDP(fwd)
-    optimizer: torch.optim.Optimizer
+    optimizer: TrainOptimizer
     sampler: BatchSampler
     loss_fn: TorchLoss
     counters: Counters
@@ -238,7 +239,7 @@ def _restore(
     info: DistInfo,
     device: torch.device,
     model: NanoGPTLMHeadModel,
-    optimizer: torch.optim.Optimizer,
+    optimizer: TrainOptimizer,
     sampler: BatchSampler,
 ) -> Counters:
     """Load the checkpoint `resume_from` into the model, optimizer, sampler and this rank's RNGs."""

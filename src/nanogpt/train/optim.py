@@ -126,9 +126,10 @@ class MuonAdamW:
             )
 
 
-def make_optimizer(
-    model: nn.Module, cfg: TrainConfig, device: torch.device
-) -> torch.optim.Optimizer | MuonAdamW:
+TrainOptimizer = torch.optim.Optimizer | MuonAdamW  # what make_optimizer gives: AdamW, or Muon + AdamW
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> TrainOptimizer:
     """AdamW over `param_groups` (`cfg.optimizer == "adamw"`, the card's), or `MuonAdamW` ("muon").
 
     AdamW uses the fused kernel on CUDA and CPU (3-5x faster than the default one on CPU:
@@ -208,7 +209,9 @@ def backward_micro_batches(
     for i, (x, y) in enumerate(batches):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         last = i == len(batches) - 1
-        sync = model.no_sync() if hasattr(model, "no_sync") and not last else contextlib.nullcontext()
+        sync: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
+        if isinstance(model, nn.parallel.DistributedDataParallel) and not last:
+            sync = model.no_sync()
         with sync:
             with autocast(device, dtype):
                 loss = loss_fn(model, x, y)
@@ -217,9 +220,7 @@ def backward_micro_batches(
     return total / len(batches)
 
 
-def optimizer_step(
-    model: nn.Module, optimizer: torch.optim.Optimizer, lr: float, grad_clip: float
-) -> float | None:
+def optimizer_step(model: nn.Module, optimizer: TrainOptimizer, lr: float, grad_clip: float) -> float | None:
     """Clip (unless grad_clip is 0), set the lr, step, zero the grads; returns the pre-clip grad norm.
 
     A non-finite gradient norm raises FloatingPointError before the weights are touched.

@@ -84,10 +84,11 @@ def loss_plot(records: list[dict[str, Any]], title: str = "") -> LossPlot:
     """The curves of a run's log. A distillation logs `train_ce` (the hard part: cross-entropy on the data)
     beside `loss`, the mixture it minimises (alpha * hard + (1 - alpha) * soft, not a cross-entropy): the
     held-out CE is compared with `train_ce`, and the mixture is drawn faintly under its own name."""
-    line, dots = dict(linewidth=1.0, alpha=0.8), dict(marker="o", markersize=3, linewidth=1.5)
+    line: dict[str, Any] = dict(linewidth=1.0, alpha=0.8)
+    dots: dict[str, Any] = dict(marker="o", markersize=3, linewidth=1.5)
     if any(r.get("train_ce") is not None for r in records):
-        faint = dict(linewidth=0.8, alpha=0.45, linestyle="--")
-        plan = [
+        faint: dict[str, Any] = dict(linewidth=0.8, alpha=0.45, linestyle="--")
+        plan: list[tuple[str, str, dict[str, Any]]] = [
             ("loss", "distillation loss: α·hard + (1−α)·soft (minimised)", faint),
             ("train_ce", "train CE on the data (the hard part)", line),
             ("val_loss", "val CE (held out)", dots),

@@ -76,7 +76,7 @@ def clip_gradients(grads: dict, max_norm: float) -> tuple[dict, mx.array]:
     """
     if max_norm > 0:
         return optim.clip_grad_norm(grads, max_norm)
-    norm = mx.sqrt(sum(mx.sum(mx.square(g)) for _, g in tree_flatten(grads)))
+    norm = mx.sqrt(sum((mx.sum(mx.square(g)) for _, g in tree_flatten(grads)), mx.array(0.0)))
     return grads, norm
 
 
