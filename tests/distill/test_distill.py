@@ -11,7 +11,7 @@ import torch
 from nanogpt.commands.distill import main
 from nanogpt.config import ModelConfig
 from nanogpt.distill.local import DistillLossFn, load_local_teacher
-from nanogpt.distill.losses import distill_loss, distill_parts, divergence, sparse_kl
+from nanogpt.distill.losses import distill_parts, divergence, sparse_kl
 from nanogpt.distill.teachers import parse_teacher
 from nanogpt.errors import UserError
 from nanogpt.model.gpt import NanoGPTLMHeadModel
@@ -40,8 +40,8 @@ def test_forward_and_reverse_kl_match_hand_values():
         rev, abs=1e-12
     )
     # alpha mixes the data's cross-entropy (ln 2 for a uniform student) with the soft loss
-    assert distill_loss(s, y, t, alpha=0.5).item() == pytest.approx(0.5 * LN(2) + 0.5 * fwd, abs=1e-12)
-    assert distill_loss(s, y, t, alpha=1.0).item() == pytest.approx(LN(2), abs=1e-12)
+    assert distill_parts(s, y, t, alpha=0.5).total.item() == pytest.approx(0.5 * LN(2) + 0.5 * fwd, abs=1e-12)
+    assert distill_parts(s, y, t, alpha=1.0).total.item() == pytest.approx(LN(2), abs=1e-12)
 
 
 def test_temperature_softens_the_teacher_and_scales_by_t_squared():
@@ -82,7 +82,7 @@ def test_distill_loss_gradcheck(kind):
     s = torch.randn(2, 3, 6, dtype=torch.float64, requires_grad=True)
     t = torch.randn(2, 3, 6, dtype=torch.float64)
     y = torch.randint(0, 6, (2, 3))
-    assert torch.autograd.gradcheck(lambda s: distill_loss(s, y, t, 0.3, 1.7, kind, 0.4), (s,))
+    assert torch.autograd.gradcheck(lambda s: distill_parts(s, y, t, 0.3, 1.7, kind, 0.4).total, (s,))
 
 
 def test_sparse_kl_hand_value_with_rest_bucket():

@@ -4,7 +4,7 @@ The card's second stage trains the student for 15,000 iterations at lr 3e-5 on
 `alpha * CE(student, data) + (1 - alpha) * T^2 * D(teacher_T || student_T)`. Which divergence D can be
 computed depends on what the teacher exposes (see `nanogpt.distill.teachers`):
 
-- a local same-vocabulary teacher gives full-vocabulary soft targets: `distill_parts` / `distill_loss`
+- a local same-vocabulary teacher gives full-vocabulary soft targets: `distill_parts` (its `.total` is the loss)
   with D = forward KL, reverse KL or JSD (`divergence`);
 - an API teacher serving our tokenizer gives prompt-token top-k logprobs: `sparse_kl`, top-k + one
   "rest of the mass" bucket;
@@ -12,7 +12,7 @@ computed depends on what the teacher exposes (see `nanogpt.distill.teachers`):
 - a local teacher with another vocabulary gives full distributions over *its* tokens: `uld_loss`, the
   Universal Logit Distillation loss on sorted probabilities (positions aligned by `nanogpt.distill.uld`).
 
-    loss = distill_loss(student_logits, targets, teacher_logits, alpha=0.5, T=2.0, divergence_name="forward_kl")
+    loss = distill_parts(student_logits, targets, teacher_logits, alpha=0.5, T=2.0, divergence_name="forward_kl").total
 """
 
 from __future__ import annotations
@@ -83,7 +83,8 @@ def distill_parts(
     divergence_name: str = "forward_kl",
     beta: float = 0.5,
 ) -> LossParts:
-    """`distill_loss` with its halves: logits (..., V), targets (...) int64; means over positions."""
+    """alpha * CE(student, targets) + (1 - alpha) * T^2 * D(teacher_T || student_T) and its two halves:
+    logits (..., V), targets (...) int64; means over positions."""
     V = student_logits.size(-1)
     if teacher_logits.size(-1) != V:
         raise SettingError(
@@ -97,19 +98,6 @@ def distill_parts(
     # T^2 keeps the soft gradient's size independent of T (Hinton et al. 2015)
     soft = (T * T) * divergence(logp, logq, divergence_name, beta).mean()
     return LossParts(alpha * hard + (1 - alpha) * soft, hard, soft)
-
-
-def distill_loss(
-    student_logits: torch.Tensor,
-    targets: torch.Tensor,
-    teacher_logits: torch.Tensor,
-    alpha: float = 0.5,
-    T: float = 1.0,
-    divergence_name: str = "forward_kl",
-    beta: float = 0.5,
-) -> torch.Tensor:
-    """alpha * CE(student, targets) + (1 - alpha) * T^2 * D(teacher_T || student_T), a scalar."""
-    return distill_parts(student_logits, targets, teacher_logits, alpha, T, divergence_name, beta).total
 
 
 def bucket_logprobs(

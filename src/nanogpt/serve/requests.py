@@ -421,6 +421,21 @@ def _check_ids(ids: list[int], tok: Tokenizer) -> list[int]:
     return ids
 
 
+
+def message_role(
+    m: dict[str, Any], where: str, roles: tuple[str, ...], keys: frozenset[str] = MESSAGE_KEYS
+) -> str:
+    """A message's role, after checking that it holds only `keys` (those this server reads) and a role of
+    `roles`; the Responses API's input items pass their own keys."""
+    for key in sorted(m):
+        if key not in keys:
+            raise BadRequest(f"'{where}.{key}' is not supported by this server", f"{where}.{key}")
+    role = m.get("role")
+    if role not in roles:
+        raise BadRequest(f"'{where}.role' must be one of {', '.join(roles)}; got {role!r}", f"{where}.role")
+    return str(role)
+
+
 def chat_prompt(messages: Any) -> str:
     """The base-model chat template: "role: content\\n" per message, then "assistant:".
 
@@ -434,14 +449,7 @@ def chat_prompt(messages: Any) -> str:
         where = f"messages[{i}]"
         if not isinstance(m, dict):
             raise BadRequest(f"'{where}' must be an object with 'role' and 'content'", where)
-        for key in sorted(m):
-            if key not in MESSAGE_KEYS:
-                raise BadRequest(f"'{where}.{key}' is not supported by this server", f"{where}.{key}")
-        role = m.get("role")
-        if role not in CHAT_ROLES:
-            raise BadRequest(
-                f"'{where}.role' must be one of {', '.join(CHAT_ROLES)}; got {role!r}", f"{where}.role"
-            )
+        role = message_role(m, where, CHAT_ROLES)
         for key in ("name", "tool_call_id"):
             if m.get(key) is not None and not isinstance(m[key], str):
                 raise BadRequest(f"'{where}.{key}' must be a string", f"{where}.{key}")

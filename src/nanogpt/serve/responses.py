@@ -44,6 +44,7 @@ from nanogpt.serve.requests import (
     CompletionRequest,
     chat_prompt,
     check_fields,
+    message_role,
     read_flag,
     read_number,
 )
@@ -195,14 +196,7 @@ def _input_message(item: Any, where: str) -> dict[str, Any]:
     kind = item.get("type", "message")
     if kind != "message":
         raise BadRequest(f"'{where}' is a {kind!r} item; this server takes messages only", f"{where}.type")
-    for key in sorted(item):
-        if key not in MESSAGE_KEYS:
-            raise BadRequest(f"'{where}.{key}' is not supported by this server", f"{where}.{key}")
-    role = item.get("role")
-    if role not in INPUT_ROLES:
-        raise BadRequest(
-            f"'{where}.role' must be one of {', '.join(INPUT_ROLES)}; got {role!r}", f"{where}.role"
-        )
+    role = message_role(item, where, INPUT_ROLES, MESSAGE_KEYS)
     content = item.get("content")
     if isinstance(content, str):
         return {"role": role, "content": content}
