@@ -10,10 +10,11 @@ own complaints (a missing value, a bad number) into the same kind of line instea
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import errno
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any, NoReturn
 
 
@@ -47,6 +48,15 @@ class SettingError(UserError):
         for name, flag in flags.items():
             message = message.replace(f"`{name}`", flag)
         return UserError(message)
+
+
+@contextlib.contextmanager
+def flags_for_settings(flags: Mapping[str, str]) -> Iterator[None]:
+    """A command's work, during which a library's SettingError comes out naming the command's flags."""
+    try:
+        yield
+    except SettingError as e:
+        raise e.with_flags(flags) from None
 
 
 def install_command(extra: str) -> str:

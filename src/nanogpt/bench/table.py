@@ -55,35 +55,38 @@ def timed_workloads(ours: Runner, peer: Runner | None, inp: Inputs) -> list[Work
     def first_token(r: Runner) -> Work:
         return partial(r.generate, inp.prompt, 1)
 
-    return [
-        _both(
+    # (what runs, the work of a runner, the rows its timings fill): one Workload each, ours beside the peer
+    table: list[tuple[str, Callable[[Runner], Work], tuple[RowSpec, ...]]] = [
+        (
             "training step (forward + backward + AdamW)",
-            ours,
-            peer,
             lambda r: r.train,
-            RowSpec("train_tokens_per_s", train, "tokens/s", tokens),
-            RowSpec("train_batches_per_s", train, "batches/s"),
+            (
+                RowSpec("train_tokens_per_s", train, "tokens/s", tokens),
+                RowSpec("train_batches_per_s", train, "batches/s"),
+            ),
         ),
-        _both(
+        (
             "forward pass",
-            ours,
-            peer,
             lambda r: r.forward,
-            RowSpec("forward_tokens_per_s", forward, "tokens/s", tokens),
-            RowSpec("forward_batches_per_s", forward, "batches/s"),
+            (
+                RowSpec("forward_tokens_per_s", forward, "tokens/s", tokens),
+                RowSpec("forward_batches_per_s", forward, "batches/s"),
+            ),
         ),
-        _both(
+        (
             "decode (batch 1, KV cache, greedy)",
-            ours,
-            peer,
             decode_run,
-            RowSpec("decode_tokens_per_s", decode, "tokens/s", new),
             # the same runs per 100 tokens: the card's latency is its decode speed inverted
-            RowSpec("latency_per_100_tokens_s", latency, "s", NEW_TOKENS / new),
+            (
+                RowSpec("decode_tokens_per_s", decode, "tokens/s", new),
+                RowSpec("latency_per_100_tokens_s", latency, "s", NEW_TOKENS / new),
+            ),
         ),
-        _both("time to first token", ours, peer, first_token, RowSpec("ttft_s", ttft, "s")),
-        *eval_workloads(ours, peer, inp),
+        ("time to first token", first_token, (RowSpec("ttft_s", ttft, "s"),)),
     ]
+    return [_both(label, ours, peer, work, *rows) for label, work, rows in table] + eval_workloads(
+        ours, peer, inp
+    )
 
 
 def eval_workloads(ours: Runner, peer: Runner | None, inp: Inputs) -> list[Workload]:

@@ -25,7 +25,7 @@ from nanogpt.data.tokenizer import VOCAB_SIZE
 from nanogpt.distill.client import cached_answers
 from nanogpt.distill.losses import CROSS_VOCAB_METHODS, DIVERGENCES, TEACHER_SPECS
 from nanogpt.distill.teachers import TeacherSettings, TeacherSpec, api_config, make_loss_fn, parse_teacher
-from nanogpt.errors import ArgumentParser, SettingError, UserError
+from nanogpt.errors import ArgumentParser, SettingError, UserError, flags_for_settings
 from nanogpt.folders import RunFolder, claim
 from nanogpt.train.checkpoint import load_config_of, saved_data_dir
 from nanogpt.train.lineage import public_spec
@@ -249,10 +249,8 @@ def drop_unused_teacher_folder(cache_dir: Path, run: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
+    with flags_for_settings(FLAGS):  # the library names its settings; this command names their flags
         return distill(build_parser().parse_args(argv))
-    except SettingError as e:  # the library names its settings; this command names their flags
-        raise e.with_flags(FLAGS) from None
 
 
 def distill(args: argparse.Namespace) -> int:

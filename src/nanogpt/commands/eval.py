@@ -15,7 +15,7 @@ import json
 from dataclasses import asdict
 
 from nanogpt.commands.options import add_backend, add_device, add_dtype, refuse_mlx_dtype
-from nanogpt.errors import ArgumentParser, SettingError, UserError
+from nanogpt.errors import ArgumentParser, UserError, flags_for_settings
 from nanogpt.infer.evaluate import EvalResult, sliding_window_nll, split_tokens, text_tokens
 from nanogpt.kernels.device import resolve_device
 from nanogpt.kernels.quant import apply_dtype
@@ -78,10 +78,8 @@ def build_parser() -> ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
+    with flags_for_settings(FLAGS):  # the evaluator names its settings; this command names their flags
         return evaluate(build_parser().parse_args(argv))
-    except SettingError as e:  # the evaluator names its settings; this command names their flags
-        raise e.with_flags(FLAGS) from None
 
 
 def evaluate(args: argparse.Namespace) -> int:

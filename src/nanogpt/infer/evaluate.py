@@ -366,24 +366,11 @@ def sliding_window_nll(
     context = cfg.context_length if context is None else context
     stride = context if stride is None else stride
     tokens = check_tokens(tokens, cfg, context, stride, batch_size)
+    window = dict(context=context, stride=stride, batch_size=batch_size)
     with _scoring(model, device, dtype) as (net, dev):
         if per_document:
-            return evaluate_documents(
-                tokens,
-                _row_scorer(net, dev, dtype),
-                context=context,
-                stride=stride,
-                batch_size=batch_size,
-                progress=progress,
-            )
-        return score_windows(
-            tokens,
-            _scorer(net, dev, dtype),
-            context=context,
-            stride=stride,
-            batch_size=batch_size,
-            progress=progress,
-        )
+            return evaluate_documents(tokens, _row_scorer(net, dev, dtype), **window, progress=progress)
+        return score_windows(tokens, _scorer(net, dev, dtype), **window, progress=progress)
 
 
 def document_nlls(
