@@ -42,8 +42,10 @@ RUNNER = Path(__file__).parent / "gguf_runner"
 NODE_LLAMA_CPP = "3.21.1"
 PROMPT = "The capital of France is a city that\n  has 2 rivers, isn't it?"
 N = 16  # greedy tokens compared
-# top-5 probabilities, llama.cpp at its defaults against our model as it is (measured: docs/export.md)
-TOLERANCE = {"f32": 1e-3, "f16": 1e-3, "q8_0": 1e-2}
+# top-5 probabilities, llama.cpp at its defaults against our model as it is (measured: docs/export.md). ggml's
+# f16 kernels differ by CPU: f16 measured 5.0e-4 where first recorded and 1.2e-3 on an AMD EPYC (AVX-512, this
+# project's 2-core VM); a wrong or transposed tensor moves these probabilities by 0.1 and more
+TOLERANCE = {"f32": 1e-3, "f16": 2e-3, "q8_0": 1e-2}
 EXACT = ["--kv", "f32", "--flash", "off"]
 # d_ff 96 is not 4 * d_model: llama.cpp's own converter would write 256 and the file would not load
 SHARP = {"d_model": 64, "n_heads": 4, "d_ff": 96, "context_length": 64}
