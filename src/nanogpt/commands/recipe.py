@@ -242,21 +242,11 @@ def write_state(work: Path, digest: str, done: list[str]) -> None:
     os.replace(tmp, work / STATE)
 
 
-MODULES = {
-    "prepare": "prepare",
-    "train": "train",
-    "distill": "distill",
-    "eval": "eval",
-    "bench": "bench",
-    "export": "export",
-}  # command -> module in nanogpt.commands
-
-
 def run_command(command: str, argv: list[str], capture: bool = False) -> str:
     """Run `nanogpt COMMAND ARGV` in this process; with `capture`, its stdout is returned (and echoed)."""
     import importlib
 
-    main_fn = importlib.import_module(f"nanogpt.commands.{MODULES[command]}").main
+    main_fn = importlib.import_module(f"nanogpt.commands.{command}").main  # each stage's command: its module
     out = io.StringIO()
     with contextlib.redirect_stdout(out) if capture else contextlib.nullcontext():
         code = int(main_fn(argv) or 0)

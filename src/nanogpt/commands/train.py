@@ -139,26 +139,24 @@ def resolve_configs(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig]
     """
     run = Path(args.out)
     file_keys: dict[str, Any] = {}
+    flags = {f.name: getattr(args, f.name) for f in fields(TrainConfig)}
     if args.config:
         from nanogpt.config import load_config
 
         model_cfg, train_cfg = load_config(args.config)
         file_keys = json.loads(Path(args.config).read_text())
     elif args.preset:
-        model_cfg, train_cfg = preset(args.preset), recipe(args.preset)
+        model_cfg, train_cfg = preset(args.preset), recipe(args.preset, **flags)  # warmup follows --max-iters
     elif args.resume and RunFolder(run).config.is_file():
         model_cfg, train_cfg = ModelConfig.load(RunFolder(run).config), TrainConfig()
     elif args.init_from:
         model_cfg, train_cfg = load_config_of(args.init_from), TrainConfig()
     else:
         model_cfg, train_cfg = preset("card"), TrainConfig()
-    flags = {f.name: getattr(args, f.name) for f in fields(TrainConfig)}
     if args.resume and RunFolder(run).train_config.is_file():
         saved = TrainConfig.from_dict(read_json(RunFolder(run).train_config, "training config"))
         names = {f.name for f in fields(TrainConfig)}
         train_cfg = override(saved, **{k: v for k, v in file_keys.items() if k in names})
-    elif args.preset and not args.config:
-        train_cfg = recipe(args.preset, **flags)  # its warmup follows a --max-iters
     model_cfg = override(model_cfg, dropout=args.dropout)
     train_cfg = override(train_cfg, **flags)
     return model_cfg, train_cfg
