@@ -177,6 +177,7 @@ def listen(sock: socket.socket, name: str, dtype: str) -> None:
     host, port = sock.getsockname()[:2]
     url_host = f"[{host}]" if ":" in host else host
     print(f"nanogpt serve: {name} ({dtype}) on http://{url_host}:{port}/v1", file=sys.stderr, flush=True)
+    print(f"nanogpt serve: the playground is at http://{url_host}:{port}/", file=sys.stderr, flush=True)
 
 
 def run(app: Any, engine: Engine, sock: socket.socket, drain_seconds: float) -> None:
@@ -244,7 +245,12 @@ def main(argv: list[str] | None = None) -> int:
     with sock:
         engine = make_engine(args, device)
         app = create_app(
-            engine, api_key, request_timeout=args.request_timeout or None, max_body_bytes=args.max_body_bytes
+            engine,
+            api_key,
+            request_timeout=args.request_timeout or None,
+            max_body_bytes=args.max_body_bytes,
+            model_path=Path(args.model),
+            dtype=args.dtype,
         )
         listen(sock, engine.name, args.dtype)
         run(app, engine, sock, args.drain_seconds)

@@ -76,7 +76,14 @@ class CachedModel(Protocol[_CacheIn]):
     is `model.kv_cache.Cache | None`, and `Decoder.step` takes exactly what the model takes.
     """
 
-    def __call__(self, idx: torch.Tensor, cache: _CacheIn, *, last_only: bool) -> torch.Tensor: ...
+    def __call__(
+        self,
+        idx: torch.Tensor,
+        cache: _CacheIn,
+        *,
+        last_only: bool,
+        attention: list[torch.Tensor] | None = ...,
+    ) -> torch.Tensor: ...
 
     def modules(self) -> Iterator[nn.Module]: ...
 
@@ -100,15 +107,26 @@ class Decoder(Generic[CacheT]):
         self.cache_dtype = first.dtype if dtype == "fp32" else torch_dtype(dtype)  # refuses an unknown name
         self._prepared = False
 
-    def prefill(self, tokens: torch.Tensor, cache: CacheT, *, last_only: bool = True) -> torch.Tensor:
+    def prefill(
+        self,
+        tokens: torch.Tensor,
+        cache: CacheT,
+        *,
+        last_only: bool = True,
+        attention: list[torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         """Logits of `tokens` (B, T) fed after what `cache` holds, through the stock weights.
 
         For prompts, and any call that is not a decode step (a full scoring forward passes cache=None,
         last_only=False). Returns (B, 1, V) with `last_only`, else (B, T, V); the copies are not made yet,
         so a prompt's first token never waits for them. It takes turns with other threads' CPU steps.
+        `attention`, a list, is handed to the model, which then runs its eager attention and appends each
+        layer's weights to it (serve's attention job), in this decoder's precision like any prefill.
         """
         with self._call(tokens, use_copies=False):
-            return self.model(tokens, cache, last_only=last_only)
+            if attention is None:
+                return self.model(tokens, cache, last_only=last_only)
+            return self.model(tokens, cache, last_only=last_only, attention=attention)
 
     def step(self, tokens: torch.Tensor, cache: CacheT) -> torch.Tensor:
         """Next-token logits (B, 1, V) of one decode step: `tokens` (B, 1), one new token per row.

@@ -47,8 +47,32 @@ class LayerNorm(nn.LayerNorm):
         return f"{tuple(self.normalized_shape)}, eps={self.eps}"
 
 
+def eager_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax(q k^T / sqrt(hs)) v written out, returning the weights too: (y (B, nh, T, hs), w (B, nh, T, keys)).
+
+    The attention the model computes, for looking at (the playground's heatmaps), never for speed: SDPA does
+    not return its weights. q (B, nh, T, hs); k, v (B, nh, past + T, hs). Query i sees keys 0 .. past + i,
+    or, with `mask` (B, 1, T, keys) bool, the keys it marks. The scores and the softmax are fp32 whatever
+    the precision around (autocast off here), so each row of w sums to 1 to fp32 rounding; y is then
+    multiplied in v's dtype, as the fast path's output is.
+    """
+    T, keys = q.size(2), k.size(2)
+    if mask is None:  # the causal rule after `past` cached positions
+        mask = torch.ones(T, keys, dtype=torch.bool, device=q.device).tril(diagonal=keys - T)
+    with torch.autocast(q.device.type, enabled=False):
+        scores = q.float() @ k.float().transpose(-2, -1) / math.sqrt(q.size(-1))  # (B, nh, T, keys)
+        w = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
+    return w.to(v.dtype) @ v, w
+
+
 class NanoGPTAttention(nn.Module):
-    """Causal multi-head self-attention with one fused QKV projection."""
+    """Causal multi-head self-attention with one fused QKV projection.
+
+    `weights`, a list, asks for the eager path: this layer's attention weights (B, nh, T, keys) are
+    appended to it (`eager_attention`). Without it the fast path (`kernels.causal_attention`) runs.
+    """
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -56,7 +80,13 @@ class NanoGPTAttention(nn.Module):
         self.qkv_proj = Linear(cfg.d_model, 3 * cfg.d_model, bias=cfg.bias)
         self.out_proj = Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
 
-    def forward(self, x: torch.Tensor, cache: Cache | None = None, layer: int = 0) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        cache: Cache | None = None,
+        layer: int = 0,
+        weights: list[torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.qkv_proj(x).split(C, dim=2)  # (B, T, 3C) -> three (B, T, C)
         # (B, T, C) -> (B, nh, T, hs)
@@ -66,7 +96,11 @@ class NanoGPTAttention(nn.Module):
             k, v = cache.update(layer, k, v)  # (B, nh, past + T, hs): the cached positions, then these
             mask = cache.mask  # None, or which keys each query sees when rows differ (a batch of streams)
         # query i sees keys 0 .. past + i; softmax(q k^T / sqrt(hs)) v, with dropout on the weights
-        y = causal_attention(q, k, v, self.dropout if self.training else 0.0, mask=mask)  # (B, nh, T, hs)
+        if weights is None:
+            y = causal_attention(q, k, v, self.dropout if self.training else 0.0, mask=mask)  # (B, nh, T, hs)
+        else:  # the weights asked for: written out, no dropout (inference only)
+            y, w = eager_attention(q, k, v, mask)
+            weights.append(w)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, nh, T, hs) -> (B, T, C)
         return dropout(self.out_proj(y), self.dropout, self.training)
 
@@ -97,13 +131,19 @@ class NanoGPTBlock(nn.Module):
         self.ln2 = LayerNorm(cfg.d_model, eps=cfg.ln_eps, bias=cfg.bias)
         self.ff = FeedForward(cfg)
 
-    def forward(self, x: torch.Tensor, cache: Cache | None = None, layer: int = 0) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        cache: Cache | None = None,
+        layer: int = 0,
+        weights: list[torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         # typed locals: an nn.Module's call returns Any to the type checker
         if self.pre_ln:
-            x = x + self.attn(self.ln1(x), cache, layer)
+            x = x + self.attn(self.ln1(x), cache, layer, weights)
             y: torch.Tensor = self.ff(self.ln2(x))
             return x + y
-        x = self.ln1(x + self.attn(x, cache, layer))
+        x = self.ln1(x + self.attn(x, cache, layer, weights))
         out: torch.Tensor = self.ln2(x + self.ff(x))
         return out
 
@@ -121,7 +161,9 @@ class NanoGPTModel(nn.Module):
         # variants share one parameter layout and one checkpoint format.
         self.ln_f = LayerNorm(cfg.d_model, eps=cfg.ln_eps, bias=cfg.bias)
 
-    def forward(self, idx: torch.Tensor, cache: Cache | None = None) -> torch.Tensor:
+    def forward(
+        self, idx: torch.Tensor, cache: Cache | None = None, attention: list[torch.Tensor] | None = None
+    ) -> torch.Tensor:
         T = idx.size(1)
         if cache is not None:  # it knows where new tokens go: (T,) positions, or (B, T) when rows differ
             pos = cache.positions(T, idx.device)
@@ -134,7 +176,7 @@ class NanoGPTModel(nn.Module):
         x = self.token_embedding(idx) + self.position_embedding(pos)  # (B, T, C)
         x = dropout(x, self.dropout, self.training)
         for i, block in enumerate(self.blocks):
-            x = block(x, cache, i)
+            x = block(x, cache, i, attention)  # each layer appends its weights to `attention`, if given
         if cache is not None:
             cache.advance(T)
         h: torch.Tensor = self.ln_f(x)
@@ -172,6 +214,7 @@ class NanoGPTLMHeadModel(nn.Module):
         targets: torch.Tensor | None = None,
         last_only: bool = False,
         hidden: bool = False,
+        attention: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """idx (B, T) int64 -> logits (B, T, vocab_size). With `cache`, idx holds only the new tokens.
 
@@ -180,9 +223,11 @@ class NanoGPTLMHeadModel(nn.Module):
         `targets` (B, T) it returns the mean next-token cross-entropy instead (fp32, positions with
         target -100 ignored), computed by `linear_cross_entropy` without the (B, T, vocab) logits.
         `hidden` returns the final hidden states (B, T, d_model) before the head, for a loss that applies
-        the head itself a chunk at a time (distillation, `nanogpt.distill.chunked`).
+        the head itself a chunk at a time (distillation, `nanogpt.distill.chunked`). `attention`, a list,
+        runs the eager attention path and receives each layer's weights (B, nh, T, keys), first layer first:
+        what the playground draws (`serve`'s attention job); the output equals the fast path's to rounding.
         """
-        h: torch.Tensor = self.transformer(idx, cache)  # (B, T, d_model)
+        h: torch.Tensor = self.transformer(idx, cache, attention)  # (B, T, d_model)
         if hidden:
             return h
         if targets is not None:

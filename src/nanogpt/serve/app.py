@@ -4,7 +4,8 @@ Endpoints: `POST /v1/completions` (a prompt as a string, token ids, or a list of
 = top-k alternatives per token, the prompt's own included when `echo` is true, so `echo=true, max_tokens=0,
 logprobs=k` scores a prompt: what a token-level distillation teacher sends), `POST /v1/chat/completions`,
 `POST /v1/responses` (OpenAI's Responses API on the chat path: `responses.py`), `GET /v1/models[/{id}]`,
-`GET /health` (503 while shutting down) and `GET /metrics` (Prometheus).
+`GET /health` (503 while shutting down) and `GET /metrics` (Prometheus); the playground page at `/` with its
+two endpoints, `POST /v1/nanogpt/attention` and `GET /v1/nanogpt/run` (`playground.py`).
 What a request may hold is `requests.py`'s to say; every error has OpenAI's body (`errors.py`).
 
 Each choice of a request is one `Job` of the engine (`engine.py`), which batches every running sequence.
@@ -28,6 +29,7 @@ import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, MutableMapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from nanogpt.data.tokenizer import get_tokenizer
@@ -44,6 +46,7 @@ from nanogpt.serve.errors import (
     model_not_found_error,
 )
 from nanogpt.serve.metrics import Metrics
+from nanogpt.serve.playground import add_playground_routes
 from nanogpt.serve.requests import (
     BadRequest,
     CompletionRequest,
@@ -68,6 +71,9 @@ KNOWN_PATHS = (
     "/v1/models",
     "/health",
     "/metrics",
+    "/",
+    "/v1/nanogpt/attention",
+    "/v1/nanogpt/run",
 )
 
 # --- the app ------------------------------------------------------------------------------------------------
@@ -143,8 +149,14 @@ def create_app(
     *,
     request_timeout: float | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    model_path: Path | None = None,
+    dtype: str | None = None,
 ) -> "FastAPI":
-    """The FastAPI app serving `engine`; `api_key` (if given) is required as a bearer token."""
+    """The FastAPI app serving `engine`; `api_key` (if given) is required as a bearer token.
+
+    `model_path` (the folder the model was loaded from) and `dtype` (as asked: int8 computes in fp32) are
+    what the playground's `GET /v1/nanogpt/run` reports; without a path it reports the config only.
+    """
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, Response, StreamingResponse
 
@@ -155,6 +167,9 @@ def create_app(
     app.add_middleware(Guard, api_key=api_key, metrics=metrics)
     add_model_routes(app, engine.name, engine.context_length)
     tok = get_tokenizer()
+    add_playground_routes(
+        app, engine, tok, model_path=model_path, dtype=dtype or engine.dtype, request_timeout=request_timeout
+    )
 
     # every handler returns a Response (FastAPI then builds no response model from the annotation)
     @app.get("/health")
@@ -225,6 +240,11 @@ def submit(engine: Engine, req: CompletionRequest, request_timeout: float | None
         for ids in req.prompts
         for c in range(req.n)
     ]
+    return submit_jobs(engine, jobs)
+
+
+def submit_jobs(engine: Engine, jobs: list[Job]) -> list[Handle]:
+    """Queue `jobs` on `engine`, all or none, from the event loop: a full queue is a 429, a closing engine a 503."""
     try:
         return engine.submit_all(jobs, asyncio.get_running_loop())
     except QueueFull as e:

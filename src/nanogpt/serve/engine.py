@@ -7,6 +7,9 @@ the scheduler admits as many as `max_batch` allows, and each iteration then does
    sends as `echo=true, max_tokens=0, logprobs=k`), right-padded into one full forward;
 2. prefill: the next chunk (`prefill_chunk` tokens at most) of every prompt still being read, left-padded
    into one forward, so a long prompt is read over several steps and never stalls the streams;
+   or, every other step while both wait, the next `prefill_chunk` tokens of an attention job (`Job.attention`:
+   the playground's heatmaps), read through the model's eager attention into a KV cache of its own, so
+   looking at attention never slows the streams more than reading a prompt does;
 3. decode: one token for every stream, in one forward over the `SlotKVCache` (each row its own length).
 
 Sampling is per row (`infer.sampling.sample_rows`): each job has its own `SamplingParams` and generator, so
@@ -18,7 +21,7 @@ Active sequences live in consecutive cache slots, streams first, then prompts be
 forward reads a slice of the cache; when one leaves, the last one moves into its slot.
 
 Events go to the job's `Handle`: `PromptScores` (once, if asked), one `Token` per new token, then one
-`Finished`. A handle is read with `for ev in handle` (threads) or `async for ev in handle` (asyncio).
+`Finished`; an attention job gets one `AttentionMaps`, then `Finished("stop")`. A handle is read with `for ev in handle` (threads) or `async for ev in handle` (asyncio).
 
     engine = Engine(model, max_batch=32)
     for ev in engine.submit(Job([50256], SamplingParams(max_tokens=20, temperature=0))):
@@ -43,7 +46,7 @@ from nanogpt.data.tokenizer import EOT_ID
 from nanogpt.infer.sampling import SamplingParams, make_generator, sample_rows
 from nanogpt.kernels.decode import Decoder
 from nanogpt.model.gpt import NanoGPTLMHeadModel
-from nanogpt.model.kv_cache import SlotKVCache
+from nanogpt.model.kv_cache import KVCache, SlotKVCache
 
 SCORE_TOKENS = 2048  # prompt tokens per scoring forward (its logits take SCORE_TOKENS * vocab floats)
 
@@ -66,6 +69,7 @@ class Job:
     score_prompt: bool = False  # report the prompt's log-probs first (`PromptScores`)
     prompt_top: int = 0  # alternatives per prompt token when scoring
     deadline: float | None = None  # time.monotonic() past which the job is cancelled ("timeout")
+    attention: bool = False  # report the prompt's attention weights (`AttentionMaps`) instead of generating
 
 
 @dataclass(frozen=True)
@@ -82,12 +86,19 @@ class PromptScores:
 
 
 @dataclass(frozen=True)
+class AttentionMaps:
+    """An attention job's answer: the eager attention weights of its prompt."""
+
+    weights: torch.Tensor  # (n_layers, n_heads, T, T) fp32 on the CPU; row i sums to 1 over keys 0..i
+
+
+@dataclass(frozen=True)
 class Finished:
     reason: str  # "stop" | "length" | "cancelled" | "timeout" | "error"
     message: str = ""
 
 
-Event = Token | PromptScores | Finished
+Event = Token | PromptScores | AttentionMaps | Finished
 
 
 class Handle:
@@ -145,6 +156,20 @@ class _Seq:
         return self.handle.job
 
 
+@dataclass
+class _Attending:
+    """An attention job being read: its own KV cache (not a batch slot) and the weight rows so far."""
+
+    handle: Handle
+    cache: KVCache
+    weights: torch.Tensor  # (L, nh, T, T) fp32, filled `prefill_chunk` rows at a time
+    fed: int = 0
+
+    @property
+    def job(self) -> Job:
+        return self.handle.job
+
+
 class Engine:
     """One model, one scheduler thread, a bounded queue; see the module docstring."""
 
@@ -171,6 +196,8 @@ class Engine:
         self.scoring: list[_Seq] = []
         self.decoding: list[_Seq] = []  # slot i holds decoding[i]
         self.reading: list[_Seq] = []  # slot len(decoding) + j holds reading[j]
+        self.attending: list[_Attending] = []  # attention jobs, first come first served
+        self._attention_turn = False  # this step's prompt budget goes to an attention job (they alternate)
         self._cond = threading.Condition()
         self._closing = False
         self._drain_until: float | None = None
@@ -194,7 +221,8 @@ class Engine:
         choices than `max_queue` never fit, and fewer always do once the queue has room for them.
         """
         for job in jobs:
-            if len(job.prompt) > self.context_length + (1 if job.params.max_tokens == 0 else 0):
+            scored_only = job.params.max_tokens == 0 and not job.attention  # its last token is never fed
+            if len(job.prompt) > self.context_length + scored_only:
                 raise ValueError(
                     f"prompt is {len(job.prompt)} tokens, the model's context is {self.context_length}"
                 )
@@ -218,7 +246,7 @@ class Engine:
 
     @property
     def active(self) -> int:
-        return len(self.scoring) + len(self.decoding) + len(self.reading)
+        return len(self.scoring) + len(self.decoding) + len(self.reading) + len(self.attending)
 
     def close(self, drain_seconds: float = 0.0, wait: bool = True) -> None:
         """Take no new jobs; let active and queued ones run for up to `drain_seconds`, cancel the rest.
@@ -263,24 +291,32 @@ class Engine:
                 self._drop_cancelled()
                 with torch.inference_mode():
                     self._score()
-                    self._prefill()
+                    self._read_prompts()
                     self._decode()
             except Exception as e:  # never a dead scheduler: fail what was running, go on
-                for seq in self.scoring + self.decoding + self.reading:
-                    seq.handle._put(Finished("error", f"{type(e).__name__}: {e}"))
-                self.scoring, self.decoding, self.reading = [], [], []
-        left = list(self.waiting) + [s.handle for s in self.scoring + self.decoding + self.reading]
+                for h in self._running():
+                    h._put(Finished("error", f"{type(e).__name__}: {e}"))
+                self.scoring, self.decoding, self.reading, self.attending = [], [], [], []
+        left = list(self.waiting) + self._running()
         for h in left:
             h._put(Finished("cancelled", "the server shut down"))
         self.cancelled_at_close = len(left)
         self.waiting.clear()
-        self.scoring, self.decoding, self.reading = [], [], []
+        self.scoring, self.decoding, self.reading, self.attending = [], [], [], []
+
+    def _running(self) -> list[Handle]:
+        return [s.handle for s in self.scoring + self.decoding + self.reading] + [
+            a.handle for a in self.attending
+        ]
 
     def _admit(self) -> None:
         """Move waiting jobs into the batch while it has room (called with the lock held)."""
-        while self.waiting and len(self.decoding) + len(self.reading) + len(self.scoring) < self.max_batch:
+        while self.waiting and self.active < self.max_batch:
             h = self.waiting.popleft()
             job = h.job
+            if job.attention:
+                self._start_attending(h)
+                continue
             # the last new token is never fed back: a prompt of P tokens has room for context_length - P + 1 more
             limit = min(job.params.max_tokens, self.context_length - len(job.prompt) + 1)
             gen = None if job.params.greedy else make_generator(job.params.seed, self.device)
@@ -293,6 +329,11 @@ class Engine:
             else:
                 self._start_reading(seq)
 
+    def _start_attending(self, h: Handle) -> None:
+        L, nh, T = self.cfg.n_layers, self.cfg.n_heads, len(h.job.prompt)
+        cache = KVCache.for_model(self.cfg, 1, self.device, self.decoder.cache_dtype, max_len=T)
+        self.attending.append(_Attending(h, cache, torch.zeros(L, nh, T, T)))
+
     def _start_reading(self, seq: _Seq) -> None:
         self.cache.lengths[len(self.decoding) + len(self.reading)] = 0
         self.reading.append(seq)
@@ -300,7 +341,7 @@ class Engine:
     def _drop_cancelled(self) -> None:
         now = time.monotonic()
 
-        def gone(s: _Seq) -> str | None:
+        def gone(s: _Seq | _Attending) -> str | None:
             if s.handle.cancelled:
                 return "cancelled"
             if s.job.deadline is not None and now >= s.job.deadline:
@@ -311,6 +352,10 @@ class Engine:
             if reason := gone(s):
                 self.scoring.remove(s)
                 s.handle._put(Finished(reason))
+        for a in list(self.attending):
+            if reason := gone(a):
+                self.attending.remove(a)
+                a.handle._put(Finished(reason))
         for group in (self.decoding, self.reading):
             for s in [s for s in group if gone(s)]:
                 reason = gone(s) or "cancelled"
@@ -375,6 +420,37 @@ class Engine:
                 s.handle._put(Finished("length"))
             else:
                 self._start_reading(s)
+
+    def _read_prompts(self) -> None:
+        """This step's prompt reading, `prefill_chunk` tokens at most: a chunk of the prompts being read
+        (`_prefill`) or of the first attention job (`_attend`). While both wait they take turns, so each
+        step adds one prefill chunk's time at most before the decode step, and neither waits forever."""
+        attend = bool(self.attending) and (not self.reading or self._attention_turn)
+        if attend:
+            self._attend()
+        else:
+            self._prefill()
+        self._attention_turn = not attend
+
+    def _attend(self) -> None:
+        """The next `prefill_chunk` tokens of the first attention job, through the eager attention path.
+
+        Chunk by chunk over the job's own KV cache: rows fed .. fed + c of every layer's (T, T) weights,
+        each row over the keys up to its own position (the causal rule; the rest stays 0).
+        """
+        a = self.attending[0]
+        lo = a.fed
+        chunk = a.job.prompt[lo : lo + self.prefill_chunk]
+        hi = lo + len(chunk)
+        maps: list[torch.Tensor] = []
+        self.decoder.prefill(torch.tensor([chunk], device=self.device), a.cache, attention=maps)
+        for layer, w in enumerate(maps):  # w (1, nh, c, hi): these queries against every key so far
+            a.weights[layer, :, lo:hi, :hi] = w[0].float().cpu()
+        a.fed = hi
+        if a.fed == len(a.job.prompt):
+            self.attending.pop(0)
+            a.handle._put(AttentionMaps(a.weights))
+            a.handle._put(Finished("stop"))
 
     def _prefill(self) -> None:
         """The next `prefill_chunk` prompt tokens, first come first served, left-padded into one forward.
