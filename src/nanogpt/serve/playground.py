@@ -61,10 +61,11 @@ def parse_attention_request(body: dict[str, Any], tok: Tokenizer, context_length
     prompt = body.get("prompt")
     if not isinstance(prompt, (str, list)) or (isinstance(prompt, list) and not prompt):
         raise BadRequest("'prompt' must be a string or a list of token ids", "prompt")
-    prompts = parse_prompts(prompt, tok)
-    if len(prompts) != 1:
-        raise BadRequest("'prompt' must be one prompt: a string or a list of token ids", "prompt")
-    ids = prompts[0]
+    if isinstance(prompt, list) and not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        raise BadRequest(
+            "'prompt' must be one prompt: a string or a list of token ids (not a list of them)", "prompt"
+        )
+    ids = parse_prompts(prompt, tok)[0]
     if len(ids) > context_length:
         raise BadRequest(
             f"the prompt is {len(ids)} tokens, the model's context is {context_length}; send a shorter prompt",
