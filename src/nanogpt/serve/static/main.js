@@ -11,7 +11,7 @@ const $ = (id) => document.getElementById(id);
 const TABS = ["generate", "attention", "story"];
 
 // what the browser tests read: the data each view drew, not only its pixels
-window.playground = { generate: gen.state, attention: attention.view, story: story.view };
+window.playground = { generate: gen.state, attention: attention.view, story: story.view, probColour };
 
 function show(name) {
   for (const t of TABS) {
