@@ -14,13 +14,14 @@ import argparse
 import json
 import shutil
 import sys
+from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from nanogpt.commands.options import add_dtype, add_threads, add_tracker, apply_threads
+from nanogpt.commands.options import add_backend, add_dtype, add_threads, add_tracker, apply_threads
 from nanogpt.commands.train import add_train_config_flags
-from nanogpt.config import TrainConfig, override, read_json
+from nanogpt.config import ModelConfig, TrainConfig, override, read_json
 from nanogpt.data.tokenizer import VOCAB_SIZE
 from nanogpt.distill.client import cached_answers
 from nanogpt.distill.losses import CROSS_VOCAB_METHODS, DIVERGENCES, TEACHER_SPECS
@@ -29,7 +30,7 @@ from nanogpt.errors import ArgumentParser, SettingError, UserError, flags_for_se
 from nanogpt.folders import RunFolder, claim
 from nanogpt.train.checkpoint import load_config_of, saved_data_dir
 from nanogpt.train.lineage import public_spec
-from nanogpt.train.loop import train
+from nanogpt.train.loop import TrainResult, train
 from nanogpt.train.tracking import check_installed, parse_trackers
 
 # `--preset card`: the card's distillation stage. Without it the same lr applies (the card's 3e-5).
@@ -101,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--beta", type=float, help="jsd mixture weight (default 0.5)")
     add_dtype(p, flag="--teacher-dtype", help="local teacher precision (autocast)")
+    add_backend(p, help="PyTorch (default) or Apple MLX (fp32 student; every teacher kind)")
     p.add_argument("--resume", action="store_true", help="continue OUT from OUT/last/")
     p.add_argument(
         "--force",
@@ -248,6 +250,37 @@ def drop_unused_teacher_folder(cache_dir: Path, run: Path) -> None:
         shutil.rmtree(cache_dir, ignore_errors=True)
 
 
+def teacher_loss(
+    args: argparse.Namespace,
+    spec: TeacherSpec,
+    cfg: TrainConfig,
+    model_cfg: ModelConfig,
+    data: str,
+    cache_dir: Path,
+) -> tuple[Any, Callable[..., TrainResult]]:
+    """The distillation loss for --backend and the trainer that takes it (both take the same arguments)."""
+    make: Callable[..., Any] = make_loss_fn
+    trainer: Callable[..., TrainResult] = train
+    if args.backend == "mlx":
+        from nanogpt.mlx.train.loop import train as mlx_train  # first: says how to install MLX if missing
+
+        trainer = mlx_train
+        from nanogpt.distill.mlx_teachers import make_mlx_loss_fn
+
+        make = make_mlx_loss_fn
+    loss = make(
+        spec,
+        teacher_settings(args),
+        cfg,
+        model_cfg,
+        data,
+        cache_dir,
+        down_hint=lambda: rerun_hint(Path(args.out)),
+        wording=lambda e: flagged(str(e)),
+    )
+    return loss, trainer
+
+
 def main(argv: list[str] | None = None) -> int:
     with flags_for_settings(FLAGS):  # the library names its settings; this command names their flags
         return distill(build_parser().parse_args(argv))
@@ -275,17 +308,8 @@ def distill(args: argparse.Namespace) -> int:
     created = not cache_dir.exists()
     try:
         spec = resolve_teacher_settings(args, cache_dir / "distill.json")
-        loss_fn = make_loss_fn(
-            spec,
-            teacher_settings(args),
-            cfg,
-            model_cfg,
-            data,
-            cache_dir,
-            down_hint=lambda: rerun_hint(run),
-            wording=lambda e: flagged(str(e)),
-        )
-        result = train(
+        loss_fn, trainer = teacher_loss(args, spec, cfg, model_cfg, data, cache_dir)
+        result = trainer(
             model_cfg,
             cfg,
             data,
@@ -297,7 +321,7 @@ def distill(args: argparse.Namespace) -> int:
             loss_fn=loss_fn,
             loss_log=loss_fn.log,  # the hard/soft halves: stepped, trimmed on resume, logged as train_ce
             trackers=trackers,
-            label="distill",
+            label="distill" + (" (mlx)" if args.backend == "mlx" else ""),
             stage=distill_stage(args, cfg),
         )
     except BaseException:

@@ -187,8 +187,11 @@ class TopKDistillLoss:
 
         return self.client.map(one, windows, skip_bad=self.skip_bad)
 
-    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        logits = model(x).float()  # (B, T, V)
+    def teacher_tensors(
+        self, x: torch.Tensor, y: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The teacher's answer for a batch, on the CPU: top-k ids, log-probs and valid flags (B, T, k) and
+        the rows it answered (B, T) (a skipped answer's row is all False). Both backends' losses use it."""
         windows = torch.cat([x, y[:, -1:]], dim=1).tolist()  # the whole (T+1)-token window per row
         answers = self.teacher_topk(windows)
         B, T = x.shape
@@ -198,9 +201,13 @@ class TopKDistillLoss:
         for b, a in enumerate(answers):
             if a is not None:
                 ids[b], lps[b], valid[b], rows[b] = a.ids, a.logprobs, a.valid, True
-        dev = logits.device
+        return ids, lps, valid, rows
+
+    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        logits = model(x).float()  # (B, T, V)
+        ids, lps, valid, rows = (t.to(logits.device) for t in self.teacher_tensors(x, y))
         hard = F.cross_entropy(logits.view(-1, logits.size(-1)), y.reshape(-1))
-        soft = sparse_kl(logits, ids.to(dev), lps.to(dev), self.T, valid.to(dev), rows.to(dev))
+        soft = sparse_kl(logits, ids, lps, self.T, valid, rows)
         parts = LossParts(self.alpha * hard + (1 - self.alpha) * soft, hard, soft)
         self.log.record(parts.hard, parts.soft, skipped=self.client.skipped)
         return parts.total

@@ -23,6 +23,15 @@ from nanogpt.train.checkpoint import unwrap
 from nanogpt.train.losses import LossLog
 
 
+def check_context(teacher_context: int, window: int) -> None:
+    """A teacher must see the student's whole window."""
+    if window > teacher_context:
+        raise UserError(
+            f"the teacher's context is {teacher_context} tokens, the student's windows are {window}; "
+            "use a teacher with at least the student's context"
+        )
+
+
 class LocalTeacher:
     """A frozen same-vocabulary model: `logits(x)` (B, T) -> (B, T, 50257) float32, no grad."""
 
@@ -40,11 +49,7 @@ class LocalTeacher:
             p.requires_grad_(False)
 
     def _check_context(self, x: torch.Tensor) -> None:
-        if x.size(1) > self.context_length:
-            raise UserError(
-                f"the teacher's context is {self.context_length} tokens, the student's windows are {x.size(1)}; "
-                "use a teacher with at least the student's context"
-            )
+        check_context(self.context_length, x.size(1))
 
     @torch.no_grad()
     def logits(self, x: torch.Tensor) -> torch.Tensor:
@@ -83,21 +88,18 @@ def _gpt2_vocab_ok(folder: Path) -> bool | None:
     return json.loads(vocab.read_text()) == json.loads(bpe_files()[0].read_text())
 
 
-def load_local_teacher(
-    path: str | Path, device: str | torch.device = "cpu", dtype: str = "fp32"
-) -> LocalTeacher:
-    """A nanogpt run/checkpoint folder or a Hugging Face causal-LM folder (offline), checked for our vocab."""
-    from nanogpt.train.checkpoint import CONFIG, load_model, resolve_checkpoint
+def locate_local_teacher(path: str | Path) -> tuple[str, Path]:
+    """A local same-vocabulary teacher's family and folder: ("nanogpt", its checkpoint folder) or ("hf", the
+    Hugging Face folder), its vocabulary checked against GPT-2's (a one-line refusal naming `method` else)."""
+    from nanogpt.train.checkpoint import CONFIG, resolve_checkpoint
 
     p = Path(path)
-    torch_dtype(dtype)
     if not p.exists():
         raise SettingError(
             "teacher", f"teacher {p} not found; the teacher SPEC is a local folder or one of: {TEACHER_SPECS}"
         )
     cfg_file = p / CONFIG
-    hf = cfg_file.is_file() and "model_type" in json.loads(cfg_file.read_text())
-    if not hf:
+    if not (cfg_file.is_file() and "model_type" in json.loads(cfg_file.read_text())):
         folder = resolve_checkpoint(p)
         cfg = ModelConfig.load(folder / CONFIG)
         if cfg.vocab_size != VOCAB_SIZE:
@@ -106,8 +108,7 @@ def load_local_teacher(
                 f"teacher {p} has vocab_size {cfg.vocab_size}, not GPT-2's {VOCAB_SIZE}; use "
                 + TEACHER_SPECS,
             )
-        model = load_model(folder, device=device)
-        return LocalTeacher(model, "nanogpt", cfg.context_length, dtype)
+        return "nanogpt", folder
     hf_cfg = json.loads(cfg_file.read_text())
     vocab = hf_cfg.get("vocab_size")
     if vocab != VOCAB_SIZE or _gpt2_vocab_ok(p) is False:
@@ -117,14 +118,29 @@ def load_local_teacher(
             "its distributions cannot be matched token by token: pass `method` sequence (it writes text) or "
             "`method` uld (logits across vocabularies), or serve it as chat:MODEL@URL",
         )
+    return "hf", p
+
+
+def load_local_teacher(
+    path: str | Path, device: str | torch.device = "cpu", dtype: str = "fp32"
+) -> LocalTeacher:
+    """A nanogpt run/checkpoint folder or a Hugging Face causal-LM folder (offline), checked for our vocab."""
+    from nanogpt.train.checkpoint import CONFIG, load_model
+
+    torch_dtype(dtype)
+    family, folder = locate_local_teacher(path)
+    if family == "nanogpt":
+        cfg = ModelConfig.load(folder / CONFIG)
+        return LocalTeacher(load_model(folder, device=device), "nanogpt", cfg.context_length, dtype)
+    hf_cfg = json.loads((folder / CONFIG).read_text())
     try:
         from transformers import AutoModelForCausalLM
     except ImportError:
         raise missing_extra("a Hugging Face teacher needs transformers", "hf") from None
     try:
-        hf_model = AutoModelForCausalLM.from_pretrained(str(p), local_files_only=True)
+        hf_model = AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True)
     except (OSError, ValueError) as e:
-        raise UserError(f"cannot load the Hugging Face teacher {p}: {str(e).splitlines()[0]}") from None
+        raise UserError(f"cannot load the Hugging Face teacher {folder}: {str(e).splitlines()[0]}") from None
     context_length = int(hf_cfg.get("n_positions") or hf_cfg.get("max_position_embeddings") or 10**9)
     return LocalTeacher(cast(Any, hf_model).to(device), "hf", context_length, dtype)
 

@@ -115,20 +115,23 @@ class UldLossFn:
             for b, w in enumerate(windows)
         ]
 
-    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        logits = model(x).float()  # (B, T, V)
-        B, T = x.shape
+    def teacher_rows(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The aligned student positions (N,) (flat indices into the batch's B * T) and the teacher's logits
+        there (N, V_t), on the teacher's device: one teacher forward over the windows re-tokenized as text."""
+        T = x.size(1)
         alignments = self.align(torch.cat([x, y[:, -1:]], dim=1).tolist())
         positions = torch.tensor(
             [b * T + t for b, a in enumerate(alignments) for t in a.student_pos], dtype=torch.long
         )
-        if positions.numel():
-            rows = self.teacher.score(
-                [a.teacher_ids for a in alignments], [a.teacher_pos for a in alignments]
-            )
-        else:
-            rows = torch.zeros(0, self.teacher.vocab_size)
+        if not positions.numel():
+            return positions, torch.zeros(0, self.teacher.vocab_size)
+        rows = self.teacher.score([a.teacher_ids for a in alignments], [a.teacher_pos for a in alignments])
+        return positions, rows
+
+    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        logits = model(x).float()  # (B, T, V)
+        positions, rows = self.teacher_rows(x, y)
         dev = logits.device
         parts = uld_parts(logits, y, rows.to(dev), positions.to(dev), self.alpha, self.T)
-        self.log.record(parts.hard, parts.soft, aligned=round(positions.numel() / (B * T), 4))
+        self.log.record(parts.hard, parts.soft, aligned=round(positions.numel() / x.numel(), 4))
         return parts.total

@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, TypeGuard, cast
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -45,9 +45,17 @@ from nanogpt.mlx.train.checkpoint import (
     save_train_state,
     write_model_files,
 )
-from nanogpt.mlx.train.optim import cross_entropy_loss, make_optimizer, make_train_step, to_mx
+from nanogpt.mlx.train.optim import (
+    Halves,
+    PartsStep,
+    TwoPartLoss,
+    cross_entropy_loss,
+    make_optimizer,
+    make_parts_step,
+    to_mx,
+)
 from nanogpt.train.checkpoint import atomic_dir, resolve_checkpoint
-from nanogpt.train.losses import LossFn
+from nanogpt.train.losses import LossFn, LossLog
 from nanogpt.train.optim import default_peak_flops, flops_per_token
 from nanogpt.train.session import (
     EVAL_SEED,
@@ -110,9 +118,10 @@ class _Session:
     setup: RunSetup
     model: NanoGPTLMHeadModel
     optimizer: optim.MultiOptimizer
-    step_fn: Callable[[mx.array, mx.array], tuple[mx.array, mx.array]]  # make_train_step's compiled update
+    step_fn: PartsStep  # make_parts_step's compiled update
     sampler: BatchSampler
     counters: Counters
+    two_part: TwoPartLoss | None  # a distillation's loss: its teacher's inputs, then its halves logged
 
     @property
     def flops_per_token(self) -> float:
@@ -121,12 +130,17 @@ class _Session:
     def train_step(self, lr: float, clock: Clock) -> StepResult:
         """One optimizer update: the loss, the grad norm if clipping is on, whether max_time is reached."""
         cfg, step = self.setup.cfg, self.counters.step + 1
-        xs, ys = to_mx([self.sampler.next() for _ in range(cfg.grad_accum_steps)])
+        batches = [self.sampler.next() for _ in range(cfg.grad_accum_steps)]
+        batch, const = self._teacher_inputs(batches)
+        xs, ys = to_mx(batches)
         self.optimizer.learning_rate = lr
         mx.random.seed(dropout_seed(cfg.seed, step))
-        loss_a, norm_a = self.step_fn(xs, ys)
-        mx.eval(loss_a, norm_a, self.model.parameters(), self.optimizer.state)
+        loss_a, norm_a, halves = self.step_fn(xs, ys, batch, const)
+        mx.eval(loss_a, norm_a, halves, self.model.parameters(), self.optimizer.state)
         loss, norm = _scalar(loss_a), _scalar(norm_a)
+        if self.two_part is not None:
+            for hard, soft in cast(list[list[float]], halves.tolist()):
+                self.two_part.record(hard, soft)
         if not (math.isfinite(loss) and math.isfinite(norm)):
             # the weights were already updated in memory; nothing is saved, so last/ keeps the last good state
             what = f"loss is {loss}" if not math.isfinite(loss) else f"gradient norm is {norm}"
@@ -134,6 +148,17 @@ class _Session:
         self.counters.step = step
         time_up = clock.update(self.counters, cfg.max_time)
         return StepResult(loss, norm if cfg.grad_clip > 0 else None, time_up)
+
+    def _teacher_inputs(
+        self, batches: list[tuple[torch.Tensor, torch.Tensor]]
+    ) -> tuple[tuple[mx.array, ...], tuple[mx.array, ...]]:
+        """What a distillation's teacher gives for each micro-batch, stacked (A, ...), and its constants."""
+        if self.two_part is None:
+            return (), ()
+        per_batch = [self.two_part.inputs(x, y) for x, y in batches]
+        stacked = tuple(mx.stack(list(arrays)) for arrays in zip(*per_batch, strict=True))
+        mx.eval(stacked)  # the teacher's work is done here, before the step: its activations are freed
+        return stacked, self.two_part.constants
 
     def evaluate(self, on_batch: OnBatch) -> float:
         """The held-out loss on the fixed val windows."""
@@ -151,7 +176,7 @@ class _Session:
             save_train_state(tmp, self.optimizer, info)
 
 
-def _open_session(setup: RunSetup, *, init_from: str | None, loss_fn: MlxLoss) -> _Session:
+def _open_session(setup: RunSetup, *, init_from: str | None, loss_fn: MlxLoss | TwoPartLoss) -> _Session:
     """Build model, optimizer and sampler on `setup`, restore them on resume, write the run's configs."""
     mx.random.seed(setup.cfg.seed)
     model = NanoGPTLMHeadModel(setup.model_cfg)
@@ -166,10 +191,32 @@ def _open_session(setup: RunSetup, *, init_from: str | None, loss_fn: MlxLoss) -
     mx.eval(model.parameters(), optimizer.state)
     model.train()  # dropout on; an evaluation puts back the mode it found
     setup.write_configs()
-    step_fn = make_train_step(model, optimizer, setup.cfg, loss_fn)  # after any state load
+    two_part = loss_fn if _is_two_part(loss_fn) else None
+    parts = two_part.parts if two_part is not None else _whole(cast(MlxLoss, loss_fn))
+    step_fn = make_parts_step(model, optimizer, setup.cfg, parts)  # after any state load
     return _Session(
-        setup=setup, model=model, optimizer=optimizer, step_fn=step_fn, sampler=sampler, counters=counters
+        setup=setup,
+        model=model,
+        optimizer=optimizer,
+        step_fn=step_fn,
+        sampler=sampler,
+        counters=counters,
+        two_part=two_part,
     )
+
+
+def _is_two_part(loss_fn: MlxLoss | TwoPartLoss) -> TypeGuard[TwoPartLoss]:
+    return hasattr(loss_fn, "parts") and hasattr(loss_fn, "inputs")
+
+
+def _whole(loss_fn: MlxLoss) -> Callable[..., Halves]:
+    """A one-part loss as the step's (total, hard, soft): all of it is the hard half."""
+
+    def parts(model: nn.Module, x: mx.array, y: mx.array, *_: tuple[mx.array, ...]) -> Halves:
+        loss = loss_fn(model, x, y)
+        return loss, loss, mx.array(0.0)
+
+    return parts
 
 
 def _restore(
@@ -201,11 +248,13 @@ def train(
     force: bool = False,
     init_from: str | None = None,
     progress: bool = True,
-    loss_fn: MlxLoss | None = None,
+    loss_fn: MlxLoss | TwoPartLoss | None = None,
+    loss_log: LossLog | None = None,
     peak_flops: float | None = None,
     purpose: str = "run",
     trackers: Sequence[str] | None = None,
     stage: dict[str, Any] | None = None,
+    label: str = "train (mlx)",
 ) -> TrainResult:
     """Train `model_cfg` on `data_dir` into the run folder `out_dir` with MLX (see the module docstring).
 
@@ -230,7 +279,12 @@ def train(
         apple_gpu = mx.default_device() == mx.gpu
         peak = peak_flops or default_peak_flops(torch.device("mps" if apple_gpu else "cpu"), "fp32")
         return run_session(
-            session, peak_flops=peak, trackers=trackers, label="train (mlx)", progress=progress
+            session,
+            peak_flops=peak,
+            trackers=trackers,
+            label=label,
+            progress=progress,
+            loss_log=loss_log,
         )
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import partial
+from typing import Protocol
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -24,7 +25,7 @@ from mlx.utils import tree_flatten, tree_map
 
 from nanogpt.config import TrainConfig
 from nanogpt.mlx.model import NanoGPTLMHeadModel
-from nanogpt.train.losses import LossFn
+from nanogpt.train.losses import LossFn, LossLog
 
 
 def token_nll(model: nn.Module, x: mx.array, y: mx.array) -> mx.array:
@@ -80,33 +81,92 @@ def clip_gradients(grads: dict, max_norm: float) -> tuple[dict, mx.array]:
     return grads, norm
 
 
+Halves = tuple[mx.array, mx.array, mx.array]  # (total, hard, soft): a loss and its two halves
+# (model, x, y, batch, constants) -> Halves: a two-part loss on one micro-batch, with what its teacher gave
+# for that micro-batch (`batch`, arrays) and what stays the same every step (`constants`: a teacher's head)
+PartsFn = Callable[[nn.Module, mx.array, mx.array, tuple[mx.array, ...], tuple[mx.array, ...]], Halves]
+# xs, ys (A, B, T), batch inputs (each (A, ...)), constants -> (mean loss, pre-clip grad norm, halves (A, 2))
+PartsStep = Callable[
+    [mx.array, mx.array, tuple[mx.array, ...], tuple[mx.array, ...]], tuple[mx.array, mx.array, mx.array]
+]
+
+
+class TwoPartLoss(Protocol):
+    """A distillation loss for the MLX trainer (`nanogpt.distill.mlx_teachers`): the teacher works eagerly,
+    before the compiled step, and the loss on what it gave is computed inside the step.
+
+    `inputs(x, y)` runs once per micro-batch (the teacher's forward, an API call, text it wrote) and returns
+    arrays of fixed shapes; `constants` are passed to every step unchanged (a teacher's head); `parts` is the
+    loss inside the step; `record(hard, soft)` keeps each micro-batch's halves in `log` afterwards.
+    """
+
+    log: LossLog
+    constants: tuple[mx.array, ...]
+
+    def inputs(self, x: torch.Tensor, y: torch.Tensor) -> tuple[mx.array, ...]: ...
+
+    def parts(
+        self,
+        model: nn.Module,
+        x: mx.array,
+        y: mx.array,
+        batch: tuple[mx.array, ...],
+        const: tuple[mx.array, ...],
+    ) -> Halves: ...
+
+    def record(self, hard: float, soft: float) -> None: ...
+
+
 def make_train_step(
     model: NanoGPTLMHeadModel,
     opt: optim.Optimizer,
     cfg: TrainConfig,
     loss_fn: LossFn[nn.Module, mx.array] = cross_entropy_loss,
 ) -> Callable[[mx.array, mx.array], tuple[mx.array, mx.array]]:
-    """A compiled optimizer step: xs, ys (A, B, T) micro-batches -> (mean loss, pre-clip grad norm).
+    """A compiled optimizer step: xs, ys (A, B, T) micro-batches -> (mean loss, pre-clip grad norm)."""
+
+    def whole(model: nn.Module, x: mx.array, y: mx.array, *_: tuple[mx.array, ...]) -> Halves:
+        loss = loss_fn(model, x, y)
+        return loss, loss, mx.array(0.0)
+
+    step = make_parts_step(model, opt, cfg, whole)
+    return lambda xs, ys: step(xs, ys, (), ())[:2]
+
+
+def make_parts_step(
+    model: NanoGPTLMHeadModel, opt: optim.Optimizer, cfg: TrainConfig, parts: PartsFn
+) -> PartsStep:
+    """The compiled optimizer step of a two-part loss (`PartsStep`); `make_train_step`'s for one loss.
 
     Gradients of the A micro-batches are averaged (torch: each loss scaled by 1/A before backward), then
     clipped and applied. Model, optimizer and MLX RNG states are the compiled function's implicit state;
-    the caller sets `opt.learning_rate` before each call.
+    the caller sets `opt.learning_rate` before each call. Each micro-batch's halves come back for the log.
     """
-    loss_and_grad = nn.value_and_grad(model, loss_fn)
+
+    def loss(
+        model: nn.Module, x: mx.array, y: mx.array, batch: tuple[mx.array, ...], const: tuple[mx.array, ...]
+    ) -> tuple[mx.array, mx.array]:
+        total, hard, soft = parts(model, x, y, batch, const)
+        return total, mx.stack([hard, soft])  # value_and_grad differentiates the first output only
+
+    loss_and_grad = nn.value_and_grad(model, loss)
     state = [model.state, opt.state, mx.random.state]
 
     @partial(mx.compile, inputs=state, outputs=state)
-    def step(xs: mx.array, ys: mx.array) -> tuple[mx.array, mx.array]:
+    def step(
+        xs: mx.array, ys: mx.array, batch: tuple[mx.array, ...], const: tuple[mx.array, ...]
+    ) -> tuple[mx.array, mx.array, mx.array]:
         n = xs.shape[0]
-        total, grads = mx.array(0.0), None
+        total, grads, halves = mx.array(0.0), None, []
         for i in range(n):  # unrolled at trace time: n is fixed for a run
-            loss, g = loss_and_grad(model, xs[i], ys[i])
+            (loss, two), g = loss_and_grad(model, xs[i], ys[i], tuple(a[i] for a in batch), const)
             grads = g if grads is None else tree_map(mx.add, grads, g)
             total = total + loss
+            halves.append(two)
         grads = tree_map(lambda g: g / n, grads)
         grads, norm = clip_gradients(grads, cfg.grad_clip)
         opt.update(model, grads)
-        return total / n, norm
+        return total / n, norm, mx.stack(halves)
 
     return step
 
