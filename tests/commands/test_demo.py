@@ -22,7 +22,8 @@ def test_demo_smoke(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     argv = ["demo", "--iters", "2", "--minutes", "10", "--eval-tokens", "300"]
     assert main([*argv, "--out", "runs/demo", "--data", "data/builtin"]) == 0
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
     run = tmp_path / "runs/demo"
     result = json.loads((run / "demo.json").read_text())
     assert result["steps"] == 2 and result["tokens"] == 2 * 8 * 128  # batch 8 of the tiny preset's 128
@@ -37,6 +38,9 @@ def test_demo_smoke(tmp_path, capsys, monkeypatch):
     assert result["hf_sample"].startswith(WIDGET_PROMPTS[0])  # loaded back through transformers
     assert "val perplexity" in out and all(f"--- {p}" in out for p in WIDGET_PROMPTS)
     assert f"exported to {Path('runs/demo/hf')}" in out  # where the Hugging Face folder went
+    # the last line opens the model just trained in the playground: that command, on that run folder
+    last = captured.err.strip().splitlines()[-1]
+    assert f"nanogpt serve --model {Path('runs/demo')}" in last and "http://127.0.0.1:8000/" in last
     # a run the time cap cuts short says so at the end, with what to do about it
     capped = ["demo", "--iters", "400", "--minutes", "0.05", "--eval-tokens", "300", "--no-export"]
     assert main([*capped, "--out", "runs/capped", "--data", "data/builtin"]) == 0

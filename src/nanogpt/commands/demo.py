@@ -3,7 +3,8 @@
 Prepares the builtin Shakespeare corpus, trains a CPU-sized model for a bounded time (progress bar),
 measures held-out perplexity before and after training with the sliding-window evaluator, writes
 `loss.png`, exports a Hugging Face folder and loads it back through `transformers` (when installed),
-and prints samples for the card's three widget prompts. Figures land in `RUN/demo.json`.
+and prints samples for the card's three widget prompts. Figures land in `RUN/demo.json`; the last line is
+the command that opens the model in the browser playground (`nanogpt serve`, docs/playground.md).
 
     nanogpt demo --minutes 8
 """
@@ -331,4 +332,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     if r.busy_note:
         print(r.busy_note, file=sys.stderr)  # again at the end, where the figures are read
+    print(playground_line(r.run_dir), file=sys.stderr)  # last: what to do next with the model
     return 0
+
+
+def playground_line(run: Path) -> str:
+    """The one command that opens the model just trained in the browser playground (`nanogpt serve` at /)."""
+    return f"see how it works: nanogpt serve --model {run}  then open http://127.0.0.1:8000/ (the playground)"
