@@ -34,7 +34,8 @@ PHONE = {"width": 390, "height": 844}
 def run(small_data, tmp_path_factory) -> Path:
     if os.environ.get("NANOGPT_PLAYGROUND_RUN"):
         return Path(os.environ["NANOGPT_PLAYGROUND_RUN"])
-    return train_tiny_run(small_data, tmp_path_factory.mktemp("browser") / "run")
+    # a long context: a stream of a thousand tokens is still running when the test presses Escape
+    return train_tiny_run(small_data, tmp_path_factory.mktemp("browser") / "run", context_length=1024)
 
 
 @pytest.fixture(scope="module")

@@ -24,10 +24,10 @@ KEY = "sk-playground-test"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
-def train_tiny_run(data: Path, out: Path) -> Path:
+def train_tiny_run(data: Path, out: Path, context_length: int = 64) -> Path:
     """The tiny model after 12 steps with 3 held-out evaluations: a run folder with log.jsonl and best/."""
     cfg = quick_train_config(max_iters=12, eval_interval=4)
-    train(tiny_config(context_length=64), cfg, data, out, progress=False)
+    train(tiny_config(context_length=context_length), cfg, data, out, progress=False)
     return out
 
 

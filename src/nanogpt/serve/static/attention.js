@@ -16,6 +16,7 @@ export async function load() {
   setStatus("Computing attention…");
   try {
     view.data = await postJSON("/v1/nanogpt/attention", { prompt });
+    $("att-go").disabled = false;
     fillPickers(view.data.layers, view.data.heads);
     draw();
     setStatus(`Attention of ${view.data.tokens.length} tokens, ${view.data.layers} layers × ${view.data.heads} heads.`);
