@@ -108,7 +108,8 @@ def raw_http(url: str, head: bytes, chunks: list[bytes]) -> tuple[int, dict]:
 
 
 def test_unknown_route_is_an_openai_404(url):
-    for method, path in (("GET", "/v1/nope"), ("POST", "/v1/chat/complete"), ("GET", "/")):
+    # (GET / is the playground page: tests/serve/test_playground.py)
+    for method, path in (("GET", "/v1/nope"), ("POST", "/v1/chat/complete"), ("GET", "/nope")):
         status, body, _ = request(url + path, method, b"{}" if method == "POST" else None)
         assert status == 404
         message = assert_openai_error(body, code="unknown_url")
