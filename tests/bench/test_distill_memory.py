@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from nanogpt.cli import main
 
 
@@ -18,3 +20,17 @@ def test_distill_memory_row_measures_both_commands(tmp_path, capsys):
     assert (result["batch"], result["seq"], result["steps"]) == (2, 64, 3)
     row = (out / "distill_memory.md").read_text()
     assert "3 steps at 2 x 64" in row and f"{result['ratio']:.2f}x" in row and row in capsys.readouterr().out
+
+
+def test_the_row_in_mlx_runs_both_commands_in_mlx(tmp_path):
+    pytest.importorskip("mlx.core")
+    out = tmp_path / "bench"
+    argv = ["bench", "--distill-memory", "--preset", "tiny", "--batch", "2", "--seq", "32", "--threads", "1"]
+    assert main([*argv, "--backend", "mlx", "--repeats", "2", "--out", str(out)]) == 0
+    result = json.loads((out / "distill_memory.json").read_text())
+    assert result["backend"] == "mlx" and result["steps"] == 2 and "mlx" in result["method"]
+    assert (
+        result["train_peak_bytes"] > 100 << 20
+        and result["ratio"] == result["distill_peak_bytes"] / result["train_peak_bytes"]
+    )
+    assert "mlx, 2 steps at 2 x 32" in (out / "distill_memory.md").read_text()

@@ -70,8 +70,9 @@ def build_parser() -> ArgumentParser:
     p.add_argument(
         "--distill-memory",
         action="store_true",
-        help="only the distillation memory row: peak memory of a few `distill` steps (a same-size local "
-        "teacher) against `train` steps at --batch x --seq (default 12 x 512, the card's)",
+        help="only the distillation memory row: peak memory of --repeats `distill` steps (a same-size local "
+        "teacher) against as many `train` steps at --batch x --seq (default 12 x 512, the card's), in "
+        "--backend",
     )
     add_serve_flags(p.add_argument_group("load test of `nanogpt serve` (--serve)"))
     return p
@@ -86,7 +87,7 @@ def distill_memory_main(args: argparse.Namespace) -> int:
     cfg = preset(args.preset or "card")
     batch, seq = args.batch or 12, args.seq or cfg.context_length
     make_out_dir(args.out)
-    result = distill_memory(cfg, batch, seq, steps=3, threads=args.threads)
+    result = distill_memory(cfg, batch, seq, steps=args.repeats, threads=args.threads, backend=args.backend)
     out = Path(args.out)
     (out / "distill_memory.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / "distill_memory.md").write_text(markdown(result))

@@ -27,7 +27,7 @@ import io
 import json
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +37,7 @@ from nanogpt.errors import ArgumentParser, UserError
 STAGES = ("prepare", "base", "teacher", "distill", "eval", "bench", "export")
 TRAINING = ("base", "teacher", "distill")  # stages that write a run folder and resume from it
 STATE = "recipe.json"  # WORK/recipe.json: the recipe's hash and the stages finished
-MLX_STAGES = ("base", "teacher", "eval")  # what runs in MLX with --backend mlx (distill: PyTorch for now)
+MLX_STAGES = ("base", "teacher", "distill", "eval")  # what runs in MLX with --backend mlx
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,6 @@ class Stage:
     argvs: list[list[str]]  # one run of the command each (export: one per format)
     done: bool = False
     resume: bool = False  # a training stage continuing from its checkpoint
-    notes: list[str] = field(default_factory=list)
 
 
 def flags(options: dict[str, Any]) -> list[str]:
@@ -163,7 +162,7 @@ def plan(
     for name in STAGES:
         if name not in recipe:
             continue
-        opts, notes = recipe[name], []
+        opts = recipe[name]
         resume = False
         if name == "prepare":
             command, argv = "prepare", ["--out", str(where[name]), "--quiet", *flags(opts)]
@@ -172,8 +171,6 @@ def plan(
             resume = name not in done and _has_checkpoint(where[name])
             if resume:  # the run's own settings and data continue it exactly
                 argv = ["--out", str(where[name]), "--resume", *run_opts.argv(name)]
-            if name == "distill" and run_opts.backend == "mlx":
-                notes.append("distillation runs in PyTorch: the MLX backend has no distill yet")
         elif name == "eval":
             command = "eval"
             argv = [
@@ -191,7 +188,7 @@ def plan(
         else:
             command, argv = "export", []
         argvs = export_argvs(recipe, work) if name == "export" else [argv]
-        stages.append(Stage(name, command, argvs, done=name in done, resume=resume, notes=notes))
+        stages.append(Stage(name, command, argvs, done=name in done, resume=resume))
     return stages
 
 
@@ -294,8 +291,6 @@ def main(argv: list[str] | None = None) -> int:
         what = "done, skipped" if stage.done else ("continuing from its checkpoint" if stage.resume else "")
         commands = "; ".join(f"nanogpt {stage.command} " + " ".join(argv) for argv in stage.argvs)
         print(f"== {i}/{len(stages)} {stage.name}: {commands}" + (f"  ({what})" if what else ""), flush=True)
-        for note in stage.notes:
-            print(f"note: {note}", flush=True)
         if args.dry_run or stage.done:
             continue
         args.out.mkdir(parents=True, exist_ok=True)
