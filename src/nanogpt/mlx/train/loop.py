@@ -20,7 +20,7 @@ step. An MLX `last/` is not resumable by the torch trainer (and vice versa): the
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -46,13 +46,13 @@ from nanogpt.mlx.train.checkpoint import (
     write_model_files,
 )
 from nanogpt.mlx.train.optim import (
-    Halves,
     PartsStep,
     TwoPartLoss,
     cross_entropy_loss,
     make_optimizer,
     make_parts_step,
     to_mx,
+    whole,
 )
 from nanogpt.train.checkpoint import atomic_dir, resolve_checkpoint
 from nanogpt.train.losses import LossFn, LossLog
@@ -192,7 +192,7 @@ def _open_session(setup: RunSetup, *, init_from: str | None, loss_fn: MlxLoss | 
     model.train()  # dropout on; an evaluation puts back the mode it found
     setup.write_configs()
     two_part = loss_fn if _is_two_part(loss_fn) else None
-    parts = two_part.parts if two_part is not None else _whole(cast(MlxLoss, loss_fn))
+    parts = two_part.parts if two_part is not None else whole(cast(MlxLoss, loss_fn))
     step_fn = make_parts_step(model, optimizer, setup.cfg, parts)  # after any state load
     return _Session(
         setup=setup,
@@ -207,16 +207,6 @@ def _open_session(setup: RunSetup, *, init_from: str | None, loss_fn: MlxLoss | 
 
 def _is_two_part(loss_fn: MlxLoss | TwoPartLoss) -> TypeGuard[TwoPartLoss]:
     return hasattr(loss_fn, "parts") and hasattr(loss_fn, "inputs")
-
-
-def _whole(loss_fn: MlxLoss) -> Callable[..., Halves]:
-    """A one-part loss as the step's (total, hard, soft): all of it is the hard half."""
-
-    def parts(model: nn.Module, x: mx.array, y: mx.array, *_: tuple[mx.array, ...]) -> Halves:
-        loss = loss_fn(model, x, y)
-        return loss, loss, mx.array(0.0)
-
-    return parts
 
 
 def _restore(

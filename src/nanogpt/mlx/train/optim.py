@@ -124,13 +124,18 @@ def make_train_step(
     loss_fn: LossFn[nn.Module, mx.array] = cross_entropy_loss,
 ) -> Callable[[mx.array, mx.array], tuple[mx.array, mx.array]]:
     """A compiled optimizer step: xs, ys (A, B, T) micro-batches -> (mean loss, pre-clip grad norm)."""
+    step = make_parts_step(model, opt, cfg, whole(loss_fn))
+    return lambda xs, ys: step(xs, ys, (), ())[:2]
 
-    def whole(model: nn.Module, x: mx.array, y: mx.array, *_: tuple[mx.array, ...]) -> Halves:
+
+def whole(loss_fn: LossFn[nn.Module, mx.array]) -> PartsFn:
+    """A one-part loss as a `PartsFn`: all of it is the hard half."""
+
+    def parts(model: nn.Module, x: mx.array, y: mx.array, *_: tuple[mx.array, ...]) -> Halves:
         loss = loss_fn(model, x, y)
         return loss, loss, mx.array(0.0)
 
-    step = make_parts_step(model, opt, cfg, whole)
-    return lambda xs, ys: step(xs, ys, (), ())[:2]
+    return parts
 
 
 def make_parts_step(
