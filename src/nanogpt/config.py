@@ -21,6 +21,7 @@ NORM_POSITIONS = ("pre", "post")
 ACTIVATIONS = ("gelu", "gelu_tanh")  # exact erf GELU (the card, BERT) or GPT-2's tanh approximation
 DTYPE_NAMES = ("fp32", "bf16", "fp16")  # training/inference precisions (torch dtypes in kernels/device.py)
 OPTIMIZERS = ("adamw", "muon")  # muon: Muon for the blocks' weight matrices, AdamW for the rest
+LORA_TARGETS = ("qkv_proj", "out_proj", "fc1", "fc2")  # the blocks' Linear layers LoRA may adapt
 
 
 # --- validation: every config, however it was made (JSON, flags, code), is checked when it is built ----
@@ -39,6 +40,8 @@ def _check_types(cfg: Any, what: str) -> None:
         elif "float" in kinds:
             ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
             want = "a finite number"
+        elif kinds[0].startswith("tuple"):  # lora_targets (JSON's list and a flag's string are made tuples)
+            ok, want = isinstance(value, tuple) and all(isinstance(v, str) for v in value), "a list of names"
         else:
             ok, want = isinstance(value, str), "a string"
         if not ok:
@@ -136,8 +139,19 @@ class TrainConfig:
     # knowledge distillation (the card's second stage)
     distill_alpha: float = 0.5  # weight of the hard (data) loss; 1 - alpha goes to the soft (teacher) loss
     distill_temperature: float = 1.0
+    # LoRA (model/lora.py, mlx/lora.py): rank 0 is full fine-tuning; > 0 freezes the base (--init-from) and
+    # trains B @ A * alpha / rank beside each target Linear
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0  # on the adapter's input only
+    lora_targets: tuple[str, ...] = LORA_TARGETS
 
     def __post_init__(self) -> None:
+        if isinstance(self.lora_targets, (list, str)):  # JSON's list, a flag's "qkv_proj,fc1"
+            names = self.lora_targets.split(",") if isinstance(self.lora_targets, str) else self.lora_targets
+            object.__setattr__(
+                self, "lora_targets", tuple(n.strip() if isinstance(n, str) else n for n in names)
+            )
         _check_types(self, "training config")
         for name in ("batch_size", "grad_accum_steps", "eval_interval", "eval_iters", "log_interval"):
             _require(self, name, getattr(self, name) > 0, "a whole number > 0")
@@ -158,6 +172,22 @@ class TrainConfig:
             raise UserError(f"dtype={self.dtype!r} is unknown; use one of {', '.join(DTYPE_NAMES)}")
         if self.optimizer not in OPTIMIZERS:
             raise UserError(f"optimizer={self.optimizer!r} is unknown; use one of {', '.join(OPTIMIZERS)}")
+        self._check_lora()
+
+    def _check_lora(self) -> None:
+        _require(self, "lora_rank", self.lora_rank >= 0, "a whole number >= 0 (0: full fine-tuning)")
+        _require(self, "lora_alpha", self.lora_alpha > 0, "a number > 0, e.g. 16")
+        _require(self, "lora_dropout", 0.0 <= self.lora_dropout < 1.0, "in [0, 1)")
+        unknown = [t for t in self.lora_targets if t not in LORA_TARGETS]
+        if unknown or not self.lora_targets or len(set(self.lora_targets)) != len(self.lora_targets):
+            what = f"{unknown[0]!r} is unknown" if unknown else "must name each target once"
+            raise UserError(
+                f"--lora-targets: {what}; pass a comma-separated subset of {','.join(LORA_TARGETS)}"
+            )
+        if self.lora_rank and self.optimizer != "adamw":
+            raise UserError(
+                f"LoRA trains its adapters with AdamW, not {self.optimizer}; drop --optimizer or pass adamw"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -194,6 +224,35 @@ RECIPES: dict[str, dict[str, Any]] = {"card": {}, "small": _SMALL_RECIPE, "tiny"
 SCALED_WARMUP = ("small", "tiny")  # presets whose warmup follows max_iters unless it is given
 
 
+# The fine-tuning recipe `train --init-from` uses when no preset or config file is given: a short run at a
+# rate far below pretraining's, so the base is adapted rather than overwritten. Full fine-tuning follows the
+# usual 5e-5..1e-4 range with ~3% warmup and no weight decay (mlx-lm's full mode trains at 1e-5 on billion-scale
+# models; ours are small and take the top of the range). LoRA trains only its adapters, which start at zero
+# (B = 0) and need a higher rate: litgpt's finetune_lora uses 3e-4 with alpha 16, dropout 0.05.
+_FINETUNE_COMMON: dict[str, Any] = {
+    "batch_size": 8,
+    "max_iters": 1000,
+    "weight_decay": 0.0,
+    "eval_interval": 100,
+    "eval_iters": 20,
+    "log_interval": 10,
+    "optimizer": "adamw",
+}
+FINETUNE_RECIPE: dict[str, Any] = {**_FINETUNE_COMMON, "learning_rate": 1e-4, "min_lr": 1e-5}
+LORA_RECIPE: dict[str, Any] = {**_FINETUNE_COMMON, "learning_rate": 3e-4, "min_lr": 3e-5}
+
+
+def finetune_recipe(**changes: Any) -> TrainConfig:
+    """The fine-tuning recipe (LoRA's when `lora_rank` > 0 among the changes) with `changes` applied.
+
+    The warmup is about 3% of max_iters (at least 1) unless `warmup_iters` is among the changes."""
+    base = LORA_RECIPE if (changes.get("lora_rank") or 0) > 0 else FINETUNE_RECIPE
+    cfg = override(TrainConfig(**base), **changes)
+    if changes.get("warmup_iters") is None:
+        cfg = replace(cfg, warmup_iters=max(1, round(0.03 * cfg.max_iters)) if cfg.max_iters else 0)
+    return cfg
+
+
 def warmup_for(iters: int) -> int:
     """Warmup for a short run of `iters`: about 5%, at least 10, never more than a tenth of the run."""
     return min(max(10, iters // 20), max(1, iters // 10))
@@ -215,8 +274,14 @@ def recipe(name: str, **changes: Any) -> TrainConfig:
 def describe_recipe(cfg: TrainConfig, context_length: int) -> str:
     """One line that says how a run will train (printed at its start)."""
     accum = f" x {cfg.grad_accum_steps} accumulated" if cfg.grad_accum_steps > 1 else ""
+    lora = ""
+    if cfg.lora_rank:
+        targets = ",".join(cfg.lora_targets)
+        lora = (
+            f"LoRA rank {cfg.lora_rank} alpha {cfg.lora_alpha:g} dropout {cfg.lora_dropout:g} on {targets}, "
+        )
     return (
-        f"batch {cfg.batch_size} x {context_length}{accum}, {cfg.optimizer} lr {cfg.learning_rate:g} -> "
+        f"{lora}batch {cfg.batch_size} x {context_length}{accum}, {cfg.optimizer} lr {cfg.learning_rate:g} -> "
         f"{cfg.min_lr:g} (cosine, warmup {cfg.warmup_iters}), {cfg.max_iters:,} iterations, held-out eval "
         f"every {cfg.eval_interval} ({cfg.eval_iters} batches), {cfg.dtype}"
     )

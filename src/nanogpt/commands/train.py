@@ -32,6 +32,7 @@ from nanogpt.config import (
     ModelConfig,
     TrainConfig,
     describe_recipe,
+    finetune_recipe,
     override,
     preset,
     read_json,
@@ -99,7 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="nanogpt train",
         description="Train a model into a run folder (resumable; torchrun for many processes). "
         "Unset flags keep the config's or the preset's values: each preset has a training recipe for its "
-        "size (the card's for card; batch 8, Muon, lr 4e-3 for small and tiny), printed as the run starts.",
+        "size (the card's for card; batch 8, Muon, lr 4e-3 for small and tiny), printed as the run starts. "
+        "--init-from alone takes the fine-tuning recipe (AdamW lr 1e-4, 1,000 iterations, ~3%% warmup; with "
+        "--lora-rank, LoRA's: lr 3e-4, base frozen, only the adapters saved).",
     )
     p.add_argument(
         "--data", help="prepared data folder (`nanogpt prepare`); on --resume defaults to the run's"
@@ -149,8 +152,8 @@ def resolve_configs(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig]
         model_cfg, train_cfg = preset(args.preset), recipe(args.preset, **flags)  # warmup follows --max-iters
     elif args.resume and RunFolder(run).config.is_file():
         model_cfg, train_cfg = ModelConfig.load(RunFolder(run).config), TrainConfig()
-    elif args.init_from:
-        model_cfg, train_cfg = load_config_of(args.init_from), TrainConfig()
+    elif args.init_from:  # fine-tuning: its own recipe (LoRA's with --lora-rank), warmup ~3% of --max-iters
+        model_cfg, train_cfg = load_config_of(args.init_from), finetune_recipe(**flags)
     else:
         model_cfg, train_cfg = preset("card"), TrainConfig()
     if args.resume and RunFolder(run).train_config.is_file():
@@ -170,6 +173,8 @@ def recipe_origin(args: argparse.Namespace) -> str:
         return f"{args.config} over the card's recipe"
     if args.preset:
         return f"preset {args.preset!r}'s recipe" + (" (the card's)" if args.preset == "card" else "")
+    if args.init_from:
+        return "the " + ("LoRA " if (args.lora_rank or 0) > 0 else "") + "fine-tuning recipe"
     return "the card's recipe"
 
 
@@ -183,6 +188,12 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError("--out RUN is required: the run folder to write (or --plot RUN to only draw a log)")
     trackers = parse_trackers(args.tracker)
     check_installed(trackers)
+    if (args.lora_rank or 0) > 0 and not args.init_from and not args.resume:
+        raise UserError(
+            "--lora-rank needs --init-from BASE: the checkpoint (run or folder) whose frozen weights LoRA adapts"
+        )
+    if (args.lora_rank or 0) > 0 and args.optimizer is None and not args.resume:
+        args.optimizer = "adamw"  # a preset's Muon is for pretraining; LoRA's adapters train with AdamW
     model_cfg, train_cfg = resolve_configs(args)
     data = args.data
     if data is None and args.resume:
@@ -191,10 +202,14 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError("--data DIR is required: a folder made by `nanogpt prepare`")
     origin = recipe_origin(args)
     if args.backend == "mlx" and args.optimizer is None and train_cfg.optimizer == "muon" and not args.resume:
-        train_cfg = replace(train_cfg, optimizer="adamw")  # the recipe's Muon runs in the PyTorch backend only
+        train_cfg = replace(
+            train_cfg, optimizer="adamw"
+        )  # the recipe's Muon runs in the PyTorch backend only
         origin += "; AdamW in place of Muon, which the MLX backend lacks"
     if int(os.environ.get("RANK", 0)) == 0:
-        flags = " and your flags" if any(getattr(args, f.name) is not None for f in fields(TrainConfig)) else ""
+        flags = (
+            " and your flags" if any(getattr(args, f.name) is not None for f in fields(TrainConfig)) else ""
+        )
         print(f"training: {describe_recipe(train_cfg, model_cfg.context_length)} ({origin}{flags})")
     trainer: Callable[..., TrainResult] = train  # both backends take the same arguments used here
     if args.backend == "mlx":

@@ -33,6 +33,16 @@ from nanogpt.config import ModelConfig, read_json
 from nanogpt.errors import UserError, write_fix
 from nanogpt.folders import STATE_JSON, RunFolder, recover_dir
 from nanogpt.model.gpt import NanoGPTLMHeadModel
+from nanogpt.model.lora import adapter_shapes, adapter_state, merge_state
+from nanogpt.train.adapters import (
+    ADAPTER_WEIGHTS,
+    AdapterRecord,
+    check_base,
+    is_adapter_folder,
+    load_adapter_file,
+    read_record,
+    write_record,
+)
 from nanogpt.train.optim import TrainOptimizer
 
 CONFIG = "config.json"
@@ -98,16 +108,24 @@ def unwrap(model: torch.nn.Module) -> NanoGPTLMHeadModel:
     return model  # type: ignore[return-value]
 
 
-def write_model_files(folder: Path, model: torch.nn.Module) -> None:
-    """Write config.json + model.safetensors into an existing folder (no atomic swap)."""
+def write_model_files(folder: Path, model: torch.nn.Module, lora: AdapterRecord | None = None) -> None:
+    """Write config.json + model.safetensors into an existing folder (no atomic swap).
+
+    With `lora` (a LoRA run), the adapters alone + their record instead of the weights (train.adapters)."""
     m = unwrap(model)
     m.config.save(folder / CONFIG)
+    if lora is not None:
+        save_file(
+            adapter_state(m), str(folder / ADAPTER_WEIGHTS), metadata={"format": "pt", "library": "nanogpt"}
+        )
+        write_record(folder, lora)
+        return
     save_file(model_state(m), str(folder / WEIGHTS), metadata={"format": "pt", "library": "nanogpt"})
 
 
-def save_model(dst: str | Path, model: torch.nn.Module) -> Path:
+def save_model(dst: str | Path, model: torch.nn.Module, lora: AdapterRecord | None = None) -> Path:
     with atomic_dir(dst) as tmp:
-        write_model_files(tmp, model)
+        write_model_files(tmp, model, lora)
     return Path(dst)
 
 
@@ -126,7 +144,9 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if p.is_file():
         hint = f"its folder {p.parent}" if p.name in (CONFIG, WEIGHTS) else f"the folder holding {CONFIG}"
         raise UserError(f"{p} is a file, not a checkpoint folder; pass {hint}")
-    found = [recover_dir(p)] if (recover_dir(p) / WEIGHTS).is_file() else []
+    found = (
+        [recover_dir(p)] if (recover_dir(p) / WEIGHTS).is_file() or is_adapter_folder(recover_dir(p)) else []
+    )
     run = RunFolder(p)
     found += [recover_dir(sub) for sub in (run.best, run.last) if (recover_dir(sub) / CONFIG).is_file()]
     if (recover_dir(p) / CONFIG).is_file():  # config without weights: load_weights names what is missing
@@ -165,6 +185,11 @@ def load_config_of(path: str | Path) -> ModelConfig:
 
 
 def load_weights(folder: Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """A checkpoint's weights by their shared names; a LoRA checkpoint's are its base's with the adapters
+    merged in (W + B @ A * alpha / r), so every loader gets the fine-tuned model."""
+    if is_adapter_folder(folder):
+        record, base, adapters = load_lora_parts(folder, device)
+        return merge_state(base, adapters, record.spec.scale)
     f = folder / WEIGHTS
     if not f.is_file():
         raise UserError(f"{f} not found; the checkpoint is incomplete, use another one or train again")
@@ -172,6 +197,46 @@ def load_weights(folder: Path, device: str | torch.device = "cpu") -> dict[str, 
         return load_file(str(f), device=str(device))
     except (SafetensorError, OSError, ValueError) as e:
         raise UserError(f"{f} is corrupt or not a safetensors file ({e}); use another checkpoint") from None
+
+
+def weights_file(folder: Path) -> Path:
+    """The file whose sha256 identifies a checkpoint: its adapters for a LoRA one, else its weights."""
+    return folder / (ADAPTER_WEIGHTS if is_adapter_folder(folder) else WEIGHTS)
+
+
+def lora_base(folder: Path) -> tuple[AdapterRecord, Path]:
+    """A LoRA checkpoint's record and its base checkpoint folder, checked to be there and unchanged."""
+    record = read_record(folder)
+    base = record.base
+    found = base if (base / CONFIG).is_file() else None
+    check_base(record, folder, weights_file(base) if found else None)
+    key = first_config_difference(ModelConfig.load(folder / CONFIG), ModelConfig.load(base / CONFIG))
+    if key is not None:
+        raise UserError(
+            f"{folder / CONFIG} differs from its base {base / CONFIG} at {key!r}; the LoRA checkpoint is "
+            "damaged, use another one or train the adapters again"
+        )
+    return record, base
+
+
+def load_lora_parts(
+    folder: Path, device: str | torch.device = "cpu"
+) -> tuple[AdapterRecord, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """A LoRA checkpoint's record, its base's weights (merged, if the base is a LoRA run too) and its adapters
+    (names and shapes checked against the config)."""
+    record, base = lora_base(folder)
+    base_sd = load_weights(base, device)
+    adapters = load_adapter_file(folder, device)
+    cfg = ModelConfig.load(folder / CONFIG)
+    expected = adapter_shapes(cfg, record.spec)
+    check_weights(expected, {k: tuple(v.shape) for k, v in adapters.items()}, folder / ADAPTER_WEIGHTS)
+    return record, base_sd, adapters
+
+
+def first_config_difference(a: ModelConfig, b: ModelConfig) -> str | None:
+    """The first model config key (dropout aside: a run may change it) where `a` and `b` differ."""
+    da, db = a.to_dict(), b.to_dict()
+    return next((k for k in da if k != "dropout" and da[k] != db.get(k)), None)
 
 
 def check_weights(

@@ -46,18 +46,23 @@ from nanogpt.errors import UserError
 from nanogpt.folders import RunFolder
 from nanogpt.kernels.device import autocast
 from nanogpt.model.gpt import NanoGPTLMHeadModel
+from nanogpt.model.lora import adapter_shapes, apply_lora, load_adapter_state
+from nanogpt.train.adapters import AdapterRecord, file_sha256, load_adapter_file, spec_of
 from nanogpt.train.checkpoint import (
     atomic_dir,
+    check_weights,
     join_rank_state,
     load_state_into,
     load_train_state,
     load_weights,
+    lora_base,
     resolve_checkpoint,
     rng_state,
     save_model,
     save_train_state,
     set_rng_state,
     split_rank_states,
+    weights_file,
     write_model_files,
 )
 from nanogpt.train.distributed import DistInfo, all_gather, setup_distributed
@@ -143,6 +148,7 @@ class _Session:
     sampler: BatchSampler
     loss_fn: TorchLoss
     counters: Counters
+    lora: AdapterRecord | None = None  # a LoRA run: checkpoints hold only the adapters, and this record
 
     @property
     def flops_per_token(self) -> float:
@@ -190,11 +196,11 @@ class _Session:
             return
         folder = RunFolder(self.setup.run)
         if best:
-            save_model(folder.best, self.model)  # before last/: a kill in between replays to here
+            save_model(folder.best, self.model, self.lora)  # before last/: a kill in between replays to here
         tensors, plain = split_rank_states(ranks)
         info = self.setup.state_info(asdict(self.counters), world_size=self.info.world_size, ranks=plain)
         with atomic_dir(folder.last) as tmp:
-            write_model_files(tmp, self.model)
+            write_model_files(tmp, self.model, self.lora)
             save_train_state(tmp, self.optimizer, tensors, info)
 
 
@@ -207,7 +213,10 @@ def _open_session(
         torch.set_float32_matmul_precision("high")  # TF32 matmuls: fp32 storage, tensor-core speed
     torch.manual_seed(cfg.seed + info.rank)  # init (DDP broadcasts rank 0's weights) and this rank's dropout
     model = NanoGPTLMHeadModel(setup.model_cfg)
-    if init_from and setup.resume_from is None:
+    lora = None
+    if cfg.lora_rank:
+        lora = _with_lora(model, setup, init_from)
+    elif init_from and setup.resume_from is None:
         folder = resolve_checkpoint(init_from)
         load_state_into(model, load_weights(folder), folder)
     model.to(device)
@@ -215,7 +224,7 @@ def _open_session(
     sampler = setup.train_sampler()
     counters = Counters()
     if setup.resume_from is not None:
-        counters = _restore(setup, setup.resume_from, info, device, model, optimizer, sampler)
+        counters = _restore(setup, setup.resume_from, info, device, model, optimizer, sampler, lora is None)
     fwd, net = _wrap(model, cfg, info, device)
     if info.main:
         setup.write_configs()
@@ -230,7 +239,34 @@ def _open_session(
         sampler=sampler,
         loss_fn=loss_fn,
         counters=counters,
+        lora=lora,
     )
+
+
+def lora_record(setup: RunSetup, init_from: str | None) -> AdapterRecord:
+    """The record of a LoRA run's base (either backend): on resume the checkpoint's, else `init_from`'s."""
+    if setup.resume_from is not None:
+        record, _ = lora_base(setup.resume_from)  # checked: there and unchanged
+        return AdapterRecord(spec_of(setup.cfg), record.base, record.base_sha256)
+    if not init_from:
+        raise UserError(
+            "--lora-rank needs --init-from BASE: the checkpoint (run or folder) whose frozen weights LoRA adapts"
+        )
+    base = resolve_checkpoint(init_from).resolve()
+    return AdapterRecord(spec_of(setup.cfg), base, file_sha256(weights_file(base)))
+
+
+def _with_lora(model: NanoGPTLMHeadModel, setup: RunSetup, init_from: str | None) -> AdapterRecord:
+    """Load the base into `model`, freeze it and add the adapters (restored from the checkpoint on resume)."""
+    record = lora_record(setup, init_from)
+    load_state_into(model, load_weights(record.base), record.base)  # a LoRA base comes merged
+    apply_lora(model, record.spec)  # A drawn from the seeded torch RNG, B zero
+    if setup.resume_from is not None:
+        adapters = load_adapter_file(setup.resume_from)
+        expected = adapter_shapes(setup.model_cfg, record.spec)
+        check_weights(expected, {k: tuple(v.shape) for k, v in adapters.items()}, setup.resume_from)
+        load_adapter_state(model, adapters)
+    return record
 
 
 def _restore(
@@ -241,10 +277,13 @@ def _restore(
     model: NanoGPTLMHeadModel,
     optimizer: TrainOptimizer,
     sampler: BatchSampler,
+    weights: bool = True,
 ) -> Counters:
-    """Load the checkpoint `resume_from` into the model, optimizer, sampler and this rank's RNGs."""
+    """Load the checkpoint `resume_from` into the model (unless `weights` is False: a LoRA run's adapters are
+    already in), optimizer, sampler and this rank's RNGs."""
     cfg = setup.cfg
-    load_state_into(model, load_weights(resume_from, device), resume_from)
+    if weights:
+        load_state_into(model, load_weights(resume_from, device), resume_from)
     state = load_train_state(resume_from, optimizer)
     for group in optimizer.param_groups:  # flags given on resume win over the saved hyper-parameters
         group["weight_decay"] = cfg.weight_decay if group["weight_decay"] else 0.0

@@ -58,7 +58,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     Decay shrinks every row at every step, but the input side of a token's row is trained only when
     that token occurs, so rare-token rows drift towards zero. nanoGPT decays every >= 2-D tensor, tied
     table included; we follow minGPT (and GPT-2 practice as commonly reproduced) and exclude them.
-    An untied lm_head is a Linear weight and is decayed. Every parameter appears exactly once.
+    An untied lm_head is a Linear weight and is decayed. Every trainable parameter appears exactly once
+    (LoRA's adapters, plain tensors of a `LoRALinear`, go undecayed; its frozen base to no group).
     """
     embedding_ids = {
         id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters(recurse=False)
@@ -68,7 +69,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
         for m in model.modules()
         if isinstance(m, nn.Linear) and m.weight.dim() >= 2 and id(m.weight) not in embedding_ids
     }
-    params = list(model.parameters())  # a tied tensor is yielded once
+    params = [p for p in model.parameters() if p.requires_grad]  # a tied tensor once; a frozen LoRA base never
     decay = [p for p in params if id(p) in decay_ids]
     no_decay = [p for p in params if id(p) not in decay_ids]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
