@@ -10,7 +10,7 @@ import math
 
 from nanogpt.data.prepare import prepare
 from nanogpt.data.sources import BUILTIN
-from nanogpt.errors import ArgumentParser
+from nanogpt.errors import ArgumentParser, UserError
 
 
 def parse_count(text: str) -> int:
@@ -67,6 +67,25 @@ def build_parser() -> argparse.ArgumentParser:
         default="strict",
         help="invalid UTF-8 in text/JSONL files: stop with an error, or replace the bad bytes",
     )
+    chat = p.add_argument_group(
+        "chat and completions data",
+        'a .jsonl of {"messages": [{"role", "content"}, ...]} or {"prompt", "completion"} records (mlx-lm\'s '
+        "formats) becomes conversations in the chat template with a loss mask: only the assistant's replies "
+        "(or completions) and their <|endoftext|> are trained",
+    )
+    chat.add_argument(
+        "--train-on-prompt", action="store_true", help="train on every token, prompts included (no mask)"
+    )
+    chat.add_argument(
+        "--skip-bad",
+        action="store_true",
+        help="leave malformed or too long records out (and count them) instead of stopping at the first",
+    )
+    chat.add_argument(
+        "--context-length",
+        type=int,
+        help="the context the conversations are trained in (default 512, the card's): a longer one is refused",
+    )
     p.add_argument("--force", action="store_true", help="rebuild the folder even if it is already prepared")
     p.add_argument("--quiet", action="store_true", help="no progress bar or notes on stderr")
     return p
@@ -74,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.context_length is not None and args.context_length < 1:
+        raise UserError(f"--context-length {args.context_length} must be positive; e.g. --context-length 512")
     result = prepare(
         args.source,
         args.out,
@@ -86,6 +107,9 @@ def main(argv: list[str] | None = None) -> int:
         errors=args.errors,
         force=args.force,
         verbose=not args.quiet,
+        train_on_prompt=args.train_on_prompt,
+        skip_bad=args.skip_bad,
+        context_length=args.context_length,
     )
     print(result.summary())
     return 0

@@ -38,7 +38,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +46,8 @@ import numpy as np
 from tqdm import tqdm
 
 from nanogpt.config import ModelConfig
-from nanogpt.data.shards import META, ShardWriter, TokenData, read_header, write_meta
+from nanogpt.data.conversations import data_format, say_skipped, write_conversations
+from nanogpt.data.shards import CHAT_FORMATS, META, ShardWriter, TokenData, read_header, write_meta
 from nanogpt.data.sources import (
     BUILTIN,
     Source,
@@ -295,7 +296,16 @@ def _drop_if_unused(out: Path, created: bool) -> None:
 
 def _clean(folder: Path) -> None:
     """Remove everything a previous run of prepare may have left (and nothing else)."""
-    for pattern in ("train_*.bin*", "val_*.bin*", META, META + ".tmp", STATE, STATE + ".tmp"):
+    for pattern in (
+        "train_*.bin*",
+        "val_*.bin*",
+        "train_*.mask*",
+        "val_*.mask*",
+        META,
+        META + ".tmp",
+        STATE,
+        STATE + ".tmp",
+    ):
         for p in folder.glob(pattern):
             p.unlink()
 
@@ -337,11 +347,17 @@ class PrepareResult:
     val_tail: int  # > 0: the source gave one document, and val is its last `val_tail` tokens
     seconds: float
     tokens_per_second: float  # tokens tokenized and written by this call, per second
+    format: str = "nanogpt-tokens"  # or "chat" / "completions": conversations with loss masks
+    skipped: int = 0  # bad records left out (--skip-bad)
 
     def summary(self) -> str:
         d, t = self.documents, self.tokens
         n_shards = sum(len(s) for s in self.shards.values())
-        if self.val_tail:
+        if self.format in CHAT_FORMATS:
+            d = self.documents
+            head = f"{self.out_dir}: {d['train'] + d['val']:,} conversations ({d['train']:,} train, {d['val']:,} val"
+            head += f"; {self.skipped:,} bad records skipped), " if self.skipped else "), "
+        elif self.val_tail:
             head = f"{self.out_dir}: 1 document (its last {self.val_tail:,} tokens held out for val), "
         else:
             n_docs = d["train"] + d["val"]
@@ -364,6 +380,8 @@ def _result(out: Path, status: str, seconds: float = 0.0, new_tokens: int = 0) -
         shards={s: list(splits[s]["shards"]) for s in SPLITS},
         truncated=bool(meta["source"].get("truncated")),
         val_tail=int(meta["source"].get("val_tail", 0)),
+        format=str(meta.get("format", "nanogpt-tokens")),
+        skipped=int(meta["source"].get("skipped", 0)),
         seconds=seconds,
         tokens_per_second=new_tokens / seconds if seconds > 0 else 0.0,
     )
@@ -382,8 +400,15 @@ def prepare(
     errors: str = "strict",
     force: bool = False,
     verbose: bool = True,
+    train_on_prompt: bool = False,
+    skip_bad: bool = False,
+    context_length: int | None = None,
 ) -> PrepareResult:
-    """Tokenize `source` into the data folder `out_dir` (default data/<name>); see the module docstring."""
+    """Tokenize `source` into the data folder `out_dir` (default data/<name>); see the module docstring.
+
+    A JSONL source of chat ({"messages"}) or completions ({"prompt", "completion"}) records becomes
+    conversations with loss masks (`data.conversations`); `train_on_prompt`, `skip_bad` and
+    `context_length` (default: the card's) apply to those only."""
     if not 0 < val_fraction <= 0.5:
         raise UserError(f"--val-fraction {val_fraction} is out of range; use a value in (0, 0.5], e.g. 0.05")
     if shard_tokens < 1 or (max_tokens is not None and max_tokens < 1):
@@ -406,6 +431,12 @@ def prepare(
         "shard_tokens": shard_tokens,
         "errors": errors,
     }
+    kind = data_format(src, errors, train_on_prompt=train_on_prompt, skip_bad=skip_bad)
+    if (
+        kind in CHAT_FORMATS
+    ):  # only then: a plain folder's settings, and so its up-to-date check, stay as they were
+        settings |= {"format": kind, "train_on_prompt": train_on_prompt, "skip_bad": skip_bad}
+        settings["context_length"] = context_length or ModelConfig().context_length
     if (out / META).is_file() and not force and folder_purpose(out) == "data":
         old = _settings_of(out)
         if old == settings:
@@ -420,8 +451,12 @@ def prepare(
     created = not out.exists()  # only a folder this call made may be removed again
     try:
         out.mkdir(parents=True, exist_ok=True)
-        if folder_purpose(out) != "data":  # from the first shard on: a killed preparation is continued as ours
+        if (
+            folder_purpose(out) != "data"
+        ):  # from the first shard on: a killed preparation is continued as ours
             mark(out, "data")
+        if kind in CHAT_FORMATS:
+            return _prepare_chat(out, created, src, settings, verbose)
         return _prepare_into(out, created, src, settings, state_ok=not force, say=say, verbose=verbose)
     except OSError as e:
         raise _io_error(e, out) from None
@@ -482,7 +517,11 @@ def _prepare_into(
         _drop_if_unused(out, created)
         raise UserError(f"source {source} holds no documents (no non-empty text); check it and --text-field")
     records = progress.records()
-    info: dict[str, Any] = {"source": src.spec, "description": describe(src, settings["split"]), "settings": settings}
+    info: dict[str, Any] = {
+        "source": src.spec,
+        "description": describe(src, settings["split"]),
+        "settings": settings,
+    }
     info["val_every"] = k
     info["documents"] = {s: r["documents"] for s, r in records.items()}
     info["tokens"] = {s: r["tokens"] for s, r in records.items()}
@@ -492,3 +531,24 @@ def _prepare_into(
     write_meta(out, records, info)
     (out / STATE).unlink(missing_ok=True)
     return _result(out, "resumed" if state else "prepared", seconds, progress.tokens - start)
+
+
+def _prepare_chat(
+    out: Path, created: bool, src: Source, settings: dict[str, Any], verbose: bool
+) -> PrepareResult:
+    """prepare()'s work for chat / completions data (`data.conversations`), from a clean folder."""
+    _clean(out)
+    k, t0 = val_every(settings["val_fraction"]), time.perf_counter()
+    try:
+        counts = write_conversations(
+            out, src, settings, settings["format"], lambda i: is_val(settings["seed"], i, k)
+        )
+    except BaseException:
+        _clean(out)
+        _drop_if_unused(out, created)
+        raise
+    say_skipped(counts, verbose)
+    mark(out, "data")
+    seconds = time.perf_counter() - t0
+    result = _result(out, "prepared", seconds)
+    return replace(result, tokens_per_second=sum(result.tokens.values()) / max(seconds, 1e-9))

@@ -4,6 +4,12 @@ A prepared data folder holds `meta.json` and shards `train_00000.bin`, `val_0000
 is a 32-byte header (magic, format version, dtype, token count, vocab size) followed by uint16 token
 ids; documents are separated by `<|endoftext|>`. `nanogpt prepare` (prepare.py) writes them.
 
+A chat folder (meta.json "format": "chat" or "completions", written by `data.conversations`) holds beside
+each `X.bin` a loss-mask shard `X.mask`: the same header (magic NGPTMASK) and one uint8 per token, bit 0 set
+where the token is a trained target, bit 1 where a conversation starts. `BatchSampler` then fills each row
+with whole conversations (packed, never split across rows), pads the rest with `<|endoftext|>` and sets
+the targets that are not trained, padding included, to IGNORE (-100), which both backends' losses skip.
+
     data = TokenData("data/builtin")
     batches = BatchSampler(data.split("train"), batch_size=12, context_length=512, seed=1337)
     x, y = batches.next()  # (12, 512) int64 inputs and next-token targets
@@ -23,9 +29,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from nanogpt.data.tokenizer import EOT_ID
 from nanogpt.errors import UserError
 
 MAGIC = b"NGPTTOKS"
+MASK_MAGIC = b"NGPTMASK"
+MASK_DTYPE = np.dtype("u1")
+TRAINED, STARTS = 1, 2  # the bits of a mask byte: a trained target; the first token of a conversation
+CHAT_FORMATS = ("chat", "completions")  # meta.json "format" of a folder with loss masks
+IGNORE = -100  # a target the loss skips (nanogpt.distill.chunked.IGNORE, nanogpt.mlx.losses.IGNORE)
 FORMAT_VERSION = 1
 HEADER = struct.Struct("<8sIIQII")  # magic, version, itemsize, n_tokens, vocab_size, reserved -> 32 bytes
 DTYPE = np.dtype("<u2")  # uint16 holds GPT-2's 50,257 ids
@@ -58,9 +70,12 @@ class ShardHeader:
 
 class ShardWriter:
     """Writes one shard incrementally to `path.tmp`, then fixes the header and renames it into place.
+    (`MaskWriter` writes a loss-mask shard the same way.)
 
     A crash leaves only a `.tmp` file behind, never a shard that looks complete but is not.
     """
+
+    magic, dtype = MAGIC, DTYPE
 
     def __init__(self, path: str | Path, vocab_size: int) -> None:
         self.path = Path(path)
@@ -70,7 +85,9 @@ class ShardWriter:
         self._f = open(self.tmp, "wb")  # noqa: SIM115 (closed by close()/abort())
         try:
             self._guarded(
-                _write, self._f, HEADER.pack(MAGIC, FORMAT_VERSION, DTYPE.itemsize, 0, vocab_size, 0)
+                _write,
+                self._f,
+                HEADER.pack(self.magic, FORMAT_VERSION, self.dtype.itemsize, 0, vocab_size, 0),
             )
         except OSError:  # no writer object to abort() exists yet: clean up here
             self.abort()
@@ -89,12 +106,14 @@ class ShardWriter:
         arr = np.asarray(tokens)
         if arr.size and (arr.min() < 0 or arr.max() >= min(self.vocab_size, 2**16)):
             raise ValueError(f"token id out of range for vocab_size={self.vocab_size}")
-        self._guarded(_write, self._f, arr.astype(DTYPE, copy=False).tobytes())
+        self._guarded(_write, self._f, arr.astype(self.dtype, copy=False).tobytes())
         self.n_tokens += arr.size
 
     def close(self) -> Path:
         self._f.seek(0)
-        header = HEADER.pack(MAGIC, FORMAT_VERSION, DTYPE.itemsize, self.n_tokens, self.vocab_size, 0)
+        header = HEADER.pack(
+            self.magic, FORMAT_VERSION, self.dtype.itemsize, self.n_tokens, self.vocab_size, 0
+        )
         self._guarded(_write, self._f, header)
         self._guarded(self._f.flush)  # buffered bytes reach the disk here: a full disk may show only now
         self._guarded(os.fsync, self._f.fileno())
@@ -108,14 +127,29 @@ class ShardWriter:
         self.tmp.unlink(missing_ok=True)
 
 
+class MaskWriter(ShardWriter):
+    """A loss-mask shard `X.mask`: uint8 bytes of TRAINED | STARTS bits, one per token of `X.bin`."""
+
+    magic, dtype = MASK_MAGIC, MASK_DTYPE
+
+    def __init__(self, path: str | Path) -> None:
+        super().__init__(path, (TRAINED | STARTS) + 1)
+
+
+def mask_path(shard: str | Path) -> Path:
+    """The loss-mask shard beside token shard `shard` (X.bin -> X.mask)."""
+    return Path(shard).with_suffix(".mask")
+
+
 def write_shard(path: str | Path, tokens: np.ndarray | list[int], vocab_size: int) -> Path:
     w = ShardWriter(path, vocab_size)
     w.write(tokens)
     return w.close()
 
 
-def read_header(path: str | Path) -> ShardHeader:
+def read_header(path: str | Path, magic: bytes = MAGIC, dtype: np.dtype = DTYPE) -> ShardHeader:
     p = Path(path)
+    expect_magic, expect_dtype = magic, dtype
     if not p.is_file():
         raise UserError(f"token shard {p} not found; run `nanogpt prepare` to (re)create the data folder")
     with open(p, "rb") as f:
@@ -125,18 +159,19 @@ def read_header(path: str | Path) -> ShardHeader:
             f"token shard {p} is truncated (no complete header); delete it and run `nanogpt prepare` again"
         )
     magic, version, itemsize, n_tokens, vocab_size, _ = HEADER.unpack(raw)
-    if magic != MAGIC:
+    if magic != expect_magic:
+        what = "loss-mask" if expect_magic == MASK_MAGIC else "token"
         raise UserError(
-            f"{p} is not a nanogpt token shard (wrong magic {magic!r}); run `nanogpt prepare` to create one"
+            f"{p} is not a nanogpt {what} shard (wrong magic {magic!r}); run `nanogpt prepare` to create one"
         )
     if version != FORMAT_VERSION:
         raise UserError(
             f"token shard {p} has format version {version}, this nanogpt reads version {FORMAT_VERSION}; "
             "run `nanogpt prepare` again to rebuild it"
         )
-    if itemsize != DTYPE.itemsize:
+    if itemsize != expect_dtype.itemsize:
         raise UserError(
-            f"token shard {p} stores {itemsize}-byte tokens, expected {DTYPE.itemsize}; rebuild it with `nanogpt prepare`"
+            f"token shard {p} stores {itemsize}-byte tokens, expected {expect_dtype.itemsize}; rebuild it with `nanogpt prepare`"
         )
     expected = HEADER.size + n_tokens * itemsize
     if p.stat().st_size != expected:
@@ -155,14 +190,36 @@ def read_shard(path: str | Path) -> np.ndarray:
     return np.memmap(path, dtype=DTYPE, mode="r", offset=HEADER.size, shape=(h.n_tokens,))
 
 
-def write_meta(folder: str | Path, splits: dict[str, dict[str, Any]], source: dict[str, Any]) -> Path:
+def read_mask(shard: str | Path, n_tokens: int) -> np.ndarray:
+    """The loss mask beside token shard `shard` (memory-mapped), checked to hold one byte per token."""
+    p = mask_path(shard)
+    if not p.is_file():
+        raise UserError(
+            f"loss-mask shard {p} not found beside {Path(shard).name}; prepare the chat data again "
+            "(`nanogpt prepare --force`)"
+        )
+    h = read_header(p, MASK_MAGIC, MASK_DTYPE)
+    if h.n_tokens != n_tokens:
+        raise UserError(
+            f"loss-mask shard {p} holds {h.n_tokens} entries for {n_tokens} tokens; prepare the chat data "
+            "again (`nanogpt prepare --force`)"
+        )
+    if n_tokens == 0:
+        return np.zeros(0, dtype=MASK_DTYPE)
+    return np.memmap(p, dtype=MASK_DTYPE, mode="r", offset=HEADER.size, shape=(n_tokens,))
+
+
+def write_meta(
+    folder: str | Path, splits: dict[str, dict[str, Any]], source: dict[str, Any], fmt: str = "nanogpt-tokens"
+) -> Path:
     """Write `meta.json` last, atomically: its presence marks a complete data folder.
 
-    `splits` maps a split name to {"shards": [file names], "tokens": int, "documents": int}.
+    `splits` maps a split name to {"shards": [file names], "tokens": int, "documents": int}; `fmt` is
+    "nanogpt-tokens" (plain text) or one of CHAT_FORMATS (shards with loss masks).
     """
     folder = Path(folder)
     meta = {
-        "format": "nanogpt-tokens",
+        "format": fmt,
         "version": FORMAT_VERSION,
         "tokenizer": "gpt2",
         "vocab_size": 50257,
@@ -242,7 +299,14 @@ class TokenData:
                     f"({self.meta['vocab_size']}); re-run `nanogpt prepare --out {self.path} --force`"
                 )
             shards.append(read_shard(self.path / s))
+            if self.is_chat:  # checked here, so a training run refuses a folder without them at once
+                read_mask(self.path / s, len(shards[-1]))
         return shards
+
+    @property
+    def is_chat(self) -> bool:
+        """Whether this folder holds conversations with loss masks (meta.json "format" chat/completions)."""
+        return self.meta.get("format") in CHAT_FORMATS
 
     def num_tokens(self, name: str) -> int:
         return int(self.meta["splits"][name]["tokens"])
@@ -272,6 +336,9 @@ class BatchSampler:
     CPU and a device-side assert on CUDA. A max over the batch costs ~2 us per 12 x 513 batch (next() takes
     ~100 us); a max over every shard at open would read the whole corpus (0.1 ms for the builtin 1.5M
     tokens, but minutes for 10B).
+
+    Shards with loss masks (`masks`, or a `.mask` file beside each memory-mapped shard of a chat folder)
+    are sampled as whole conversations instead: see `Conversations`.
     """
 
     def __init__(
@@ -282,7 +349,15 @@ class BatchSampler:
         seed: int,
         rank: int = 0,
         vocab_size: int = 50257,
+        masks: list[np.ndarray] | None = None,
     ) -> None:
+        self.batch_size, self.context_length, self.vocab_size = batch_size, context_length, vocab_size
+        self.rng = np.random.Generator(np.random.PCG64([seed, rank]))
+        masks = masks if masks is not None else _masks_beside(shards)
+        self.conversations = Conversations(shards, masks, context_length) if masks is not None else None
+        if self.conversations is not None:
+            self.shards = shards
+            return
         self.shards = [s for s in shards if len(s) > context_length]
         if not self.shards:
             total = sum(len(s) for s in shards)
@@ -292,12 +367,12 @@ class BatchSampler:
                 f"{context_length + 1} (context_length {context_length} + 1); prepare more text for that split "
                 "(`nanogpt prepare --force`, a larger --val-fraction for val) or use a smaller context_length"
             )
-        self.batch_size, self.context_length, self.vocab_size = batch_size, context_length, vocab_size
         starts = np.array([len(s) - context_length for s in self.shards], dtype=np.float64)  # valid offsets
         self.weights = starts / starts.sum()
-        self.rng = np.random.Generator(np.random.PCG64([seed, rank]))
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.conversations is not None:
+            return self.conversations.batch(self.rng, self.batch_size, self.vocab_size)
         which = self.rng.choice(len(self.shards), size=self.batch_size, p=self.weights)
         rows = []
         for i in which:
@@ -307,16 +382,85 @@ class BatchSampler:
         stacked = np.stack(rows)  # (B, T + 1)
         if stacked.max() >= self.vocab_size:
             bad = next(i for i, row in zip(which, rows, strict=True) if row.max() >= self.vocab_size)
-            raise UserError(
-                f"token shard {_shard_name(self.shards[bad])} holds token id {int(stacked.max())}, past "
-                f"the vocabulary ({self.vocab_size}); it is corrupt: re-run `nanogpt prepare --force` "
-                "for that folder"
-            )
+            _out_of_vocab(self.shards[bad], int(stacked.max()), self.vocab_size)
         batch = torch.from_numpy(stacked)
         return batch[:, :-1], batch[:, 1:]
 
     def state(self) -> dict[str, Any]:
-        return dict(self.rng.bit_generator.state)
+        rng = dict(self.rng.bit_generator.state)
+        return rng if self.conversations is None else {"rng": rng, "pending": self.conversations.pending}
 
     def load_state(self, state: dict[str, Any]) -> None:
-        self.rng.bit_generator.state = state
+        if self.conversations is None:
+            self.rng.bit_generator.state = state
+            return
+        self.rng.bit_generator.state = state["rng"]
+        self.conversations.pending = int(state["pending"])
+
+
+def _out_of_vocab(shard: np.ndarray, token: int, vocab_size: int) -> None:
+    raise UserError(
+        f"token shard {_shard_name(shard)} holds token id {token}, past the vocabulary ({vocab_size}); it "
+        "is corrupt: re-run `nanogpt prepare --force` for that folder"
+    )
+
+
+def _masks_beside(shards: list[np.ndarray]) -> list[np.ndarray] | None:
+    """The loss masks of memory-mapped shards that have a `.mask` beside them (a chat folder), else None."""
+    names = [getattr(s, "filename", None) for s in shards]  # np.memmap's; None for an in-memory array
+    if not names or not all(n and mask_path(n).is_file() for n in names):
+        return None
+    return [read_mask(str(n), len(s)) for n, s in zip(names, shards, strict=True)]
+
+
+class Conversations:
+    """The conversations of masked shards, drawn at random and packed whole into (B, T + 1) rows.
+
+    Each row takes conversations until the next one does not fit; that one starts the next row (`pending`,
+    saved with the generator, so resume is exact). The rest of a row is `<|endoftext|>` padding. Targets
+    whose mask lacks the TRAINED bit, and the padding, are IGNORE. A conversation longer than T + 1 tokens
+    cannot be trained whole and is refused (prepare refuses them for its --context-length).
+    """
+
+    def __init__(self, shards: list[np.ndarray], masks: list[np.ndarray], context_length: int) -> None:
+        self.shards, self.masks, self.window = shards, masks, context_length + 1
+        where, starts, lengths = [], [], []
+        for i, m in enumerate(masks):
+            s = np.flatnonzero(np.asarray(m) & STARTS)
+            where.append(np.full(s.size, i))
+            starts.append(s)
+            lengths.append(np.diff(np.append(s, len(m))))
+        self.where, self.starts = np.concatenate(where), np.concatenate(starts)
+        self.lengths = np.concatenate(lengths)
+        if self.starts.size == 0:
+            raise UserError("the split holds no conversations; prepare the chat data again with more records")
+        longest = int(self.lengths.max())
+        if longest > self.window:
+            raise UserError(
+                f"a conversation of {longest} tokens in {_shard_name(shards[int(self.where[self.lengths.argmax()])])} "
+                f"does not fit context_length {context_length} (+1); train with a longer context or prepare "
+                f"with --context-length {context_length}, which refuses or skips (--skip-bad) such records"
+            )
+        self.pending = -1  # a conversation drawn that did not fit the last row: the next row starts with it
+
+    def batch(
+        self, rng: np.random.Generator, batch_size: int, vocab_size: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = np.full((batch_size, self.window), EOT_ID, dtype=np.int64)
+        trained = np.zeros((batch_size, self.window), dtype=bool)
+        for r in range(batch_size):
+            filled = 0
+            while True:
+                c = self.pending if self.pending >= 0 else int(rng.integers(self.starts.size))
+                n, i, s = int(self.lengths[c]), int(self.where[c]), int(self.starts[c])
+                if filled + n > self.window:
+                    self.pending = c
+                    break
+                rows[r, filled : filled + n] = self.shards[i][s : s + n]
+                trained[r, filled : filled + n] = np.asarray(self.masks[i][s : s + n]) & TRAINED
+                filled, self.pending = filled + n, -1
+        if rows.max() >= vocab_size:
+            _out_of_vocab(self.shards[0], int(rows.max()), vocab_size)
+        x = torch.from_numpy(rows[:, :-1].copy())
+        y = torch.from_numpy(np.where(trained[:, 1:], rows[:, 1:], IGNORE))
+        return x, y

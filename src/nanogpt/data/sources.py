@@ -176,7 +176,8 @@ def _text_document(path: Path, errors: str) -> str:
     return _decode(path.read_bytes(), errors, path, 1)  # one file is one document: held whole anyway
 
 
-def _jsonl_documents(path: Path, field: str, errors: str) -> Iterator[str | None]:
+def _jsonl_rows(path: Path, errors: str, hint: str) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed JSON) of each non-empty line; `hint` says what a line should be."""
     gz = path.name.lower().endswith(".gz")
     offset = 0  # byte offset of the current line (in the uncompressed stream for .gz)
     with gzip.open(path, "rb") if gz else open(path, "rb") as f:
@@ -190,14 +191,37 @@ def _jsonl_documents(path: Path, field: str, errors: str) -> Iterator[str | None
                     row = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise UserError(
-                        f"{path}:{lineno}: not valid JSON ({e.msg}); each line must be one JSON object "
-                        f"with a {field!r} field"
+                        f"{path}:{lineno}: not valid JSON ({e.msg}); each line must be {hint}"
                     ) from None
-                yield _field_text(row, field, f"{path}:{lineno}")
+                yield lineno, row
         except (gzip.BadGzipFile, EOFError, zlib.error) as e:
             raise UserError(
                 f"{path} is not a valid gzip file ({e}); recompress it or pass the plain .jsonl"
             ) from None
+
+
+def _jsonl_documents(path: Path, field: str, errors: str) -> Iterator[str | None]:
+    for lineno, row in _jsonl_rows(path, errors, f"one JSON object with a {field!r} field"):
+        yield _field_text(row, field, f"{path}:{lineno}")
+
+
+def records(src: Source, errors: str = "strict") -> Iterator[tuple[str, Any]]:
+    """("file:line", parsed record) of every line of a JSONL source's files (chat / completions data)."""
+    for path in src.files:
+        if _file_kind(path) != "jsonl":
+            raise UserError(f"{path} is not a .jsonl file; chat and completions data must all be JSONL")
+        for lineno, row in _jsonl_rows(path, errors, 'one JSON object, e.g. {"messages": [...]}'):
+            yield f"{path}:{lineno}", row
+
+
+def first_record(src: Source, errors: str = "strict") -> Any:
+    """The first record of a JSONL file or folder source (None for other sources or an empty one): what
+    tells its data format (`data.chat.record_kind`)."""
+    if src.kind not in ("jsonl", "folder") or _file_kind(src.files[0]) != "jsonl":
+        return None
+    for _, row in _jsonl_rows(src.files[0], errors, "one JSON object"):
+        return row
+    return None
 
 
 def _import_pyarrow() -> tuple[Any, Any]:

@@ -58,6 +58,11 @@ class Tokenizer:
         # "<|endoftext|>" typed in a document is text, not a separator: encode it as ordinary bytes
         return self._enc.encode_ordinary(text)
 
+    def encode_with_eot(self, text: str) -> list[int]:
+        """Ids of a rendered chat (`data.chat.render`): "<|endoftext|>" in it is the separator token, as
+        transformers and llama.cpp read a template's output; `encode` keeps ordinary text apart from it."""
+        return self._enc.encode(text, allowed_special={EOT_TOKEN})
+
     def encode_batch(self, texts: Sequence[str], num_threads: int | None = None) -> list[list[int]]:
         """Encode many texts in parallel on every core (tiktoken releases the GIL)."""
         return self._enc.encode_ordinary_batch(list(texts), num_threads=num_threads or os.cpu_count() or 1)

@@ -24,19 +24,30 @@ import torch
 from mlx.utils import tree_flatten, tree_map
 
 from nanogpt.config import TrainConfig
+from nanogpt.mlx.losses import IGNORE
 from nanogpt.mlx.model import NanoGPTLMHeadModel
 from nanogpt.train.losses import LossFn, LossLog
 
 
 def token_nll(model: nn.Module, x: mx.array, y: mx.array) -> mx.array:
-    """Per-token negative log-likelihood (B, T) in fp32: logits (B, T, V) scored against targets y (B, T)."""
-    logits = model(x).astype(mx.float32)
-    return mx.logsumexp(logits, axis=-1) - mx.take_along_axis(logits, y[..., None], axis=-1)[..., 0]
+    """Per-token negative log-likelihood (B, T) in fp32: logits (B, T, V) scored against targets y (B, T).
+
+    A target of IGNORE (an untrained prompt token or padding of a chat batch) scores 0, with zero gradient.
+    """
+    return logits_nll(model(x).astype(mx.float32), y)
+
+
+def logits_nll(logits: mx.array, y: mx.array) -> mx.array:
+    """Per-token NLL (B, T) of fp32 logits (B, T, V) against y (B, T); IGNORE targets score 0."""
+    valid = y != IGNORE
+    picked = mx.take_along_axis(logits, mx.where(valid, y, 0)[..., None], axis=-1)[..., 0]
+    return mx.where(valid, mx.logsumexp(logits, axis=-1) - picked, 0.0)
 
 
 def cross_entropy_loss(model: nn.Module, x: mx.array, y: mx.array) -> mx.array:
-    """The default loss: mean next-token cross-entropy in fp32 (as `train.optim.cross_entropy_loss`)."""
-    return token_nll(model, x, y).mean()
+    """The default loss: mean next-token cross-entropy in fp32 over the targets that are not IGNORE
+    (as `train.optim.cross_entropy_loss`; 0 when every target is IGNORE)."""
+    return token_nll(model, x, y).sum() / mx.maximum(mx.sum(y != IGNORE), 1)
 
 
 def decay_names(model: NanoGPTLMHeadModel) -> set[str]:
