@@ -47,7 +47,7 @@ from nanogpt.folders import RunFolder
 from nanogpt.kernels.device import autocast
 from nanogpt.model.gpt import NanoGPTLMHeadModel
 from nanogpt.model.lora import adapter_shapes, apply_lora, load_adapter_state
-from nanogpt.train.adapters import AdapterRecord, file_sha256, load_adapter_file, spec_of
+from nanogpt.train.adapters import AdapterRecord, load_adapter_file
 from nanogpt.train.checkpoint import (
     atomic_dir,
     check_weights,
@@ -55,14 +55,12 @@ from nanogpt.train.checkpoint import (
     load_state_into,
     load_train_state,
     load_weights,
-    lora_base,
     resolve_checkpoint,
     rng_state,
     save_model,
     save_train_state,
     set_rng_state,
     split_rank_states,
-    weights_file,
     write_model_files,
 )
 from nanogpt.train.distributed import DistInfo, all_gather, setup_distributed
@@ -243,22 +241,9 @@ def _open_session(
     )
 
 
-def lora_record(setup: RunSetup, init_from: str | None) -> AdapterRecord:
-    """The record of a LoRA run's base (either backend): on resume the checkpoint's, else `init_from`'s."""
-    if setup.resume_from is not None:
-        record, _ = lora_base(setup.resume_from)  # checked: there and unchanged
-        return AdapterRecord(spec_of(setup.cfg), record.base, record.base_sha256)
-    if not init_from:
-        raise UserError(
-            "--lora-rank needs --init-from BASE: the checkpoint (run or folder) whose frozen weights LoRA adapts"
-        )
-    base = resolve_checkpoint(init_from).resolve()
-    return AdapterRecord(spec_of(setup.cfg), base, file_sha256(weights_file(base)))
-
-
 def _with_lora(model: NanoGPTLMHeadModel, setup: RunSetup, init_from: str | None) -> AdapterRecord:
     """Load the base into `model`, freeze it and add the adapters (restored from the checkpoint on resume)."""
-    record = lora_record(setup, init_from)
+    record = setup.lora_record(init_from)
     load_state_into(model, load_weights(record.base), record.base)  # a LoRA base comes merged
     apply_lora(model, record.spec)  # A drawn from the seeded torch RNG, B zero
     if setup.resume_from is not None:

@@ -29,7 +29,8 @@ from nanogpt.config import ModelConfig, TrainConfig, first_difference
 from nanogpt.data.shards import BatchSampler, TokenData
 from nanogpt.errors import UserError, write_fix
 from nanogpt.folders import LOCK, MARKER, RunFolder, RunLock, claim, clear, mark
-from nanogpt.train.checkpoint import check_resumable, write_json
+from nanogpt.train.adapters import AdapterRecord, file_sha256, spec_of
+from nanogpt.train.checkpoint import check_resumable, lora_base, resolve_checkpoint, weights_file, write_json
 from nanogpt.train.lineage import write_lineage
 from nanogpt.train.plot import truncate_log
 
@@ -212,6 +213,20 @@ class RunSetup:
                 "checkpoint or start again"
             )
         return Counters(**{name: info[name] for name in names})
+
+    def lora_record(self, init_from: str | None) -> AdapterRecord:
+        """A LoRA run's record of its base (both backends): on resume the checkpoint's (checked to be there
+        and unchanged), else `init_from`'s folder and the sha256 of its weights."""
+        spec = spec_of(self.cfg)
+        if self.resume_from is not None:
+            record, _ = lora_base(self.resume_from)
+            return AdapterRecord(spec, record.base, record.base_sha256)
+        if not init_from:
+            raise UserError(
+                "--lora-rank needs --init-from BASE: the checkpoint (run or folder) whose frozen weights LoRA adapts"
+            )
+        base = resolve_checkpoint(init_from).resolve()
+        return AdapterRecord(spec, base, file_sha256(weights_file(base)))
 
     def announce_resume(self, step: int) -> None:
         """Once the checkpoint is loaded (main process): log.jsonl's lines past it will be written again."""

@@ -25,7 +25,10 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from nanogpt.config import ModelConfig
 from nanogpt.errors import UserError
+from nanogpt.mlx.lora import adapter_state
 from nanogpt.mlx.model import NanoGPTLMHeadModel
+from nanogpt.model.lora import adapter_shapes
+from nanogpt.train.adapters import ADAPTER_WEIGHTS, AdapterRecord, is_adapter_folder, write_record
 from nanogpt.train.checkpoint import (
     CONFIG,
     STATE_JSON,
@@ -37,6 +40,7 @@ from nanogpt.train.checkpoint import (
     resolve_checkpoint,
     write_json,
 )
+from nanogpt.train.checkpoint import load_weights as torch_load_weights
 
 # same metadata as the PyTorch writer: the file is layout-identical to a torch export
 METADATA = {"format": "pt", "library": "nanogpt"}
@@ -52,23 +56,33 @@ def model_state(model: NanoGPTLMHeadModel) -> dict[str, mx.array]:
     return dict(tree_flatten(model.parameters()))
 
 
-def write_model_files(folder: Path, model: NanoGPTLMHeadModel) -> None:
-    """Write config.json + model.safetensors into an existing folder (no atomic swap)."""
+def write_model_files(folder: Path, model: NanoGPTLMHeadModel, lora: AdapterRecord | None = None) -> None:
+    """Write config.json + model.safetensors into an existing folder (no atomic swap).
+
+    With `lora` (a LoRA run), the adapters alone + their record, as the PyTorch writer does."""
     model.config.save(folder / CONFIG)
-    state = model_state(model)
+    state, name = (
+        (adapter_state(model), ADAPTER_WEIGHTS) if lora is not None else (model_state(model), WEIGHTS)
+    )
     mx.eval(state)
-    mx.save_safetensors(str(folder / WEIGHTS), state, metadata=METADATA)
+    mx.save_safetensors(str(folder / name), state, metadata=METADATA)
+    if lora is not None:
+        write_record(folder, lora)
 
 
-def save_model(dst: str | Path, model: NanoGPTLMHeadModel) -> Path:
+def save_model(dst: str | Path, model: NanoGPTLMHeadModel, lora: AdapterRecord | None = None) -> Path:
     """Write `model` as the checkpoint folder `dst`, atomically (the previous one stays until it is complete)."""
     with atomic_dir(dst) as tmp:
-        write_model_files(tmp, model)
+        write_model_files(tmp, model, lora)
     return Path(dst)
 
 
 def load_weights(folder: Path) -> dict[str, mx.array]:
-    """A checkpoint folder's model.safetensors as MLX arrays; a missing or corrupt file is one line."""
+    """A checkpoint folder's model.safetensors as MLX arrays; a missing or corrupt file is one line.
+
+    A LoRA checkpoint gives its base's weights with the adapters merged in (`train.checkpoint.load_weights`)."""
+    if is_adapter_folder(folder):
+        return {k: mx.array(v.numpy()) for k, v in torch_load_weights(folder).items()}
     f = folder / WEIGHTS
     if not f.is_file():
         raise UserError(f"{f} not found; the checkpoint is incomplete, use another one or train again")
@@ -96,6 +110,19 @@ def load_model(path: str | Path) -> NanoGPTLMHeadModel:
     load_state_into(model, load_weights(folder), folder / WEIGHTS)
     model.eval()
     return model
+
+
+def load_adapters(folder: Path, cfg: ModelConfig, record: AdapterRecord) -> dict[str, mx.array]:
+    """A LoRA checkpoint's adapter arrays, names and shapes checked (either backend wrote them)."""
+    f = folder / ADAPTER_WEIGHTS
+    try:
+        sd: dict[str, mx.array] = mx.load(str(f))  # type: ignore[assignment]
+    except (RuntimeError, ValueError, OSError) as e:
+        raise UserError(
+            f"{f} is missing, corrupt or not a safetensors file ({e}); use another checkpoint"
+        ) from None
+    check_weights(adapter_shapes(cfg, record.spec), {k: tuple(v.shape) for k, v in sd.items()}, f)
+    return sd
 
 
 # --- training state: optimizer arrays + state.json (no pickles) --------------------------------------------

@@ -36,8 +36,10 @@ from nanogpt.config import ModelConfig, TrainConfig
 from nanogpt.data.shards import BatchSampler
 from nanogpt.errors import UserError
 from nanogpt.folders import RunFolder
+from nanogpt.mlx.lora import apply_lora, load_adapter_state
 from nanogpt.mlx.model import NanoGPTLMHeadModel
 from nanogpt.mlx.train.checkpoint import (
+    load_adapters,
     load_state_into,
     load_train_state,
     load_weights,
@@ -54,6 +56,7 @@ from nanogpt.mlx.train.optim import (
     to_mx,
     whole,
 )
+from nanogpt.train.adapters import AdapterRecord
 from nanogpt.train.checkpoint import atomic_dir, resolve_checkpoint
 from nanogpt.train.losses import LossFn, LossLog
 from nanogpt.train.optim import default_peak_flops, flops_per_token
@@ -122,6 +125,7 @@ class _Session:
     sampler: BatchSampler
     counters: Counters
     two_part: TwoPartLoss | None  # a distillation's loss: its teacher's inputs, then its halves logged
+    lora: AdapterRecord | None = None  # a LoRA run: checkpoints hold only the adapters, and this record
 
     @property
     def flops_per_token(self) -> float:
@@ -168,11 +172,11 @@ class _Session:
         """best/ (if `best`), then last/ with the model, the optimizer state and state.json."""
         folder = RunFolder(self.setup.run)
         if best:
-            save_model(folder.best, self.model)  # before last/: a kill in between replays here
+            save_model(folder.best, self.model, self.lora)  # before last/: a kill in between replays here
         counters = {name: getattr(self.counters, name) for name in _STATE_COUNTERS}
         info = self.setup.state_info(counters, sampler=self.sampler.state())
         with atomic_dir(folder.last) as tmp:
-            write_model_files(tmp, self.model)
+            write_model_files(tmp, self.model, self.lora)
             save_train_state(tmp, self.optimizer, info)
 
 
@@ -180,14 +184,17 @@ def _open_session(setup: RunSetup, *, init_from: str | None, loss_fn: MlxLoss | 
     """Build model, optimizer and sampler on `setup`, restore them on resume, write the run's configs."""
     mx.random.seed(setup.cfg.seed)
     model = NanoGPTLMHeadModel(setup.model_cfg)
-    if init_from and setup.resume_from is None:
+    lora = None
+    if setup.cfg.lora_rank:
+        lora = _with_lora(model, setup, init_from)
+    elif init_from and setup.resume_from is None:
         folder = resolve_checkpoint(init_from)
         load_state_into(model, load_weights(folder), folder)
     optimizer = make_optimizer(model, setup.cfg)
     sampler = setup.train_sampler()
     counters = Counters()
     if setup.resume_from is not None:
-        counters = _restore(setup, setup.resume_from, model, optimizer, sampler)
+        counters = _restore(setup, setup.resume_from, model, optimizer, sampler, lora is None)
     mx.eval(model.parameters(), optimizer.state)
     model.train()  # dropout on; an evaluation puts back the mode it found
     setup.write_configs()
@@ -202,7 +209,18 @@ def _open_session(setup: RunSetup, *, init_from: str | None, loss_fn: MlxLoss | 
         sampler=sampler,
         counters=counters,
         two_part=two_part,
+        lora=lora,
     )
+
+
+def _with_lora(model: NanoGPTLMHeadModel, setup: RunSetup, init_from: str | None) -> AdapterRecord:
+    """Load the base into `model`, freeze it and add the adapters (restored from the checkpoint on resume)."""
+    record = setup.lora_record(init_from)
+    load_state_into(model, load_weights(record.base), record.base)  # a LoRA base comes merged
+    apply_lora(model, record.spec)  # A drawn from the seeded MLX RNG, B zero
+    if setup.resume_from is not None:
+        load_adapter_state(model, load_adapters(setup.resume_from, setup.model_cfg, record))
+    return record
 
 
 def _is_two_part(loss_fn: MlxLoss | TwoPartLoss) -> TypeGuard[TwoPartLoss]:
@@ -215,9 +233,12 @@ def _restore(
     model: NanoGPTLMHeadModel,
     optimizer: optim.MultiOptimizer,
     sampler: BatchSampler,
+    weights: bool = True,
 ) -> Counters:
-    """Load the checkpoint `resume_from` into the model, optimizer and sampler."""
-    load_state_into(model, load_weights(resume_from), resume_from)
+    """Load the checkpoint `resume_from` into the model (unless `weights` is False: a LoRA run's adapters are
+    already in), optimizer and sampler."""
+    if weights:
+        load_state_into(model, load_weights(resume_from), resume_from)
     state = load_train_state(resume_from, optimizer)
     counters = setup.restored_counters(state, needs=("sampler",))
     sampler.load_state(state["sampler"])
