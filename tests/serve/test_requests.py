@@ -57,7 +57,7 @@ def test_openai_defaults_not_the_cli_ones():
     assert (r.stream, r.include_usage, r.token_ids, r.model) == (False, False, False, None)
     c = chat()
     assert c.chat and c.sampling.max_tokens == 256 and c.sampling.temperature == 1.0
-    assert c.prompts == [TOK.encode("user: Hi\nassistant:")]
+    assert c.prompts == [TOK.encode("User: Hi") + [EOT_ID] + TOK.encode("Assistant:")]
 
 
 def test_null_is_absent():
@@ -280,8 +280,9 @@ def test_completion_prompt_forms():
 def test_content_parts_are_joined_text():
     parts = [{"type": "text", "text": "Hello"}, {"type": "text", "text": "there"}]
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": parts}]
-    assert chat_prompt(messages) == "system: Be brief.\nuser: Hello\nthere\nassistant:"
-    assert chat(messages).prompts == [TOK.encode("system: Be brief.\nuser: Hello\nthere\nassistant:")]
+    rendered = "System: Be brief.<|endoftext|>User: Hello\nthere<|endoftext|>Assistant:"
+    assert chat_prompt(messages) == TOK.encode_with_eot(rendered)
+    assert chat(messages).prompts == [TOK.encode_with_eot(rendered)]
 
 
 @pytest.mark.parametrize(
@@ -305,11 +306,17 @@ def test_roles_names_and_message_keys():
     roles = ["system", "developer", "user", "assistant", "tool"]
     messages = [{"role": r, "content": r.upper(), "name": "n"} for r in roles]
     messages[4]["tool_call_id"] = "call_1"
-    assert chat_prompt(messages) == "".join(f"{r}: {r.upper()}\n" for r in roles) + "assistant:"
+    # the chat template: developer is the system message, tool its own turn; name is not rendered
+    headers = ["System", "System", "User", "Assistant", "Tool"]
+    rendered = "".join(f"{h}: {r.upper()}<|endoftext|>" for h, r in zip(headers, roles, strict=True))
+    assert chat_prompt(messages) == TOK.encode_with_eot(rendered + "Assistant:")
     # an assistant turn that only called tools has null content
-    assert chat_prompt([*HI, {"role": "assistant", "content": None, "tool_calls": []}]).endswith(
-        "assistant: \nassistant:"
+    assert TOK.decode(chat_prompt([*HI, {"role": "assistant", "content": None, "tool_calls": []}])).endswith(
+        "Assistant: <|endoftext|>Assistant:"
     )
+    # "<|endoftext|>" typed in a message is text, not the end of a turn
+    typed = chat_prompt([{"role": "user", "content": "a<|endoftext|>b"}])
+    assert typed.count(EOT_ID) == 1 and "a<|endoftext|>b" in TOK.decode(typed)
     refused(chat, "messages[0].role", "must be one of", messages=[{"role": "function", "content": "x"}])
     refused(chat, "messages[0].role", "must be one of", messages=[{"content": "x"}])
     refused(chat, "messages[0].content", "string or a list", messages=[{"role": "user", "content": None}])

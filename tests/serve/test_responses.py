@@ -387,7 +387,9 @@ def test_input_and_instructions_make_the_prompt_chat_makes():
         vocab_size=50257,
     )
     assert rr.request.prompts == chat.prompts
-    assert tok.decode(rr.request.prompts[0]) == "system: Be brief.\nuser: Hi\nassistant:"
+    assert (
+        tok.decode(rr.request.prompts[0]) == "System: Be brief.<|endoftext|>User: Hi<|endoftext|>Assistant:"
+    )
     assert parse_responses({"input": "Hi"}, tok, vocab_size=50257).request.prompts == [
-        tok.encode("user: Hi\nassistant:")
+        tok.encode_with_eot("User: Hi<|endoftext|>Assistant:")
     ]

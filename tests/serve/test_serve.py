@@ -69,9 +69,9 @@ def test_parse_prompts_and_sampling():
     for bad in ({"max_tokens": -1}, {"temperature": "hot"}, {"logprobs": 1000}, {"n": 0}, {"stop": 3}):
         with pytest.raises(BadRequest):
             parse(bad)
-    assert chat_prompt([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]) == (
-        "system: Be brief.\nuser: Hi\nassistant:"
-    )
+    # the chat template fine-tuning trains on (nanogpt.data.chat), not a serve-only format
+    ids = chat_prompt([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}])
+    assert get_tokenizer().decode(ids) == "System: Be brief.<|endoftext|>User: Hi<|endoftext|>Assistant:"
 
 
 def test_token_mapping_and_retry_after():

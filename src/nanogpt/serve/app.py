@@ -14,9 +14,10 @@ this module makes OpenAI's answers of it, streamed as server-sent events or whol
 before the engine's next step; a request past `request_timeout` seconds is cancelled ("timeout"); a full
 queue answers 429 with Retry-After, a request of more choices than the whole queue a 400.
 
-A base model has no chat format, so chat uses a plain template, one "role: content" line per message and
-then "assistant:" (`requests.chat_prompt`). `return_tokens_as_token_ids: true` (vLLM's name) writes tokens
-as "token_id:N" so clients get exact ids even for partial UTF-8 bytes.
+Chat messages are rendered in the one chat template that fine-tuning trains on (`nanogpt.data.chat`:
+"User: Hi<|endoftext|>Assistant:"; `requests.chat_prompt`), and a reply ends at `<|endoftext|>`.
+`return_tokens_as_token_ids: true` (vLLM's name) writes tokens as "token_id:N" so clients get exact ids
+even for partial UTF-8 bytes.
 
     app = create_app(Engine(load_model("runs/tiny"), "tiny"))  # `nanogpt serve` runs it with uvicorn
 """

@@ -19,6 +19,7 @@ import re
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
+from nanogpt.data.chat import prompt_ids
 from nanogpt.data.tokenizer import EOT_ID, Tokenizer
 from nanogpt.errors import UserError
 from nanogpt.infer.sampling import MAX_SEED, SamplingParams
@@ -160,7 +161,7 @@ def parse_request(body: dict[str, Any], tok: Tokenizer, *, chat: bool, vocab_siz
     if model is not None and not isinstance(model, str):
         raise BadRequest(f"'model' must be a string, got {model!r}", "model")
     if chat:
-        prompts = [tok.encode(chat_prompt(body.get("messages")))]
+        prompts = [chat_prompt(body.get("messages"))]
         max_tokens = read_number(body, "max_tokens", DEFAULT_CHAT_MAX_TOKENS, int, 0, MAX_TOKENS)
         # the newer name wins; both are checked
         max_tokens = read_number(body, "max_completion_tokens", max_tokens, int, 0, MAX_TOKENS)
@@ -421,7 +422,6 @@ def _check_ids(ids: list[int], tok: Tokenizer) -> list[int]:
     return ids
 
 
-
 def message_role(
     m: dict[str, Any], where: str, roles: tuple[str, ...], keys: frozenset[str] = MESSAGE_KEYS
 ) -> str:
@@ -436,15 +436,18 @@ def message_role(
     return str(role)
 
 
-def chat_prompt(messages: Any) -> str:
-    """The base-model chat template: "role: content\\n" per message, then "assistant:".
+def chat_prompt(messages: Any) -> list[int]:
+    """The prompt ids of `messages` in the one chat template (`nanogpt.data.chat`, what fine-tuning trains
+    on), ending with "Assistant:" for the reply.
 
     `content` is a string or a list of text parts (joined by newlines, as vLLM does); `name` is allowed
-    and not rendered. Any other part (image_url, input_audio, file, ...) is refused, by its place.
+    and not rendered; a "developer" message is the system message (OpenAI's newer name). Any other part
+    (image_url, input_audio, file, ...) is refused, by its place. "<|endoftext|>" typed in a message stays
+    text: only the template ends a turn.
     """
     if not isinstance(messages, list) or not messages:
         raise BadRequest("'messages' must be a non-empty list of {role, content} objects", "messages")
-    lines = []
+    turns = []
     for i, m in enumerate(messages):
         where = f"messages[{i}]"
         if not isinstance(m, dict):
@@ -455,8 +458,9 @@ def chat_prompt(messages: Any) -> str:
                 raise BadRequest(f"'{where}.{key}' must be a string", f"{where}.{key}")
         if m.get("tool_calls") not in (None, []):
             raise BadRequest(f"'{where}.tool_calls' is not supported by this server", f"{where}.tool_calls")
-        lines.append(f"{role}: {_message_text(m.get('content'), where, role)}\n")
-    return "".join(lines) + "assistant:"
+        text = _message_text(m.get("content"), where, role)
+        turns.append({"role": "system" if role == "developer" else role, "content": text})
+    return prompt_ids(turns)
 
 
 def _message_text(content: Any, where: str, role: str) -> str:

@@ -137,7 +137,7 @@ def parse_responses(body: dict[str, Any], tok: Tokenizer, *, vocab_size: int) ->
     _stream_options(body, stream)
     request = CompletionRequest(
         chat=True,
-        prompts=[tok.encode(prompt)],
+        prompts=[prompt],
         sampling=sampling,
         n=1,
         logprobs=None,
