@@ -3,6 +3,9 @@ pushed, or a GGUF file for llama.cpp, Ollama and LM Studio (`nanogpt.export.gguf
 
 nanogpt export --model runs/demo --out exports/demo [--format remote-code|gpt2] [--push-to-hub me/demo]
 nanogpt export --model runs/demo --out exports/demo.gguf --format gguf [--outtype f32|f16|q8_0]
+nanogpt export --model runs/lora --out exports/lora-adapter --adapter-only [--format remote-code|gpt2]
+
+A LoRA run exports merged into its base (W + B @ A * alpha / r) unless --adapter-only asks for a PEFT folder.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from nanogpt.errors import ArgumentParser, UserError
 from nanogpt.export.gguf import OUTTYPES, export_gguf
 from nanogpt.export.hf import FORMATS, export, hub_token, push_to_hub
 from nanogpt.export.model_card import BenchTable
+from nanogpt.export.peft import export_adapter
 
 GGUF_DEFAULT_OUTTYPE = "f16"  # llama.cpp's converter's default too
 
@@ -51,7 +55,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--push-to-hub", metavar="REPO", help="also upload the folder to this Hub repo (token: HF_TOKEN)"
     )
+    p.add_argument(
+        "--adapter-only",
+        action="store_true",
+        help="a LoRA run: write its adapters as a PEFT folder (adapter_config.json + adapter_model.safetensors) "
+        "for the --format export of its base, instead of the merged weights",
+    )
     args = p.parse_args(argv)
+    if args.adapter_only:
+        return _adapter(args)
     if args.format == "gguf":
         return _gguf(args)
     if args.outtype is not None:
@@ -93,6 +105,27 @@ def read_bench_table(path: str) -> BenchTable:
 
     res = load_bench(path)
     return BenchTable(source=path, config=res.config, markdown=markdown_table(res))
+
+
+def _adapter(args: argparse.Namespace) -> int:
+    for flag, value in (
+        ("--bench", args.bench),
+        ("--eval", args.eval),
+        ("--push-to-hub", args.push_to_hub),
+        ("--outtype", args.outtype),
+    ):
+        if value is not None:
+            raise UserError(f"{flag} does not apply to --adapter-only; drop one of them")
+    if args.format == "gguf":
+        raise UserError(
+            "--adapter-only writes a PEFT folder for remote-code or gpt2; drop it for --format gguf"
+        )
+    res = export_adapter(args.model, args.out, args.format, args.force)
+    print(
+        f"wrote {res.out} (PEFT LoRA adapter for a {res.format} export): {res.n_params:,} parameters, files: "
+        f"{', '.join(res.files)}; load it on `nanogpt export --model {res.base} --format {res.format}`"
+    )
+    return 0
 
 
 def _gguf(args: argparse.Namespace) -> int:
