@@ -126,3 +126,22 @@ def test_train_refuses_a_chat_folder_without_its_masks(capsys, tmp_path, chat_da
     (broken / "train_00000.mask").unlink()
     refuse(capsys, train_argv(tmp_path, broken), names="train_00000.mask not found",
            fix="nanogpt prepare --force", untouched=[broken])  # fmt: skip
+
+
+# ---- sample --chat ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "argv,names,fix",
+    [
+        (["--chat", "Hi", "--num-samples", "2"], "--num-samples applies to --prompt", "drop it"),
+        (
+            ["--system", "Be brief.", "--prompt", "Hi"],
+            "--system is the system message of a --chat",
+            "add --chat",
+        ),
+        (["--chat", "Hi", "--prompt", "Hi"], "--prompt: not allowed with argument --chat", "--help"),
+    ],
+)
+def test_sample_chat_flags(capsys, argv, names, fix):
+    refuse(capsys, ["sample", "--preset", "tiny", *argv], names=names, fix=fix)

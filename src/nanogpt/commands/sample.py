@@ -5,6 +5,8 @@ Sampling and the KV-cached generator are `nanogpt.infer.generate` (`nanogpt.mlx.
 and writes the text as it arrives, with one timing line per sample on stderr.
 
     nanogpt sample --model runs/demo --prompt "Once upon a time" --max-new-tokens 100 --seed 1337
+    nanogpt sample --model runs/sft --chat "Name three primary colours."   # one turn in the chat template
+    nanogpt sample --model runs/sft --chat                                 # a conversation on stdin
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import argparse
 import os
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TextIO
@@ -22,6 +24,7 @@ import torch
 
 from nanogpt.commands.options import add_backend, add_device, add_dtype, refuse_mlx_dtype
 from nanogpt.config import PRESETS, preset
+from nanogpt.data.chat import prompt_ids as chat_prompt_ids
 from nanogpt.data.tokenizer import Tokenizer, get_tokenizer
 from nanogpt.errors import ArgumentParser, SettingError, UserError
 from nanogpt.infer.generate import PromptTooLong, generate, stream_text
@@ -125,6 +128,15 @@ def build_parser() -> argparse.ArgumentParser:
     text = p.add_mutually_exclusive_group()
     text.add_argument("--prompt", default="", help="text to continue (default: start a new document)")
     text.add_argument("--prompt-file", help="a UTF-8 text file whose whole content is the prompt")
+    text.add_argument(
+        "--chat",
+        nargs="?",
+        const="",
+        metavar="MESSAGE",
+        help="chat in the template fine-tuning trains on: one reply to MESSAGE, or without MESSAGE a "
+        "conversation read line by line from stdin (end it with EOF or /quit)",
+    )
+    p.add_argument("--system", help="with --chat: a system message placed first")
     d = SamplingParams()  # the defaults are the shared ones
     p.add_argument("--max-new-tokens", type=int, default=d.max_tokens)
     p.add_argument("--temperature", type=float, default=d.temperature, help="0 = greedy (argmax)")
@@ -141,23 +153,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _mlx_token_streams(
-    args: argparse.Namespace, prompt_ids: list[int], params: SamplingParams
-) -> Iterator[Iterator[int]]:
-    """One MLX token generator per sample (seed + i: MLX draws from keys, not a stateful generator)."""
+NewTokens = Callable[[list[int]], Iterator[int]]  # prompt ids -> the reply's tokens, as they come
+
+
+def _mlx_new_tokens(args: argparse.Namespace, params: SamplingParams) -> NewTokens:
+    """The MLX model, loaded once; call i samples with seed + i (MLX draws from keys, not a stateful generator)."""
     from nanogpt.mlx import load_model as mlx_load_model
     from nanogpt.mlx.generate import generate as mlx_generate
 
     if args.model is None:
         raise UserError("--backend mlx needs --model (a checkpoint); --preset random init is PyTorch only")
     model = mlx_load_model(args.model)
-    for i in range(args.num_samples):
-        yield mlx_generate(model, prompt_ids, replace(params, seed=args.seed + i), crop=args.crop)
+    calls = iter(range(1 << 62))
+    return lambda ids: mlx_generate(model, ids, replace(params, seed=args.seed + next(calls)), crop=args.crop)
 
 
-def _torch_token_streams(
-    args: argparse.Namespace, prompt_ids: list[int], params: SamplingParams, vocab_size: int
-) -> Iterator[Iterator[int]]:
+def _torch_new_tokens(args: argparse.Namespace, params: SamplingParams, vocab_size: int) -> NewTokens:
     device = resolve_device(args.device)
     model = load_sampling_model(args.model, args.preset, device, args.seed)
     if model.config.vocab_size != vocab_size:
@@ -168,16 +179,46 @@ def _torch_token_streams(
     dtype = apply_dtype(model, args.dtype)
     # one generator for the whole run: samples differ from each other, the run repeats with its seed
     generator = make_generator(params.seed, device)
-    for _ in range(args.num_samples):
-        # checks the prompt against the context now, before anything is printed
-        yield generate(
-            model,
-            prompt_ids,
-            replace(params, seed=None),
-            generator=generator,
-            crop=args.crop,
-            dtype=dtype,
-        )
+    # generate() checks the prompt against the context when called, before anything is printed
+    return lambda ids: generate(
+        model, ids, replace(params, seed=None), generator=generator, crop=args.crop, dtype=dtype
+    )
+
+
+def _read_turn() -> str | None:
+    """The next user message of an interactive chat (stdin, one line); None at EOF or /quit."""
+    while True:
+        sys.stderr.write("> ")
+        sys.stderr.flush()
+        line = sys.stdin.readline()
+        if not line or line.strip() == "/quit":
+            return None
+        if line.strip():
+            return line.rstrip("\n")
+
+
+def chat(args: argparse.Namespace, new_tokens: NewTokens, tok: Tokenizer) -> None:
+    """`--chat`: one reply to the message, or turns read from stdin, each reply streamed as it comes."""
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    while True:
+        text = args.chat or _read_turn()
+        if text is None:
+            return
+        messages.append({"role": "user", "content": text})
+        reply: list[int] = []
+
+        def kept(tokens: Iterable[int], reply: list[int] = reply) -> Iterator[int]:
+            for t in tokens:
+                reply.append(t)
+                yield t
+
+        stats = write_stream(sys.stdout, "", kept(new_tokens(chat_prompt_ids(messages))), tok)
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        print(f"[reply] {stats.line()}", file=sys.stderr)
+        if args.chat:
+            return
+        messages.append({"role": "assistant", "content": tok.decode(reply)})
 
 
 def read_prompt_file(path: str | Path) -> str:
@@ -215,13 +256,21 @@ def main(argv: list[str] | None = None) -> int:
     refuse_mlx_dtype(args)
     if args.prompt_file is not None:
         args.prompt = read_prompt_file(args.prompt_file)
+    if args.chat is not None and args.num_samples > 1:
+        raise UserError("--num-samples applies to --prompt; --chat gives one reply per turn, so drop it")
+    if args.system is not None and args.chat is None:
+        raise UserError("--system is the system message of a --chat; add --chat, or put the text in --prompt")
     tok = get_tokenizer()
     prompt_ids = encode_prompt(tok, args.prompt)
     if args.backend == "mlx":
-        streams = _mlx_token_streams(args, prompt_ids, params)
+        new_tokens = _mlx_new_tokens(args, params)
     else:
-        streams = _torch_token_streams(args, prompt_ids, params, tok.vocab_size)
+        new_tokens = _torch_new_tokens(args, params, tok.vocab_size)
+    streams = (new_tokens(prompt_ids) for _ in range(args.num_samples))
     try:
+        if args.chat is not None:
+            chat(args, new_tokens, tok)
+            return 0
         for i, tokens in enumerate(streams):
             if i:
                 sys.stdout.write("\n" + "-" * 40 + "\n")
