@@ -35,6 +35,7 @@ from safetensors.torch import load_file, save_file
 
 from nanogpt import __version__
 from nanogpt.config import ModelConfig, first_difference
+from nanogpt.data.chat import JINJA as CHAT_JINJA
 from nanogpt.data.tokenizer import EOT_ID, EOT_TOKEN, bpe_files
 from nanogpt.errors import UserError, missing_extra
 from nanogpt.export.model_card import BenchTable, ParamCounts, read_run_facts, render_model_card
@@ -295,6 +296,8 @@ def write_tokenizer(folder: Path, context_length: int) -> None:
             # "<|endoftext|>" typed in text is text, as in training (nanogpt.data.tokenizer): without this,
             # transformers would turn it into the separator token that only ever ends a document
             "split_special_tokens": True,
+            # the one chat template fine-tuning trains on (nanogpt.data.chat), for apply_chat_template
+            "chat_template": CHAT_JINJA,
             "added_tokens_decoder": {
                 str(EOT_ID): {
                     "content": EOT_TOKEN,
