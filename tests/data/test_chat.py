@@ -40,14 +40,14 @@ ALL = conversations(CHAT) + conversations(COMPLETIONS)
 def test_template_text_and_mask():
     enc = encode_chat([{"role": "user", "content": " Hi\n"}, {"role": "assistant", "content": "Hello!"}])
     assert render([{"role": "user", "content": " Hi\n"}, {"role": "assistant", "content": "Hello!"}]) == (
-        "User: Hi<|endoftext|>Assistant: Hello!<|endoftext|>"
+        "User:\nHi<|endoftext|>Assistant:\nHello!<|endoftext|>"
     )
     pieces = [(TOK.decode([i]), m) for i, m in zip(enc.ids, enc.mask, strict=True)]
     assert pieces == [
-        ("User", 0), (":", 0), (" Hi", 0), ("<|endoftext|>", 0),
-        ("Assistant", 0), (":", 0), (" Hello", 1), ("!", 1), ("<|endoftext|>", 1),
+        ("User", 0), (":", 0), ("\n", 0), ("Hi", 0), ("<|endoftext|>", 0),
+        ("Assistant", 0), (":", 0), ("\n", 0), ("Hello", 1), ("!", 1), ("<|endoftext|>", 1),
     ]  # fmt: skip
-    assert prompt_ids([{"role": "user", "content": "Hi"}])[-2:] == TOK.encode("Assistant:")
+    assert prompt_ids([{"role": "user", "content": "Hi"}])[-3:] == TOK.encode("Assistant:\n")
 
 
 def test_train_on_prompt_masks_nothing():

@@ -57,7 +57,7 @@ def test_openai_defaults_not_the_cli_ones():
     assert (r.stream, r.include_usage, r.token_ids, r.model) == (False, False, False, None)
     c = chat()
     assert c.chat and c.sampling.max_tokens == 256 and c.sampling.temperature == 1.0
-    assert c.prompts == [TOK.encode("User: Hi") + [EOT_ID] + TOK.encode("Assistant:")]
+    assert c.prompts == [TOK.encode("User:\nHi") + [EOT_ID] + TOK.encode("Assistant:\n")]
 
 
 def test_null_is_absent():
@@ -280,7 +280,7 @@ def test_completion_prompt_forms():
 def test_content_parts_are_joined_text():
     parts = [{"type": "text", "text": "Hello"}, {"type": "text", "text": "there"}]
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": parts}]
-    rendered = "System: Be brief.<|endoftext|>User: Hello\nthere<|endoftext|>Assistant:"
+    rendered = "System:\nBe brief.<|endoftext|>User:\nHello\nthere<|endoftext|>Assistant:\n"
     assert chat_prompt(messages) == TOK.encode_with_eot(rendered)
     assert chat(messages).prompts == [TOK.encode_with_eot(rendered)]
 
@@ -308,11 +308,11 @@ def test_roles_names_and_message_keys():
     messages[4]["tool_call_id"] = "call_1"
     # the chat template: developer is the system message, tool its own turn; name is not rendered
     headers = ["System", "System", "User", "Assistant", "Tool"]
-    rendered = "".join(f"{h}: {r.upper()}<|endoftext|>" for h, r in zip(headers, roles, strict=True))
-    assert chat_prompt(messages) == TOK.encode_with_eot(rendered + "Assistant:")
+    rendered = "".join(f"{h}:\n{r.upper()}<|endoftext|>" for h, r in zip(headers, roles, strict=True))
+    assert chat_prompt(messages) == TOK.encode_with_eot(rendered + "Assistant:\n")
     # an assistant turn that only called tools has null content
     assert TOK.decode(chat_prompt([*HI, {"role": "assistant", "content": None, "tool_calls": []}])).endswith(
-        "Assistant: <|endoftext|>Assistant:"
+        "Assistant:\n<|endoftext|>Assistant:\n"
     )
     # "<|endoftext|>" typed in a message is text, not the end of a turn
     typed = chat_prompt([{"role": "user", "content": "a<|endoftext|>b"}])

@@ -388,8 +388,9 @@ def test_input_and_instructions_make_the_prompt_chat_makes():
     )
     assert rr.request.prompts == chat.prompts
     assert (
-        tok.decode(rr.request.prompts[0]) == "System: Be brief.<|endoftext|>User: Hi<|endoftext|>Assistant:"
+        tok.decode(rr.request.prompts[0])
+        == "System:\nBe brief.<|endoftext|>User:\nHi<|endoftext|>Assistant:\n"
     )
     assert parse_responses({"input": "Hi"}, tok, vocab_size=50257).request.prompts == [
-        tok.encode_with_eot("User: Hi<|endoftext|>Assistant:")
+        tok.encode_with_eot("User:\nHi<|endoftext|>Assistant:\n")
     ]

@@ -71,7 +71,7 @@ def test_parse_prompts_and_sampling():
             parse(bad)
     # the chat template fine-tuning trains on (nanogpt.data.chat), not a serve-only format
     ids = chat_prompt([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}])
-    assert get_tokenizer().decode(ids) == "System: Be brief.<|endoftext|>User: Hi<|endoftext|>Assistant:"
+    assert get_tokenizer().decode(ids) == "System:\nBe brief.<|endoftext|>User:\nHi<|endoftext|>Assistant:\n"
 
 
 def test_token_mapping_and_retry_after():

@@ -3,19 +3,20 @@
 GPT-2's vocabulary has no chat tokens and we add none (the card's 50,257 ids stay), so a turn is plain
 text with `<|endoftext|>` as its end:
 
-    System: Be brief.<|endoftext|>User: Hi<|endoftext|>Assistant: Hello!<|endoftext|>
+    System:\nBe brief.<|endoftext|>User:\nHi<|endoftext|>Assistant:\nHello!<|endoftext|>
 
-A turn is its header ("System:", "User:", "Assistant:", "Tool:"), one space, its content with the
-surrounding whitespace trimmed, then `<|endoftext|>`; a prompt for a reply ends with "Assistant:". The
+A turn is its header ("System:", "User:", "Assistant:", "Tool:") and a newline, its content with the
+surrounding whitespace trimmed, then `<|endoftext|>`; a prompt for a reply ends with "Assistant:\n". The
 model stops at `<|endoftext|>` as it stops at the end of any document.
 
 Training scores only the assistant's content and its `<|endoftext|>` (`encode_chat(...).mask`). The ids
-are built segment by segment, so the mask boundaries are exact; the segments end where GPT-2's byte-level
-BPE never merges across: at `<|endoftext|>` (a special token), and between "Assistant:" and " reply" (the
-pre-tokenizer always splits after ":" when a space follows, and a trimmed reply starts with no other
-whitespace). So the segment-wise ids equal the ids of the whole rendered string, which is what
-transformers' `apply_chat_template` (with `JINJA`) and llama.cpp (the GGUF's `tokenizer.chat_template`)
-tokenize; tests check both.
+are built segment by segment (header, content, end), so the mask boundaries are exact; the segments meet
+where GPT-2's byte-level BPE never merges across: at `<|endoftext|>` (a special token), and after the
+header's newline (GPT-2's pre-tokenizer keeps a newline before a non-space character apart, and trimmed
+content starts with one). So the segment-wise ids equal the ids of the whole rendered string, which is what
+transformers' `apply_chat_template` (with `JINJA`) tokenizes, and equal the ids of llama.cpp's chat path,
+which tokenizes the template's text and each message's content apart (the GGUF's
+`tokenizer.chat_template`); tests check both.
 
     ids, mask = encode_chat([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}])
 """
@@ -37,14 +38,14 @@ REPLY = "assistant"
 # Only plain if/for/filters, which transformers' Jinja2 and llama.cpp's / node-llama-cpp's engines share.
 JINJA = (
     "{% for message in messages %}"
-    "{% if message['role'] == 'system' %}{{ 'System: ' }}"
-    "{% elif message['role'] == 'user' %}{{ 'User: ' }}"
-    "{% elif message['role'] == 'assistant' %}{{ 'Assistant: ' }}"
-    "{% elif message['role'] == 'tool' %}{{ 'Tool: ' }}"
+    "{% if message['role'] == 'system' %}{{ 'System:\\n' }}"
+    "{% elif message['role'] == 'user' %}{{ 'User:\\n' }}"
+    "{% elif message['role'] == 'assistant' %}{{ 'Assistant:\\n' }}"
+    "{% elif message['role'] == 'tool' %}{{ 'Tool:\\n' }}"
     "{% endif %}"
     "{{ message['content'] | trim }}{{ '<|endoftext|>' }}"
     "{% endfor %}"
-    "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+    "{% if add_generation_prompt %}{{ 'Assistant:\\n' }}{% endif %}"
 )
 
 
@@ -56,15 +57,20 @@ class Encoded:
     mask: list[int]
 
 
+def header(role: str) -> str:
+    """A turn's opening: "User:\\n"."""
+    return HEADERS[role] + "\n"
+
+
 def turn_text(role: str, content: str) -> str:
-    """One turn as text, `<|endoftext|>` excluded: "User: Hi"."""
-    return f"{HEADERS[role]} {content.strip()}"
+    """One turn as text, `<|endoftext|>` excluded: "User:\\nHi"."""
+    return header(role) + content.strip()
 
 
 def render(messages: Sequence[dict[str, str]], add_generation_prompt: bool = False) -> str:
     """The conversation as one string, `<|endoftext|>` written out (what `JINJA` renders)."""
     text = "".join(turn_text(m["role"], m["content"]) + EOT_TOKEN for m in messages)
-    return text + (HEADERS[REPLY] if add_generation_prompt else "")
+    return text + (header(REPLY) if add_generation_prompt else "")
 
 
 def encode_chat(
@@ -85,19 +91,19 @@ def encode_chat(
 
     for m in messages:
         if m["role"] == REPLY:
-            add(tok.encode(HEADERS[REPLY]), False)
-            add(tok.encode(" " + m["content"].strip()), True)
+            add(tok.encode(header(REPLY)), False)
+            add(tok.encode(m["content"].strip()), True)
             add([tok.eot_id], True)
         else:
             add(tok.encode(turn_text(m["role"], m["content"])), False)
             add([tok.eot_id], False)
     if add_generation_prompt:
-        add(tok.encode(HEADERS[REPLY]), False)
+        add(tok.encode(header(REPLY)), False)
     return Encoded(ids, mask)
 
 
 def prompt_ids(messages: Sequence[dict[str, str]]) -> list[int]:
-    """The ids that ask for the next assistant reply: the conversation, then "Assistant:"."""
+    """The ids that ask for the next assistant reply: the conversation, then "Assistant:\\n"."""
     return encode_chat(messages, add_generation_prompt=True).ids
 
 

@@ -29,6 +29,7 @@ import numpy as np
 
 from nanogpt import __version__
 from nanogpt.config import ModelConfig
+from nanogpt.data.chat import JINJA as CHAT_JINJA
 from nanogpt.data.tokenizer import EOT_ID, EOT_TOKEN, VOCAB_SIZE, bpe_files
 from nanogpt.errors import UserError, missing_extra, write_fix
 from nanogpt.export.model_card import ParamCounts
@@ -246,6 +247,7 @@ def write_gguf(path: Path, cfg: ModelConfig, tensors: dict[str, np.ndarray], out
     w.add_bos_token_id(EOT_ID)
     w.add_eos_token_id(EOT_ID)
     w.add_add_bos_token(False)  # a base GPT-2 reads the text as it is: no token in front
+    w.add_chat_template(CHAT_JINJA)  # tokenizer.chat_template: the one template fine-tuning trains on
     kinds = {}
     ggml = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16}
     ggml["q8_0"] = gguf.GGMLQuantizationType.Q8_0

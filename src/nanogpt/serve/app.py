@@ -15,7 +15,7 @@ before the engine's next step; a request past `request_timeout` seconds is cance
 queue answers 429 with Retry-After, a request of more choices than the whole queue a 400.
 
 Chat messages are rendered in the one chat template that fine-tuning trains on (`nanogpt.data.chat`:
-"User: Hi<|endoftext|>Assistant:"; `requests.chat_prompt`), and a reply ends at `<|endoftext|>`.
+"User:\nHi<|endoftext|>Assistant:\n"; `requests.chat_prompt`), and a reply ends at `<|endoftext|>`.
 `return_tokens_as_token_ids: true` (vLLM's name) writes tokens as "token_id:N" so clients get exact ids
 even for partial UTF-8 bytes.
 
