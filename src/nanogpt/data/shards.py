@@ -75,7 +75,8 @@ class ShardWriter:
     A crash leaves only a `.tmp` file behind, never a shard that looks complete but is not.
     """
 
-    magic, dtype = MAGIC, DTYPE
+    magic: bytes = MAGIC
+    dtype: np.dtype = DTYPE
 
     def __init__(self, path: str | Path, vocab_size: int) -> None:
         self.path = Path(path)
