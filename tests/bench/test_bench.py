@@ -288,7 +288,17 @@ def test_run_bench_without_peers_and_bf16(tiny_cfg):
     torch.manual_seed(0)
     res = run_bench(NanoGPTLMHeadModel(tiny_cfg), batch=1, seq=16, dtype="bf16", repeats=1, warmup=0)
     assert {r.key for r in res.rows} == KEYS | {"low_precision_nll_delta"}
-    assert all(r.value > 0 and r.peer is None and r.ratio is None for r in res.rows)
+    assert all(r.peer is None and r.ratio is None for r in res.rows)
+    # every row has a value; only a fraction of a ceiling may be refused, when load disturbed the ceiling's
+    # measurement (above 100% is impossible), and then the run says so
+    refused = {r.key for r in res.rows if r.value is None}
+    assert all(r.value > 0 for r in res.rows if r.key not in refused)
+    assert all(
+        r.unit == "fraction" and any(k in w for w in res.warnings)
+        for k in refused
+        for r in res.rows
+        if r.key == k
+    )
     assert res.row("low_precision_nll_delta").value < 0.05  # bf16 autocast: a rounding-sized difference
     assert res.roofline["dtype"] == "bf16" and res.settings["dtype"] == "bf16"
 
