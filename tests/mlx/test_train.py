@@ -144,3 +144,19 @@ def test_train_refuses_bad_input(tiny_cfg, small_data, tmp_path):
     with pytest.raises(UserError, match="did not write.*--force"):  # the same folder rule as torch's trainer
         train(tiny_cfg, TrainConfig(), small_data, tmp_path / "y", progress=False)
     assert [p.name for p in (tmp_path / "y").iterdir()] == ["log.jsonl"]
+
+
+def test_out_of_memory_names_the_settings_that_fit(small_data, tmp_path):
+    """MLX's allocator failing (Metal: "[metal::malloc] ..."; CPU: MemoryError) is the torch trainer's answer."""
+
+    def oom(model, x, y):
+        raise RuntimeError(
+            "[metal::malloc] Attempting to allocate 21474836480 bytes which is greater than the maximum"
+        )
+
+    tc = quick_train_config(batch_size=4, grad_accum_steps=2)
+    with pytest.raises(
+        UserError,
+        match=r"out of memory at step 1 .*try --batch-size 2 --grad-accum-steps 4 \(same tokens per step\)$",
+    ):
+        train(tiny_config(context_length=32), tc, small_data, tmp_path / "r", loss_fn=oom, progress=False)

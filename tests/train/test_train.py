@@ -234,7 +234,9 @@ def test_existing_run_folder_needs_resume(short_run, small_data, capsys):
     run = short_run.run_dir
     rc = cli.main(["train", "--data", str(small_data), "--out", str(run), "--preset", "tiny"])
     err = capsys.readouterr().err.strip()
-    assert rc == 2 and "--resume" in err and "already holds a training run" in err and len(err.splitlines()) == 1
+    assert (
+        rc == 2 and "--resume" in err and "already holds a training run" in err and len(err.splitlines()) == 1
+    )
 
 
 def test_resume_with_another_config_names_the_key(short_run, small_data):
@@ -278,10 +280,11 @@ def test_out_of_memory_suggests_accumulation(small_data, tmp_path):
     def oom(model, x, y):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
-    with pytest.raises(UserError, match="smaller --batch-size with more --grad-accum-steps"):
+    fits = r"try --batch-size 1 --grad-accum-steps 2 \(same tokens per step\) or --dtype bf16"
+    with pytest.raises(UserError, match="out of memory at step 1 .*" + fits):
         train(
             tiny_config(context_length=32),
-            quick_train_config(),
+            quick_train_config(batch_size=2),
             small_data,
             tmp_path / "r",
             loss_fn=oom,

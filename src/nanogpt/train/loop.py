@@ -85,6 +85,7 @@ from nanogpt.train.session import (
     diverged,
     mean_loss,
     open_run,
+    out_of_memory,
 )
 from nanogpt.train.steps import run_session
 
@@ -119,10 +120,7 @@ def _batch_loss(
 
 
 def _oom_error(cfg: TrainConfig, device: torch.device, step: int) -> UserError:
-    return UserError(
-        f"out of memory at step {step} on {device} with --batch-size {cfg.batch_size}; use a smaller "
-        "--batch-size with more --grad-accum-steps (same tokens per step) or --dtype bf16"
-    )
+    return out_of_memory(cfg, str(device), step)
 
 
 def _is_oom(e: BaseException) -> bool:

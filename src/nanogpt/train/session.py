@@ -136,6 +136,17 @@ def diverged(what: str, step: int, run: Path) -> UserError:
     )
 
 
+def out_of_memory(cfg: TrainConfig, where: str, step: int, bf16: bool = True) -> UserError:
+    """The answer to running out of memory in either backend: the settings that would fit (half the batch,
+    twice the accumulation: the same tokens per step, about half the activations), or bf16 where `bf16`."""
+    fits = f"--batch-size {max(1, cfg.batch_size // 2)} --grad-accum-steps {2 * cfg.grad_accum_steps}"
+    low = " or --dtype bf16" if bf16 and cfg.dtype == "fp32" else ""
+    return UserError(
+        f"out of memory at step {step} on {where} with --batch-size {cfg.batch_size} --grad-accum-steps "
+        f"{cfg.grad_accum_steps}; try {fits} (same tokens per step){low}"
+    )
+
+
 # --- what a session starts from -------------------------------------------------------------------------
 
 

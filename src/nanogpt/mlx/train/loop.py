@@ -71,6 +71,7 @@ from nanogpt.train.session import (
     diverged,
     mean_loss,
     open_run,
+    out_of_memory,
 )
 from nanogpt.train.steps import run_session
 
@@ -139,8 +140,13 @@ class _Session:
         xs, ys = to_mx(batches)
         self.optimizer.learning_rate = lr
         mx.random.seed(dropout_seed(cfg.seed, step))
-        loss_a, norm_a, halves = self.step_fn(xs, ys, batch, const)
-        mx.eval(loss_a, norm_a, halves, self.model.parameters(), self.optimizer.state)
+        try:
+            loss_a, norm_a, halves = self.step_fn(xs, ys, batch, const)
+            mx.eval(loss_a, norm_a, halves, self.model.parameters(), self.optimizer.state)
+        except (RuntimeError, MemoryError) as e:
+            if isinstance(e, MemoryError) or "memory" in str(e).lower() or "malloc" in str(e):
+                raise out_of_memory(cfg, f"MLX's {mx.default_device()}", step, bf16=False) from None
+            raise
         loss, norm = _scalar(loss_a), _scalar(norm_a)
         if self.two_part is not None:
             for hard, soft in cast(list[list[float]], halves.tolist()):
