@@ -137,7 +137,6 @@ class TopKMlxLoss(_Halves):
     def __init__(self, torch_loss: TopKDistillLoss) -> None:
         super().__init__(torch_loss.log)
         self.teacher = torch_loss
-        self.skip_bad = torch_loss.skip_bad
 
     @property
     def skipped(self) -> int:
