@@ -70,12 +70,16 @@ class LocalTeacher:
                 h = self.module(x.to(device), hidden=True)
             else:  # a Hugging Face causal LM: its base model's last hidden state (after the final norm)
                 h = self.module.base_model(x.to(device)).last_hidden_state
+        return h.to(x.device), self.head().to(x.device)
+
+    def head(self) -> torch.Tensor:
+        """The output head's weight (50257, d), on the teacher's device: its logits are hidden @ head^T."""
         head = self.module.get_output_embeddings() if self.family != "nanogpt" else self.module.lm_head
         if getattr(head, "bias", None) is not None:
             raise UserError(
                 "the teacher's output head has a bias; chunked distillation supports bias-free heads"
             )
-        return h.to(x.device), head.weight[:VOCAB_SIZE].to(x.device)
+        return head.weight[:VOCAB_SIZE]
 
 
 def _gpt2_vocab_ok(folder: Path) -> bool | None:

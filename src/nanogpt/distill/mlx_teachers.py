@@ -105,7 +105,7 @@ def dense_teacher(path: str, dtype: str, device: str) -> tuple[Callable[[torch.T
     family, folder = locate_local_teacher(path)
     if family == "hf":
         torch_teacher = load_local_teacher(folder, resolve_device(device), dtype)
-        head = to_mx(torch_teacher.hidden(torch.zeros(1, 1, dtype=torch.long))[1], mx.float32)
+        head = to_mx(torch_teacher.head(), mx.float32)
 
         def hf_hidden(x: torch.Tensor) -> mx.array:
             return to_mx(torch_teacher.hidden(x)[0], mx.float32)

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, TypeGuard, cast
+from typing import Any, cast
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -48,13 +48,13 @@ from nanogpt.mlx.train.checkpoint import (
     write_model_files,
 )
 from nanogpt.mlx.train.optim import (
+    OnePartLoss,
     PartsStep,
     TwoPartLoss,
     cross_entropy_loss,
     make_optimizer,
     make_parts_step,
     to_mx,
-    whole,
 )
 from nanogpt.train.adapters import AdapterRecord
 from nanogpt.train.checkpoint import atomic_dir, resolve_checkpoint
@@ -125,7 +125,7 @@ class _Session:
     step_fn: PartsStep  # make_parts_step's compiled update
     sampler: BatchSampler
     counters: Counters
-    two_part: TwoPartLoss | None  # a distillation's loss: its teacher's inputs, then its halves logged
+    loss: TwoPartLoss  # a distillation's (its teacher's inputs, then its halves logged) or a OnePartLoss
     lora: AdapterRecord | None = None  # a LoRA run: checkpoints hold only the adapters, and this record
 
     @property
@@ -148,9 +148,8 @@ class _Session:
                 raise out_of_memory(cfg, f"MLX's {mx.default_device()}", step, bf16=False) from None
             raise
         loss, norm = _scalar(loss_a), _scalar(norm_a)
-        if self.two_part is not None:
-            for hard, soft in cast(list[list[float]], halves.tolist()):
-                self.two_part.record(hard, soft)
+        for hard, soft in cast(list[list[float]], halves.tolist()):
+            self.loss.record(hard, soft)
         if not (math.isfinite(loss) and math.isfinite(norm)):
             # the weights were already updated in memory; nothing is saved, so last/ keeps the last good state
             what = f"loss is {loss}" if not math.isfinite(loss) else f"gradient norm is {norm}"
@@ -163,12 +162,10 @@ class _Session:
         self, batches: list[tuple[torch.Tensor, torch.Tensor]]
     ) -> tuple[tuple[mx.array, ...], tuple[mx.array, ...]]:
         """What a distillation's teacher gives for each micro-batch, stacked (A, ...), and its constants."""
-        if self.two_part is None:
-            return (), ()
-        per_batch = [self.two_part.inputs(x, y) for x, y in batches]
+        per_batch = [self.loss.inputs(x, y) for x, y in batches]
         stacked = tuple(mx.stack(list(arrays)) for arrays in zip(*per_batch, strict=True))
         mx.eval(stacked)  # the teacher's work is done here, before the step: its activations are freed
-        return stacked, self.two_part.constants
+        return stacked, self.loss.constants
 
     def evaluate(self, on_batch: OnBatch) -> float:
         """The held-out loss on the fixed val windows."""
@@ -204,9 +201,8 @@ def _open_session(setup: RunSetup, *, init_from: str | None, loss_fn: MlxLoss | 
     mx.eval(model.parameters(), optimizer.state)
     model.train()  # dropout on; an evaluation puts back the mode it found
     setup.write_configs()
-    two_part = loss_fn if _is_two_part(loss_fn) else None
-    parts = two_part.parts if two_part is not None else whole(cast(MlxLoss, loss_fn))
-    step_fn = make_parts_step(model, optimizer, setup.cfg, parts)  # after any state load
+    loss = loss_fn if isinstance(loss_fn, TwoPartLoss) else OnePartLoss(loss_fn)
+    step_fn = make_parts_step(model, optimizer, setup.cfg, loss.parts)  # after any state load
     return _Session(
         setup=setup,
         model=model,
@@ -214,7 +210,7 @@ def _open_session(setup: RunSetup, *, init_from: str | None, loss_fn: MlxLoss | 
         step_fn=step_fn,
         sampler=sampler,
         counters=counters,
-        two_part=two_part,
+        loss=loss,
         lora=lora,
     )
 
@@ -227,10 +223,6 @@ def _with_lora(model: NanoGPTLMHeadModel, setup: RunSetup, init_from: str | None
     if setup.resume_from is not None:
         load_adapter_state(model, load_adapters(setup.resume_from, setup.model_cfg, record))
     return record
-
-
-def _is_two_part(loss_fn: MlxLoss | TwoPartLoss) -> TypeGuard[TwoPartLoss]:
-    return hasattr(loss_fn, "parts") and hasattr(loss_fn, "inputs")
 
 
 def _restore(

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import partial
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -102,6 +102,7 @@ PartsStep = Callable[
 ]
 
 
+@runtime_checkable
 class TwoPartLoss(Protocol):
     """A distillation loss for the MLX trainer (`nanogpt.distill.mlx_teachers`): the teacher works eagerly,
     before the compiled step, and the loss on what it gave is computed inside the step.
@@ -135,18 +136,28 @@ def make_train_step(
     loss_fn: LossFn[nn.Module, mx.array] = cross_entropy_loss,
 ) -> Callable[[mx.array, mx.array], tuple[mx.array, mx.array]]:
     """A compiled optimizer step: xs, ys (A, B, T) micro-batches -> (mean loss, pre-clip grad norm)."""
-    step = make_parts_step(model, opt, cfg, whole(loss_fn))
+    step = make_parts_step(model, opt, cfg, OnePartLoss(loss_fn).parts)
     return lambda xs, ys: step(xs, ys, (), ())[:2]
 
 
-def whole(loss_fn: LossFn[nn.Module, mx.array]) -> PartsFn:
-    """A one-part loss as a `PartsFn`: all of it is the hard half."""
+class OnePartLoss:
+    """A plain loss (`loss_fn(model, x, y)`) as a `TwoPartLoss`: no teacher, all of it the hard half, nothing
+    logged (the trainer logs the loss itself)."""
 
-    def parts(model: nn.Module, x: mx.array, y: mx.array, *_: tuple[mx.array, ...]) -> Halves:
-        loss = loss_fn(model, x, y)
+    constants: tuple[mx.array, ...] = ()
+
+    def __init__(self, loss_fn: LossFn[nn.Module, mx.array]) -> None:
+        self.loss_fn, self.log = loss_fn, LossLog()
+
+    def inputs(self, x: torch.Tensor, y: torch.Tensor) -> tuple[mx.array, ...]:
+        return ()
+
+    def parts(self, model: nn.Module, x: mx.array, y: mx.array, *_: tuple[mx.array, ...]) -> Halves:
+        loss = self.loss_fn(model, x, y)
         return loss, loss, mx.array(0.0)
 
-    return parts
+    def record(self, hard: float, soft: float) -> None:
+        pass
 
 
 def make_parts_step(
