@@ -116,9 +116,13 @@ def check_base(record: AdapterRecord, source: Path, weights: Path | None) -> Non
 
 
 def load_adapter_file(folder: Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    f = folder / ADAPTER_WEIGHTS
+    return read_tensors(folder / ADAPTER_WEIGHTS, device, "the LoRA checkpoint")
+
+
+def read_tensors(f: Path, device: str | torch.device, what: str = "the checkpoint") -> dict[str, torch.Tensor]:
+    """A safetensors file of `what` (a checkpoint's weights or adapters); missing or corrupt is one line."""
     if not f.is_file():
-        raise UserError(f"{f} not found; the LoRA checkpoint is incomplete, use another one or train again")
+        raise UserError(f"{f} not found; {what} is incomplete, use another one or train again")
     try:
         return load_file(str(f), device=str(device))
     except (SafetensorError, OSError, ValueError) as e:

@@ -41,6 +41,7 @@ from nanogpt.train.adapters import (
     is_adapter_folder,
     load_adapter_file,
     read_record,
+    read_tensors,
     write_record,
 )
 from nanogpt.train.optim import TrainOptimizer
@@ -190,13 +191,7 @@ def load_weights(folder: Path, device: str | torch.device = "cpu") -> dict[str, 
     if is_adapter_folder(folder):
         record, base, adapters = load_lora_parts(folder, device)
         return merge_state(base, adapters, record.spec.scale)
-    f = folder / WEIGHTS
-    if not f.is_file():
-        raise UserError(f"{f} not found; the checkpoint is incomplete, use another one or train again")
-    try:
-        return load_file(str(f), device=str(device))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise UserError(f"{f} is corrupt or not a safetensors file ({e}); use another checkpoint") from None
+    return read_tensors(folder / WEIGHTS, device)
 
 
 def weights_file(folder: Path) -> Path:
