@@ -31,6 +31,7 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
@@ -362,13 +363,16 @@ def make_data(args: argparse.Namespace) -> None:
 
 
 def run_all(args: argparse.Namespace) -> None:
+    """Every (seed, variant) run, `args.jobs` at a time (each in its own process, so peak RSS stays per run)."""
     base = args.out / "base"
-    for seed in args.seeds:
-        for variant in VARIANTS:
-            m = train_run(args.out, base, variant, seed, args.iters, args.threads)
-            print(
-                f"{variant} seed {seed}: {m['wall_s']:.0f} s, peak RSS {m['peak_rss_mb']:.0f} MiB", flush=True
-            )
+
+    def one(seed: int, variant: str) -> None:
+        m = train_run(args.out, base, variant, seed, args.iters, args.threads)
+        print(f"{variant} seed {seed}: {m['wall_s']:.0f} s, peak RSS {m['peak_rss_mb']:.0f} MiB", flush=True)
+
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        for f in [pool.submit(one, seed, variant) for seed in args.seeds for variant in VARIANTS]:
+            f.result()  # re-raise the first failure
 
 
 def mean_sd(xs: list[float]) -> dict[str, float]:
@@ -453,6 +457,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--eval-iters", type=int, default=10, help="masked val batches (8 x 128) per model")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--jobs", type=int, default=1, help="fine-tuning runs side by side (each at --threads)")
     return p.parse_args(argv)
 
 

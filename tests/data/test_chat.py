@@ -266,3 +266,49 @@ def test_mlx_training_on_chat_data_resumes_exactly(tmp_path):
     from nanogpt.mlx.train.loop import train
 
     _resume_is_exact(train, _prepared(tmp_path), tmp_path)
+
+
+# ---- evaluation ----------------------------------------------------------------------------------------
+
+
+def test_eval_scores_a_chat_folder_on_its_assistant_tokens(tmp_path, capsys):
+    """`nanogpt eval` on a chat folder: every conversation whole, only the targets training scores."""
+    from nanogpt import cli
+    from nanogpt.data.shards import split_conversations
+    from nanogpt.train.checkpoint import save_model
+
+    data = _prepared(tmp_path)
+    wanted = {tuple(encode_chat(m).ids): encode_chat(m).mask for m in conversations()}
+    val = split_conversations(data, "val")
+    assert val and split_conversations(_plain(tmp_path), "val") is None
+    torch.manual_seed(0)
+    model = NanoGPTLMHeadModel(tiny_config()).eval()
+    ckpt = save_model(tmp_path / "ckpt", model)
+    total, n = 0.0, 0
+    for ids, trained in val:
+        assert wanted[tuple(ids.tolist())] == trained.astype(int).tolist()  # whole, with its own mask
+        x, y, keep = torch.from_numpy(ids[:-1]), torch.from_numpy(ids[1:]), torch.from_numpy(trained[1:])
+        with torch.no_grad():
+            logits = model(x[None])[0]
+        total += torch.nn.functional.cross_entropy(logits[keep], y[keep], reduction="sum").item()
+        n += int(keep.sum())
+    assert cli.main(["eval", "--model", str(ckpt), "--data", str(data), "--json", "--no-progress"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["mode"] == "conversations" and got["documents"] == len(val) and got["tokens_scored"] == n
+    assert got["mean_nll"] == pytest.approx(total / n, abs=1e-5)
+    assert cli.main(["eval", "--model", str(ckpt), "--data", str(data), "--no-progress"]) == 0
+    assert f"the assistant tokens of {len(val)} conversations, each whole" in capsys.readouterr().out
+    # every token as one stream is another quantity, and --stride has no meaning here
+    assert cli.main(["eval", "--model", str(ckpt), "--data", str(data), "--json", "--stream"]) == 0
+    assert json.loads(capsys.readouterr().out)["tokens_scored"] > n
+    assert cli.main(["eval", "--model", str(ckpt), "--data", str(data), "--stride", "8"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--stride does not apply" in err and "--stream" in err
+
+
+def _plain(tmp_path: Path) -> Path:
+    text = tmp_path / "plain.txt"
+    text.write_text("Plain text for a plain folder. " * 200, encoding="utf-8")
+    out = tmp_path / "plain"
+    prepare(str(text), out, val_fraction=0.2, verbose=False)
+    return out

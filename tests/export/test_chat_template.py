@@ -36,3 +36,16 @@ def test_apply_chat_template_gives_our_ids(tiny_exports, fmt):
         asked = tok.apply_chat_template(messages[:-1], add_generation_prompt=True, **CHAT_IDS)
         assert _ids(asked) == prompt_ids(messages[:-1])
         assert _ids(chat_tok.apply_chat_template(messages)) == encode_chat(messages).ids
+
+
+@pytest.mark.parametrize("fmt", ["gpt2", "remote-code"])
+def test_model_card_chat_call_gives_our_prompt(tiny_exports, fmt):
+    """The call the exported README shows for chat, run as written, gives our generation prompt."""
+    from nanogpt.export.model_card import CHAT_CALL
+
+    folder = tiny_exports[fmt]
+    assert CHAT_CALL in (folder / "README.md").read_text()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    for messages in ALL:
+        out = eval(CHAT_CALL, {"tokenizer": tokenizer, "messages": messages[:-1]})  # noqa: S307 (our constant)
+        assert out["input_ids"][0].tolist() == prompt_ids(messages[:-1])

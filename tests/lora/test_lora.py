@@ -139,3 +139,36 @@ def test_changed_base_is_refused_in_one_line(lora_run, base, tmp_path):
         load_model(run / "last")
     assert "\n" not in str(e.value) and "train the adapters again" in str(e.value)
     assert resolve_checkpoint(run / "last") == run / "last"
+
+
+def test_an_imported_gpt2_is_a_lora_base(small_data, tmp_path):
+    """A GPT-2 written by transformers, imported with `nanogpt import`, takes adapters like any run: the run
+    records it, loaders merge onto it, and the merged export loads in transformers with our logits."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from nanogpt.export import hf
+    from nanogpt.train.checkpoint import load_config_of
+    from nanogpt.train.loop import train
+    from tests.tiny import quick_train_config
+
+    conf = GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=64, vocab_size=50257)
+    torch.manual_seed(0)
+    GPT2LMHeadModel(conf).save_pretrained(tmp_path / "gpt2")
+    hf.import_hf(tmp_path / "gpt2", tmp_path / "imported")
+    cfg = quick_train_config(lora_rank=RANK, learning_rate=1e-2, weight_decay=0.0)
+    model_cfg = load_config_of(tmp_path / "imported")  # as `train --init-from` takes it: GPT-2's tanh GELU
+    train(model_cfg, cfg, small_data, tmp_path / "run", init_from=str(tmp_path / "imported"), progress=False)
+
+    record = read_record(tmp_path / "run" / "last")
+    assert record.base.resolve() == (tmp_path / "imported").resolve()
+    base_sd, merged = load_weights(record.base), load_model(tmp_path / "run" / "last")
+    changed = [k for k, w in base_sd.items() if not torch.equal(merged.state_dict()[k], w)]
+    assert changed and all(
+        k.endswith(("qkv_proj.weight", "out_proj.weight", "fc1.weight", "fc2.weight")) for k in changed
+    )
+
+    hf.export(tmp_path / "run" / "last", tmp_path / "export", fmt="gpt2")
+    theirs = GPT2LMHeadModel.from_pretrained(tmp_path / "export").eval()
+    x = torch.randint(0, 50257, (2, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(x).logits, merged.eval()(x), atol=1e-5, rtol=0)

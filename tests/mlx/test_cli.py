@@ -110,3 +110,25 @@ def test_cli_backends_train_eval_sample_and_export(small_data, tmp_path, capsys)
     )
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.startswith("Once upon a time")
+
+
+def test_eval_of_a_chat_folder_agrees_across_backends(tmp_path, capsys):
+    """A chat folder's assistant-token loss: the same conversations and targets, NLL within 1e-5."""
+    import torch
+
+    from nanogpt.data.prepare import prepare
+    from nanogpt.model.gpt import NanoGPTLMHeadModel
+    from nanogpt.train.checkpoint import save_model
+    from tests.data.test_chat import CHAT
+
+    prepare(str(CHAT), tmp_path / "chat", val_fraction=0.2, verbose=False)
+    torch.manual_seed(0)
+    ckpt = save_model(tmp_path / "ckpt", NanoGPTLMHeadModel(tiny_config()))
+    got = {}
+    for backend in ("torch", "mlx"):
+        argv = ["eval", "--model", str(ckpt), "--data", str(tmp_path / "chat"), "--json", "--no-progress"]
+        assert main([*argv, "--backend", backend]) == 0
+        got[backend] = json.loads(capsys.readouterr().out)
+    assert got["mlx"]["mode"] == "conversations"
+    assert got["torch"]["tokens_scored"] == got["mlx"]["tokens_scored"] > 0
+    assert abs(got["torch"]["mean_nll"] - got["mlx"]["mean_nll"]) < 1e-5

@@ -3,7 +3,9 @@
 The measurement is `nanogpt.infer.evaluate.sliding_window_nll` (`nanogpt.mlx.evaluate`'s with
 `--backend mlx`); this module reads the flags, picks the backend and prints the result. By default each
 document is scored on its own, as lm-evaluation-harness's `loglikelihood_rolling` does (same windows,
-same bytes: its bits_per_byte on the same text); `--stream` scores the `<|endoftext|>`-joined stream.
+same bytes: its bits_per_byte on the same text); `--stream` scores the `<|endoftext|>`-joined stream. A chat
+folder (`prepare` of chat or prompt/completion JSONL) is scored as fine-tuning trains it: each conversation
+whole, on its assistant tokens only (`--stream` scores all its tokens instead).
 
     nanogpt eval --model runs/demo --data data/builtin --split val --stride 256
 """
@@ -14,9 +16,12 @@ import argparse
 import json
 from dataclasses import asdict
 
+import numpy as np
+
 from nanogpt.commands.options import add_backend, add_device, add_dtype, refuse_mlx_dtype
+from nanogpt.data.shards import split_conversations
 from nanogpt.errors import ArgumentParser, UserError, flags_for_settings
-from nanogpt.infer.evaluate import EvalResult, sliding_window_nll, split_tokens, text_tokens
+from nanogpt.infer.evaluate import EvalResult, conversation_nll, sliding_window_nll, split_tokens, text_tokens
 from nanogpt.kernels.device import resolve_device
 from nanogpt.kernels.quant import apply_dtype
 from nanogpt.train.checkpoint import load_model
@@ -35,7 +40,11 @@ FLAGS = {
 
 
 def format_result(r: EvalResult) -> str:
-    how = f"{r.documents:,} documents, each on its own" if r.mode == "documents" else "one stream"
+    how = "one stream"
+    if r.mode == "documents":
+        how = f"{r.documents:,} documents, each on its own"
+    elif r.mode == "conversations":
+        how = f"the assistant tokens of {r.documents:,} conversations, each whole"
     return "\n".join(
         [
             f"tokens scored: {r.tokens_scored:,} ({how}; context {r.context}, stride {r.stride}, {r.n_bytes:,} bytes)",
@@ -82,11 +91,45 @@ def main(argv: list[str] | None = None) -> int:
         return evaluate(build_parser().parse_args(argv))
 
 
+def evaluate_chat(args: argparse.Namespace, convs: list[tuple[np.ndarray, np.ndarray]]) -> int:
+    """A chat folder (`prepare` of messages or prompt/completion JSONL): the loss fine-tuning trains, on the
+    assistant tokens of whole conversations, one per row."""
+    for flag, value in (("--context", args.context), ("--stride", args.stride)):
+        if value is not None:
+            raise UserError(
+                f"{flag} does not apply to the chat folder {args.data}: its conversations are scored whole, "
+                "on their assistant tokens; drop it, or add --stream to score every token as one stream"
+            )
+    if args.max_tokens is not None:  # whole conversations up to that many tokens (at least one)
+        sizes = np.cumsum([len(ids) for ids, _ in convs])
+        convs = convs[: max(1, int(np.searchsorted(sizes, args.max_tokens, side="right")))]
+    progress = not args.no_progress
+    if args.backend == "mlx":
+        from nanogpt.mlx import load_model as mlx_load_model
+        from nanogpt.mlx.evaluate import conversation_nll as mlx_conversation_nll
+
+        result = mlx_conversation_nll(
+            mlx_load_model(args.model), convs, batch_size=args.batch_size, progress=progress
+        )
+    else:
+        dev = resolve_device(args.device)
+        model = load_model(args.model, dev)
+        dtype = apply_dtype(model, args.dtype)
+        result = conversation_nll(
+            model, convs, batch_size=args.batch_size, device=dev, dtype=dtype, progress=progress
+        )
+    print(json.dumps(asdict(result)) if args.json else format_result(result))
+    return 0
+
+
 def evaluate(args: argparse.Namespace) -> int:
     if args.max_tokens is not None and args.max_tokens < 2:
         raise UserError(f"--max-tokens {args.max_tokens} is too small; perplexity needs at least 2 tokens")
     refuse_mlx_dtype(args)
     dev = resolve_device(args.device)
+    convs = None if args.stream or not args.data else split_conversations(args.data, args.split)
+    if convs is not None:
+        return evaluate_chat(args, convs)
     if args.data:
         tokens = split_tokens(args.data, args.split, args.max_tokens)
     else:

@@ -414,6 +414,23 @@ def _masks_beside(shards: list[np.ndarray]) -> list[np.ndarray] | None:
     return [read_mask(str(n), len(s)) for n, s in zip(names, shards, strict=True)]
 
 
+def split_conversations(
+    data_dir: str | Path, split: str = "val"
+) -> list[tuple[np.ndarray, np.ndarray]] | None:
+    """A chat folder's split as whole conversations, each (ids, trained: bool per token, True where the
+    token is a trained target); None for a folder of plain text (no loss masks)."""
+    shards = TokenData(data_dir).split(split)
+    masks = _masks_beside(shards)
+    if masks is None:
+        return None
+    out = []
+    for shard, m in zip(shards, masks, strict=True):
+        starts = np.flatnonzero(np.asarray(m) & STARTS)
+        for a, b in zip(starts, np.append(starts[1:], len(m)), strict=True):
+            out.append((np.asarray(shard[a:b], dtype=np.int64), (np.asarray(m[a:b]) & TRAINED).astype(bool)))
+    return out
+
+
 class Conversations:
     """The conversations of masked shards, drawn at random and packed whole into (B, T + 1) rows.
 

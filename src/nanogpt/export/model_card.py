@@ -207,6 +207,19 @@ tokenizer = AutoTokenizer.from_pretrained("{folder}", trust_remote_code=True)
 LORA_TARGETS = ("qkv_proj", "out_proj", "fc1", "fc2")
 
 
+# the template's `<|endoftext|>` must stay one token while a typed one stays text (split_special_tokens, below)
+CHAT_CALL = (
+    'tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", '
+    'tokenizer_kwargs={"split_special_tokens": False})'
+)
+CHAT_NOTE = (
+    "the tokenizer carries nanogpt's chat template (`User:` / `Assistant:` turns, each ended by "
+    "`<|endoftext|>`), the one a model fine-tuned by nanogpt on chat data was trained on. Ask for a reply's "
+    f"prompt with `{CHAT_CALL}`: without that argument the tokenizer spells the template's end-of-turn token "
+    "as 7 text tokens (see the note on `<|endoftext|>` below)."
+)
+
+
 def _tools(fmt: str) -> str:
     """The usage notes beyond the snippet: padding, training, attention weights, tracing, LoRA."""
     remote = fmt == "remote-code"
@@ -223,6 +236,7 @@ def _tools(fmt: str) -> str:
         '- **Attention weights:** `output_attentions=True` needs the model loaded with `attn_implementation="eager"`.',
         "- **Export:** with `model.config.use_cache = False`, `torch.export.export`, "
         "`torch.onnx.export(..., dynamo=True)` and `torch.compile(model, fullgraph=True)` trace the whole model.",
+        f"- **Chat:** {CHAT_NOTE}",
     ]
     if not remote:
         lines.append("- **LoRA (PEFT):** PEFT's default target modules for GPT-2 apply.")

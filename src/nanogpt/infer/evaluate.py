@@ -280,6 +280,75 @@ def evaluate_documents(
     )
 
 
+def score_conversations(
+    convs: Sequence[tuple[np.ndarray, np.ndarray]],
+    score: ScoreFn,
+    *,
+    context: int,
+    batch_size: int,
+    progress: bool = False,
+) -> EvalResult:
+    """Chat data as fine-tuning trains it: each conversation whole in its own row, only its trained targets
+    (the assistant's tokens and their end of turn) scored. `convs`: (ids, trained) pairs, `split_conversations`'s."""
+    longest = max((len(ids) for ids, _ in convs), default=0)
+    if longest > context + 1:
+        raise SettingError(
+            "context",
+            f"a conversation of {longest} tokens does not fit the model's context ({context} + 1); "
+            "it cannot be scored whole",
+        )
+    n = sum(int(t[1:].sum()) for _, t in convs)
+    if n == 0:
+        raise SettingError(
+            "data", "no conversation holds a trained (assistant) token; score it with `--stream`"
+        )
+    total_nll = 0.0
+    t0 = time.perf_counter()
+    bar = _progress_bar(n, progress)
+    try:
+        for b in range(0, len(convs), batch_size):
+            chunk = convs[b : b + batch_size]
+            width = max(len(ids) for ids, _ in chunk) - 1
+            x = torch.full((len(chunk), width), EOT_ID, dtype=torch.long)
+            y, mask = x.clone(), torch.zeros_like(x, dtype=torch.bool)
+            for r, (ids, trained) in enumerate(chunk):
+                k = len(ids) - 1  # padding after the conversation is never a target
+                x[r, :k], y[r, :k] = torch.from_numpy(ids[:-1]), torch.from_numpy(ids[1:])
+                mask[r, :k] = torch.from_numpy(trained[1:])
+            total_nll += score(x, y, mask)
+            bar.update(int(mask.sum()))
+    finally:
+        bar.close()
+    seconds = time.perf_counter() - t0
+    n_bytes = sum(count_bytes(ids[1:][t[1:]]) for ids, t in convs)
+    return EvalResult.of(
+        total_nll, n, n_bytes, context, context, seconds, mode="conversations", documents=len(convs)
+    )
+
+
+def conversation_nll(
+    model: torch.nn.Module,
+    convs: Sequence[tuple[np.ndarray, np.ndarray]],
+    *,
+    batch_size: int = 8,
+    device: str | torch.device | None = None,
+    dtype: str = "fp32",
+    progress: bool = False,
+) -> EvalResult:
+    """The held-out loss of chat data on its assistant tokens (`score_conversations`) for a PyTorch model."""
+    cfg = unwrap(model).config
+    flat = np.concatenate([ids for ids, _ in convs]) if convs else np.zeros(2, dtype=np.int64)
+    check_tokens(np.append(flat, [0, 0]), cfg, cfg.context_length, cfg.context_length, batch_size)
+    with _scoring(model, device, dtype) as (net, dev):
+        return score_conversations(
+            convs,
+            _scorer(net, dev, dtype),
+            context=cfg.context_length,
+            batch_size=batch_size,
+            progress=progress,
+        )
+
+
 def check_tokens(
     tokens: torch.Tensor | np.ndarray, cfg: ModelConfig, context: int, stride: int, batch_size: int
 ) -> torch.Tensor:

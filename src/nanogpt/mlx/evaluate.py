@@ -9,10 +9,19 @@ pass differs (fp32, MLX's own log-softmax).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 import mlx.core as mx
+import numpy as np
 import torch
 
-from nanogpt.infer.evaluate import EvalResult, check_tokens, evaluate_documents, score_windows
+from nanogpt.infer.evaluate import (
+    EvalResult,
+    check_tokens,
+    evaluate_documents,
+    score_conversations,
+    score_windows,
+)
 from nanogpt.mlx.model import NanoGPTLMHeadModel
 from nanogpt.mlx.train.optim import token_nll
 
@@ -33,13 +42,43 @@ def sliding_window_nll(
     stride = context if stride is None else stride
     tokens = check_tokens(tokens, cfg, context, stride, batch_size)
 
+    score_rows = _row_scorer(model)
+    window = dict(context=context, stride=stride, batch_size=batch_size)
+    if per_document:
+        return evaluate_documents(tokens, score_rows, **window, progress=progress)
+    return score_windows(tokens, lambda x, y, m: float(sum(score_rows(x, y, m))), **window, progress=progress)
+
+
+def conversation_nll(
+    model: NanoGPTLMHeadModel,
+    convs: Sequence[tuple[np.ndarray, np.ndarray]],
+    *,
+    batch_size: int = 8,
+    progress: bool = False,
+) -> EvalResult:
+    """`nanogpt.infer.evaluate.conversation_nll` for an MLX model, fp32."""
+    cfg = model.config
+    flat = np.concatenate([ids for ids, _ in convs]) if convs else np.zeros(2, dtype=np.int64)
+    check_tokens(np.append(flat, [0, 0]), cfg, cfg.context_length, cfg.context_length, batch_size)
+    score_rows = _row_scorer(model)
+    return score_conversations(
+        convs,
+        lambda x, y, m: float(sum(score_rows(x, y, m))),
+        context=cfg.context_length,
+        batch_size=batch_size,
+        progress=progress,
+    )
+
+
+def _row_scorer(
+    model: NanoGPTLMHeadModel,
+) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], list[float]]:
+    """The summed NLL of each row's masked targets (rows of (B, L) CPU tensors), fp32."""
+
     def score_rows(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> list[float]:
         nll = token_nll(model, mx.array(x.numpy()), mx.array(y.numpy()))  # (B, L) fp32
         # the stub types tolist() as every nesting at once; a 1-D array gives a list of floats
         rows: list[float] = (nll * mx.array(mask.numpy())).sum(axis=1).tolist()  # type: ignore[assignment]
         return rows
 
-    window = dict(context=context, stride=stride, batch_size=batch_size)
-    if per_document:
-        return evaluate_documents(tokens, score_rows, **window, progress=progress)
-    return score_windows(tokens, lambda x, y, m: float(sum(score_rows(x, y, m))), **window, progress=progress)
+    return score_rows
