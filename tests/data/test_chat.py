@@ -235,6 +235,47 @@ def test_mlx_masked_positions_get_zero_gradient():
     assert (grad[masked] == 0).all() and (np.abs(grad[~masked]).sum(-1) > 0).all()
 
 
+def test_torch_accumulation_weights_every_trained_target_alike():
+    """Two micro-batches with 7 and 4 trained targets accumulate to the gradient of one batch holding both
+    (the mean over all 11 targets), not to the mean of the two micro-batch means."""
+    from nanogpt.train.optim import backward_micro_batches, target_shares
+
+    torch.manual_seed(0)
+    model = NanoGPTLMHeadModel(tiny_config())
+    x, y = _masked_batch()
+    halves = [(x[:1], y[:1]), (x[1:], y[1:])]
+    shares = target_shares([y[:1], y[1:]])
+    assert shares == [7 / 5.5, 4 / 5.5] and target_shares([x[:1], x[1:]]) == [1.0, 1.0]
+    loss = backward_micro_batches(model, halves, cross_entropy_loss, torch.device("cpu"), shares=shares)
+    got = {k: p.grad.clone() for k, p in model.named_parameters()}
+    model.zero_grad()
+    whole = cross_entropy_loss(model, x, y)
+    whole.backward()
+    torch.testing.assert_close(loss, whole.detach(), rtol=1e-6, atol=1e-6)
+    for k, p in model.named_parameters():
+        torch.testing.assert_close(got[k], p.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_mlx_accumulation_weights_every_trained_target_alike():
+    mx = pytest.importorskip("mlx.core")
+    import mlx.optimizers as optim
+
+    from nanogpt.config import TrainConfig
+    from nanogpt.mlx.model import NanoGPTLMHeadModel as MlxModel
+    from nanogpt.mlx.train.optim import make_train_step
+
+    x, y = _masked_batch()
+    out = []
+    split, whole = (x.reshape(2, 1, 16), y.reshape(2, 1, 16)), (x[None], y[None])  # 2 micro-batches; 1 batch
+    for xs, ys in (split, whole):
+        mx.random.seed(0)
+        model = MlxModel(tiny_config())
+        step = make_train_step(model, optim.SGD(learning_rate=0.0), TrainConfig(grad_clip=1e9))
+        loss, norm = step(mx.array(xs.numpy()), mx.array(ys.numpy()))
+        out.append((float(loss), float(norm)))
+    assert out[0] == pytest.approx(out[1], rel=1e-5)
+
+
 # ---- training on a chat folder: resume stays exact in both backends ---------------------------------
 
 

@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from nanogpt.config import ModelConfig, TrainConfig
-from nanogpt.data.shards import BatchSampler
+from nanogpt.data.shards import IGNORE, BatchSampler
 from nanogpt.errors import UserError
 from nanogpt.folders import RunFolder
 from nanogpt.kernels.device import autocast
@@ -73,6 +73,7 @@ from nanogpt.train.optim import (
     flops_per_token,
     make_optimizer,
     optimizer_step,
+    target_shares,
 )
 from nanogpt.train.session import (
     EVAL_SEED,
@@ -155,7 +156,8 @@ class _Session:
         cfg, step = self.setup.cfg, self.counters.step + 1
         batches = [self.sampler.next() for _ in range(cfg.grad_accum_steps)]
         try:
-            loss_t = backward_micro_batches(self.net, batches, self.loss_fn, self.device, cfg.dtype)
+            shares = self._target_shares([y for _, y in batches])
+            loss_t = backward_micro_batches(self.net, batches, self.loss_fn, self.device, cfg.dtype, shares)
             loss, time_up = self._all_ranks(loss_t, clock.update(self.counters, cfg.max_time))
             if not math.isfinite(loss):
                 raise FloatingPointError(f"loss is {loss}")
@@ -166,6 +168,19 @@ class _Session:
             raise (_oom_error(cfg, self.device, step) if _is_oom(e) else e) from None
         self.counters.step = step
         return StepResult(loss, grad_norm, time_up)
+
+    def _target_shares(self, ys: list[torch.Tensor]) -> list[float] | None:
+        """Chat data: each micro-batch's weight in the step by its trained targets, over all ranks (plain
+        data: None, every micro-batch alike)."""
+        if self.sampler.conversations is None:
+            return None
+        if not self.info.enabled:
+            return target_shares(ys)
+        import torch.distributed as dist
+
+        total = torch.tensor(float(sum(int((y != IGNORE).sum()) for y in ys)), device=self.device)
+        dist.all_reduce(total)
+        return target_shares(ys, float(total) / (len(ys) * self.info.world_size))
 
     def _all_ranks(self, loss: torch.Tensor, time_up: bool) -> tuple[float, bool]:
         """The mean loss over all ranks, and whether any rank ran out of time: one small collective."""

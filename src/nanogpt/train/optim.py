@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from nanogpt.config import ModelConfig, TrainConfig
+from nanogpt.data.shards import IGNORE
 from nanogpt.errors import UserError
 from nanogpt.kernels.device import autocast
 from nanogpt.train.losses import LossFn
@@ -195,19 +196,31 @@ def cross_entropy_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> to
     return model(x, targets=y)
 
 
+def target_shares(ys: list[torch.Tensor], mean: float | None = None) -> list[float]:
+    """Each micro-batch's scored targets (not IGNORE) over the mean micro-batch's count (`mean`, by default
+    these micro-batches'; under DDP all ranks'), so that accumulating `loss_i * share_i / len` weights every
+    target alike: chat batches hold different numbers of assistant tokens. Plain batches get exactly 1.0."""
+    counts = [int((y != IGNORE).sum()) for y in ys]
+    mean = sum(counts) / len(counts) if mean is None else mean
+    return [c / mean if mean > 0 else 1.0 for c in counts]
+
+
 def backward_micro_batches(
     model: nn.Module,
     batches: list[tuple[torch.Tensor, torch.Tensor]],
     loss_fn: LossFn[nn.Module, torch.Tensor],
     device: torch.device,
     dtype: str = "fp32",
+    shares: list[float] | None = None,
 ) -> torch.Tensor:
-    """Accumulate gradients over micro-batches (each loss scaled by 1/len) and return the mean loss.
+    """Accumulate gradients over micro-batches (each loss scaled by share/len) and return the mean loss.
 
-    Under DDP the gradient all-reduce runs only on the last micro-batch (`no_sync` on the others).
+    `shares` (`target_shares`; default 1.0 each) weight each micro-batch's mean loss by its targets. Under
+    DDP the gradient all-reduce runs only on the last micro-batch (`no_sync` on the others).
     """
+    shares = shares or [1.0] * len(batches)
     total = torch.zeros((), device=device)
-    for i, (x, y) in enumerate(batches):
+    for i, ((x, y), share) in enumerate(zip(batches, shares, strict=True)):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         last = i == len(batches) - 1
         sync: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
@@ -215,7 +228,7 @@ def backward_micro_batches(
             sync = model.no_sync()
         with sync:
             with autocast(device, dtype):
-                loss = loss_fn(model, x, y)
+                loss = loss_fn(model, x, y) * share  # x 1.0 is exact: plain batches are unchanged
             (loss / len(batches)).backward()
         total += loss.detach().float()
     return total / len(batches)

@@ -165,8 +165,8 @@ def make_parts_step(
 ) -> PartsStep:
     """The compiled optimizer step of a two-part loss (`PartsStep`); `make_train_step`'s for one loss.
 
-    Gradients of the A micro-batches are averaged (torch: each loss scaled by 1/A before backward), then
-    clipped and applied. Model, optimizer and MLX RNG states are the compiled function's implicit state;
+    Gradients of the A micro-batches are averaged, each weighted by its share of the scored targets
+    (`target_shares`; torch: each loss scaled by share/A before backward), then clipped and applied. Model, optimizer and MLX RNG states are the compiled function's implicit state;
     the caller sets `opt.learning_rate` before each call. Each micro-batch's halves come back for the log.
     """
 
@@ -184,11 +184,13 @@ def make_parts_step(
         xs: mx.array, ys: mx.array, batch: tuple[mx.array, ...], const: tuple[mx.array, ...]
     ) -> tuple[mx.array, mx.array, mx.array]:
         n = xs.shape[0]
+        shares = target_shares(ys)
         total, grads, halves = mx.array(0.0), None, []
         for i in range(n):  # unrolled at trace time: n is fixed for a run
             (loss, two), g = loss_and_grad(model, xs[i], ys[i], tuple(a[i] for a in batch), const)
+            g = tree_map(lambda a, w=shares[i]: a * w, g)  # x 1.0 is exact: plain batches are unchanged
             grads = g if grads is None else tree_map(mx.add, grads, g)
-            total = total + loss
+            total = total + loss * shares[i]
             halves.append(two)
         grads = tree_map(lambda g: g / n, grads)
         grads, norm = clip_gradients(grads, cfg.grad_clip)
@@ -196,6 +198,14 @@ def make_parts_step(
         return total / n, norm, mx.stack(halves)
 
     return step
+
+
+def target_shares(ys: mx.array) -> mx.array:
+    """`nanogpt.train.optim.target_shares` of (A, B, T) micro-batch targets: each one's scored targets over
+    the mean count, so every target weighs alike across a step of chat batches (exactly 1.0 for plain ones)."""
+    counts = (ys != IGNORE).sum(axis=(1, 2)).astype(mx.float32)
+    mean = counts.sum() / ys.shape[0]
+    return mx.where(mean > 0, counts / mx.maximum(mean, 1.0), 1.0)
 
 
 def to_mx(batches: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[mx.array, mx.array]:
