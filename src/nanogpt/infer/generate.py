@@ -73,13 +73,15 @@ def decode_steps(
     generator: torch.Generator | None = None,
     crop: bool = False,
     dtype: str = "fp32",
+    compile: bool = False,
 ) -> Iterator[tuple[int, torch.Tensor]]:
     """Yield (token, logits) for up to `params.max_tokens` new tokens; EOT is an ordinary token here.
 
     `logits` (V,) float32 are the raw logits the token was drawn from (before temperature and filters).
     Arguments are checked now, so bad input raises `UserError` at the call, not at the first `next()`.
     `generator` (instead of `params.seed`) lets several calls draw from one stream. Puts the model in
-    eval mode (dropout off); a training loop that samples must call `.train()` again.
+    eval mode (dropout off); a training loop that samples must call `.train()` again. `compile` runs
+    the one-token steps through `torch.compile` (`Decoder(..., compile=True)`; the first step compiles).
     """
     if params.seed is not None and generator is not None:
         raise ValueError("pass params.seed or generator, not both")
@@ -98,20 +100,19 @@ def decode_steps(
             counts[0, token] += 1
         return token
 
-    return _decode(model, ids, params.max_tokens, device, dtype, pick)
+    return _decode(model, ids, params.max_tokens, Decoder(model, dtype, compile=compile), pick)
 
 
 def _decode(
     model: NanoGPTLMHeadModel,
     ids: list[int],
     max_new_tokens: int,
-    device: torch.device,
-    dtype: str,
+    decoder: Decoder[KVCache | None],
     pick: Callable[[torch.Tensor], int],
 ) -> Iterator[tuple[int, torch.Tensor]]:
     ctx = model.config.context_length
     keep = max(1, ctx // 2)  # tokens re-prefilled when the window slides
-    decoder = Decoder(model, dtype)
+    device = decoder.device
     with torch.inference_mode():
         cache = KVCache.for_model(model.config, batch_size=1, device=device, dtype=decoder.cache_dtype)
 
@@ -148,6 +149,7 @@ def generate(
     stop_at_eot: bool = True,
     crop: bool = False,
     dtype: str = "fp32",
+    compile: bool = False,
 ) -> Iterator[int]:
     """Yield new token ids one at a time, up to `params.max_tokens`.
 
@@ -155,7 +157,9 @@ def generate(
     not part of it); with stop_at_eot=False it is yielded like any other token. Arguments are checked at
     the call (see `decode_steps`, which documents the rest).
     """
-    steps = decode_steps(model, prompt_ids, params, generator=generator, crop=crop, dtype=dtype)
+    steps = decode_steps(
+        model, prompt_ids, params, generator=generator, crop=crop, dtype=dtype, compile=compile
+    )
     return tokens_until(steps, EOT_ID if stop_at_eot else None)
 
 

@@ -6,7 +6,8 @@ and `linear_cross_entropy` (the head's loss without its (N, vocab) logits).
 
 For the decode loop (`infer/generate.py`, `serve/`), one object (`decode.py`): `Decoder(model, dtype)`,
 whose `prefill` and `step` run the model's calls with weight copies made for one-token steps and the CPU
-kernels they need. Neither the model nor the decode loop knows more of it.
+kernels they need. Neither the model nor the decode loop knows more of it. `compiled.py`: its optional
+one-token step through `torch.compile` over a static view of the cache (`Decoder(..., compile=True)`).
 
 `quant.py`: weight-only int8 `Int8Linear` / `Int8Embedding` for inference (`--dtype int8`, `apply_dtype`).
 

@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.torch_version import TorchVersion
 
+from nanogpt.kernels.compiled import CompiledStep, StaticCache
 from nanogpt.kernels.device import autocast, torch_dtype
 
 # On CPU, ATen's own one-row bf16/fp16 kernel (fp32 accumulation) reads the stock (out, in) weights at about
@@ -99,13 +100,20 @@ class Decoder(Generic[CacheT]):
     """
 
     def __init__(
-        self, model: CachedModel[CacheT], dtype: str = "fp32", *, copy_rows: int = COPY_ROWS
+        self,
+        model: CachedModel[CacheT],
+        dtype: str = "fp32",
+        *,
+        copy_rows: int = COPY_ROWS,
+        compile: bool = False,
     ) -> None:
         self.model, self.dtype, self.copy_rows = model, dtype, copy_rows
         first = next(model.parameters())
         self.device = first.device
         self.cache_dtype = first.dtype if dtype == "fp32" else torch_dtype(dtype)  # refuses an unknown name
         self._prepared = False
+        # kernels.compiled: the one-token step through torch.compile, for caches with a static view
+        self.compiled = CompiledStep(model) if compile else None
 
     def prefill(
         self,
@@ -132,8 +140,13 @@ class Decoder(Generic[CacheT]):
         """Next-token logits (B, 1, V) of one decode step: `tokens` (B, 1), one new token per row.
 
         Up to `copy_rows` rows multiply by the decode copies (made at the first step, or by `prepare`);
-        more rows, or more than one token per row, go through the stock weights as a prefill does.
+        more rows, or more than one token per row, go through the stock weights as a prefill does. A
+        decoder made with `compile=True` runs a one-token step on a `StaticCache` (a `KVCache`; not
+        serve's slots) through its compiled graph instead, compiled at the first such step.
         """
+        if self.compiled is not None and tokens.size(1) == 1 and isinstance(cache, StaticCache):
+            with torch.inference_mode(), autocast(self.device, self.dtype):
+                return self.compiled(tokens, cache)
         use_copies = tokens.size(1) == 1 and tokens.size(0) <= self.copy_rows
         if use_copies and not self._prepared:
             self.prepare()

@@ -67,6 +67,7 @@ class KVCache:
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.max_len = max_len
         self.pos = 0  # number of positions already stored
+        self._static: StaticStep | None = None  # the view of `static_step`, made at its first call
 
     @classmethod
     def for_model(
@@ -103,6 +104,55 @@ class KVCache:
 
     def reset(self) -> None:
         self.pos = 0
+
+    def static_step(self) -> StaticStep:
+        """This cache as the next one-token step sees it at fixed shapes (`StaticStep`), for a compiled step.
+
+        The caller runs the model on the view, then calls `advance(1)` on this cache (the view never
+        touches `pos`: a compiled graph that read a Python int would be rebuilt at every position).
+        """
+        if self.pos >= self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions; {self.pos + 1} requested")
+        view = self._static
+        if view is None:  # one view per cache, its tensors made once: a compiled graph's inputs
+            view = self._static = StaticStep(self)
+        view.pos.fill_(self.pos)
+        return view
+
+
+class StaticStep:
+    """A one-token step's view of a `KVCache` whose shapes never change with the position; a `Cache`.
+
+    `KVCache` hands the attention its keys up to the position stored, a new shape at every token, so a
+    compiled step would be rebuilt at each one. This view writes the new keys/values at a position held in a
+    tensor and hands the attention all `max_len` of them, with a mask over the unfilled ones: one graph
+    serves every position (at the cost of reading the whole cache each step). `advance` does nothing: the
+    caller advances the owning `KVCache` after the call (`KVCache.static_step`).
+    """
+
+    def __init__(self, cache: KVCache) -> None:
+        self.cache = cache
+        self.pos = torch.zeros(1, dtype=torch.long, device=cache.k.device)  # (1,): the new token's position
+        self.key_pos = torch.arange(cache.max_len, device=cache.k.device)  # (max_len,)
+        self.layers = torch.arange(cache.k.size(0), device=cache.k.device)[:, None]  # (L, 1)
+
+    @property
+    def mask(self) -> torch.Tensor:
+        """(1, 1, 1, max_len) bool: the new token sees the stored positions and itself."""
+        return (self.key_pos <= self.pos)[None, None, None]
+
+    def positions(self, T: int, device: torch.device) -> torch.Tensor:
+        return self.pos  # (1,)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, nh, 1, hs) at `pos`; return every position's keys/values (B, nh, max_len, hs)."""
+        at = [self.layers[layer], None, None, self.pos]  # (layer, every row, every head, pos)
+        torch.ops.aten.index_put_(self.cache.k, at, k[:, :, 0][None])  # (1, B, nh, hs) into (L, B, nh, T, hs)
+        torch.ops.aten.index_put_(self.cache.v, at, v[:, :, 0][None])
+        return self.cache.k[layer], self.cache.v[layer]
+
+    def advance(self, T: int) -> None:
+        """Nothing: the owning cache advances outside the compiled graph (see the class docstring)."""
 
 
 class SlotKVCache:
