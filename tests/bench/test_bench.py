@@ -20,7 +20,7 @@ from nanogpt.bench.run import (
     Stat,
     activation_estimate,
     check_rows,
-    decode_bytes_per_token,
+    decode_step_bytes,
     forward_flops_per_token,
     load_warnings,
     rate_row,
@@ -80,11 +80,18 @@ def test_fused_head_estimate_holds_one_chunk_not_the_logits(tiny_cfg):
     assert big - activation_estimate(tiny_cfg, 32, 64) < 32 * 64 * 3 * V * 4 / 100
 
 
-def test_decode_bytes_count_weights_once_and_grow_with_the_cache(tiny_cfg):
-    n = NanoGPTLMHeadModel(tiny_cfg).num_params()
-    b0 = decode_bytes_per_token(n, tiny_cfg, 0)
-    assert b0 == (n - tiny_cfg.context_length * tiny_cfg.d_model) * 4
-    assert decode_bytes_per_token(n, tiny_cfg, 10) - b0 == 2 * tiny_cfg.n_layers * 10 * tiny_cfg.d_model * 4
+def test_decode_bound_row_is_the_rate_over_its_bound(tiny_cfg):
+    """The bound row: tokens/s x bytes a step reads / copy bandwidth, ours and the peer's, bytes named."""
+    from nanogpt.bench.table import bound_row
+
+    rate = Row("decode_tokens_per_s", "Decode", 200.0, "tokens/s", peer=100.0)
+    step = decode_step_bytes(tiny_cfg, "bf16", [8 + 56 // 2])
+    r = bound_row("decode_bandwidth_fraction", rate, {"copy_gb_s": 5.0}, tiny_cfg, "bf16", 56)
+    assert r.value == pytest.approx(200.0 * step / 5e9) and r.peer == pytest.approx(100.0 * step / 5e9)
+    assert r.unit == "fraction" and f"{step / 2**20:.1f} MiB read per token (bf16 weights" in r.metric
+    assert "at 36 positions" in r.metric and f"bound {5e9 / step:,.0f} tokens/s" in r.metric
+    unmeasured = Row("d", "d", None, "tokens/s")  # a rate check_rows refused: no share of a bound either
+    assert bound_row("k", unmeasured, {"copy_gb_s": 5.0}, tiny_cfg, "int8", 56).value is None
 
 
 def test_rows_rates_latencies_and_ratio():

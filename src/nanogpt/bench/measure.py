@@ -1,6 +1,6 @@
 """How `nanogpt bench` measures: timing statistics, the estimates, the machine's own roofline.
 
-Pure math for the estimates (forward FLOPs, activation bytes, decode bytes per token) sits beside the
+Pure math for the estimates (forward FLOPs, activation bytes, the bytes a decode step reads) sits beside the
 timing helpers and the matmul/copy ceilings measured on the machine itself.
 
     stats = timed([fn], repeats=3, warmup=1, device=torch.device("cpu"))
@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from nanogpt.config import ModelConfig
+from nanogpt.kernels.decode import COPY_ROWS
 from nanogpt.kernels.device import torch_dtype
 
 MIB = 1024**2
@@ -258,14 +259,44 @@ def activation_estimate(
     return tokens * (cfg.n_layers * per_layer + head) + attention + fixed
 
 
-def decode_bytes_per_token(n_unique: int, cfg: ModelConfig, context: int, bytes_per_el: int = 4) -> float:
-    """Bytes one decode step must read: every weight once (the tied table as the lm_head) + the KV cache.
+def decode_step_bytes(
+    cfg: ModelConfig, dtype: str, positions: Sequence[int], copy_rows: int = COPY_ROWS
+) -> int:
+    """Bytes one decode step must read, exactly: every weight once, in the dtype the decode path reads it
+    in, plus each row's KV cache. `positions[b]` is how many keys row b's attention reads (the positions
+    cached before the step and its new token's); len(positions) is the step's rows.
 
-    `context` is the mean number of cached positions; the position table is read one row at a time.
+    fp32 and bf16/fp16 multiply by `kernels.decode.Decoder`'s weight copies in their own dtype (biases too),
+    up to `copy_rows` rows; above, by the stock fp32 weights (autocast reads them to cast them). int8
+    (`kernels.quant`): int8 weights, a bf16 scale per output row, fp32 biases; the tied token table is the
+    head's int8 rows. Everywhere: fp32 LayerNorms, one fp32 position row and one token row per row, the
+    lm_head read once (a tied table is not read twice). The KV cache is fp32, bf16 or fp16 as the decode
+    path keeps it (int8's is fp32). Padding that a layout adds (fp32 copies cut into column blocks) is not
+    something a step must read, so it is not counted.
     """
-    weights = (n_unique - cfg.context_length * cfg.d_model) * bytes_per_el
-    kv = 2 * cfg.n_layers * context * cfg.d_model * bytes_per_el
-    return float(weights + kv)
+    if dtype not in ("fp32", "bf16", "fp16", "int8"):
+        raise ValueError(f"unknown decode dtype {dtype!r}; use fp32, bf16, fp16 or int8")
+    rows, d, V, bias = len(positions), cfg.d_model, cfg.vocab_size, cfg.bias
+    # (in, out) of every Linear of the blocks: per block qkv, out_proj, fc1, fc2; the head is (d, V), no bias
+    blocks = [(d, 3 * d), (d, d), (d, cfg.d_ff), (cfg.d_ff, d)] * cfg.n_layers
+    if dtype == "int8":  # an int8 byte per weight, a bf16 scale per output row, an fp32 bias
+        weights = sum(i * o + 2 * o + (4 * o if bias else 0) for i, o in blocks) + d * V + 2 * V
+        token_row = d + 2 if cfg.tie_embeddings else 4 * d  # the head's int8 row and its scale
+    else:
+        el = 2 if dtype != "fp32" and rows <= copy_rows else 4
+        weights = el * (sum(i * o + (o if bias else 0) for i, o in blocks) + d * V)
+        token_row = 4 * d
+    norms = 4 * (2 * cfg.n_layers + 1) * d * (2 if bias else 1)  # two per block and ln_f: weight (+ bias)
+    lookups = rows * (token_row + 4 * d)  # each row's token and position rows
+    kv_el = 2 if dtype in ("bf16", "fp16") else 4
+    kv = 2 * cfg.n_layers * d * kv_el * sum(positions)  # keys and values of every layer
+    return weights + norms + lookups + kv
+
+
+def memory_bound_tokens_per_s(rows: int, step_bytes: float, copy_gb_s: float) -> float:
+    """The tokens/s a decode step of `rows` rows could make at most, if reading its `step_bytes` (one pass
+    over memory) went at the measured copy bandwidth and nothing else took time."""
+    return rows * copy_gb_s * 1e9 / step_bytes
 
 
 # --- the machine and its own roofline -----------------------------------------------------------------
@@ -363,15 +394,23 @@ def measure_roofline(
         a, b = torch.randn(mm, k, generator=g), torch.randn(k, n, generator=g)
         (stat,) = timed([_matmul(a, b, backend, dtype, device)], repeats, 1, device)
         gflops[name] = 2.0 * mm * k * n / stat.min / 1e9  # a ceiling: the fastest run
-    n_bytes = 256 * MIB
-    src = torch.ones(n_bytes // 4, device=device)
-    dst = torch.empty_like(src)
-    (copy,) = timed([lambda: dst.copy_(src)], repeats, 1, device)
     return {
         "backend": backend,
         "dtype": dtype,
         "matmul_gflops": gflops,
         "peak_gflops": max(gflops.values()),
-        "copy_gb_s": 2 * n_bytes / copy.min / 1e9,  # read + write, torch copy_
-        "copy_bytes": n_bytes,
+        "copy_gb_s": copy_bandwidth(device, repeats),
+        "copy_bytes": COPY_BYTES,
     }
+
+
+COPY_BYTES = 256 * MIB  # far above any cache: the copy streams from memory
+
+
+def copy_bandwidth(device: torch.device, repeats: int) -> float:
+    """GB/s of a `COPY_BYTES` torch `copy_` (read + write), the fastest of the repeats: the machine's own
+    memory ceiling, against which decode's bound is stated (`memory_bound_tokens_per_s`)."""
+    src = torch.ones(COPY_BYTES // 4, device=device)
+    dst = torch.empty_like(src)
+    (copy,) = timed([lambda: dst.copy_(src)], repeats, 1, device)
+    return 2 * COPY_BYTES / copy.min / 1e9

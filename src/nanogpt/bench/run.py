@@ -42,7 +42,7 @@ from nanogpt.bench.measure import (
     Timing,
     activation_estimate,
     check_rows,
-    decode_bytes_per_token,
+    decode_step_bytes,
     forward_flops_per_token,
     load_warnings,
     machine_info,
@@ -54,6 +54,7 @@ from nanogpt.bench.measure import (
 from nanogpt.bench.table import (
     accuracy_row,
     efficiency_rows,
+    int8_bound_rows,
     int8_decode_group,
     int8_ratio_row,
     int8_workloads,
@@ -84,7 +85,7 @@ __all__ = [  # what tests and callers reach through this module, besides its own
     "Stat",
     "activation_estimate",
     "check_rows",
-    "decode_bytes_per_token",
+    "decode_step_bytes",
     "forward_flops_per_token",
     "load_warnings",
     "rate_row",
@@ -289,8 +290,8 @@ def int8_bench(
     """`--dtype int8`: the inference rows of an int8-weight copy of `model`, beside its bf16 and fp32 decode.
 
     The three decodes alternate run by run (one group of `run_workloads`), so load hits them alike; no
-    training, activation or MFU rows (int8 here is weights for inference only), and the accuracy row is
-    against fp32.
+    training, activation or MFU rows (int8 here is weights for inference only); each decode's share of its
+    own memory bound; the accuracy row against fp32.
     """
     cfg, device = model.config, timing.device
     qmodel = copy.deepcopy(model)
@@ -304,7 +305,7 @@ def int8_bench(
     res.rows.append(int8_weights_row(qmodel))
     say("decode (batch 1, KV cache, greedy): int8, bf16 and fp32 alternating")
     decode = run_workloads(int8_decode_group(int8, bf16, fp32, inp), timing)
-    res.rows += [*decode, int8_ratio_row(decode)]
+    res.rows += [*decode, int8_ratio_row(decode), *int8_bound_rows(decode, roof, cfg, inp.new_tokens)]
     for w in int8_workloads(int8, inp):
         say(f"{w.label}, int8")
         res.rows += run_workloads([w], timing)

@@ -3,7 +3,8 @@
 A timed row is a `Workload` (`bench.measure`): what it runs on our `Runner` and on the peer's, and the rows
 its seconds per run fill. `timed_workloads` lists them in the table's order; `int8_workloads` is the
 `--dtype int8` table's list. The remaining rows are counts (`size_rows`), single measurements
-(`accuracy_row`, `memory_rows`) and ratios of rows already measured (`efficiency_rows`).
+(`accuracy_row`, `memory_rows`) and ratios of rows already measured (`efficiency_rows`; `int8_bound_rows`
+for the int8 table's three decodes).
 
     rows = [row for w in timed_workloads(ours, peer, inp) for row in run_workloads([w], timing)]
 """
@@ -23,8 +24,9 @@ from nanogpt.bench.measure import (
     Work,
     Workload,
     activation_estimate,
-    decode_bytes_per_token,
+    decode_step_bytes,
     forward_flops_per_token,
+    memory_bound_tokens_per_s,
 )
 from nanogpt.bench.workloads import Inputs, Runner, overlap_stride
 from nanogpt.config import ModelConfig
@@ -228,8 +230,8 @@ def memory_rows(
 def efficiency_rows(
     rows: list[Row], roof: dict[str, Any], cfg: ModelConfig, n_unique: int, seq: int, dtype: str, new: int
 ) -> list[Row]:
-    """MFU of training and forward, and decode bandwidth use, against the ceilings measured on this machine
-    (`roof`, `measure_roofline`'s), from the rate rows already in `rows`."""
+    """MFU of training and forward, and decode's share of its memory bound, against the ceilings measured
+    on this machine (`roof`, `measure_roofline`'s), from the rate rows already in `rows`."""
     row = {r.key: r for r in rows}
     peak = roof["peak_gflops"] * 1e9
     fpt = forward_flops_per_token(cfg, n_unique, seq)
@@ -245,18 +247,36 @@ def efficiency_rows(
                 peer=r.peer * mult * fpt / peak if r.peer else None,
             )
         )
-    # our bf16 decode multiplies by bf16 copies of the weights; the peer's autocast reads fp32 and casts
-    bpe = 4 if dtype == "fp32" else 2
-    bpt = decode_bytes_per_token(n_unique, cfg, PROMPT_TOKENS + new // 2, bpe)
-    r, bw = row["decode_tokens_per_s"], roof["copy_gb_s"] * 1e9
-    out.append(
-        Row(
-            "decode_bandwidth_fraction",
-            f"Decode bandwidth use: {bpt / MIB:.0f} MiB read per token ({dtype} weights + KV, the least "
-            f"either model reads) x tokens/s over the measured copy bandwidth ({roof['copy_gb_s']:.1f} GB/s)",
-            r.value * bpt / bw if r.value is not None else None,
-            "fraction",
-            peer=r.peer * bpt / bw if r.peer else None,
-        )
-    )
+    out.append(bound_row("decode_bandwidth_fraction", row["decode_tokens_per_s"], roof, cfg, dtype, new))
     return out
+
+
+def decode_positions(new: int) -> int:
+    """The mean keys a step of the decode row reads: its prompt, then half of its new tokens."""
+    return PROMPT_TOKENS + new // 2
+
+
+def bound_row(key: str, rate: Row, roof: dict[str, Any], cfg: ModelConfig, dtype: str, new: int) -> Row:
+    """A batch-1 decode rate row (`rate`, ours and the peer's) as a share of its memory bound: the tokens/s
+    at which the bytes a step must read (`decode_step_bytes`, in `dtype`) stream at the measured copy
+    bandwidth. The peer is measured against the same bound: the least either model reads."""
+    positions = decode_positions(new)
+    step = decode_step_bytes(cfg, dtype, [positions])
+    bound = memory_bound_tokens_per_s(1, step, roof["copy_gb_s"])
+    metric = (
+        f"Decode {dtype}, share of its memory bound: {step / MIB:.1f} MiB read per token ({dtype} weights as "
+        f"the decode path reads them + KV cache at {positions} positions); bound {bound:,.0f} tokens/s at "
+        f"the measured copy bandwidth ({roof['copy_gb_s']:.1f} GB/s)"
+    )
+    value = rate.value / bound if rate.value is not None else None
+    return Row(key, metric, value, "fraction", peer=rate.peer / bound if rate.peer else None)
+
+
+def int8_bound_rows(decode: list[Row], roof: dict[str, Any], cfg: ModelConfig, new: int) -> list[Row]:
+    """Each decode of `int8_decode_group` (int8, bf16, fp32) as a share of its own memory bound."""
+    row = {r.key: r for r in decode}
+    return [
+        bound_row("decode_bandwidth_fraction", row["decode_tokens_per_s"], roof, cfg, "int8", new),
+        bound_row("decode_bf16_bandwidth_fraction", row["decode_bf16_tokens_per_s"], roof, cfg, "bf16", new),
+        bound_row("decode_fp32_bandwidth_fraction", row["decode_fp32_tokens_per_s"], roof, cfg, "fp32", new),
+    ]
