@@ -23,10 +23,16 @@ from nanogpt.bench.loadgen import (
     summarize_level,
     tokens_in_chunk,
 )
+from nanogpt.bench.measure import decode_step_bytes
 from nanogpt.bench.serving import (
+    SERVE_MAX_BATCH,
     ServeSettings,
     check_serve_settings,
+    level_bound,
+    mean_decode_positions,
     random_checkpoint,
+    served_decode,
+    table,
     target_ratios,
 )
 from nanogpt.bench.workloads import peer_model, peer_static_batch
@@ -119,6 +125,48 @@ def test_target_ratios_from_levels():
     assert all(
         v["value"] is None and v["meets"] is None for v in target_ratios([level(1, 1.0, 1.0, 1.0)]).values()
     )
+
+
+def test_mean_decode_positions_from_the_requests():
+    """A request's first token comes from its prefill; the step making token i >= 2 reads P + i - 1 keys."""
+    requests = [
+        {"prompt_tokens": 10, "tokens": 4},  # steps read 11, 12, 13 keys
+        {"prompt_tokens": 5, "tokens": 1},  # prefill only: no decode step
+        {"prompt_tokens": 2, "tokens": 2},  # one step, 3 keys
+    ]
+    assert mean_decode_positions(requests) == pytest.approx((11 + 12 + 13 + 3) / 4)
+    assert mean_decode_positions(requests[1:2]) is None and mean_decode_positions([]) is None
+
+
+def test_level_bound_is_rows_at_the_mean_positions_over_the_copy_bandwidth():
+    cfg = tiny_config(context_length=32)
+    requests = [{"prompt_tokens": 10, "tokens": 4}, {"prompt_tokens": 2, "tokens": 2}]  # mean 9.75 keys
+    b = level_bound(cfg, "bf16", 3, requests, copy_gb_s=10.0, tokens_per_s=50.0)
+    step = decode_step_bytes(cfg, "bf16", [10, 10, 10])
+    assert (b["rows"], b["mean_positions"], b["step_bytes"]) == (3, 9.75, step)
+    assert b["tokens_per_s"] == pytest.approx(3 * 10e9 / step)  # 3 tokens a step at 10 GB/s
+    assert b["share"] == pytest.approx(50.0 / b["tokens_per_s"])
+    none = level_bound(cfg, "int8", 2, [{"prompt_tokens": 5, "tokens": 1}], 10.0, 50.0)
+    assert none["tokens_per_s"] is None and none["share"] is None  # no decode step ran: no bound
+    # results from before the bound render its columns empty
+    lv = {"concurrency": 1, "ratio": 1.0, "hf_static": {"tokens_per_s": 1.0}, "ours": {
+        "tokens_per_s": 1.0, "ttft_p50_s": 0.1, "ttft_p99_s": 0.1, "itl_p50_s": 0.1, "itl_p99_s": 0.1,
+        "completed": 1, "failed": 0}}  # fmt: skip
+    assert table({"levels": [lv]}).endswith("| 1/0 | — | — |")
+    assert table({"levels": [{**lv, "bound": b}]}).endswith(
+        f"| {b['tokens_per_s']:.1f} | {50 / b['tokens_per_s'] * 100:.1f}% |"
+    )
+
+
+def test_served_decode_reads_the_servers_flags_and_defaults():
+    from nanogpt.commands.serve import build_parser
+
+    defaults = build_parser().parse_args(["--model", "m"])
+    assert served_decode([]) == (defaults.dtype, defaults.max_batch) == ("fp32", SERVE_MAX_BATCH)
+    assert served_decode(["--max-batch", "4", "--dtype=int8", "--prefill-chunk", "8"]) == ("int8", 4)
+    assert served_decode(["--max-concurrent=8"]) == ("fp32", 8)  # serve's other name for --max-batch
+    with pytest.raises(UserError, match="--serve-args: .*--max-batch"):
+        served_decode(["--max-batch", "many"])
 
 
 def test_settings_and_serve_args_are_checked_before_any_server_starts():
@@ -264,6 +312,8 @@ def test_load_generator_against_a_real_server(eot_free_ckpt, tmp_path, capsys):
         "itl_p99_16_over_1",
     }
     assert [lv["concurrency"] for lv in res["levels"]] == [1, 2]
+    bound = res["bound"]
+    assert (bound["dtype"], bound["max_batch"]) == ("fp32", 2) and bound["copy_gb_s"] > 0
     for lv in res["levels"]:
         c, ours, hf = lv["concurrency"], lv["ours"], lv["hf_static"]
         assert set(ours) >= {
@@ -286,8 +336,14 @@ def test_load_generator_against_a_real_server(eot_free_ckpt, tmp_path, capsys):
         assert ours["ttft_p50_s"] <= ours["ttft_p99_s"] and ours["itl_p50_s"] <= ours["itl_p99_s"]
         assert ours["tokens_per_s"] > 0 and hf["tokens_per_s"] > 0 and lv["ratio"] > 0
         assert (hf["batch"], hf["prompt_tokens"], hf["new_tokens"]) == (c, 6, 4)  # the ranges' means
+        # the bound of a c-row step (--max-batch 2) at the mean positions of the requests this level sent
+        cfg, bw = tiny_config(context_length=32), bound["copy_gb_s"]
+        assert lv["bound"] == level_bound(cfg, "fp32", c, lv["requests"], bw, ours["tokens_per_s"])
+        assert lv["bound"]["rows"] == c and lv["bound"]["share"] > 0
     assert out_png.stat().st_size > 0
     printed = capsys.readouterr().out
+    assert "| done/failed | bound tokens/s | ours % of bound |" in printed
+    assert "bound: a decode step of C rows" in printed
     assert "| C | ours tokens/s | HF static tokens/s |" in printed and res["model"]["weights"].startswith(
         "checkpoint"
     )

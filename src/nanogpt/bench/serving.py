@@ -4,8 +4,9 @@ For each concurrency C the load generator (`bench.loadgen`) runs C streaming cli
 subprocess; then Hugging Face's `GPT2LMHeadModel` of the same shapes runs `generate` on one static batch of
 C prompts in this process (same threads, fp32, greedy, a fixed number of new tokens per row). The two
 alternate repeat by repeat, so machine load hits both alike. The report is one row per C (ours tokens/s,
-HF's, their ratio, TTFT and ITL percentiles), the ratios the serving targets are stated in, the machine and
-its load average, as a table, a JSON file and a plot.
+HF's, their ratio, TTFT and ITL percentiles, and the memory bound of a C-row decode step with ours as a share
+of it), the ratios the serving targets are stated in, the machine and its load average, as a table, a JSON
+file and a plot.
 
     res = run_serving(ckpt, cfg, ServeSettings(concurrency=(1, 4)), torch.device("cpu"), log=Path("s.log"))
     print(report(res)); write_json(res, "serve.json"); plot_serving(res, "serve.png")
@@ -13,6 +14,7 @@ its load average, as a table, a JSON file and a plot.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import statistics
@@ -32,7 +34,14 @@ from nanogpt.bench.loadgen import (
     stream_completion,
     summarize_level,
 )
-from nanogpt.bench.measure import PEER_NAME, machine_info, sync
+from nanogpt.bench.measure import (
+    PEER_NAME,
+    copy_bandwidth,
+    decode_step_bytes,
+    machine_info,
+    memory_bound_tokens_per_s,
+    sync,
+)
 from nanogpt.bench.workloads import peer_model, peer_static_batch
 from nanogpt.config import ModelConfig
 from nanogpt.data.tokenizer import EOT_ID
@@ -40,6 +49,8 @@ from nanogpt.errors import UserError
 
 DEFAULT_CONCURRENCY = (1, 4, 16, 32)
 LOAD_LIMIT = 1.0  # a 1-minute load average above this at the start: figures taken under load
+SERVE_MAX_BATCH = 32  # `nanogpt serve --max-batch`'s default, a step's rows at most (a test keeps them equal)
+COPY_REPEATS = 5  # copies of 256 MiB timed once per run, before the server starts: the bound's bandwidth
 
 # (key, what, numerator, denominator, comparison, target); a term is (who, C, field)
 TARGETS: tuple[tuple[str, str, tuple, tuple, str, float], ...] = (
@@ -139,6 +150,9 @@ def run_serving(
     )
     say(f"HF peer: {PEER_NAME} at the same shapes, random init, {device}")
     peer = peer_model(cfg).to(device)
+    dtype, max_batch = served_decode(s.serve_args)
+    say("copy bandwidth, for the memory bound (before the server starts, so nothing competes)")
+    copy_gb_s = copy_bandwidth(device, COPY_REPEATS)
     res: dict[str, Any] = {
         "kind": "nanogpt bench --serve",
         "model": {"path": str(model_dir), "weights": weights},
@@ -155,6 +169,7 @@ def run_serving(
         "machine": machine,
         "load_average": {"start": load0},
         "server": {},
+        "bound": {"dtype": dtype, "max_batch": max_batch, "copy_gb_s": copy_gb_s, "repeats": COPY_REPEATS},
         "levels": [],
         "warnings": warnings,
     }
@@ -171,7 +186,10 @@ def run_serving(
             raise UserError(f"the server's warm-up request failed ({warm.error}); see {log}")
         peer_static_batch(peer, 1, 8, 2, device)()
         for c in s.concurrency:
-            res["levels"].append(_level(server, peer, cfg, s, c, device, say))
+            lv = _level(server, peer, cfg, s, c, device, say)
+            rows = min(c, max_batch)  # each client has one request in flight; a step holds max_batch at most
+            lv["bound"] = level_bound(cfg, dtype, rows, lv["requests"], copy_gb_s, lv["ours"]["tokens_per_s"])
+            res["levels"].append(lv)
         res["server"]["exit_code"] = server.stop()
         res["server"]["stopped_by"] = server.stopped_by
     res["load_average"]["end"] = list(os.getloadavg())
@@ -238,6 +256,56 @@ def _level(
     }
 
 
+def served_decode(serve_args: Sequence[str]) -> tuple[str, int]:
+    """The dtype the server decodes in and its `--max-batch`, as `serve_args` set them, else the server's
+    defaults (fp32, `SERVE_MAX_BATCH`). A value the server would refuse is left for it to refuse."""
+    p = argparse.ArgumentParser(add_help=False, exit_on_error=False)
+    p.add_argument("--dtype", default="fp32")
+    p.add_argument("--max-batch", "--max-concurrent", type=int, default=SERVE_MAX_BATCH)
+    try:
+        known, _ = p.parse_known_args(list(serve_args))
+    except argparse.ArgumentError as e:
+        raise UserError(f"--serve-args: {e}; check its --dtype and --max-batch") from None
+    return known.dtype, known.max_batch
+
+
+def mean_decode_positions(requests: Sequence[dict[str, Any]]) -> float | None:
+    """The mean keys a row of a decode step reads over the level's requests (their `summary()`s): a request
+    of P prompt tokens gets its first token from its prefill, and the decode step that makes its token
+    i >= 2 reads P + i - 1 keys. None when no request had a decode step."""
+    steps = keys = 0
+    for r in requests:
+        n, p = r["tokens"], r["prompt_tokens"]
+        if n >= 2:
+            steps += n - 1
+            keys += (n - 1) * p + n * (n - 1) // 2  # the sum of p + i - 1 over i = 2..n
+    return keys / steps if steps else None
+
+
+def level_bound(
+    cfg: ModelConfig,
+    dtype: str,
+    rows: int,
+    requests: Sequence[dict[str, Any]],
+    copy_gb_s: float,
+    tokens_per_s: float | None,
+) -> dict[str, Any]:
+    """The memory bound of a level's decode step, `rows` rows each at the level's mean decode positions, read
+    at the measured copy bandwidth (`decode_step_bytes`, `memory_bound_tokens_per_s`), and `tokens_per_s`
+    (ours, measured) as a share of it."""
+    positions = mean_decode_positions(requests)
+    step = decode_step_bytes(cfg, dtype, [round(positions)] * rows) if positions is not None else None
+    bound = memory_bound_tokens_per_s(rows, step, copy_gb_s) if step else None
+    share = tokens_per_s / bound if tokens_per_s is not None and bound else None
+    return {
+        "rows": rows,
+        "mean_positions": positions,
+        "step_bytes": step,
+        "tokens_per_s": bound,
+        "share": share,
+    }
+
+
 def _time_static_batch(hf: Callable[[], torch.Tensor], shape: tuple[int, int], device: torch.device) -> float:
     """Seconds of one HF static-batch run, which must return `shape` (batch, new tokens) new ids."""
     sync(device)
@@ -278,6 +346,10 @@ def _num(x: float | None, fmt: str = ".1f") -> str:
     return "—" if x is None else format(x, fmt)
 
 
+def _pct(x: float | None) -> str:
+    return "—" if x is None else f"{x * 100:.1f}%"
+
+
 def header(res: dict[str, Any]) -> list[str]:
     m, la, st = res["machine"], res["load_average"], res["settings"]
     end = la.get("end")
@@ -294,20 +366,34 @@ def header(res: dict[str, Any]) -> list[str]:
         f"{lo_n}..{hi_n}, greedy, streamed; {st['repeats']} run(s) per level",
         f"HF static batch: C prompts of {st['hf_prompt_tokens']} tokens, exactly {st['hf_new_tokens']} new tokens "
         "per row, greedy, fp32",
+        *bound_line(res),
+    ]
+
+
+def bound_line(res: dict[str, Any]) -> list[str]:
+    """What the bound columns mean, with this run's dtype and copy bandwidth (none for older results)."""
+    b = res.get("bound")
+    if b is None:
+        return []
+    return [
+        f"bound: a decode step of C rows reads the weights once ({b['dtype']}, as the server decodes) and each "
+        f"row's KV cache at the level's mean positions; bound = C x copy bandwidth ({b['copy_gb_s']:.1f} GB/s, "
+        "measured before the server started) / those bytes"
     ]
 
 
 def table(res: dict[str, Any]) -> str:
     lines = [
-        "| C | ours tokens/s | HF static tokens/s | ours/HF | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms | done/failed |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
+        "| C | ours tokens/s | HF static tokens/s | ours/HF | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms | done/failed | bound tokens/s | ours % of bound |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]  # fmt: skip
     for lv in res["levels"]:
-        o, h = lv["ours"], lv["hf_static"]
+        o, h, b = lv["ours"], lv["hf_static"], lv.get("bound", {})  # no bound: results from before it
         lines.append(
             f"| {lv['concurrency']} | {_num(o['tokens_per_s'])} | {_num(h['tokens_per_s'])} | "
             f"{_num(lv['ratio'], '.2f')} | {_ms(o['ttft_p50_s'])} | {_ms(o['ttft_p99_s'])} | "
-            f"{_ms(o['itl_p50_s'])} | {_ms(o['itl_p99_s'])} | {o['completed']}/{o['failed']} |"
+            f"{_ms(o['itl_p50_s'])} | {_ms(o['itl_p99_s'])} | {o['completed']}/{o['failed']} | "
+            f"{_num(b.get('tokens_per_s'))} | {_pct(b.get('share'))} |"
         )
     return "\n".join(lines)
 
@@ -380,6 +466,12 @@ def plot_serving(res: dict[str, Any], path: str | Path) -> Path:
     a.plot(
         cs, [x["hf_static"]["tokens_per_s"] for x in lv], "s--", label=f"{PEER_NAME} generate, static batch"
     )
+    bounds = [x.get("bound", {}).get("tokens_per_s") for x in lv]
+    if any(b is not None for b in bounds):
+        dtype = res["bound"]["dtype"]
+        a.plot(
+            cs, [b if b is not None else float("nan") for b in bounds], "k:", label=f"memory bound ({dtype})"
+        )
     a.set_xlabel("concurrency C (clients; HF: batch size)")
     a.set_ylabel("tokens/s (all generated tokens / wall time)")
     a.set_title("throughput")
