@@ -111,6 +111,7 @@ def config_with(ckpt: Path, **changes: object) -> dict:
         pytest.param(["--max-new-tokens", "-5"], "--max-new-tokens -5", ">= 0", id="sample_max_new_tokens_negative"),
         pytest.param(["--num-samples", "0"], "--num-samples 0", "at least 1", id="sample_num_samples_zero"),
         pytest.param(["--device", "tpu"], "unknown device 'tpu'", "use auto, cpu", id="sample_unknown_device"),
+        pytest.param(["--backend", "mlx", "--compile"], "--compile is torch.compile", "drop --compile", id="sample_compile_mlx"),
     ],
 )  # fmt: skip
 def test_sample_flag_refused(capsys, ckpt, flags, names, fix):

@@ -15,6 +15,7 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
+from nanogpt import cli
 from nanogpt.infer.generate import decode_steps
 from nanogpt.infer.sampling import SamplingParams
 from nanogpt.kernels.decode import Decoder
@@ -113,3 +114,18 @@ def test_slot_caches_take_the_eager_step() -> None:
     torch.testing.assert_close(outs[1], outs[0], atol=0, rtol=0)
     assert counters["stats"]["unique_graphs"] == before
     eager.release()
+
+
+def test_sample_compile_writes_the_eager_text(ckpt, capsys) -> None:
+    """`nanogpt sample --compile`: greedy text equal to the eager command's (a tiny model's top two logits are
+    far apart at these few steps: the logits test above bounds the rest), through one compiled graph."""
+    argv = ["sample", "--model", str(ckpt), "--prompt", "Hello", "--temperature", "0"]
+    texts, graphs = [], []
+    torch._dynamo.reset()  # a fresh compilation, so the count below sees it
+    for extra in ([], ["--compile"]):
+        before = counters["stats"]["unique_graphs"]
+        assert cli.main([*argv, "--max-new-tokens", "12", *extra]) == 0
+        texts.append(capsys.readouterr().out)
+        graphs.append(counters["stats"]["unique_graphs"] - before)
+    assert texts[1] == texts[0] and len(texts[0]) > len("Hello\n")
+    assert graphs == [0, 1]

@@ -150,6 +150,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_device(p)
     add_dtype(p, help="autocast precision, or int8 weights (weight-only, fp32 activations)", int8=True)
     add_backend(p)
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="run each one-token decode step through torch.compile (the first step compiles, taking "
+        "seconds to a minute; pays only for long generations, see docs/benchmarks.md)",
+    )
     return p
 
 
@@ -181,7 +187,13 @@ def _torch_new_tokens(args: argparse.Namespace, params: SamplingParams, vocab_si
     generator = make_generator(params.seed, device)
     # generate() checks the prompt against the context when called, before anything is printed
     return lambda ids: generate(
-        model, ids, replace(params, seed=None), generator=generator, crop=args.crop, dtype=dtype
+        model,
+        ids,
+        replace(params, seed=None),
+        generator=generator,
+        crop=args.crop,
+        dtype=dtype,
+        compile=args.compile,
     )
 
 
@@ -254,6 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.num_samples < 1:
         raise UserError(f"--num-samples {args.num_samples} must be at least 1; e.g. --num-samples 1")
     refuse_mlx_dtype(args)
+    if args.compile and args.backend == "mlx":
+        raise UserError("--compile is torch.compile; the mlx backend has no such step, drop --compile")
     if args.prompt_file is not None:
         args.prompt = read_prompt_file(args.prompt_file)
     if args.chat is not None and args.num_samples > 1:
