@@ -374,6 +374,9 @@ SERVE_FITS = ["--serve", "--prompt-tokens", "2:8", "--max-tokens", "2:8"]  # 8 +
         pytest.param([*SERVE_FITS, "--requests-per-client", "0"], "--requests-per-client 0", "at least 1", id="bench_serve_no_requests"),
         pytest.param([*SERVE_FITS, "--serve-args=--port 9"], "--serve-args sets --port", "drop it", id="bench_serve_args_port"),
         pytest.param([*SERVE_FITS, "--serve-args=--dtype 'bf16"], "cannot be split", "check its quotes", id="bench_serve_args_quotes"),
+        pytest.param(["--compiled-decode", "--dtype", "int8"], "--compiled-decode compiles the fp32", "--dtype", id="bench_compiled_decode_int8"),
+        pytest.param(["--compiled-decode", "--peers"], "--peers does not apply to --compiled-decode", "drop it", id="bench_compiled_decode_peers"),
+        pytest.param(["--compiled-decode", "--repeats", "0"], "--repeats 0", "at least 1", id="bench_compiled_decode_repeats_zero"),
     ],
 )  # fmt: skip
 def test_bench_flag_refused(capsys, ckpt, tmp_path, flags, names, fix):

@@ -74,6 +74,12 @@ def build_parser() -> ArgumentParser:
         "teacher) against as many `train` steps at --batch x --seq (default 12 x 512, the card's), in "
         "--backend",
     )
+    p.add_argument(
+        "--compiled-decode",
+        action="store_true",
+        help="only the compiled decode rows: batch-1 greedy decode eager and through torch.compile "
+        "(`sample --compile`), alternating, with the compile time apart; written to OUT/compiled_decode.*",
+    )
     add_serve_flags(p.add_argument_group("load test of `nanogpt serve` (--serve)"))
     return p
 
@@ -92,6 +98,38 @@ def distill_memory_main(args: argparse.Namespace) -> int:
     (out / "distill_memory.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / "distill_memory.md").write_text(markdown(result))
     print(markdown(result))
+    return 0
+
+
+def compiled_decode_main(args: argparse.Namespace) -> int:
+    """`bench --compiled-decode`: the rows, printed and written to OUT/compiled_decode.{json,md}."""
+    from nanogpt.bench.compiled_decode import compiled_decode, markdown
+
+    for flag, bad in (("--backend mlx", args.backend == "mlx"), ("--peers", args.peers)):
+        if bad:
+            raise UserError(
+                f"{flag} does not apply to --compiled-decode (our torch decode, two ways); drop it"
+            )
+    if args.dtype == "int8":
+        raise UserError("--compiled-decode compiles the fp32, bf16 or fp16 step; pass one of them to --dtype")
+    if args.repeats < 1:
+        raise UserError(f"--repeats {args.repeats} must be at least 1; e.g. --repeats 3")
+    device = resolve_device(args.device)
+    if device.type != "cpu":
+        raise UserError(
+            f"--compiled-decode measures the CPU step (inductor's C++ code); drop --device {args.device}"
+        )
+    if args.model:
+        model = load_model(args.model, device)
+    else:
+        torch.manual_seed(0)
+        model = NanoGPTLMHeadModel(preset(args.preset or "card"))
+    make_out_dir(args.out)
+    result = compiled_decode(model, args.dtype, args.repeats)
+    out = Path(args.out)
+    (out / "compiled_decode.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / "compiled_decode.md").write_text(markdown(result))
+    print(markdown(result), end="")
     return 0
 
 
@@ -169,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
         return serve_main(args)
     if args.distill_memory:
         return distill_memory_main(args)
+    if args.compiled_decode:
+        return compiled_decode_main(args)
     device = resolve_device(args.device)
     args.batch = 4 if args.batch is None else args.batch
     args.seq = 512 if args.seq is None else args.seq
