@@ -698,3 +698,26 @@ def test_import_out_is_a_checkpoint_saved_by_the_library(capsys, exported, tmp_p
         fix="--force",
         untouched=[mine],
     )
+
+
+def test_init_from_a_checkpoint_of_another_architecture_is_refused(small_data, tmp_path, capsys):
+    """Weights of the same shapes would load into a network with another activation unnoticed: the model
+    config given (a --config file, or the Python API's) must be the checkpoint's, dropout aside."""
+    from dataclasses import replace
+
+    from tests.tiny import quick_train_config, tiny_config
+
+    base = save_model(tmp_path / "base", NanoGPTLMHeadModel(tiny_config()))
+    config = tmp_path / "model.json"
+    config.write_text(json.dumps({**tiny_config().to_dict(), "activation": "gelu_tanh"}))
+    out = tmp_path / "run"
+    argv = ["train", "--data", str(small_data), "--out", str(out), "--init-from", str(base)]
+    refuse(
+        capsys,
+        [*argv, "--config", str(config), "--max-iters", "1", "--no-progress"],
+        names=["'activation'", "gelu_tanh", str(base)],
+        fix="its own config",
+        untouched=[base],
+    )
+    with pytest.raises(Exception, match="differs from --init-from"):
+        train(replace(tiny_config(), ln_eps=1e-6), quick_train_config(), small_data, out, init_from=str(base))

@@ -55,7 +55,6 @@ from nanogpt.train.checkpoint import (
     load_state_into,
     load_train_state,
     load_weights,
-    resolve_checkpoint,
     rng_state,
     save_model,
     save_train_state,
@@ -228,7 +227,7 @@ def _open_session(
     if cfg.lora_rank:
         lora = _with_lora(model, setup, init_from)
     elif init_from and setup.resume_from is None:
-        folder = resolve_checkpoint(init_from)
+        folder = setup.init_source(init_from)
         load_state_into(model, load_weights(folder), folder)
     model.to(device)
     optimizer = make_optimizer(model, cfg, device)

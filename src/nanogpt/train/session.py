@@ -30,7 +30,15 @@ from nanogpt.data.shards import BatchSampler, TokenData
 from nanogpt.errors import UserError, write_fix
 from nanogpt.folders import LOCK, MARKER, RunFolder, RunLock, claim, clear, mark
 from nanogpt.train.adapters import AdapterRecord, file_sha256, spec_of
-from nanogpt.train.checkpoint import check_resumable, lora_base, resolve_checkpoint, weights_file, write_json
+from nanogpt.train.checkpoint import (
+    CONFIG,
+    check_resumable,
+    first_config_difference,
+    lora_base,
+    resolve_checkpoint,
+    weights_file,
+    write_json,
+)
 from nanogpt.train.lineage import write_lineage
 from nanogpt.train.plot import truncate_log
 
@@ -225,6 +233,20 @@ class RunSetup:
             )
         return Counters(**{name: info[name] for name in names})
 
+    def init_source(self, init_from: str) -> Path:
+        """The checkpoint folder a fresh run starts from, refused unless its model config is this run's (dropout
+        aside): the weights would load into a different network (another activation, norm or eps) unnoticed."""
+        folder = resolve_checkpoint(init_from)
+        theirs = ModelConfig.load(folder / CONFIG)
+        key = first_config_difference(self.model_cfg, theirs)
+        if key is not None:
+            raise UserError(
+                f"the model config differs from --init-from {init_from}'s at {key!r} "
+                f"({getattr(self.model_cfg, key)!r} here, {getattr(theirs, key)!r} there); start from it with "
+                "its own config (`nanogpt train --init-from` reads it; in Python, load_config_of(CKPT))"
+            )
+        return folder
+
     def lora_record(self, init_from: str | None) -> AdapterRecord:
         """A LoRA run's record of its base (both backends): on resume the checkpoint's (checked to be there
         and unchanged), else `init_from`'s folder and the sha256 of its weights."""
@@ -236,7 +258,7 @@ class RunSetup:
             raise UserError(
                 "--lora-rank needs --init-from BASE: the checkpoint (run or folder) whose frozen weights LoRA adapts"
             )
-        base = resolve_checkpoint(init_from).resolve()
+        base = self.init_source(init_from).resolve()
         return AdapterRecord(spec, base, file_sha256(weights_file(base)))
 
     def announce_resume(self, step: int) -> None:

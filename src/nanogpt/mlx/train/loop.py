@@ -57,7 +57,7 @@ from nanogpt.mlx.train.optim import (
     to_mx,
 )
 from nanogpt.train.adapters import AdapterRecord
-from nanogpt.train.checkpoint import atomic_dir, resolve_checkpoint
+from nanogpt.train.checkpoint import atomic_dir
 from nanogpt.train.losses import LossFn, LossLog
 from nanogpt.train.optim import default_peak_flops, flops_per_token
 from nanogpt.train.session import (
@@ -191,7 +191,7 @@ def _open_session(setup: RunSetup, *, init_from: str | None, loss_fn: MlxLoss | 
     if setup.cfg.lora_rank:
         lora = _with_lora(model, setup, init_from)
     elif init_from and setup.resume_from is None:
-        folder = resolve_checkpoint(init_from)
+        folder = setup.init_source(init_from)
         load_state_into(model, load_weights(folder), folder)
     optimizer = make_optimizer(model, setup.cfg)
     sampler = setup.train_sampler()
