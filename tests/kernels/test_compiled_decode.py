@@ -24,6 +24,7 @@ from nanogpt.model.kv_cache import KVCache, SlotKVCache
 from tests.tiny import tiny_config
 
 ATOL = 1e-4  # fp32: compiled and eager logits differ by reduction order only (~1e-6 seen)
+BF16_ATOL = 2e-2  # bf16: a few roundings of 0.004 apart (2e-3 seen)
 PROMPT = [464, 3290, 286, 4881, 318]
 NEW = 80  # past the tiny context (64): the window slides once, and the steps after it reuse the graph
 
@@ -129,3 +130,41 @@ def test_sample_compile_writes_the_eager_text(ckpt, capsys) -> None:
         graphs.append(counters["stats"]["unique_graphs"] - before)
     assert texts[1] == texts[0] and len(texts[0]) > len("Hello\n")
     assert graphs == [0, 1]
+
+
+def test_compiled_step_follows_changed_weights() -> None:
+    """The graph multiplies by the decode copies: after the weights change (a training step between two
+    samples), the next compiled decoder remakes them and its logits are the new weights' (no stale copy)."""
+    model = tiny_model()
+
+    def logits() -> torch.Tensor:  # a new decoder per call, as each `decode_steps` makes one
+        cache = KVCache.for_model(model.config, batch_size=1)
+        decoder = Decoder(model, compile=True)
+        decoder.prefill(torch.tensor([PROMPT]), cache)
+        return decoder.step(torch.tensor([[11]]), cache)
+
+    before = logits()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.5)
+    after = logits()
+    with torch.inference_mode():  # the stock weights, no cache, no copies
+        want = model(torch.tensor([[*PROMPT, 11]]))[:, -1:]
+    torch.testing.assert_close(after, want, atol=ATOL, rtol=0)
+    assert (after - before).abs().max() > 1e-2  # the change did move the logits
+    Decoder(model).release()
+
+
+def test_compiled_bf16_step_matches_eager_bf16() -> None:
+    """bf16 (autocast, bf16 copies and cache) compiles too: logits within BF16_ATOL of the eager bf16 step's,
+    each step fed the same token (bf16 keeps 8 bits: one rounding of a logit near 1 is 0.004)."""
+    model = tiny_model()
+    outs = []
+    for compile in (False, True):
+        decoder = Decoder(model, "bf16", compile=compile)
+        cache = KVCache.for_model(model.config, batch_size=1, dtype=decoder.cache_dtype)
+        decoder.prefill(torch.tensor([PROMPT]), cache)
+        outs.append(torch.cat([decoder.step(torch.tensor([[t]]), cache) for t in (11, 12, 13, 14)]).float())
+    assert outs[1].dtype == torch.float32 and outs[0].abs().max() > 0.1
+    torch.testing.assert_close(outs[1], outs[0], atol=BF16_ATOL, rtol=0)
+    Decoder(model).release()

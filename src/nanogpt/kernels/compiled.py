@@ -5,10 +5,12 @@ GELU, the residual adds, the attention's softmax) and drops PyTorch's per-operat
 A graph is compiled for fixed shapes, so the step reads the cache through a view of fixed shapes: the cache's
 `static_step()` (for `model.kv_cache.KVCache`, a `StaticStep`) holds the new token's position in a tensor and
 hands the attention every position, masking the unfilled ones. One graph then serves every position of a
-stream, and every stream of the same batch size and context. The first step pays for the compilation
-(seconds, see docs/benchmarks.md); prefills stay eager, and the eager `Decoder` stays the reference.
+stream, and every stream of the same batch size and context. The price: the attention reads all of the
+cache at every step. The first step pays for the compilation (seconds to a minute, docs/benchmarks.md);
+prefills stay eager, and the eager `Decoder` stays the reference. The layers multiply by the same decode
+copies as the eager step (`decode._traced_step`, the function the decoder hands this class, says so).
 
-    step = CompiledStep(model)
+    step = CompiledStep(lambda tokens, view: model(tokens, view, last_only=True))
     logits = step(next_ids, cache)  # cache: a `StaticCache`, e.g. a KVCache; (B, 1) -> (B, 1, V)
 """
 
@@ -32,24 +34,19 @@ class StaticCache(Protocol[_View]):
     def advance(self, T: int) -> None: ...
 
 
-def _forward(model: Callable[..., torch.Tensor], tokens: torch.Tensor, view: object) -> torch.Tensor:
-    """What is compiled: the model's one-token call on the view, last position's logits (B, 1, V)."""
-    return model(tokens, view, last_only=True)
-
-
 class CompiledStep:
-    """One model's compiled one-token step (see the module docstring); call it under the decoder's modes.
+    """`step(tokens, view)`, one model's one-token call on a static view, compiled (see the module docstring).
 
-    `fullgraph=True`: a graph break would put eager dispatch back into the step, so it is an error here, not
-    a silent slowdown. `dynamic=False`: every shape is the cache's, fixed, so no symbolic shapes are needed.
+    Call it under the decoder's modes (inference, autocast). `fullgraph=True`: a graph break would put eager
+    dispatch back into the step, so it is an error here, not a silent slowdown. `dynamic=False`: every shape is the cache's, fixed, so no symbolic shapes are needed.
     """
 
-    def __init__(self, model: Callable[..., torch.Tensor]) -> None:
-        self.model = model
-        self._fn: Any = torch.compile(_forward, dynamic=False, fullgraph=True)
+    def __init__(self, step: Callable[[torch.Tensor, Any], torch.Tensor]) -> None:
+        self.step = step
+        self._fn: Any = torch.compile(step, dynamic=False, fullgraph=True)
 
     def __call__(self, tokens: torch.Tensor, cache: StaticCache[Any]) -> torch.Tensor:
         """Next-token logits (B, 1, V) of `tokens` (B, 1) after what `cache` holds; the cache advances."""
-        logits: torch.Tensor = self._fn(self.model, tokens, cache.static_step())
+        logits: torch.Tensor = self._fn(tokens, cache.static_step())
         cache.advance(tokens.size(1))
         return logits

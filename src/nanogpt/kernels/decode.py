@@ -17,9 +17,10 @@ Two tricks live here and nowhere else:
   for a subclass whose forward multiplies by the copy inside a decode step of the copy's dtype (`DecodeLinear`),
   the way `torch.nn.utils.parametrize` swaps a module's class. The module stays the same object, with the
   same parameters, hooks, state_dict keys and printed name; outside a decode step, in another thread, or
-  inside a compiled graph its forward is the stock one; it pickles and deep-copies as the plain layer. The
-  copies stay on the layers for the next decoder of the same model (making them takes a while) and are
-  remade when a weight changes; `Decoder.release` frees them and gives every layer its class back.
+  inside a compiled graph other than a compiled decode step's (`compile=True`) its forward is the stock
+  one; it pickles and deep-copies as the plain layer. The copies stay on the layers for the next decoder of
+  the same model (making them takes a while) and are remade when a weight changes; `Decoder.release` frees
+  them and gives every layer its class back.
 - **The global oneDNN switch.** On CPU, a one-row bf16/fp16 step runs with `torch.backends.mkldnn.enabled`
   off, a process-wide flag, so that PyTorch picks ATen's faster kernel; all such steps hold one lock
   (`cpu_decode_kernel` says what that means for other threads).
@@ -35,6 +36,7 @@ import copyreg
 import threading
 from collections.abc import Iterator
 from contextvars import ContextVar
+from functools import partial
 from typing import Any, Generic, Protocol, TypeVar
 
 import torch
@@ -61,6 +63,9 @@ COPY_ROWS = 64
 # The dtype whose copies the running decode call multiplies by; set by `Decoder` per thread (a ContextVar),
 # so a concurrent stream or a training step in another thread never sees another's copies.
 _STEP_DTYPE: ContextVar[torch.dtype | None] = ContextVar("nanogpt_decode_dtype", default=None)
+# The same for a compiled decode step, which cannot read a ContextVar: set inside the traced function only
+# (`_traced_step`), so its graph bakes the copies in and no other graph (training, eval) ever sees it set.
+_TRACE_DTYPE: torch.dtype | None = None
 
 # dtype -> (key of the weights it was made from, weight, bias or None, column blocks): 0 blocks is the stock
 # (out, in) weight; n blocks is (n, in, out / n), bias (n, 1, out / n), zero-padded
@@ -113,7 +118,8 @@ class Decoder(Generic[CacheT]):
         self.cache_dtype = first.dtype if dtype == "fp32" else torch_dtype(dtype)  # refuses an unknown name
         self._prepared = False
         # kernels.compiled: the one-token step through torch.compile, for caches with a static view
-        self.compiled = CompiledStep(model) if compile else None
+        step = partial(_traced_step, model, self.cache_dtype, copy_rows)
+        self.compiled = CompiledStep(step) if compile else None
 
     def prefill(
         self,
@@ -145,6 +151,8 @@ class Decoder(Generic[CacheT]):
         serve's slots) through its compiled graph instead, compiled at the first such step.
         """
         if self.compiled is not None and tokens.size(1) == 1 and isinstance(cache, StaticCache):
+            if not self._prepared:
+                self.prepare()  # before the first trace: the graph multiplies by the copies
             with torch.inference_mode(), autocast(self.device, self.dtype):
                 return self.compiled(tokens, cache)
         use_copies = tokens.size(1) == 1 and tokens.size(0) <= self.copy_rows
@@ -173,6 +181,21 @@ class Decoder(Generic[CacheT]):
         kernels = _decode_call(self.device, self.cache_dtype, one_row=one_row, use_copies=use_copies)
         with torch.inference_mode(), autocast(self.device, self.dtype), kernels:
             yield
+
+
+def _traced_step(
+    model: CachedModel[Any], dtype: torch.dtype, copy_rows: int, tokens: torch.Tensor, view: Any
+) -> torch.Tensor:
+    """What a `Decoder`'s `CompiledStep` compiles: one step of `model` on a static view of the cache, whose
+    layers multiply by their `dtype` copies up to `copy_rows` rows (as the eager step does). The global that
+    says so is set and cleared inside the traced code, so the graph bakes the choice in, and nothing outside
+    the trace (another thread, a training graph) ever sees it set."""
+    global _TRACE_DTYPE
+    _TRACE_DTYPE = dtype if tokens.size(0) <= copy_rows else None
+    try:
+        return model(tokens, view, last_only=True)
+    finally:
+        _TRACE_DTYPE = None
 
 
 def native_one_row(device: torch.device, dtype: torch.dtype) -> bool:
@@ -250,8 +273,8 @@ class DecodeLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         copy = None
         copies = getattr(self, "decode_copies", None)  # None once another thread dropped them
-        if copies and not torch.compiler.is_compiling():  # compiled graphs: training, eval
-            dtype = _STEP_DTYPE.get()
+        if copies:  # compiled graphs use them only where `_traced_step` asks (training, eval: never)
+            dtype = _TRACE_DTYPE if torch.compiler.is_compiling() else _STEP_DTYPE.get()
             copy = copies.get(dtype) if dtype is not None else None
         if copy is None:
             return super().forward(x)
@@ -259,6 +282,8 @@ class DecodeLinear(nn.Linear):
         if not blocks:
             return F.linear(x.to(w.dtype), w, b)
         rows = x.reshape(1, -1, w.size(1)).to(w.dtype).expand(blocks, -1, -1)
+        if b is None and torch.compiler.is_compiling():  # inductor would turn a one-row CPU `bmm` (not a
+            b = w.new_zeros(())  # `baddbmm`) into a loop of its own, several times slower than BLAS's
         y = torch.bmm(rows, w) if b is None else torch.baddbmm(b, rows, w)  # (blocks, rows, out / blocks)
         y = y.transpose(0, 1).reshape(rows.size(1), -1)[:, : self.out_features]  # a view for one row
         return y.view(*x.shape[:-1], self.out_features)
