@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 from dataclasses import asdict
+from pathlib import Path
 
 import numpy as np
 
@@ -127,7 +128,9 @@ def evaluate(args: argparse.Namespace) -> int:
         raise UserError(f"--max-tokens {args.max_tokens} is too small; perplexity needs at least 2 tokens")
     refuse_mlx_dtype(args)
     dev = resolve_device(args.device)
-    convs = None if args.stream or not args.data else split_conversations(args.data, args.split)
+    # a chat folder is scored by conversation; a file given as --data is refused by split_tokens, below
+    chat = bool(args.data) and not args.stream and Path(args.data).is_dir()
+    convs = split_conversations(args.data, args.split) if chat else None
     if convs is not None:
         return evaluate_chat(args, convs)
     if args.data:
