@@ -18,6 +18,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from nanogpt.commands.options import add_backend, add_device, add_dtype, refuse_mlx_dtype
 from nanogpt.data.shards import split_conversations
@@ -92,7 +93,9 @@ def main(argv: list[str] | None = None) -> int:
         return evaluate(build_parser().parse_args(argv))
 
 
-def evaluate_chat(args: argparse.Namespace, convs: list[tuple[np.ndarray, np.ndarray]]) -> int:
+def evaluate_chat(
+    args: argparse.Namespace, convs: list[tuple[np.ndarray, np.ndarray]], dev: torch.device
+) -> int:
     """A chat folder (`prepare` of messages or prompt/completion JSONL): the loss fine-tuning trains, on the
     assistant tokens of whole conversations, one per row."""
     for flag, value in (("--context", args.context), ("--stride", args.stride)):
@@ -113,7 +116,6 @@ def evaluate_chat(args: argparse.Namespace, convs: list[tuple[np.ndarray, np.nda
             mlx_load_model(args.model), convs, batch_size=args.batch_size, progress=progress
         )
     else:
-        dev = resolve_device(args.device)
         model = load_model(args.model, dev)
         dtype = apply_dtype(model, args.dtype)
         result = conversation_nll(
@@ -132,7 +134,7 @@ def evaluate(args: argparse.Namespace) -> int:
     chat = bool(args.data) and not args.stream and Path(args.data).is_dir()
     convs = split_conversations(args.data, args.split) if chat else None
     if convs is not None:
-        return evaluate_chat(args, convs)
+        return evaluate_chat(args, convs, dev)
     if args.data:
         tokens = split_tokens(args.data, args.split, args.max_tokens)
     else:
