@@ -239,15 +239,14 @@ def test_serving_report_prints_no_unmeasured_ratio_lines():
     some = ratio_lines({"ratios": target_ratios([_serving_level(1, 10.0, 10.0, 0.01)])})
     assert not any("—" in line or "target >= 8: not measured" in line for line in some), some
     assert some == [
-        "not measured: ours@16 / ours@1 tokens/s; ours@16 / HF@16 tokens/s; ours@32 / HF@32 tokens/s; "
+        "not measured: ours@16 / HF@16 tokens/s; ours@32 / HF@32 tokens/s; "
         "ITL p99@16 / ITL p99@1 (they need --concurrency 1,16,32)"
     ]
     levels = [_serving_level(1, 10.0, 10.0, 0.01), _serving_level(16, 90.0, 50.0, 0.02)]
     levels.append(_serving_level(32, 100.0, 90.0, 0.03))
     every = ratio_lines({"ratios": target_ratios(levels)})
     assert every == [
-        "ours@16 / ours@1 tokens/s = 9.00 (serving target >= 8: met)",
         "ours@16 / HF@16 tokens/s = 1.80 (serving target >= 1.5: met)",
-        "ours@32 / HF@32 tokens/s = 1.11 (serving target >= 1.2: missed)",
+        "ours@32 / HF@32 tokens/s = 1.11 (serving target >= 1.3: missed)",
         "ITL p99@16 / ITL p99@1 = 2.00 (serving target <= 3: met)",
     ]

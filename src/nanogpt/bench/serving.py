@@ -52,11 +52,12 @@ LOAD_LIMIT = 1.0  # a 1-minute load average above this at the start: figures tak
 SERVE_MAX_BATCH = 32  # `nanogpt serve --max-batch`'s default, a step's rows at most (a test keeps them equal)
 COPY_REPEATS = 5  # copies of 256 MiB timed once per run, before the server starts: the bound's bandwidth
 
-# (key, what, numerator, denominator, comparison, target); a term is (who, C, field)
+# (key, what, numerator, denominator, comparison, target); a term is (who, C, field). Issue #30's restated
+# targets: the old ours@16 >= 8 x ours@1 is gone (a 16-row step costs 2.7 one-row steps, so 16 streams get
+# 5.9x one at best); ours@32 / HF@32 rose from 1.2 to 1.3.
 TARGETS: tuple[tuple[str, str, tuple, tuple, str, float], ...] = (
-    ("ours16_over_ours1", "ours@16 / ours@1 tokens/s", ("ours", 16, "tokens_per_s"), ("ours", 1, "tokens_per_s"), ">=", 8.0),
     ("ours16_over_hf16", "ours@16 / HF@16 tokens/s", ("ours", 16, "tokens_per_s"), ("hf_static", 16, "tokens_per_s"), ">=", 1.5),
-    ("ours32_over_hf32", "ours@32 / HF@32 tokens/s", ("ours", 32, "tokens_per_s"), ("hf_static", 32, "tokens_per_s"), ">=", 1.2),
+    ("ours32_over_hf32", "ours@32 / HF@32 tokens/s", ("ours", 32, "tokens_per_s"), ("hf_static", 32, "tokens_per_s"), ">=", 1.3),
     ("itl_p99_16_over_1", "ITL p99@16 / ITL p99@1", ("ours", 16, "itl_p99_s"), ("ours", 1, "itl_p99_s"), "<=", 3.0),
 )  # fmt: skip
 
