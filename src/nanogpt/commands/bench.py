@@ -101,6 +101,14 @@ def distill_memory_main(args: argparse.Namespace) -> int:
     return 0
 
 
+def bench_model(args: argparse.Namespace, device: torch.device) -> NanoGPTLMHeadModel:
+    """--model's checkpoint, or --preset's config (the card's by default) with seeded random weights."""
+    if args.model:
+        return load_model(args.model, device)
+    torch.manual_seed(0)
+    return NanoGPTLMHeadModel(preset(args.preset or "card")).to(device)
+
+
 def compiled_decode_main(args: argparse.Namespace) -> int:
     """`bench --compiled-decode`: the rows, printed and written to OUT/compiled_decode.{json,md}."""
     from nanogpt.bench.compiled_decode import compiled_decode, markdown
@@ -119,11 +127,7 @@ def compiled_decode_main(args: argparse.Namespace) -> int:
         raise UserError(
             f"--compiled-decode measures the CPU step (inductor's C++ code); drop --device {args.device}"
         )
-    if args.model:
-        model = load_model(args.model, device)
-    else:
-        torch.manual_seed(0)
-        model = NanoGPTLMHeadModel(preset(args.preset or "card"))
+    model = bench_model(args, device)
     make_out_dir(args.out)
     result = compiled_decode(model, args.dtype, args.repeats)
     out = Path(args.out)
@@ -212,11 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     device = resolve_device(args.device)
     args.batch = 4 if args.batch is None else args.batch
     args.seq = 512 if args.seq is None else args.seq
-    if args.model:
-        model = load_model(args.model, device)
-    else:
-        torch.manual_seed(0)
-        model = NanoGPTLMHeadModel(preset(args.preset or "card")).to(device)
+    model = bench_model(args, device)
     seq = min(args.seq, model.config.context_length)
     check_settings(model.config, args.batch, seq, args.repeats, 1, args.dtype, args.backend, args.compile)
     check_int8_peers(args.dtype, args.peers)

@@ -425,10 +425,16 @@ def split_conversations(
         return None
     out = []
     for shard, m in zip(shards, masks, strict=True):
-        starts = np.flatnonzero(np.asarray(m) & STARTS)
-        for a, b in zip(starts, np.append(starts[1:], len(m)), strict=True):
-            out.append((np.asarray(shard[a:b], dtype=np.int64), (np.asarray(m[a:b]) & TRAINED).astype(bool)))
+        for a, n in zip(*conversation_spans(m), strict=True):
+            ids, trained = np.asarray(shard[a : a + n], dtype=np.int64), np.asarray(m[a : a + n]) & TRAINED
+            out.append((ids, trained.astype(bool)))
     return out
+
+
+def conversation_spans(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The first position and the length of each conversation in a shard, from its loss mask's STARTS bits."""
+    starts = np.flatnonzero(np.asarray(mask) & STARTS)
+    return starts, np.diff(np.append(starts, len(mask)))
 
 
 class Conversations:
@@ -444,10 +450,10 @@ class Conversations:
         self.shards, self.masks, self.window = shards, masks, context_length + 1
         where, starts, lengths = [], [], []
         for i, m in enumerate(masks):
-            s = np.flatnonzero(np.asarray(m) & STARTS)
+            s, n = conversation_spans(m)
             where.append(np.full(s.size, i))
             starts.append(s)
-            lengths.append(np.diff(np.append(s, len(m))))
+            lengths.append(n)
         self.where, self.starts = np.concatenate(where), np.concatenate(starts)
         self.lengths = np.concatenate(lengths)
         if self.starts.size == 0:

@@ -337,8 +337,7 @@ def conversation_nll(
 ) -> EvalResult:
     """The held-out loss of chat data on its assistant tokens (`score_conversations`) for a PyTorch model."""
     cfg = unwrap(model).config
-    flat = np.concatenate([ids for ids, _ in convs]) if convs else np.zeros(2, dtype=np.int64)
-    check_tokens(np.append(flat, [0, 0]), cfg, cfg.context_length, cfg.context_length, batch_size)
+    check_conversations(convs, cfg, batch_size)
     with _scoring(model, device, dtype) as (net, dev):
         return score_conversations(
             convs,
@@ -347,6 +346,15 @@ def conversation_nll(
             batch_size=batch_size,
             progress=progress,
         )
+
+
+def check_conversations(
+    convs: Sequence[tuple[np.ndarray, np.ndarray]], cfg: ModelConfig, batch_size: int
+) -> None:
+    """`check_tokens` for conversations scored whole: their ids and the batch size (two padding ids: a short
+    split is no error here; `score_conversations` refuses one that does not fit)."""
+    flat = np.concatenate([ids for ids, _ in convs]) if convs else np.zeros(0, dtype=np.int64)
+    check_tokens(np.append(flat, [0, 0]), cfg, cfg.context_length, cfg.context_length, batch_size)
 
 
 def check_tokens(

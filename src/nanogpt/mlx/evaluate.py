@@ -17,6 +17,7 @@ import torch
 
 from nanogpt.infer.evaluate import (
     EvalResult,
+    check_conversations,
     check_tokens,
     evaluate_documents,
     score_conversations,
@@ -58,8 +59,7 @@ def conversation_nll(
 ) -> EvalResult:
     """`nanogpt.infer.evaluate.conversation_nll` for an MLX model, fp32."""
     cfg = model.config
-    flat = np.concatenate([ids for ids, _ in convs]) if convs else np.zeros(2, dtype=np.int64)
-    check_tokens(np.append(flat, [0, 0]), cfg, cfg.context_length, cfg.context_length, batch_size)
+    check_conversations(convs, cfg, batch_size)
     score_rows = _row_scorer(model)
     return score_conversations(
         convs,
