@@ -73,7 +73,7 @@ def test_card_recipe_is_the_default():
     model_cfg, train_cfg = resolve_configs(args)
     assert train_cfg.max_iters == 1000 and train_cfg.compile and train_cfg.max_time == 60.0
     assert model_cfg.dropout == 0.2 and model_cfg.d_model == 128
-    assert train_cfg.learning_rate == 4e-3  # unset flags keep the value of the preset's recipe
+    assert train_cfg.learning_rate == 8e-3  # unset flags keep the value of the preset's recipe
     assert train_cfg.warmup_iters == 50  # the small presets' warmup follows --max-iters (5%)
     args = build_parser().parse_args(["--out", "r"])  # no preset: the card's model and recipe
     assert resolve_configs(args) == (ModelConfig(), TrainConfig())

@@ -100,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="nanogpt train",
         description="Train a model into a run folder (resumable; torchrun for many processes). "
         "Unset flags keep the config's or the preset's values: each preset has a training recipe for its "
-        "size (the card's for card; batch 8, Muon, lr 4e-3 for small and tiny), printed as the run starts. "
+        "size (the card's for card; batch 8 and Muon for small and tiny, at lr 4e-3 and 8e-3), printed as the run starts. "
         "--init-from alone takes the fine-tuning recipe (AdamW lr 1e-4, 1,000 iterations, ~3%% warmup; with "
         "--lora-rank, LoRA's: lr 3e-4, base frozen, only the adapters saved).",
     )
