@@ -151,9 +151,9 @@ def test_level_bound_is_rows_at_the_mean_positions_over_the_copy_bandwidth():
     lv = {"concurrency": 1, "ratio": 1.0, "hf_static": {"tokens_per_s": 1.0}, "ours": {
         "tokens_per_s": 1.0, "ttft_p50_s": 0.1, "ttft_p99_s": 0.1, "itl_p50_s": 0.1, "itl_p99_s": 0.1,
         "completed": 1, "failed": 0}}  # fmt: skip
-    assert table({"levels": [lv]}).endswith("| 1/0 | — | — |")
+    assert table({"levels": [lv]}).endswith("| 1/0 | — | — | — | — |")
     assert table({"levels": [{**lv, "bound": b}]}).endswith(
-        f"| {b['tokens_per_s']:.1f} | {50 / b['tokens_per_s'] * 100:.1f}% |"
+        f"| {b['tokens_per_s']:.1f} | {50 / b['tokens_per_s'] * 100:.1f}% | — | — |"
     )
 
 
@@ -336,11 +336,18 @@ def test_load_generator_against_a_real_server(eot_free_ckpt, tmp_path, capsys):
         assert (hf["batch"], hf["prompt_tokens"], hf["new_tokens"]) == (c, 6, 4)  # the ranges' means
         # the bound of a c-row step (--max-batch 2) at the mean positions of the requests this level sent
         cfg, bw = tiny_config(context_length=32), bound["copy_gb_s"]
-        assert lv["bound"] == level_bound(cfg, "fp32", c, lv["requests"], bw, ours["tokens_per_s"])
-        assert lv["bound"]["rows"] == c and lv["bound"]["share"] > 0
+        b = lv["bound"]
+        expected = level_bound(cfg, "fp32", c, lv["requests"], bw, ours["tokens_per_s"])
+        assert {k: b[k] for k in expected} == expected and b["rows"] == c and b["share"] > 0
+        # the server's c-row step timed alone, as a share of the same bound
+        assert b["step_s"] > 0 and b["step_tokens_per_s"] == pytest.approx(c / b["step_s"])
+        assert b["step_share"] == pytest.approx(b["step_tokens_per_s"] / b["tokens_per_s"])
     assert out_png.stat().st_size > 0
     printed = capsys.readouterr().out
-    assert "| done/failed | bound tokens/s | ours % of bound |" in printed
+    assert (
+        "| done/failed | bound tokens/s | ours % of bound | step alone tokens/s | step % of bound |"
+        in printed
+    )
     assert "bound: a decode step of C rows" in printed
     assert "| C | ours tokens/s | HF static tokens/s |" in printed and res["model"]["weights"].startswith(
         "checkpoint"

@@ -16,13 +16,16 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from nanogpt.config import ModelConfig
 from nanogpt.kernels.decode import COPY_ROWS
 from nanogpt.kernels.device import torch_dtype
+
+if TYPE_CHECKING:
+    from nanogpt.model.gpt import NanoGPTLMHeadModel
 
 MIB = 1024**2
 PROMPT_TOKENS = 8  # the decode row's prompt
@@ -300,6 +303,30 @@ def memory_bound_tokens_per_s(rows: int, step_bytes: float, copy_gb_s: float) ->
 
 
 # --- the machine and its own roofline -----------------------------------------------------------------
+
+
+def batched_step_seconds(
+    model: NanoGPTLMHeadModel, dtype: str, rows: int, positions: int, repeats: int
+) -> Stat:
+    """Seconds of the server's decode step alone: `rows` streams, each with `positions` tokens in its slot.
+
+    The step `serve` runs at that load (a `Decoder` over a `SlotKVCache`, the view built each step), timed
+    outside any server, so that its tokens/s (rows / seconds) can be set against the step's own memory bound.
+    The cache holds zeros: a step's time depends on the shapes it reads, not on the values.
+    """
+    from nanogpt.kernels.decode import Decoder
+    from nanogpt.model.kv_cache import SlotKVCache
+
+    decoder = Decoder(model, dtype)
+    cache = SlotKVCache.for_model(model.config, rows, decoder.device, decoder.cache_dtype)
+    idx = torch.zeros(rows, 1, dtype=torch.long, device=decoder.device)
+
+    def step() -> None:
+        cache.lengths[:] = [positions] * rows  # every timed step at the same positions
+        decoder.step(idx, cache.rows(0, [1] * rows))
+
+    (stat,) = timed([step], repeats, 2, decoder.device)
+    return stat
 
 
 def machine_info(device: torch.device) -> dict[str, Any]:

@@ -36,6 +36,7 @@ from nanogpt.bench.loadgen import (
 )
 from nanogpt.bench.measure import (
     PEER_NAME,
+    batched_step_seconds,
     copy_bandwidth,
     decode_step_bytes,
     machine_info,
@@ -51,6 +52,7 @@ DEFAULT_CONCURRENCY = (1, 4, 16, 32)
 LOAD_LIMIT = 1.0  # a 1-minute load average above this at the start: figures taken under load
 SERVE_MAX_BATCH = 32  # `nanogpt serve --max-batch`'s default, a step's rows at most (a test keeps them equal)
 COPY_REPEATS = 5  # copies of 256 MiB timed once per run, before the server starts: the bound's bandwidth
+STEP_REPEATS = 20  # timed decode steps per level for the step-alone columns (after two warm-up steps)
 
 # (key, what, numerator, denominator, comparison, target); a term is (who, C, field). Issue #30's restated
 # targets: the old ours@16 >= 8 x ours@1 is gone (a 16-row step costs 2.7 one-row steps, so 16 streams get
@@ -193,6 +195,8 @@ def run_serving(
             res["levels"].append(lv)
         res["server"]["exit_code"] = server.stop()
         res["server"]["stopped_by"] = server.stopped_by
+    say("the server's decode step alone at each level's rows and positions, against its bound")
+    step_alone(model_dir, dtype, res["levels"], device)
     res["load_average"]["end"] = list(os.getloadavg())
     res["ratios"] = target_ratios(res["levels"])
     res["seconds"] = time.perf_counter() - t_start
@@ -307,6 +311,25 @@ def level_bound(
     }
 
 
+def step_alone(model_dir: str | Path, dtype: str, levels: list[dict[str, Any]], device: torch.device) -> None:
+    """Each level's decode step timed alone (`batched_step_seconds`: its rows, at its mean positions, in the
+    server's dtype) after the server stopped, so nothing competes; its tokens/s and share of the level's
+    bound go into the level's "bound" entry."""
+    from nanogpt.kernels.quant import apply_dtype
+    from nanogpt.train.checkpoint import load_model
+
+    model = load_model(model_dir, device=device).eval()
+    compute = apply_dtype(model, dtype)  # int8 quantizes the weights as the server does
+    for lv in levels:
+        b = lv["bound"]
+        if b["mean_positions"] is None:  # no request decoded a token
+            continue
+        stat = batched_step_seconds(model, compute, b["rows"], round(b["mean_positions"]), STEP_REPEATS)
+        b["step_s"] = stat.median
+        b["step_tokens_per_s"] = b["rows"] / stat.median
+        b["step_share"] = b["step_tokens_per_s"] / b["tokens_per_s"] if b["tokens_per_s"] else None
+
+
 def _time_static_batch(hf: Callable[[], torch.Tensor], shape: tuple[int, int], device: torch.device) -> float:
     """Seconds of one HF static-batch run, which must return `shape` (batch, new tokens) new ids."""
     sync(device)
@@ -379,14 +402,15 @@ def bound_line(res: dict[str, Any]) -> list[str]:
     return [
         f"bound: a decode step of C rows reads the weights once ({b['dtype']}, as the server decodes) and each "
         f"row's KV cache at the level's mean positions; bound = C x copy bandwidth ({b['copy_gb_s']:.1f} GB/s, "
-        "measured before the server started) / those bytes"
+        "measured before the server started) / those bytes; step alone: the server's step of those C rows "
+        "timed in this process after the server stopped (no HTTP, no scheduling, no prefill)"
     ]
 
 
 def table(res: dict[str, Any]) -> str:
     lines = [
-        "| C | ours tokens/s | HF static tokens/s | ours/HF | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms | done/failed | bound tokens/s | ours % of bound |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| C | ours tokens/s | HF static tokens/s | ours/HF | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms | done/failed | bound tokens/s | ours % of bound | step alone tokens/s | step % of bound |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]  # fmt: skip
     for lv in res["levels"]:
         o, h, b = lv["ours"], lv["hf_static"], lv.get("bound", {})  # no bound: results from before it
@@ -394,7 +418,8 @@ def table(res: dict[str, Any]) -> str:
             f"| {lv['concurrency']} | {_num(o['tokens_per_s'])} | {_num(h['tokens_per_s'])} | "
             f"{_num(lv['ratio'], '.2f')} | {_ms(o['ttft_p50_s'])} | {_ms(o['ttft_p99_s'])} | "
             f"{_ms(o['itl_p50_s'])} | {_ms(o['itl_p99_s'])} | {o['completed']}/{o['failed']} | "
-            f"{_num(b.get('tokens_per_s'))} | {_pct(b.get('share'))} |"
+            f"{_num(b.get('tokens_per_s'))} | {_pct(b.get('share'))} | {_num(b.get('step_tokens_per_s'))} | "
+            f"{_pct(b.get('step_share'))} |"
         )
     return "\n".join(lines)
 
