@@ -21,6 +21,7 @@ from nanogpt.distill.api import (  # noqa: E402
     token_id_of,
 )
 from nanogpt.errors import UserError  # noqa: E402
+from nanogpt.kernels.device import cpu_flags, emulated_bf16_warning  # noqa: E402
 from nanogpt.model.gpt import NanoGPTLMHeadModel  # noqa: E402
 from nanogpt.serve.requests import BadRequest, chat_prompt, parse_prompts, parse_request  # noqa: E402
 from nanogpt.train.checkpoint import save_model  # noqa: E402
@@ -154,7 +155,13 @@ def test_bf16_server_decodes_and_scores_as_the_library_does(tiny_model, tmp_path
         _, scored = post(srv.url + "/v1/completions", score)
     finally:
         srv.stop()
-    assert status == 200 and "(bf16)" in (tmp_path / "serve.log").read_text()
+    log = (tmp_path / "serve.log").read_text()
+    assert status == 200 and "(bf16)" in log
+    # the emulated-bf16 warning exactly where this CPU lacks the instructions (x86-64 Linux reads its flags)
+    expected = emulated_bf16_warning(torch.device("cpu"), "bf16", cpu_flags())
+    assert (expected is not None and f"nanogpt serve: {expected}" in log) or (
+        expected is None and "emulated" not in log
+    )
     got = [int(t.split(":")[1]) for t in out["choices"][0]["logprobs"]["tokens"]]
     model = load_model(tiny_model)
     threads = torch.get_num_threads()

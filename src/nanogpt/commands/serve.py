@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from nanogpt.commands.options import add_device, add_dtype, add_threads, apply_threads
 from nanogpt.errors import ArgumentParser, UserError, missing_extra
-from nanogpt.kernels.device import resolve_device
+from nanogpt.kernels.device import cpu_flags, emulated_bf16_warning, resolve_device
 from nanogpt.kernels.quant import apply_dtype
 from nanogpt.serve.app import create_app
 from nanogpt.serve.engine import Engine
@@ -242,6 +242,9 @@ def main(argv: list[str] | None = None) -> int:
     warning = exposure_warning(args.host, sock.getsockname()[0], api_key)
     if warning:  # at once, before anyone can connect (the socket listens once the model is loaded)
         print(warning, file=sys.stderr, flush=True)
+    slow_bf16 = emulated_bf16_warning(device, args.dtype, cpu_flags())
+    if slow_bf16:
+        print(f"nanogpt serve: {slow_bf16}", file=sys.stderr, flush=True)
     with sock:
         engine = make_engine(args, device)
         app = create_app(

@@ -9,7 +9,9 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import platform
 import sys
+from pathlib import Path
 
 import torch
 
@@ -47,6 +49,33 @@ def autocast(device: torch.device, dtype: str) -> contextlib.AbstractContextMana
     if dtype == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=torch_dtype(dtype))
+
+
+BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # x86-64 instructions that multiply bf16 natively
+
+
+def cpu_flags() -> set[str] | None:
+    """The CPU's feature flags on x86-64 Linux (/proc/cpuinfo); None elsewhere, where they are not read."""
+    if sys.platform != "linux" or platform.machine() not in ("x86_64", "AMD64"):
+        return None
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    line = next((x for x in text.splitlines() if x.startswith("flags")), "")
+    return set(line.partition(":")[2].split())
+
+
+def emulated_bf16_warning(device: torch.device, dtype: str, flags: set[str] | None) -> str | None:
+    """A warning for bf16 on an x86-64 CPU without bf16 instructions (`flags`: `cpu_flags()`): its matmuls of
+    several rows are emulated there, slower than fp32's (docs/serving.md: 16 streams at a third of fp32's
+    rate on an AVX2 EPYC). None where the CPU has them or its flags are unknown."""
+    if device.type != "cpu" or dtype != "bf16" or flags is None or any(f in flags for f in BF16_FLAGS):
+        return None
+    return (
+        "warning: --dtype bf16 on a CPU without bf16 instructions (no avx512_bf16 or amx_bf16): its batched "
+        "matmuls are emulated and run slower than fp32's; --dtype fp32 or int8 is faster on this CPU"
+    )
 
 
 def tune_cpu_allocator() -> bool:
