@@ -62,8 +62,8 @@ def cpu_flags() -> set[str] | None:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
         return None
-    line = next((x for x in text.splitlines() if x.startswith("flags")), "")
-    return set(line.partition(":")[2].split())
+    line = next((x for x in text.splitlines() if x.startswith("flags")), None)
+    return None if line is None else set(line.partition(":")[2].split())
 
 
 def emulated_bf16_warning(device: torch.device, dtype: str, flags: set[str] | None) -> str | None:
