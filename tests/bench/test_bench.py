@@ -316,6 +316,7 @@ def test_accuracy_cost_format():
     assert fmt(0.0, "nats") == "0 (equal in float32)" and fmt(2.19e-05, "nats") == "2.19e-05"
 
 
+@pytest.mark.slow
 def test_bf16_run_reports_both_models_accuracy_cost(tiny_cfg):
     torch.manual_seed(0)
     model = NanoGPTLMHeadModel(tiny_cfg)

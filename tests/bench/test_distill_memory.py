@@ -9,6 +9,7 @@ import pytest
 from nanogpt.cli import main
 
 
+@pytest.mark.slow
 def test_distill_memory_row_measures_both_commands(tmp_path, capsys):
     out = tmp_path / "bench"
     argv = ["bench", "--distill-memory", "--preset", "tiny", "--batch", "2", "--seq", "64", "--threads", "1"]
@@ -22,6 +23,7 @@ def test_distill_memory_row_measures_both_commands(tmp_path, capsys):
     assert "3 steps at 2 x 64" in row and f"{result['ratio']:.2f}x" in row and row in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_the_row_in_mlx_runs_both_commands_in_mlx(tmp_path):
     pytest.importorskip("mlx.core")
     out = tmp_path / "bench"

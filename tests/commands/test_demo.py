@@ -16,6 +16,7 @@ def test_demo_train_config_fits_the_budget():
     assert cfg.warmup_iters < cfg.max_iters and cfg.eval_interval <= cfg.max_iters // 5
 
 
+@pytest.mark.slow
 def test_demo_smoke(tmp_path, capsys, monkeypatch):
     """Every stage of the real command at its smallest: prepare, 2 steps, perplexity, samples, export, reload."""
     pytest.importorskip("transformers")

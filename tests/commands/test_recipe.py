@@ -46,6 +46,7 @@ def uninterrupted(recipe_file, tmp_path_factory) -> Path:
     return work
 
 
+@pytest.mark.slow
 def test_every_stage_runs_and_is_recorded(uninterrupted):
     state = json.loads((uninterrupted / "recipe.json").read_text())
     assert state["done"] == ["prepare", "base", "teacher", "distill", "eval", "export"]
@@ -56,6 +57,7 @@ def test_every_stage_runs_and_is_recorded(uninterrupted):
     assert (uninterrupted / "export" / "model.gguf").stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_the_exported_card_tells_the_lineage(uninterrupted):
     """Both stages with their data, iterations and losses; the teacher, its method, alpha and T; the
     iterations added up (the card's "checkpoint 35000"); the held-out perplexity of `nanogpt eval`."""
@@ -72,6 +74,7 @@ def test_the_exported_card_tells_the_lineage(uninterrupted):
     assert f"{held_out['bits_per_byte']:.4f} bits per byte" in card
 
 
+@pytest.mark.slow
 def test_a_rerun_skips_finished_stages(recipe_file, uninterrupted, capsys):
     before = (uninterrupted / "distill" / "last" / "model.safetensors").stat().st_mtime_ns
     assert main(recipe_argv(recipe_file, uninterrupted)) == 0
@@ -80,6 +83,7 @@ def test_a_rerun_skips_finished_stages(recipe_file, uninterrupted, capsys):
     assert (uninterrupted / "distill" / "last" / "model.safetensors").stat().st_mtime_ns == before
 
 
+@pytest.mark.slow
 def test_killed_in_distillation_the_same_command_continues_exactly(recipe_file, uninterrupted, tmp_path):
     work = tmp_path / "work"
     argv = [sys.executable, "-m", "nanogpt", *recipe_argv(recipe_file, work)]
@@ -140,6 +144,7 @@ def test_bad_recipes(capsys, tmp_path, text, names):
     assert not (tmp_path / "w").exists()
 
 
+@pytest.mark.slow
 def test_another_recipes_work_folder_is_refused(capsys, recipe_file, uninterrupted, tmp_path):
     other = tmp_path / "other.json"
     other.write_text(json.dumps({**RECIPE, "eval": {"max_tokens": 1000}}))
@@ -161,6 +166,7 @@ def test_the_shipped_recipes_plan(capsys):
     assert "--api-key-env GROQ_API_KEY" in out and "--preset card" in out
 
 
+@pytest.mark.slow
 def test_the_recipe_in_mlx(recipe_file, tmp_path):
     """--backend mlx: every training stage and eval in MLX; the export (PyTorch) reads it; the card tells it."""
     pytest.importorskip("mlx.core")

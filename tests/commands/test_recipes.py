@@ -21,14 +21,14 @@ def saved_train_config(run: Path) -> dict:
 
 def test_tiny_trains_with_the_demos_recipe_and_prints_it(small_data, tmp_path, capsys):
     run = tmp_path / "tiny"
-    argv = ["train", "--data", str(small_data), "--out", str(run), "--preset", "tiny", "--max-iters", "100"]
+    argv = ["train", "--data", str(small_data), "--out", str(run), "--preset", "tiny", "--max-iters", "20"]
     assert main([*argv, "--threads", "1", "--no-progress", "--max-time", "0"]) == 0
     saved = saved_train_config(run)
     assert saved["optimizer"] == "muon" and saved["learning_rate"] == 8e-3 and saved["batch_size"] == 8
-    assert saved["warmup_iters"] == warmup_for(100) == 10  # follows --max-iters: not the card's 500
+    assert saved["warmup_iters"] == warmup_for(20) == 2  # follows --max-iters: not the card's 500
     out = capsys.readouterr().out
     line = next(x for x in out.splitlines() if x.startswith("training: "))
-    assert "batch 8 x 128" in line and "muon lr 0.008" in line and "warmup 10" in line
+    assert "batch 8 x 128" in line and "muon lr 0.008" in line and "warmup 2" in line
     assert "preset 'tiny'" in line and "your flags" in line
 
 

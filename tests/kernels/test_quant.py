@@ -69,6 +69,7 @@ def test_quantize_int8_replaces_every_linear_and_the_tied_head(model):
     assert apply_dtype(nn.Sequential(nn.Linear(4, 4)), "bf16") == "bf16"  # only int8 changes a model
 
 
+@pytest.mark.slow
 def test_int8_on_a_trained_model_keeps_greedy_text_and_the_held_out_nll(trained, small_data):
     fp32 = load_model(trained)
     q = quantize_int8(load_model(trained))
@@ -82,6 +83,7 @@ def test_int8_on_a_trained_model_keeps_greedy_text_and_the_held_out_nll(trained,
     assert abs(a.mean_nll - b.mean_nll) < 0.01
 
 
+@pytest.mark.slow
 def test_sample_and_eval_take_int8(trained, small_data, capsys):
     argv = [
         "sample",
@@ -106,6 +108,7 @@ def test_sample_and_eval_take_int8(trained, small_data, capsys):
     assert scored[0] != scored[1] and abs(scored[0] - scored[1]) < 0.01  # int8 ran, and costs < 0.01 nats
 
 
+@pytest.mark.slow
 def test_serve_int8_answers_like_fp32(trained, tmp_path):
     body = {"model": "tiny", "prompt": PROMPT, "max_tokens": 12, "temperature": 0}
     texts = []

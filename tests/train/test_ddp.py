@@ -8,6 +8,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from nanogpt.train.checkpoint import load_model
 from nanogpt.train.plot import read_log
 from tests.tiny import TINY_MODEL
@@ -33,6 +35,7 @@ def torchrun(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_two_process_gloo_run_and_resume(small_data, tmp_path):
     config = tmp_path / "model.json"
     config.write_text(json.dumps(MODEL))
