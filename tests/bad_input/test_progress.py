@@ -100,6 +100,7 @@ def test_step_zero_evaluation_shows_its_progress(capsys, small_data, tmp_path, b
 # --- demo: the held-out perplexity step ------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_demo_perplexity_step_shows_progress(capsys, tmp_path, monkeypatch):
     """The demo's held-out perplexity step (two evaluations, 2-3 minutes) printed nothing while it ran."""
     monkeypatch.chdir(tmp_path)

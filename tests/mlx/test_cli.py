@@ -44,6 +44,7 @@ def test_bad_data_is_refused_before_the_schedule_warning(capsys, tmp_path):
     assert not out.exists()  # the folder the run would have made is gone again
 
 
+@pytest.mark.slow
 def test_cli_backends_train_eval_sample_and_export(small_data, tmp_path, capsys):
     """`--backend mlx` through the real CLI: train, then eval/sample in both backends, then the card's
     transformers snippet on an export of the MLX-trained run."""

@@ -268,6 +268,7 @@ def test_killed_mlx_distillation_resumes_exactly(models, small_data, tmp_path):
     assert json.loads((run / "lineage.json").read_text())["stage"]["teacher"]["method"] == "forward_kl"
 
 
+@pytest.mark.slow
 def test_every_teacher_kind_runs_through_the_command(models, small_data, tmp_path):
     pytest.importorskip("transformers")
     from tests.distill.other_vocab import save_other_vocab_teacher
