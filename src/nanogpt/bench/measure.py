@@ -15,14 +15,13 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from nanogpt.config import ModelConfig
 from nanogpt.kernels.decode import COPY_ROWS
-from nanogpt.kernels.device import torch_dtype
+from nanogpt.kernels.device import cpuinfo_field, torch_dtype
 
 if TYPE_CHECKING:
     from nanogpt.model.gpt import NanoGPTLMHeadModel
@@ -330,14 +329,7 @@ def batched_step_seconds(
 
 
 def machine_info(device: torch.device) -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpuinfo_field("model name") or platform.processor() or platform.machine()
     versions = {"python": platform.python_version(), "torch": torch.__version__}
     for name in ("numpy", "transformers", "mlx"):
         try:

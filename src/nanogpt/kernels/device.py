@@ -54,16 +54,25 @@ def autocast(device: torch.device, dtype: str) -> contextlib.AbstractContextMana
 BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # x86-64 instructions that multiply bf16 natively
 
 
+def cpuinfo_field(name: str) -> str | None:
+    """The value of the first `name : value` line of /proc/cpuinfo (Linux); None where there is none."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        key, sep, value = line.partition(":")
+        if sep and key.strip() == name:
+            return value.strip()
+    return None
+
+
 def cpu_flags() -> set[str] | None:
     """The CPU's feature flags on x86-64 Linux (/proc/cpuinfo); None elsewhere, where they are not read."""
     if sys.platform != "linux" or platform.machine() not in ("x86_64", "AMD64"):
         return None
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return None
-    line = next((x for x in text.splitlines() if x.startswith("flags")), None)
-    return None if line is None else set(line.partition(":")[2].split())
+    flags = cpuinfo_field("flags")
+    return None if flags is None else set(flags.split())
 
 
 def emulated_bf16_warning(device: torch.device, dtype: str, flags: set[str] | None) -> str | None:
