@@ -5,7 +5,7 @@
 A decode step of the card's model multiplies one row by 33 weights (4 per block, 8 blocks, and the tied head):
 129 MiB in fp32. This runs exactly those products back to back, in each layout a decoder could use, with a
 64 MiB write between passes so no weight is still in cache, and prints the fastest and median pass as GB/s of
-weights read, beside the copy bandwidth the bench's bound uses (read + write, as `bench.measure`). The
+weights read, beside the copy bandwidth the bench's bound uses (`bench.measure.copy_bandwidth`). The
 products' time alone is a floor under the step: the rest of a step (attention, norms, sampling) adds to it.
 Results: docs/benchmarks.md, "Compiled decode".
 """
@@ -15,10 +15,12 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
+from nanogpt.bench.measure import copy_bandwidth
 from nanogpt.config import preset
 from nanogpt.kernels.decode import _split_columns
 
@@ -35,48 +37,35 @@ def main() -> None:
     shapes = [(3 * d, d), (d, d), (f, d), (d, f)] * cfg.n_layers + [(cfg.vocab_size, d)]  # (out, in)
     weights = [torch.randn(*s) for s in shapes]
     mib = sum(w.numel() * 4 for w in weights) / 2**20
-    layouts = {
-        "F.linear, (out, in)": list(weights),
-        "x @ W, (in, out)": [w.t().contiguous() for w in weights],
-        f"bmm, {a.threads} column blocks (the decoder's fp32 copies)": [
-            _split_columns(w.t(), a.threads) for w in weights
-        ],
-    }
     rows = {d: torch.randn(1, d) for d in {s[1] for s in shapes}}
+    blocks = a.threads
+    # layout -> (the weights in it, one row times one of them)
+    layouts: dict[str, tuple[list[torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]] = {
+        "F.linear, (out, in)": (list(weights), lambda w: F.linear(rows[w.size(1)], w)),
+        "x @ W, (in, out)": ([w.t().contiguous() for w in weights], lambda w: rows[w.size(0)] @ w),
+        f"bmm, {blocks} column blocks (the decoder's fp32 copies)": (
+            [_split_columns(w.t(), blocks) for w in weights],
+            lambda w: torch.bmm(rows[w.size(1)].reshape(1, 1, -1).expand(blocks, -1, -1), w),
+        ),
+    }
     flush = torch.empty(64 * 2**20 // 4)
-
-    def one_pass(name: str) -> None:
-        for w in layouts[name]:
-            if name.startswith("F.linear"):
-                F.linear(rows[w.size(1)], w)
-            elif name.startswith("x @ W"):
-                rows[w.size(0)] @ w
-            else:
-                torch.bmm(rows[w.size(1)].reshape(1, 1, -1).expand(w.size(0), -1, -1), w)
+    gb = mib * 2**20 / 1e9
 
     print(f"{a.preset}: {len(shapes)} one-row products, {mib:.1f} MiB of fp32 weights, {a.threads} thread(s)")
-    for name in layouts:
+    for name, (laid_out, product) in layouts.items():
         times = []
         for _ in range(a.passes):
             flush.add_(1)  # evict the weights: every pass reads them from memory
             t = time.perf_counter()
-            one_pass(name)
+            for w in laid_out:
+                product(w)
             times.append(time.perf_counter() - t)
         best, median = min(times), statistics.median(times)
-        gb = mib * 2**20 / 1e9
         print(
             f"{name}: best {best * 1e3:.2f} ms = {gb / best:.1f} GB/s, median {median * 1e3:.2f} ms = {gb / median:.1f} GB/s"
         )
-    src = torch.ones(256 * 2**20 // 4)
-    dst = torch.empty_like(src)
-    copies = []
-    for _ in range(5):
-        t = time.perf_counter()
-        dst.copy_(src)
-        copies.append(time.perf_counter() - t)
-    print(
-        f"copy bandwidth (read + write, 256 MiB, fastest of 5): {2 * 256 * 2**20 / min(copies) / 1e9:.1f} GB/s"
-    )
+    copy = copy_bandwidth(torch.device("cpu"), 5)
+    print(f"copy bandwidth (the bench's: read + write, 256 MiB, fastest of 5): {copy:.1f} GB/s")
 
 
 if __name__ == "__main__":
