@@ -16,6 +16,7 @@ from nanogpt.bench.loadgen import (
     RequestResult,
     ServerProcess,
     inter_token_latencies,
+    parse_metrics,
     parse_serve_args,
     percentile,
     plan_requests,
@@ -32,6 +33,7 @@ from nanogpt.bench.serving import (
     mean_decode_positions,
     random_checkpoint,
     served_decode,
+    server_profile,
     table,
     target_ratios,
 )
@@ -124,6 +126,32 @@ def test_target_ratios_from_levels():
     assert all(
         v["value"] is None and v["meets"] is None for v in target_ratios([level(1, 1.0, 1.0, 1.0)]).values()
     )
+
+
+def test_server_profile_from_scraped_counters():
+    text = "\n".join(
+        [
+            "# HELP nanogpt_engine_seconds_total the scheduler's time by phase",
+            'nanogpt_engine_seconds_total{phase="decode"} 6.0',
+            'nanogpt_engine_seconds_total{phase="prefill"} 1.5',
+            'nanogpt_engine_seconds_total{phase="sampling"} 0.5',
+            'nanogpt_engine_seconds_total{phase="idle"} 1.0',
+            "nanogpt_decode_steps_total 100.0",
+            "nanogpt_decode_rows_total 1200.0",
+            'nanogpt_decode_keys_total{kind="read"} 3000.0',
+            'nanogpt_decode_keys_total{kind="needed"} 2000.0',
+            "nanogpt_prefill_tokens_total 640.0",
+            'nanogpt_requests_total{path="/a b",status="200"} 3.0',  # a space inside a label value
+            "not a sample",
+        ]
+    )
+    counted = parse_metrics(text)
+    assert counted['nanogpt_requests_total{path="/a b",status="200"}'] == 3.0 and "not a" not in counted
+    p = server_profile(counted, wall=10.0)
+    assert p["shares"]["decode"] == 0.6 and p["shares"]["other"] == pytest.approx(0.1)  # 1 - 9 of 10 s
+    assert (p["decode_steps"], p["decode_rows"], p["mean_rows"]) == (100, 1200, 12.0)
+    assert p["decode_step_s"] == 0.06 and p["keys_read_over_needed"] == 1.5 and p["prefill_tokens"] == 640
+    assert server_profile(parse_metrics("nanogpt_generated_tokens_total 5.0"), 10.0) is None  # no counters
 
 
 def test_mean_decode_positions_from_the_requests():
@@ -342,6 +370,16 @@ def test_load_generator_against_a_real_server(eot_free_ckpt, tmp_path, capsys):
         # the server's c-row step timed alone, as a share of the same bound
         assert b["step_s"] > 0 and b["step_tokens_per_s"] == pytest.approx(c / b["step_s"])
         assert b["step_share"] == pytest.approx(b["step_tokens_per_s"] / b["tokens_per_s"])
+        # the server's own profile of the level: every token after a request's first came from a decode row,
+        # every prompt token was read by a prefill, and the phases share the time between the scrapes
+        p = lv["profile"]
+        assert p["decode_rows"] == sum(r["tokens"] - 1 for r in lv["requests"])
+        assert p["prefill_tokens"] == sum(r["prompt_tokens"] for r in lv["requests"])
+        assert 1 <= p["mean_rows"] <= c and p["decode_steps"] >= p["decode_rows"] / c
+        if c == 1:  # one row: it reads exactly its own keys
+            assert p["mean_rows"] == 1 and p["keys_read_over_needed"] == 1
+        assert 0 < p["shares"]["decode"] < 1 and sum(p["shares"].values()) == pytest.approx(1, abs=0.02)
+        assert p["decode_step_s"] == pytest.approx(p["seconds"]["decode"] / p["decode_steps"])
     assert out_png.stat().st_size > 0
     printed = capsys.readouterr().out
     assert (
@@ -349,6 +387,10 @@ def test_load_generator_against_a_real_server(eot_free_ckpt, tmp_path, capsys):
         in printed
     )
     assert "bound: a decode step of C rows" in printed
+    assert (
+        "where the server's time went" in printed
+        and "| mean rows | decode step ms | keys read / needed |" in printed
+    )
     assert "| C | ours tokens/s | HF static tokens/s |" in printed and res["model"]["weights"].startswith(
         "checkpoint"
     )

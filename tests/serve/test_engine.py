@@ -204,3 +204,29 @@ def test_many_clients_with_random_cancels_leave_nothing_active(model):
         assert engine.active == 0 and engine.queued == 0
     finally:
         engine.close()
+
+
+def test_stats_count_the_scheduler_phases_and_the_decode_rows_and_keys(model):
+    # three prompts queued before the scheduler starts: one prefill forward reads all 24 tokens (and draws
+    # each first token), then 5 decode steps of the 3 streams; a step's rows hold 5, 8 and 11 prompt tokens
+    # plus the tokens made so far, and every row reads up to the longest row (11 + step + 1 keys)
+    engine = Engine(model, max_batch=4, thread=False)
+    handles = [
+        engine.submit(Job(prompt(n, n), SamplingParams(max_tokens=6, temperature=0))) for n in (5, 8, 11)
+    ]
+    runner = threading.Thread(target=engine.run)
+    runner.start()
+    try:
+        for h in handles:
+            assert list(h)[-1] == Finished("length")
+    finally:
+        engine.close()
+        runner.join(timeout=60)
+    st = engine.stats
+    assert st.prefill_tokens == 24
+    assert (st.decode_steps, st.decode_rows) == (5, 15)
+    assert st.keys_needed == sum(5 + 8 + 11 + 3 * (i + 1) for i in range(5))  # each row: its length + 1
+    assert st.keys_read == sum(3 * (11 + i + 1) for i in range(5))
+    assert set(st.seconds) == {"idle", "score", "prefill", "attention", "decode", "sampling"}
+    assert st.seconds["prefill"] > 0 and st.seconds["decode"] > 0 and st.seconds["sampling"] > 0
+    assert st.seconds["score"] < st.seconds["prefill"] and st.seconds["attention"] == 0

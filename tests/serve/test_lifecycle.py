@@ -37,7 +37,7 @@ def long_model(tmp_path_factory) -> Path:
 
 def metric(url: str, name: str) -> float:
     text = urllib.request.urlopen(url + "/metrics", timeout=10).read().decode()
-    return float(re.search(rf"^{name} (\S+)$", text, re.M).group(1))
+    return float(re.search(rf"^{re.escape(name)} (\S+)$", text, re.M).group(1))
 
 
 def wait_for(check, seconds: float = 30.0) -> bool:
@@ -85,6 +85,14 @@ def test_a_dropped_stream_frees_its_slot_and_the_next_request_is_served(long_mod
         reply = post(server.url + "/v1/completions", {"prompt": "Hi", "max_tokens": 5, "temperature": 0})
         assert reply.status == 200 and reply.body["usage"]["completion_tokens"] == 5
         assert metric(server.url, "nanogpt_generated_tokens_total") < LONG
+        # the scheduler's profile: one row per decode step (--max-batch 1), each reading only its own keys
+        steps = metric(server.url, "nanogpt_decode_steps_total")
+        assert steps >= 2 + 4 and metric(server.url, "nanogpt_decode_rows_total") == steps
+        read, needed = (
+            metric(server.url, f'nanogpt_decode_keys_total{{kind="{k}"}}') for k in ("read", "needed")
+        )
+        assert read == needed > 0
+        assert metric(server.url, 'nanogpt_engine_seconds_total{phase="decode"}') > 0
     finally:
         server.stop()
 

@@ -188,6 +188,21 @@ def request_body(plan: RequestPlan, model: str) -> dict[str, Any]:
     }
 
 
+def parse_metrics(text: str) -> dict[str, float]:
+    """Prometheus text format -> {sample name with its labels, as written: value}; comments and lines that
+    are not `NAME VALUE` are skipped (the bench reads only counters it knows)."""
+    out = {}
+    for line in text.splitlines():
+        name, _, value = line.rpartition(" ")
+        if not name or line.startswith("#"):
+            continue
+        try:
+            out[name] = float(value)
+        except ValueError:
+            continue
+    return out
+
+
 def stream_completion(
     host: str, port: int, plan: RequestPlan, model: str, client: int = 0, timeout: float = 600
 ) -> RequestResult:
@@ -389,6 +404,19 @@ class ServerProcess:
             return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
         except (OSError, IndexError, ValueError):
             return None
+
+    def metrics(self) -> dict[str, float]:
+        """The server's `GET /metrics` now, as {sample name with its labels: value} ({} if unreadable)."""
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=30)
+        try:
+            conn.request("GET", "/metrics")
+            resp = conn.getresponse()
+            text = resp.read().decode(errors="replace") if resp.status == 200 else ""
+        except (OSError, http.client.HTTPException):
+            return {}
+        finally:
+            conn.close()
+        return parse_metrics(text)
 
     def stop(self) -> int | None:
         """SIGTERM, wait up to `stop_timeout` s, then SIGKILL; the exit code (None if never started)."""

@@ -218,10 +218,16 @@ def _level(
     hf = peer_static_batch(peer, c, s.hf_prompt_tokens, s.hf_new_tokens, device, seed=s.seed)
     results, ours_runs, walls, hf_runs, hf_secs = [], [], [], [], []
     client_cpu, server_cpu = 0.0, []
+    counted: dict[str, float] = {}  # the server's own counters (GET /metrics) over this level's runs
+    counted_s = 0.0  # from the first scrape to the second, over the runs
     for r in range(s.repeats):
-        cpu0 = server.cpu_seconds()
+        t0 = time.perf_counter()
+        cpu0, m0 = server.cpu_seconds(), server.metrics()
         got, wall, cpu = run_level(server, plans, c)
-        cpu1 = server.cpu_seconds()
+        cpu1, m1 = server.cpu_seconds(), server.metrics()
+        counted_s += time.perf_counter() - t0
+        for k, v in m1.items():
+            counted[k] = counted.get(k, 0.0) + v - m0.get(k, 0.0)
         results += got
         walls.append(wall)
         ours_runs.append(sum(x.tokens for x in got) / wall if wall > 0 else 0.0)
@@ -257,7 +263,39 @@ def _level(
             "new_tokens": s.hf_new_tokens,
         },
         "ratio": ours["tokens_per_s"] / hf_tps if hf_tps else None,
+        "profile": server_profile(counted, counted_s),
         "requests": [x.summary() for x in results],
+    }
+
+
+PROFILE_PHASES = ("decode", "prefill", "sampling", "score", "attention", "idle")
+
+
+def server_profile(counted: dict[str, float], wall: float) -> dict[str, Any] | None:
+    """Where the server's scheduler spent a level's time, from its `/metrics` counters over the runs
+    (`counted`: after - before, summed; `wall`: the seconds between those scrapes, summed, which hold each
+    run and the scrapes around it): seconds and share of the wall per phase ("other": the rest, the
+    scheduler's own bookkeeping and its waits for the GIL), the mean rows of a decode step, a decode
+    forward's mean time, and keys read over keys needed. None for a server that does not count them."""
+    steps = counted.get("nanogpt_decode_steps_total")
+    if steps is None or wall <= 0:
+        return None
+    seconds = {p: counted.get(f'nanogpt_engine_seconds_total{{phase="{p}"}}', 0.0) for p in PROFILE_PHASES}
+    shares = {p: v / wall for p, v in seconds.items()}
+    shares["other"] = max(0.0, 1.0 - sum(shares.values()))
+    rows = counted.get("nanogpt_decode_rows_total", 0.0)
+    read = counted.get('nanogpt_decode_keys_total{kind="read"}', 0.0)
+    needed = counted.get('nanogpt_decode_keys_total{kind="needed"}', 0.0)
+    return {
+        "wall_s": wall,
+        "seconds": seconds,
+        "shares": shares,
+        "decode_steps": int(steps),
+        "decode_rows": int(rows),
+        "mean_rows": rows / steps if steps else None,
+        "decode_step_s": seconds["decode"] / steps if steps else None,
+        "keys_read_over_needed": read / needed if needed else None,
+        "prefill_tokens": int(counted.get("nanogpt_prefill_tokens_total", 0.0)),
     }
 
 
@@ -424,6 +462,27 @@ def table(res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def profile_table(res: dict[str, Any]) -> list[str]:
+    """Each level's profile (`server_profile`) as a table; none for results from before it was counted."""
+    levels = [lv for lv in res["levels"] if lv.get("profile")]
+    if not levels:
+        return []
+    lines = [
+        "where the server's time went (its own counters, GET /metrics), as shares of the time between the scrapes around each run:",
+        "",
+        "| C | decode | prefill | sampling | idle | other | decode steps | mean rows | decode step ms | keys read / needed |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]  # fmt: skip
+    for lv in levels:
+        p, sh = lv["profile"], lv["profile"]["shares"]
+        lines.append(
+            f"| {lv['concurrency']} | {_pct(sh['decode'])} | {_pct(sh['prefill'])} | {_pct(sh['sampling'])} | "
+            f"{_pct(sh['idle'])} | {_pct(sh['other'])} | {p['decode_steps']} | {_num(p['mean_rows'], '.2f')} | "
+            f"{_ms(p['decode_step_s'])} | {_num(p['keys_read_over_needed'], '.2f')} |"
+        )
+    return ["", *lines]
+
+
 def ratio_lines(res: dict[str, Any]) -> list[str]:
     """Each target ratio this run measured, with the target and whether it is met; then one line naming
     those it could not measure and the --concurrency levels they need (never a figure without a value)."""
@@ -461,6 +520,7 @@ def report(res: dict[str, Any]) -> str:
                 *header(res),
                 "",
                 table(res),
+                *profile_table(res),
                 "",
                 *ratio_lines(res),
                 *(["", *(f"warning: {w}" for w in notes)] if notes else []),

@@ -20,6 +20,10 @@ at `max_tokens` or at the end of the context ("length"); the window never slides
 Active sequences live in consecutive cache slots, streams first, then prompts being read, so every
 forward reads a slice of the cache; when one leaves, the last one moves into its slot.
 
+`Engine.stats` (`EngineStats`) counts where the scheduler's time went, phase by phase, and the shape of its
+decode steps (rows, keys read against keys needed); `GET /metrics` reports it and `nanogpt bench --serve`
+turns it into each level's profile.
+
 Events go to the job's `Handle`: `PromptScores` (once, if asked), one `Token` per new token, then one
 `Finished`; an attention job gets one `AttentionMaps`, then `Finished("stop")`. A handle is read with `for ev in handle` (threads) or `async for ev in handle` (asyncio).
 
@@ -37,7 +41,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +53,28 @@ from nanogpt.model.gpt import NanoGPTLMHeadModel
 from nanogpt.model.kv_cache import KVCache, SlotKVCache
 
 SCORE_TOKENS = 2048  # prompt tokens per scoring forward (its logits take SCORE_TOKENS * vocab floats)
+
+
+PHASES = ("idle", "score", "prefill", "attention", "decode", "sampling")
+
+
+@dataclass
+class EngineStats:
+    """Counters since the engine started: the scheduler's seconds by phase, and what its forwards held.
+
+    Phases: "idle" (waiting for work), "score", "prefill" and "attention" (reading prompts), "decode" (the
+    one-token forward of every stream) and "sampling" (choosing, scoring and sending the new tokens, after a
+    prefill or a decode forward). A decode step's attention reads every row up to the longest row's length
+    (one dense forward), so `keys_read` (rows x the longest row's keys, summed over steps) over
+    `keys_needed` (each row's own keys) is what the batch's mixed lengths cost it.
+    """
+
+    seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
+    decode_steps: int = 0
+    decode_rows: int = 0  # summed over decode steps: / decode_steps is the mean batch
+    keys_read: int = 0
+    keys_needed: int = 0
+    prefill_tokens: int = 0  # prompt tokens read, padding not counted
 
 
 class QueueFull(Exception):
@@ -203,6 +229,8 @@ class Engine:
         self._drain_until: float | None = None
         self.cancelled_at_close = 0
         self._done = threading.Event()
+        self.stats = EngineStats()  # written by the scheduler only; read through `stats_now`
+        self._idle_since: float | None = None  # when the scheduler's wait for work began, while it waits
         self._thread: threading.Thread | None = None
         if thread:
             self._thread = threading.Thread(target=self.run, name="nanogpt-engine", daemon=True)
@@ -235,6 +263,15 @@ class Engine:
             self.waiting.extend(handles)
             self._cond.notify()
         return handles
+
+    def stats_now(self) -> EngineStats:
+        """A copy of `stats` with a wait for work still going counted up to now (what /metrics reports: a
+        scrape of an idle server sees its idle time grow)."""
+        with self._cond:  # the scheduler ends a wait under this lock: never counted twice or not at all
+            st = replace(self.stats, seconds=dict(self.stats.seconds))
+            if self._idle_since is not None:
+                st.seconds["idle"] += time.perf_counter() - self._idle_since
+        return st
 
     @property
     def closing(self) -> bool:
@@ -280,8 +317,11 @@ class Engine:
         self.decoder.prepare()  # the first request does not wait for the decode copies
         while True:
             with self._cond:
+                self._idle_since = time.perf_counter()
                 while not (self.waiting or self.active or self._closing):
                     self._cond.wait()
+                self.stats.seconds["idle"] += time.perf_counter() - self._idle_since
+                self._idle_since = None
                 if self._closing and (
                     not (self.waiting or self.active) or time.monotonic() >= (self._drain_until or 0)
                 ):
@@ -290,9 +330,9 @@ class Engine:
             try:
                 self._drop_cancelled()
                 with torch.inference_mode():
-                    self._score()
+                    self._timed("score", self._score)
                     self._read_prompts()
-                    self._decode()
+                    self._timed("decode", self._decode)
             except Exception as e:  # never a dead scheduler: fail what was running, go on
                 for h in self._running():
                     h._put(Finished("error", f"{type(e).__name__}: {e}"))
@@ -303,6 +343,13 @@ class Engine:
         self.cancelled_at_close = len(left)
         self.waiting.clear()
         self.scoring, self.decoding, self.reading, self.attending = [], [], [], []
+
+    def _timed(self, phase: str, forward: Callable[[], None]) -> None:
+        """Run one phase, its seconds counted in `stats` (less the sampling it did, counted on its own)."""
+        seconds = self.stats.seconds
+        t0, sampled = time.perf_counter(), seconds["sampling"]
+        forward()
+        seconds[phase] += time.perf_counter() - t0 - (seconds["sampling"] - sampled)
 
     def _running(self) -> list[Handle]:
         return [s.handle for s in self.scoring + self.decoding + self.reading] + [
@@ -427,9 +474,9 @@ class Engine:
         step adds one prefill chunk's time at most before the decode step, and neither waits forever."""
         attend = bool(self.attending) and (not self.reading or self._attention_turn)
         if attend:
-            self._attend()
+            self._timed("attention", self._attend)
         else:
-            self._prefill()
+            self._timed("prefill", self._prefill)
         self._attention_turn = not attend
 
     def _attend(self) -> None:
@@ -471,6 +518,7 @@ class Engine:
         for b, c in enumerate(chunks):
             idx[b, T - len(c) :] = torch.tensor(c, dtype=torch.long)
         step = self.cache.rows(start, [len(c) for c in chunks])
+        self.stats.prefill_tokens += sum(map(len, chunks))
         logits = self.decoder.prefill(idx.to(self.device), step)[:, 0].float()  # (B, V)
         done, rows = [], []
         for b, (s, c) in enumerate(zip(self.reading, chunks, strict=False)):
@@ -490,8 +538,13 @@ class Engine:
         """One new token for every stream: each has exactly one drawn token not yet in the cache."""
         if not self.decoding:
             return
+        n = len(self.decoding)
         idx = torch.tensor([[s.generated[-1]] for s in self.decoding], device=self.device)  # slot order
-        step = self.cache.rows(0, [1] * len(self.decoding))
+        step = self.cache.rows(0, [1] * n)
+        st = self.stats
+        st.decode_steps, st.decode_rows = st.decode_steps + 1, st.decode_rows + n
+        st.keys_read += n * step.keys
+        st.keys_needed += sum(self.cache.lengths[:n]) + n
         logits = self.decoder.step(idx, step)[:, 0].float()  # (B, V)
         self._emit(list(self.decoding), logits)
 
@@ -522,6 +575,7 @@ class Engine:
 
     def _emit(self, seqs: list[_Seq], logits: torch.Tensor) -> None:
         """Draw the next token of each of `seqs` from its row of `logits` (B, V), send it, retire finished ones."""
+        t0 = time.perf_counter()
         tokens = sample_rows(
             logits, [s.job.params for s in seqs], [s.generator for s in seqs], [s.counts for s in seqs]
         )
@@ -542,6 +596,7 @@ class Engine:
             self.on_event("token", 1.0)
             if len(s.generated) >= s.limit:  # max_tokens, or the context is full (see `_admit`)
                 self._finish(s, "length")
+        self.stats.seconds["sampling"] += time.perf_counter() - t0
 
     def _finish(self, seq: _Seq, reason: str) -> None:
         self._remove(seq)
