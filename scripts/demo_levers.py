@@ -43,6 +43,9 @@ ARMS: dict[str, tuple[dict, dict]] = {
 # arm -> the demo's own sizing constants (nanogpt.commands.demo) it changes: "fill" plans with the overhead
 # the runs really had, so less of the budget is left unused
 SIZING: dict[str, dict[str, float]] = {"fill": {"OVERHEAD": 0.03}, "unfilled": {"OVERHEAD": 0.13}}
+# arms that change the code rather than a config: "bf16ns" steps Muon with torch's own `step`, whose
+# Newton-Schulz iteration runs in bf16 (emulated on a CPU without bf16 instructions), as before issue #30
+CODE = ("bf16ns",)
 
 
 def run(a: argparse.Namespace) -> None:
@@ -56,8 +59,12 @@ def run(a: argparse.Namespace) -> None:
     changes: dict = {}
     model_changes: dict = {}
     for part in a.arm.split("+"):  # "batch8+muon": both levers
-        if part not in ARMS and part not in SIZING:
-            sys.exit(f"unknown arm {part!r}; known: {', '.join([*ARMS, *SIZING])}")
+        if part not in ARMS and part not in SIZING and part not in CODE:
+            sys.exit(f"unknown arm {part!r}; known: {', '.join([*ARMS, *SIZING, *CODE])}")
+        if part == "bf16ns":
+            from nanogpt.train import optim
+
+            optim.Muon.step = torch.optim.Muon.step  # type: ignore[method-assign]
         for name, value in SIZING.get(part, {}).items():
             setattr(demo, name, value)
         changes |= ARMS.get(part, ({}, {}))[0]
@@ -170,7 +177,9 @@ def main() -> None:
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run")
     r.add_argument("workdir")
-    r.add_argument("arm", help=f"one of {', '.join([*ARMS, *SIZING])}, or several joined by + (batch8+muon)")
+    r.add_argument(
+        "arm", help=f"one of {', '.join([*ARMS, *SIZING, *CODE])}, or several joined by + (batch8+muon)"
+    )
     r.add_argument("--seed", type=int, default=1337)
     r.add_argument("--minutes", type=float, default=8.0)
     r.add_argument("--threads", type=int, default=2)

@@ -1,6 +1,7 @@
 """Profile the bench's training step (forward + backward + AdamW) of a config and print where the time goes.
 
     python scripts/profile_step.py --preset card --device cuda --dtype bf16 --compile --batch 12
+    python scripts/profile_step.py --preset tiny --batch 8 --optimizer muon     # the demo's step
 
 Warms up (compilation included), then records `--steps` steps with torch.profiler and prints the ops
 sorted by self time (CUDA time on a GPU), and the wall time per step with and without the profiler.
@@ -10,15 +11,16 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import replace
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from nanogpt.bench.workloads import Inputs, train_and_forward
+from nanogpt.bench.workloads import Inputs, TorchRunner
 from nanogpt.config import PRESETS, preset
 from nanogpt.kernels.device import resolve_device, tune_cpu_allocator
 from nanogpt.model.gpt import NanoGPTLMHeadModel
-from nanogpt.train.optim import cross_entropy_loss
+from nanogpt.train.optim import make_optimizer
 
 
 def main() -> None:
@@ -28,6 +30,7 @@ def main() -> None:
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--compile", action="store_true")
     p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--optimizer", default="adamw", choices=["adamw", "muon"])
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--rows", type=int, default=20, help="ops to print")
     args = p.parse_args()
@@ -38,7 +41,11 @@ def main() -> None:
     torch.manual_seed(0)
     model = NanoGPTLMHeadModel(cfg).to(device)
     inp = Inputs.make(cfg, args.batch, cfg.context_length, 1)
-    step = train_and_forward(model, inp, args.dtype, device, cross_entropy_loss, args.compile)["train"]
+    runner = TorchRunner(model, inp, args.dtype, device, args.compile)
+    if args.optimizer != runner.tcfg.optimizer:  # the bench's runner trains with the card's AdamW
+        runner.tcfg = replace(runner.tcfg, optimizer=args.optimizer)
+        runner.opt = make_optimizer(model, runner.tcfg, device)
+    step = runner.train
 
     def sync() -> None:
         if device.type == "cuda":

@@ -77,6 +77,8 @@ def test_no_note_on_an_idle_machine_that_finished_its_plan():
 
 def test_a_high_load_is_busy_and_a_slow_step_alone_is_a_slower_cpu():
     assert MachineLoad(load=3.5, cores=2, s_per_iter=0.3, idle_s_per_iter=0.3).busy
+    # the run's own two threads on an idle 2-core machine: a load of ~2 as training ends, not a busy machine
+    assert not MachineLoad(load=2.02, cores=2, s_per_iter=0.3, idle_s_per_iter=0.3).busy
     quiet_but_slow = MachineLoad(load=0.5, cores=2, s_per_iter=0.9, idle_s_per_iter=0.3)
     assert quiet_but_slow.slow and not quiet_but_slow.busy
     note = busy_note(quiet_but_slow, "tiny", 8, steps=500, planned=500, ppl=180.0)

@@ -13,7 +13,7 @@ from nanogpt.config import TrainConfig
 from nanogpt.errors import UserError
 from nanogpt.model.gpt import NanoGPTLMHeadModel
 from nanogpt.train.loop import train
-from nanogpt.train.optim import MuonAdamW, make_optimizer
+from nanogpt.train.optim import Muon, MuonAdamW, make_optimizer, orthogonalize
 from nanogpt.train.plot import read_log
 from tests.tiny import quick_train_config, tiny_config
 
@@ -37,6 +37,49 @@ def test_muon_takes_the_block_matrices_and_adamw_everything_else():
     assert all(p.dim() == 2 for g in muon.param_groups for p in g["params"])
     assert muon.param_groups[0]["adjust_lr_fn"] == "match_rms_adamw"  # the AdamW lr fits both
     assert len(opt.param_groups) == 3 and opt.param_groups[0] is muon.param_groups[0]
+    # its Newton-Schulz iteration: fp32 on a CPU (bf16 is emulated on most), bf16 on an accelerator
+    assert isinstance(muon, Muon) and muon.ns_dtype == torch.float32
+    on_gpu = make_optimizer(model, TrainConfig(optimizer="muon"), torch.device("cuda")).parts[0]
+    assert isinstance(on_gpu, Muon) and on_gpu.ns_dtype == torch.bfloat16
+
+
+def test_muon_in_bf16_steps_exactly_as_torch_and_in_fp32_close_to_it():
+    torch.manual_seed(0)
+    shapes = [(64, 32), (16, 48)]  # tall and wide: the iteration runs on the wide orientation
+    start = [torch.randn(s) for s in shapes]
+    kw = {"lr": 0.02, "weight_decay": 0.1, "adjust_lr_fn": "match_rms_adamw"}
+    runs = {}
+    for name, make in {
+        "torch": lambda ps: torch.optim.Muon(ps, **kw),
+        "bf16": lambda ps: Muon(ps, ns_dtype=torch.bfloat16, **kw),
+        "fp32": lambda ps: Muon(ps, ns_dtype=torch.float32, **kw),
+        "original": lambda ps: Muon(ps, ns_dtype=torch.bfloat16, **{**kw, "adjust_lr_fn": None}),
+        "torch original": lambda ps: torch.optim.Muon(ps, **{**kw, "adjust_lr_fn": None}),
+    }.items():
+        params = [nn.Parameter(w.clone()) for w in start]
+        opt = make(params)
+        g = torch.Generator().manual_seed(1)  # the same gradients for every run
+        for _ in range(4):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=g)
+            opt.step()
+        runs[name] = [p.detach() for p in params]
+        assert set(opt.state[params[0]]) == {"momentum_buffer"}  # torch's state: its checkpoints load
+    for ours, theirs in (("bf16", "torch"), ("original", "torch original")):
+        assert all(torch.equal(a, b) for a, b in zip(runs[ours], runs[theirs], strict=True))
+    moved = [(a - w).abs().max() for a, w in zip(runs["torch"], start, strict=True)]
+    for a, b, m in zip(runs["fp32"], runs["torch"], moved, strict=True):
+        assert 0 < (a - b).abs().max() < 0.05 * m  # bf16's rounding, a few % of how far the weights moved
+
+
+def test_orthogonalize_flattens_the_spectrum_in_either_dtype():
+    torch.manual_seed(0)
+    m = torch.randn(96, 40) @ torch.diag(torch.logspace(-1, 1, 40))  # singular values over 2 decades
+    for dtype in (torch.float32, torch.bfloat16):
+        x = orthogonalize(m, (3.4445, -4.7750, 2.0315), 5, 1e-7, dtype)
+        assert x.shape == m.shape and x.dtype == dtype
+        s = torch.linalg.svdvals(x.float())
+        assert s.min() > 0.6 and s.max() < 1.3  # all near 1 (the quintic leaves them in about 0.7..1.2)
 
 
 def test_muon_run_learns_and_resumes_exactly(small_data, tmp_path):

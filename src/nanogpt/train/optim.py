@@ -76,6 +76,74 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def orthogonalize(
+    m: torch.Tensor, coefficients: tuple[float, float, float], steps: int, eps: float, dtype: torch.dtype
+) -> torch.Tensor:
+    """Muon's Newton-Schulz iteration: `m` (2-D) pushed towards the nearest semi-orthogonal matrix, in `dtype`.
+
+    Scaled to spectral norm <= 1 (the Frobenius norm bounds it), then `steps` rounds of the quintic
+    x <- a x + (b g + c g^2) x with g = x x^T, on the wide orientation so that g is the small Gram matrix.
+    The result keeps `dtype`; the caller adds it to fp32 weights.
+    """
+    a, b, c = coefficients
+    tall = m.size(0) > m.size(1)
+    x = (m.T if tall else m).to(dtype)
+    x = x / x.norm().clamp(min=eps)
+    for _ in range(steps):
+        gram = x @ x.T
+        poly = torch.addmm(gram, gram, gram, beta=b, alpha=c)  # b g + c g^2
+        x = torch.addmm(x, poly, x, beta=a)  # a x + poly x
+    return x.T if tall else x
+
+
+class Muon(torch.optim.Muon):
+    """`torch.optim.Muon` with its Newton-Schulz iteration in `ns_dtype` (`orthogonalize`).
+
+    torch's runs it in bf16 on every device: native on GPUs, emulated on CPUs without bf16 instructions,
+    where it cost more than the rest of the step (the demo's 16 matrices on an AVX2 CPU: 830 ms a step in bf16
+    against 35 ms in fp32; docs/demo.md). `make_optimizer` passes fp32 on CPUs and bf16 elsewhere. The groups,
+    the state (`momentum_buffer`) and so the checkpoints are torch's; with bf16 a step is torch's step.
+    """
+
+    def __init__(self, params: Any, *, ns_dtype: torch.dtype = torch.bfloat16, **kwargs: Any) -> None:
+        super().__init__(params, **kwargs)
+        self.ns_dtype = ns_dtype
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, decay, beta = group["lr"], group["weight_decay"], group["momentum"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p.grad, memory_format=torch.preserve_format)
+                buf = state["momentum_buffer"]
+                buf.lerp_(p.grad, 1 - beta)  # the momentum: an average of the gradients
+                update = p.grad.lerp(buf, beta) if group["nesterov"] else buf
+                update = orthogonalize(
+                    update, group["ns_coefficients"], group["ns_steps"], group["eps"], self.ns_dtype
+                )
+                p.mul_(1 - lr * decay)
+                p.add_(update, alpha=-lr * muon_lr_scale(group["adjust_lr_fn"], p.shape))
+        return loss
+
+
+def muon_lr_scale(rule: str | None, shape: torch.Size) -> float:
+    """The factor on Muon's lr for a (rows, cols) matrix, as torch.optim.Muon's `adjust_lr_fn` names it:
+    "match_rms_adamw" gives the update AdamW's RMS (0.2 sqrt(max(rows, cols))); "original" or None,
+    sqrt(max(1, rows / cols))."""
+    rows, cols = shape[0], shape[1]
+    if rule == "match_rms_adamw":
+        return 0.2 * math.sqrt(max(rows, cols))
+    return math.sqrt(max(1, rows / cols))
+
+
 class MuonAdamW:
     """Muon for the blocks' weight matrices and AdamW for everything else, stepped as one optimizer.
 
@@ -138,7 +206,8 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> 
     docs/benchmarks.md, "What changed"), torch's default implementation elsewhere. Muon (torch.optim.Muon:
     momentum orthogonalised by Newton-Schulz) takes the blocks' Linear weight matrices, the decayed group;
     embeddings, an untied head, biases and LayerNorm gains stay with AdamW, as in modded-nanogpt. Its lr is
-    scaled to match AdamW's update size ("match_rms_adamw"), so one lr and one schedule serve both.
+    scaled to match AdamW's update size ("match_rms_adamw"), so one lr and one schedule serve both. On a
+    CPU its Newton-Schulz iteration runs in fp32 (`Muon`): torch's bf16 is emulated on most CPUs.
     """
     extra = {"fused": True} if device.type in ("cuda", "cpu") else {}
     groups = param_groups(model, cfg.weight_decay)
@@ -152,8 +221,12 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> 
     head = getattr(getattr(model, "lm_head", None), "weight", None)
     matrices = [p for p in groups[0]["params"] if p is not head]
     groups[0]["params"] = [p for p in groups[0]["params"] if p is head]  # an untied head, else empty
-    muon = torch.optim.Muon(
-        matrices, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, adjust_lr_fn="match_rms_adamw"
+    muon = Muon(
+        matrices,
+        lr=cfg.learning_rate,
+        weight_decay=cfg.weight_decay,
+        adjust_lr_fn="match_rms_adamw",
+        ns_dtype=torch.float32 if device.type == "cpu" else torch.bfloat16,
     )
     return MuonAdamW(muon, torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=betas, **extra))
 
