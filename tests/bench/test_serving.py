@@ -26,6 +26,7 @@ from nanogpt.bench.loadgen import (
 )
 from nanogpt.bench.measure import decode_step_bytes
 from nanogpt.bench.serving import (
+    PROFILE_PHASES,
     SERVE_MAX_BATCH,
     ServeSettings,
     check_serve_settings,
@@ -152,6 +153,11 @@ def test_server_profile_from_scraped_counters():
     assert (p["decode_steps"], p["decode_rows"], p["mean_rows"]) == (100, 1200, 12.0)
     assert p["decode_step_s"] == 0.06 and p["keys_read_over_needed"] == 1.5 and p["prefill_tokens"] == 640
     assert server_profile(parse_metrics("nanogpt_generated_tokens_total 5.0"), 10.0) is None  # no counters
+    # the bench may not import the server (sibling layers): its phase names are kept equal to the engine's here,
+    # else a renamed phase's time would land unnoticed in "other"
+    from nanogpt.serve.engine import PHASES
+
+    assert sorted(PROFILE_PHASES) == sorted(PHASES)
 
 
 def test_mean_decode_positions_from_the_requests():

@@ -268,6 +268,7 @@ def _level(
     }
 
 
+# the engine's phases (serve.engine.PHASES; the bench does not import the server, a test keeps them equal)
 PROFILE_PHASES = ("decode", "prefill", "sampling", "score", "attention", "idle")
 
 
